@@ -1,0 +1,70 @@
+"""craft-sdk: adapt a black-box vision-language model to few-shot classification (CraFT, ICML 2024).
+
+Data flows one way: client (the only door to the model) → tuner (prompt search +
+refiner) → adapter (config + tensors on disk) → classifier (client + adapter).
+``import craft_sdk`` never imports torch; training needs the ``[train]`` extra.
+"""
+
+from __future__ import annotations
+
+from ._version import __version__
+from .adapter import Adapter, AdapterConfig
+from .api import check_compatible, create_client, evaluate, load_data, tune
+from .client import (
+    DEFAULT_TEMPLATE,
+    BaseClient,
+    CallableClient,
+    Capabilities,
+    ImageSetHandle,
+    MeteredClient,
+    PredictionClient,
+    QueryLedger,
+)
+from .data import DataSplits, ImageDataset, load_dataset
+from .errors import (
+    AdapterError,
+    BudgetExceededError,
+    ClientError,
+    ConfigError,
+    CraftError,
+    DataError,
+    NotFittedError,
+)
+from .tuner.config import TuneConfig
+
+
+def load_adapter(directory: str, verify_projection: bool = True) -> Adapter:
+    """Load an adapter directory (numpy + safetensors only); see :meth:`Adapter.from_pretrained`."""
+    return Adapter.from_pretrained(directory, verify_projection=verify_projection)
+
+
+__all__ = [
+    "DEFAULT_TEMPLATE",
+    "Adapter",
+    "AdapterConfig",
+    "AdapterError",
+    "BaseClient",
+    "BudgetExceededError",
+    "CallableClient",
+    "Capabilities",
+    "ClientError",
+    "ConfigError",
+    "CraftError",
+    "DataError",
+    "DataSplits",
+    "ImageDataset",
+    "ImageSetHandle",
+    "MeteredClient",
+    "NotFittedError",
+    "PredictionClient",
+    "QueryLedger",
+    "TuneConfig",
+    "__version__",
+    "check_compatible",
+    "create_client",
+    "evaluate",
+    "load_adapter",
+    "load_data",
+    "load_dataset",
+    "tune",
+]

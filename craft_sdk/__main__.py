@@ -1,0 +1,5 @@
+"""``python -m craft_sdk``."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,343 @@
+"""The adapter: a JSON config plus safetensors tensors in a directory (PEFT's convention).
+
+``ADAPTER/adapter_config.json`` says what the adapter is; ``ADAPTER/adapter_model.safetensors``
+holds ``z`` (float64 [D]), ``prompt_offset`` (float32 [n_ctx, d], the materialised A z)
+and the refiner (``refiner.{i}.weight`` / ``.bias``). Loading needs numpy and
+safetensors only, and every inconsistency is a one-line :class:`AdapterError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._version import __version__
+from .errors import AdapterError
+from .tuner import mlp
+from .tuner.config import TuneConfig
+from .tuner.projection import GENERATOR, project, projection_matrix
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+ONNX_FILE = "refiner.onnx"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """How the prompt offset was produced: p = p0 + A z, A ~ N(0, std²) from ``seed``."""
+
+    n_ctx: int
+    ctx_dim: int
+    intrinsic_dim: int
+    seed: int
+    std: float
+    generator: str = GENERATOR
+
+    def __post_init__(self) -> None:
+        for name in ("n_ctx", "ctx_dim", "intrinsic_dim"):
+            if getattr(self, name) < 1:
+                raise AdapterError(f"prompt.{name} must be positive, got {getattr(self, name)}")
+        if not (np.isfinite(self.std) and self.std > 0):
+            raise AdapterError(f"prompt.std must be a positive number, got {self.std}")
+
+
+@dataclass(frozen=True)
+class RefinerSpec:
+    """Shape of the refiner MLP."""
+
+    layers: int
+    hidden: int
+    residual: bool = True
+    activation: str = "relu"
+    centering: str = "row-mean"
+
+    def __post_init__(self) -> None:
+        if self.layers < 1 or self.hidden < 1:
+            raise AdapterError(f"refiner layers/hidden must be positive, got {self.layers}/{self.hidden}")
+        if self.activation != "relu" or self.centering != "row-mean":
+            raise AdapterError(f"unsupported refiner activation/centering {self.activation}/{self.centering}")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """What an adapter is; serialised to ``adapter_config.json``.
+
+    Args:
+        model_id: the black box the adapter was tuned on.
+        class_names: ordered class names (output columns).
+        template: the context template the offset modifies.
+        output: ``"logits"`` or ``"probs"``: what the client returns.
+        prompt: the prompt spec, or None (no prompt: send no offset).
+        refiner: the refiner spec, or None (identity).
+        logit_scale: the black box's logit scale when it reports one.
+        hyperparameters: the tuning configuration.
+        provenance: mode, seed, shots, queries, data fingerprint, history...
+    """
+
+    model_id: str
+    class_names: tuple[str, ...]
+    template: str
+    output: str = "logits"
+    prompt: PromptSpec | None = None
+    refiner: RefinerSpec | None = None
+    logit_scale: float | None = None
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+    craft_sdk_version: str = __version__
+
+    def __post_init__(self) -> None:
+        if not self.model_id:
+            raise AdapterError("adapter model_id is empty")
+        names = tuple(self.class_names)
+        object.__setattr__(self, "class_names", names)
+        if not names or len(set(names)) != len(names):
+            raise AdapterError("adapter class_names must be a non-empty list of unique names")
+        if self.output not in ("logits", "probs"):
+            raise AdapterError(f"adapter output must be 'logits' or 'probs', got {self.output!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["class_names"] = list(self.class_names)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise AdapterError(
+                f"adapter format_version {version!r} is not supported (this craft-sdk {__version__} reads {FORMAT_VERSION}); upgrade craft-sdk"
+            )
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            logger.warning("ignoring unknown adapter config keys %s (written by a newer craft-sdk?)", unknown)
+        kwargs = {k: v for k, v in data.items() if k in known}
+        try:
+            if kwargs.get("prompt") is not None:
+                kwargs["prompt"] = PromptSpec(**kwargs["prompt"])
+            if kwargs.get("refiner") is not None:
+                kwargs["refiner"] = RefinerSpec(**kwargs["refiner"])
+            return cls(**kwargs)
+        except TypeError as exc:
+            raise AdapterError(f"adapter config is malformed: {exc}") from None
+
+
+@dataclass
+class Adapter:
+    """A tuned CraFT adapter: config + tensors.
+
+    Example:
+        >>> adapter = Adapter.from_pretrained("craft-demo/adapter")   # doctest: +SKIP
+        >>> refined = adapter.refine(logits)                           # doctest: +SKIP
+    """
+
+    config: AdapterConfig
+    z: np.ndarray | None = None
+    offset: np.ndarray | None = None
+    refiner: dict[str, np.ndarray] | None = None
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    # -------------------------------------------------------------- building
+
+    @classmethod
+    def from_result(cls, result: Any) -> Adapter:
+        """Build from a :class:`~craft_sdk.tuner.train.TuneResult`."""
+        tc: TuneConfig = result.config
+        caps = result.capabilities
+        prompt = None
+        if result.z is not None:
+            prompt = PromptSpec(caps.n_ctx, caps.ctx_dim, tc.intrinsic_dim, tc.seed, float(result.projection_std))
+        refiner = RefinerSpec(tc.refiner_layers, tc.refiner_hidden, tc.residual) if result.refiner is not None else None
+        provenance = {
+            "mode": tc.mode,
+            "requested_mode": result.requested_mode,
+            "seed": tc.seed,
+            "shots": result.data.get("shots"),
+            "queries_used": result.queries["used"],
+            "budget": tc.budget,
+            "queries": result.queries["counts"],
+            "data": result.data,
+            "kl_weights": {"lambda": result.kl_weights[0], "beta": result.kl_weights[1]},
+            "n_generations": result.n_generations,
+            "selected_generation": result.selected_generation,
+            "metrics": result.metrics,
+            "history": result.history,
+        }
+        config = AdapterConfig(
+            model_id=caps.model_id,
+            class_names=result.class_names,
+            template=tc.template,
+            output=caps.output,
+            prompt=prompt,
+            refiner=refiner,
+            logit_scale=getattr(caps, "logit_scale", None),
+            hyperparameters=tc.to_dict(),
+            provenance=provenance,
+        )
+        return cls(config, result.z, result.offset, result.refiner)
+
+    # ------------------------------------------------------------------ use
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.config.class_names)
+
+    def refine(self, logits: np.ndarray) -> np.ndarray:
+        """Refined logits [..., C] (identity without a refiner); numpy only."""
+        if self.refiner is None or self.config.refiner is None:
+            return np.asarray(logits, dtype=np.float32)
+        return mlp.forward(self.refiner, logits, self.config.refiner.residual)
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        """All tensors by their on-disk names."""
+        out: dict[str, np.ndarray] = {}
+        if self.z is not None:
+            out["z"] = np.ascontiguousarray(self.z, dtype=np.float64)
+            out["prompt_offset"] = np.ascontiguousarray(self.offset, dtype=np.float32)
+        for k, v in (self.refiner or {}).items():
+            out[k] = np.ascontiguousarray(v, dtype=np.float32)
+        return out
+
+    def fingerprint(self) -> str:
+        """sha256 over the canonical config JSON and the tensors: identifies the adapter."""
+        h = hashlib.sha256(_config_bytes(self.config))
+        for name, value in sorted(self.tensors().items()):
+            h.update(name.encode())
+            h.update(value.tobytes())
+        return h.hexdigest()
+
+    # ------------------------------------------------------------------- disk
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write the adapter to ``directory`` atomically (temp dir, then rename)."""
+        from safetensors.numpy import save_file
+
+        target = Path(directory)
+        if target.exists() and not target.is_dir():
+            raise AdapterError(f"{target} exists and is not a directory; choose another --out")
+        if target.is_dir() and any(target.iterdir()) and not (target / CONFIG_FILE).exists():
+            raise AdapterError(f"{target} is a non-empty directory that is not an adapter; choose another --out")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            (tmp / CONFIG_FILE).write_bytes(_config_bytes(self.config))
+            save_file(self.tensors(), str(tmp / WEIGHTS_FILE), metadata={"format": "craft-sdk-adapter"})
+            _swap_in(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        logger.info("saved adapter to %s", target)
+        return target
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, verify_projection: bool = True) -> Adapter:
+        """Load and validate an adapter directory (numpy + safetensors only)."""
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        root = Path(directory)
+        cfg_path, w_path = root / CONFIG_FILE, root / WEIGHTS_FILE
+        for p in (cfg_path, w_path):
+            if not p.is_file():
+                raise AdapterError(f"{p} is missing; {root} is not a complete adapter directory")
+        try:
+            config = AdapterConfig.from_dict(json.loads(cfg_path.read_text(encoding="utf-8")))
+        except json.JSONDecodeError as exc:
+            raise AdapterError(f"{cfg_path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        try:
+            tensors = load_file(str(w_path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise AdapterError(f"{w_path} is not a readable safetensors file ({exc})") from None
+        refiner = {k: v for k, v in tensors.items() if k.startswith(mlp.PREFIX)} or None
+        adapter = cls(config, tensors.get("z"), tensors.get("prompt_offset"), refiner)
+        if verify_projection:
+            adapter.verify_projection()
+        return adapter
+
+    def verify_projection(self, rtol: float = 1e-5) -> None:
+        """Check that A z regenerated from the recorded seed equals the stored offset."""
+        spec = self.config.prompt
+        if spec is None or self.z is None or self.offset is None:
+            return
+        if spec.generator != GENERATOR:
+            raise AdapterError(f"unknown projection generator {spec.generator!r}; cannot verify the prompt offset")
+        a = projection_matrix(spec.seed, spec.n_ctx * spec.ctx_dim, spec.intrinsic_dim, spec.std)
+        regenerated = project(a, self.z, spec.n_ctx, spec.ctx_dim)
+        scale = float(np.abs(self.offset).max()) or 1.0
+        err = float(np.abs(regenerated - self.offset).max())
+        if err > rtol * scale + 1e-7:
+            raise AdapterError(f"stored prompt_offset differs from A z regenerated from seed {spec.seed} (max error {err:.3g}); the adapter is corrupt")
+
+
+def _config_bytes(config: AdapterConfig) -> bytes:
+    return (json.dumps(config.to_dict(), indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    if not target.exists():
+        os.replace(tmp, target)
+        return
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(target, old)
+    os.replace(tmp, target)
+    for extra in old.iterdir():  # keep files we do not own (e.g. an exported refiner.onnx is stale: drop it)
+        if extra.name not in (CONFIG_FILE, WEIGHTS_FILE, ONNX_FILE):
+            shutil.move(str(extra), str(target / extra.name))
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _check_finite(name: str, arr: np.ndarray) -> None:
+    if not np.isfinite(arr).all():
+        raise AdapterError(f"adapter tensor {name} contains NaN or inf; the adapter is corrupt")
+
+
+def _validate(adapter: Adapter) -> None:
+    cfg = adapter.config
+    if (cfg.prompt is None) != (adapter.z is None) or (adapter.z is None) != (adapter.offset is None):
+        raise AdapterError("adapter config and tensors disagree on whether there is a prompt (z, prompt_offset)")
+    if cfg.prompt is not None:
+        assert adapter.z is not None and adapter.offset is not None
+        if adapter.z.shape != (cfg.prompt.intrinsic_dim,):
+            raise AdapterError(f"z has shape {list(adapter.z.shape)}, config says [{cfg.prompt.intrinsic_dim}]")
+        if adapter.offset.shape != (cfg.prompt.n_ctx, cfg.prompt.ctx_dim):
+            raise AdapterError(
+                f"prompt_offset has shape {list(adapter.offset.shape)}, config says [{cfg.prompt.n_ctx}, {cfg.prompt.ctx_dim}]"
+            )
+        _check_finite("z", adapter.z)
+        _check_finite("prompt_offset", adapter.offset)
+    if (cfg.refiner is None) != (adapter.refiner is None):
+        raise AdapterError("adapter config and tensors disagree on whether there is a refiner")
+    if cfg.refiner is not None and adapter.refiner is not None:
+        _validate_refiner(cfg.refiner, adapter.refiner, len(cfg.class_names))
+
+
+def _validate_refiner(spec: RefinerSpec, weights: dict[str, np.ndarray], n_classes: int) -> None:
+    dims = mlp.layer_dims(n_classes, spec.hidden, spec.layers)
+    expected = {f"{mlp.PREFIX}{i}.{kind}" for i in range(len(dims)) for kind in ("weight", "bias")}
+    if set(weights) != expected:
+        raise AdapterError(f"refiner tensors {sorted(weights)} do not match a {spec.layers}-layer refiner")
+    for i, (fan_in, fan_out) in enumerate(dims):
+        w, b = weights[f"{mlp.PREFIX}{i}.weight"], weights[f"{mlp.PREFIX}{i}.bias"]
+        if w.shape != (fan_out, fan_in) or b.shape != (fan_out,):
+            raise AdapterError(
+                f"refiner layer {i} has shape {list(w.shape)}, expected [{fan_out}, {fan_in}] "
+                f"for {n_classes} classes and hidden {spec.hidden}: class-count or shape mismatch"
+            )
+        _check_finite(f"refiner.{i}", w)
+        _check_finite(f"refiner.{i}.bias", b)
+

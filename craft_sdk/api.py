@@ -1,0 +1,145 @@
+"""Verb-named entry points composing client → tuner → adapter: what the CLI calls."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .adapter import Adapter
+from .client.base import PredictionClient
+from .client.ledger import MeteredClient, QueryLedger
+from .data import DataSplits, ImageDataset, load_dataset
+from .errors import AdapterError, ConfigError
+from .tuner.config import TuneConfig
+
+logger = logging.getLogger(__name__)
+
+_UNSET: Any = object()
+
+
+def create_client(model: str, pretrained: str | None = _UNSET, *, device: str = "cpu", **kwargs: Any) -> PredictionClient:
+    """A black-box client for ``model``.
+
+    Args:
+        model: ``"demo"``, an open_clip name (``"ViT-B-32"``), ``"local-dir:/path"``, or
+            the URL of a craft-sdk prediction server (``"http://host:port"``).
+        pretrained: tag or ``.safetensors`` file for open_clip names; None = random weights.
+        device: torch device for local models.
+        **kwargs: passed to the client class.
+
+    Example:
+        >>> client = create_client("demo")  # doctest: +SKIP
+    """
+    if model.startswith(("http://", "https://")):
+        from .client.http import HTTPClient
+
+        return HTTPClient(model, **kwargs)
+    from .client.openclip import OpenCLIPClient
+
+    if pretrained is _UNSET:
+        return OpenCLIPClient(model, device=device, **kwargs)
+    return OpenCLIPClient(model, pretrained, device=device, **kwargs)
+
+
+def load_data(path: str | Path, *, shots: int | None = None, seed: int = 0, val_shots: int = 0, **kwargs: Any) -> DataSplits:
+    """Load a dataset from disk, or a shipped demo task as ``"demo:<task>"``."""
+    text = str(path)
+    if text.startswith("demo:"):
+        from .demo.tasks import load_demo_task
+
+        splits = load_demo_task(text[5:], shots=shots or 16, seed=seed)
+        if val_shots:
+            raise ConfigError("demo tasks have no validation split; drop --val-shots")
+        return splits
+    return load_dataset(path, shots=shots, seed=seed, val_shots=val_shots, **kwargs)
+
+
+def tune(
+    client: PredictionClient,
+    train: ImageDataset,
+    val: ImageDataset | None = None,
+    config: TuneConfig | None = None,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    on_progress: Callable[..., None] | None = None,
+    **overrides: Any,
+) -> Adapter:
+    """Tune an adapter for ``train`` through ``client``.
+
+    Args:
+        client: the black box.
+        train: the few-shot training set.
+        val: optional validation set for model selection.
+        config: a :class:`TuneConfig`; keyword ``overrides`` replace its fields.
+        checkpoint_dir, resume, on_progress: see :class:`craft_sdk.tuner.train.Tuner`.
+
+    Example:
+        >>> adapter = tune(create_client("demo"), splits.train, mode="craft", budget=2000)  # doctest: +SKIP
+    """
+    from .tuner.train import Tuner
+
+    base = (config or TuneConfig()).to_dict()
+    base.update(overrides)
+    cfg = TuneConfig.from_dict(base)
+    result = Tuner(cfg, checkpoint_dir=checkpoint_dir, resume=resume, on_progress=on_progress).fit(client, train, val)
+    return Adapter.from_result(result)
+
+
+def check_compatible(adapter: Adapter, client: PredictionClient, allow_model_mismatch: bool = False) -> None:
+    """Raise :class:`AdapterError` when ``client`` cannot serve ``adapter``."""
+    caps = client.capabilities(adapter.config.template)
+    if caps.model_id != adapter.config.model_id and not allow_model_mismatch:
+        raise AdapterError(
+            f"adapter was tuned on {adapter.config.model_id} but the client serves {caps.model_id}; "
+            "use the same model (or allow_model_mismatch=True / --allow-model-mismatch)"
+        )
+    spec = adapter.config.prompt
+    if spec is not None:
+        if not caps.soft_prompts:
+            raise AdapterError(f"adapter has a learned prompt but {caps.model_id} is text-only (no context offsets)")
+        if (caps.n_ctx, caps.ctx_dim) != (spec.n_ctx, spec.ctx_dim):
+            raise AdapterError(
+                f"adapter prompt is [{spec.n_ctx}, {spec.ctx_dim}] but the client expects [{caps.n_ctx}, {caps.ctx_dim}]"
+            )
+    if caps.output != adapter.config.output:
+        raise AdapterError(f"adapter expects {adapter.config.output} but the client returns {caps.output}")
+
+
+def evaluate(
+    adapter: Adapter,
+    client: PredictionClient,
+    test: ImageDataset,
+    *,
+    ledger: QueryLedger | None = None,
+    allow_model_mismatch: bool = False,
+) -> dict[str, Any]:
+    """Test accuracy of zero-shot and of ``adapter`` (two queries: one per prompt).
+
+    Returns:
+        ``accuracy``, ``zero_shot_accuracy``, ``n_test``, ``queries_used``.
+    """
+    if tuple(test.class_names) != adapter.config.class_names:
+        raise AdapterError(
+            f"test classes {list(test.class_names)[:5]}... differ from the adapter's {list(adapter.config.class_names)[:5]}..."
+        )
+    check_compatible(adapter, client, allow_model_mismatch)
+    ledger = ledger if ledger is not None else QueryLedger()
+    metered = MeteredClient(client, ledger)
+    handle = metered.upload(test.images)
+    names, template = list(test.class_names), adapter.config.template
+    zero = metered.predict(handle, names, template, None, category="eval")
+    raw = zero if adapter.offset is None else metered.predict(handle, names, template, adapter.offset, category="eval")
+    if adapter.config.output == "probs":
+        zero, raw = np.log(np.clip(zero, 1e-12, None)), np.log(np.clip(raw, 1e-12, None))
+    refined = adapter.refine(raw)
+    return {
+        "accuracy": float((refined.argmax(-1) == test.labels).mean()),
+        "zero_shot_accuracy": float((zero.argmax(-1) == test.labels).mean()),
+        "n_test": len(test),
+        "queries_used": ledger.used,
+    }

@@ -1,0 +1,11 @@
+"""The ``craft-sdk`` command line: a thin layer over the public API.
+
+Each command group lives in its own module and registers itself on ``app``.
+"""
+
+from __future__ import annotations
+
+from . import _tune  # noqa: F401,E402  (registers tune / eval / inspect)
+from ._app import app, main
+
+__all__ = ["app", "main"]

@@ -1,0 +1,5 @@
+"""``python -m craft_sdk.cli``."""
+
+from . import main
+
+main()

@@ -1,0 +1,93 @@
+"""The typer app, global options, and the error boundary shared by every command."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from .._version import __version__
+
+app = typer.Typer(
+    name="craft-sdk",
+    help="Adapt a black-box vision-language model to your few-shot task (CraFT), and deploy it.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+err = Console(stderr=True)
+_state: dict[str, bool] = {"debug": False}
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"craft-sdk {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details to stderr."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    _state["debug"] = debug
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print a one-line error and return the Exit to raise."""
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def guarded(fn: F) -> F:
+    """Turn any exception into a one-line error and a non-zero exit (``--debug`` re-raises)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from ..errors import CraftError
+
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except KeyboardInterrupt:
+            raise fail("interrupted", 130) from None
+        except Exception as exc:  # the CLI's error boundary: no tracebacks for users
+            if _state["debug"]:
+                raise
+            msg = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+            if not isinstance(exc, CraftError):
+                msg = f"{exc.__class__.__name__}: {msg} (run with --debug for the traceback)"
+            raise fail(msg) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def emit_json(obj: Any) -> None:
+    """One JSON object on stdout."""
+    sys.stdout.write(json.dumps(obj, sort_keys=True) + "\n")
+
+
+def parse_pretrained(model: str, pretrained: str | None) -> dict[str, Any]:
+    """``--pretrained none`` asks for random weights; omitted means 'whatever the model name implies'."""
+    if pretrained is None:
+        return {}
+    return {"pretrained": None if pretrained.lower() == "none" else pretrained}
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,192 @@
+"""``craft-sdk tune``, ``eval`` and ``inspect``."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ._app import app, emit_json, err, fail, guarded, parse_pretrained
+
+MODEL_HELP = "demo, an open_clip name (ViT-B-32, RN50), local-dir:/path, or http(s)://server"
+PRETRAINED_HELP = "pretrained tag or .safetensors file for open_clip names; 'none' = random weights"
+
+
+def _client(model: str, pretrained: str | None, api_key_file: Path | None = None) -> Any:
+    from .. import create_client
+
+    if model.startswith(("http://", "https://")):
+        kwargs: dict[str, Any] = {}
+        if api_key_file is not None:
+            kwargs["api_key"] = api_key_file.read_text().strip()
+        return create_client(model, **kwargs)
+    return create_client(model, **parse_pretrained(model, pretrained))
+
+
+def _progress_bar() -> Progress:
+    return Progress(
+        TextColumn("[bold]tuning"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("queries"),
+        TextColumn("loss {task.fields[loss]}  train acc {task.fields[acc]}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=False,
+    )
+
+
+@app.command()
+@guarded
+def tune(
+    data: str = typer.Argument(..., help="ImageFolder (DATA/train, DATA/test or DATA/<class>), or demo:<task>"),
+    model: str = typer.Option("demo", "--model", "-m", help=MODEL_HELP),
+    pretrained: str | None = typer.Option(None, "--pretrained", "-p", help=PRETRAINED_HELP),
+    shots: int = typer.Option(16, help="training images per class (seeded sample)"),
+    budget: int = typer.Option(8000, help="hard ceiling on black-box queries for the whole run"),
+    seed: int = typer.Option(0, help="seed of sampling, projection, CMA-ES and refiner"),
+    mode: str = typer.Option("craft", help="zero-shot | pg | pr | pg+pr | craft"),
+    out: Path = typer.Option(Path("craft-adapter"), "--out", "-o", help="adapter directory to write"),
+    val_shots: int = typer.Option(0, help="images per class held out of training for model selection"),
+    split_file: Path | None = typer.Option(None, "--split", help="CoOp split_zhou_*.json (paths relative to DATA)"),
+    template: str = typer.Option("a photo of a", help="context template the prompt offset modifies"),
+    popsize: int = typer.Option(40, help="CMA-ES population size"),
+    intrinsic_dim: int = typer.Option(512, help="dimension of the prompt search space"),
+    prompt_scale: float = typer.Option(1.0, help="offset scale relative to the context-embedding RMS"),
+    sigma0: float = typer.Option(1.0, help="initial CMA-ES step size"),
+    checkpoint_dir: Path | None = typer.Option(None, help="write a resumable checkpoint here every generation"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in --checkpoint-dir"),
+    api_key_file: Path | None = typer.Option(None, help="file holding the API key for an http(s) model"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
+) -> None:
+    """Tune a CraFT adapter on DATA through a prediction-only black box."""
+    from .. import TuneConfig, load_data
+    from ..adapter import Adapter
+    from ..tuner.train import Tuner
+
+    config = TuneConfig(
+        mode=mode, budget=budget, seed=seed, template=template, popsize=popsize,
+        intrinsic_dim=intrinsic_dim, prompt_scale=prompt_scale, sigma0=sigma0,
+    )
+    t0 = time.perf_counter()
+    kwargs: dict[str, Any] = {"split_file": split_file} if split_file else {}
+    splits = load_data(data, shots=shots, seed=seed, val_shots=val_shots, **kwargs)
+    client = _client(model, pretrained, api_key_file)
+    with _progress_bar() as bar:
+        task = bar.add_task("tune", total=budget, loss="-", acc="-")
+
+        def on_progress(p: Any) -> None:
+            loss = "-" if p.train_loss != p.train_loss else f"{p.train_loss:.3f}"
+            bar.update(task, completed=p.queries_used, loss=loss, acc=f"{p.train_accuracy:.3f}")
+
+        tuner = Tuner(config, checkpoint_dir=checkpoint_dir, resume=resume, on_progress=on_progress)
+        result = tuner.fit(client, splits.train, splits.val)
+    adapter = Adapter.from_result(result)
+    adapter.save_pretrained(out)
+    summary = {
+        "adapter": str(out),
+        "mode": result.config.mode,
+        "requested_mode": result.requested_mode,
+        "budget": budget,
+        "queries_used": result.queries["used"],
+        "queries": result.queries["counts"],
+        "zero_shot_train_accuracy": result.metrics.get("zero_shot_train_accuracy"),
+        "train_accuracy": result.metrics.get("train_accuracy"),
+        "val_accuracy": result.metrics.get("val_accuracy"),
+        "n_train": len(splits.train),
+        "n_generations": result.n_generations,
+        "selected_generation": result.selected_generation,
+        "wall_time_s": round(time.perf_counter() - t0, 2),
+        "skipped_files": len(splits.skipped),
+    }
+    if as_json:
+        emit_json(summary)
+        return
+    table = Table(title=f"craft-sdk tune ({summary['mode']})", show_header=True)
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_row("zero-shot train accuracy", f"{summary['zero_shot_train_accuracy']:.3f}")
+    table.add_row("tuned train accuracy", f"{summary['train_accuracy']:.3f}")
+    if summary["val_accuracy"] is not None:
+        table.add_row("validation accuracy (selected)", f"{summary['val_accuracy']:.3f}")
+    table.add_row("queries used / budget", f"{summary['queries_used']} / {budget}")
+    table.add_row("generations", str(summary["n_generations"]))
+    table.add_row("wall time", f"{summary['wall_time_s']:.1f} s")
+    err.print(table)
+    typer.echo(f"adapter written to {out}")
+
+
+@app.command("eval")
+@guarded
+def eval_(
+    adapter_dir: Path = typer.Argument(..., help="adapter directory"),
+    data: str = typer.Argument(..., help="dataset with a test split (or a single ImageFolder), or demo:<task>"),
+    model: str = typer.Option("demo", "--model", "-m", help=MODEL_HELP),
+    pretrained: str | None = typer.Option(None, "--pretrained", "-p", help=PRETRAINED_HELP),
+    seed: int | None = typer.Option(None, help="seed of the hold-out split (default: the adapter's seed)"),
+    split_file: Path | None = typer.Option(None, "--split", help="CoOp split_zhou_*.json"),
+    allow_model_mismatch: bool = typer.Option(False, help="evaluate even if the client serves another model"),
+    api_key_file: Path | None = typer.Option(None, help="file holding the API key for an http(s) model"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
+) -> None:
+    """Test accuracy of zero-shot and of the adapter on DATA's test split."""
+    from .. import evaluate, load_adapter, load_data
+
+    adapter = load_adapter(str(adapter_dir))
+    seed = adapter.config.provenance.get("seed", 0) if seed is None else seed
+    kwargs: dict[str, Any] = {"split_file": split_file} if split_file else {}
+    splits = load_data(data, seed=seed, shots=adapter.config.provenance.get("shots"), **kwargs)
+    if splits.test is None or len(splits.test) == 0:
+        raise fail(f"{data} has no test split; use DATA/train + DATA/test, a single ImageFolder, or --split")
+    client = _client(model, pretrained, api_key_file)
+    res = evaluate(adapter, client, splits.test, allow_model_mismatch=allow_model_mismatch)
+    if as_json:
+        emit_json(res)
+        return
+    typer.echo(
+        f"test accuracy {res['accuracy']:.4f} (zero-shot {res['zero_shot_accuracy']:.4f}) "
+        f"on {res['n_test']} images, {res['queries_used']} queries"
+    )
+
+
+@app.command()
+@guarded
+def inspect(
+    adapter_dir: Path = typer.Argument(..., help="adapter directory"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
+) -> None:
+    """Describe an adapter without loading any model."""
+    from .. import load_adapter
+
+    adapter = load_adapter(str(adapter_dir))
+    cfg = adapter.config
+    prov = {k: v for k, v in cfg.provenance.items() if k != "history"}
+    files = {p.name: p.stat().st_size for p in sorted(Path(adapter_dir).iterdir()) if p.is_file()}
+    info = {
+        "model_id": cfg.model_id,
+        "classes": list(cfg.class_names),
+        "n_classes": len(cfg.class_names),
+        "template": cfg.template,
+        "prompt": None if cfg.prompt is None else vars(cfg.prompt),
+        "refiner": None if cfg.refiner is None else vars(cfg.refiner),
+        "format_version": cfg.format_version,
+        "craft_sdk_version": cfg.craft_sdk_version,
+        "fingerprint": adapter.fingerprint(),
+        "files": files,
+        "provenance": prov,
+    }
+    if as_json:
+        emit_json(info)
+        return
+    typer.echo(f"adapter {adapter_dir}  (format {cfg.format_version}, craft-sdk {cfg.craft_sdk_version})")
+    typer.echo(f"  model      {cfg.model_id}")
+    typer.echo(f"  classes    {len(cfg.class_names)}: {', '.join(cfg.class_names[:8])}{' ...' if len(cfg.class_names) > 8 else ''}")
+    typer.echo(f"  mode       {prov.get('mode')}  seed {prov.get('seed')}  shots {prov.get('shots')}")
+    typer.echo(f"  queries    {prov.get('queries_used')} of {prov.get('budget')}")
+    typer.echo(f"  prompt     {'none' if cfg.prompt is None else f'{cfg.prompt.n_ctx}x{cfg.prompt.ctx_dim} offset from z[{cfg.prompt.intrinsic_dim}]'}")
+    typer.echo(f"  refiner    {'none' if cfg.refiner is None else f'{cfg.refiner.layers}-layer MLP, hidden {cfg.refiner.hidden}, residual={cfg.refiner.residual}'}")
+    typer.echo(f"  files      {', '.join(f'{k} ({v / 1024:.1f} KiB)' for k, v in files.items())}")

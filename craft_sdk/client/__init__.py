@@ -1,0 +1,18 @@
+"""Clients: the only door to the black-box model."""
+
+from __future__ import annotations
+
+from .base import DEFAULT_TEMPLATE, BaseClient, CallableClient, Capabilities, ImageSetHandle, PredictionClient
+from .ledger import CATEGORIES, MeteredClient, QueryLedger
+
+__all__ = [
+    "CATEGORIES",
+    "DEFAULT_TEMPLATE",
+    "BaseClient",
+    "CallableClient",
+    "Capabilities",
+    "ImageSetHandle",
+    "MeteredClient",
+    "PredictionClient",
+    "QueryLedger",
+]

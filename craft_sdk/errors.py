@@ -1,0 +1,35 @@
+"""Exception hierarchy: every error the SDK raises on purpose is a ``CraftError``.
+
+Each subclass also inherits the built-in exception that fits, so callers may
+catch either (``except ValueError`` keeps working for bad input).
+"""
+
+from __future__ import annotations
+
+
+class CraftError(Exception):
+    """Base class of all craft-sdk errors."""
+
+
+class ConfigError(CraftError, ValueError):
+    """A configuration value is invalid."""
+
+
+class DataError(CraftError, ValueError):
+    """A dataset is unusable (empty class, too few images, unreadable files...)."""
+
+
+class AdapterError(CraftError, ValueError):
+    """An adapter directory or file is missing, corrupt or inconsistent."""
+
+
+class ClientError(CraftError, RuntimeError):
+    """A black-box client failed or was used incorrectly."""
+
+
+class BudgetExceededError(ClientError):
+    """A query would exceed the hard query budget; it was refused before being sent."""
+
+
+class NotFittedError(CraftError, ValueError):
+    """An estimator was used before anything was learned."""

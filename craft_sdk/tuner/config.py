@@ -1,0 +1,155 @@
+"""Tuning configuration: every hyperparameter of CraFT, validated on construction.
+
+Defaults follow the paper (ICML 2024, section 4.1) unless noted:
+
+==========================  ===========  ==============================================
+field                       default      source
+==========================  ===========  ==============================================
+intrinsic_dim (D)           512          paper
+popsize                     40           paper
+budget                      8000         paper (official code: 2000/4000/8000 by shots)
+sigma0                      1.0          official code (1 or 0.02, per dataset)
+prompt_scale                see below    ours: model-relative projection scale
+bound                       None         official code (5 or none)
+refiner_hidden              512          paper (code: 256)
+refiner_layers              3            paper ("3-layer MLP"; code: 2)
+residual                    True         paper
+lr                          1e-3         paper (AdamW)
+weight_decay                0.01         AdamW default
+batch_size                  256          paper
+lam, beta                   0.1 / C      paper
+==========================  ===========  ==============================================
+
+The projection A ~ N(0, std²) maps z ∈ R^D to a context offset [n_ctx, d]. Its
+scale decides whether prompt search helps at all, and the right value depends
+on the model's embedding scale, so by default ``std = prompt_scale · ctx_rms /
+sqrt(D)``: a CMA-ES step of size sigma moves every offset element by about
+``sigma · prompt_scale · ctx_rms``, where ``ctx_rms`` is the RMS of the
+template's context-token embeddings reported by the client. Set
+``projection_std`` to fix the paper-style absolute value instead.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from ..client.base import DEFAULT_TEMPLATE
+from ..errors import ConfigError
+
+MODES = ("zero-shot", "pg", "pr", "pg+pr", "craft")
+SELECTIONS = ("last", "best-val")
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Hyperparameters of one tuning run.
+
+    Args:
+        mode: ``zero-shot``, ``pg`` (prompt generation only, = BBT), ``pr`` (refiner only),
+            ``pg+pr`` (alternated, no consistency losses) or ``craft`` (collaborative, default).
+        budget: hard ceiling on queries for the whole run (search + refiner + validation).
+        seed: seed of the projection, CMA-ES, refiner init and mini-batch order.
+        template: context template whose tokens the prompt offset modifies.
+        intrinsic_dim: dimension D of the search space z.
+        popsize: CMA-ES population size (candidates scored per generation).
+        sigma0: initial CMA-ES step size in z units.
+        prompt_scale: offset scale relative to the context-embedding RMS (see module doc).
+        projection_std: absolute std of A; overrides ``prompt_scale`` when set.
+        bound: box bound on each z coordinate (None: unbounded).
+        refiner_hidden: hidden width of the refiner MLP.
+        refiner_layers: linear layers in the refiner (1 = linear map, 3 = paper's MLP).
+        residual: refined = logits + g(logits) when True, g(logits) when False.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        batch_size: refiner mini-batch size.
+        refiner_epochs: refiner epochs per generation (``pr`` mode: per planned generation).
+        lam: weight of KL(refined ‖ raw) in the CMA-ES fitness; None = 0.1 / C.
+        beta: weight of KL(raw ‖ refined) in the refiner loss; None = 0.1 / C.
+        val_every: generations between validation queries (when validation data is given).
+        selection: ``best-val`` keeps the generation with the best validation accuracy
+            (needs validation data), ``last`` keeps the final state.
+        max_generations: optional cap on generations (the budget caps them anyway).
+    """
+
+    mode: str = "craft"
+    budget: int = 8000
+    seed: int = 0
+    template: str = DEFAULT_TEMPLATE
+    intrinsic_dim: int = 512
+    popsize: int = 40
+    sigma0: float = 1.0
+    prompt_scale: float = 1.0
+    projection_std: float | None = None
+    bound: float | None = None
+    refiner_hidden: int = 512
+    refiner_layers: int = 3
+    residual: bool = True
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    batch_size: int = 256
+    refiner_epochs: int = 1
+    lam: float | None = None
+    beta: float | None = None
+    val_every: int = 10
+    selection: str = "best-val"
+    max_generations: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.selection not in SELECTIONS:
+            raise ConfigError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+        positive_ints = ("budget", "intrinsic_dim", "popsize", "refiner_hidden", "refiner_layers", "batch_size", "val_every")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.popsize < 2:
+            raise ConfigError(f"popsize must be >= 2 for CMA-ES, got {self.popsize}")
+        if self.refiner_epochs < 0:
+            raise ConfigError(f"refiner_epochs must be >= 0, got {self.refiner_epochs}")
+        for name in ("sigma0", "prompt_scale", "lr"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
+        for name in ("projection_std", "bound", "lam", "beta"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= (0 if name in ("lam", "beta") else 1e-12)):
+                raise ConfigError(f"{name} must be None or a {'non-negative' if name in ('lam', 'beta') else 'positive'} number, got {value!r}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.max_generations is not None and self.max_generations < 0:
+            raise ConfigError(f"max_generations must be >= 0 or None, got {self.max_generations}")
+        if not self.template.strip():
+            raise ConfigError("template must be a non-empty context such as 'a photo of a'")
+
+    @property
+    def uses_prompt(self) -> bool:
+        """Whether this mode searches a prompt offset."""
+        return self.mode in ("pg", "pg+pr", "craft")
+
+    @property
+    def uses_refiner(self) -> bool:
+        """Whether this mode trains a refiner."""
+        return self.mode in ("pr", "pg+pr", "craft")
+
+    def kl_weights(self, n_classes: int) -> tuple[float, float]:
+        """(λ, β) for ``n_classes``: 0 outside ``craft``; paper default 0.1 / C."""
+        if self.mode != "craft":
+            return 0.0, 0.0
+        default = 0.1 / n_classes
+        return (default if self.lam is None else self.lam, default if self.beta is None else self.beta)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TuneConfig:
+        """Build from a dict; unknown keys raise (a typo must not pass silently)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown tuning option(s) {unknown}; valid: {sorted(known)}")
+        return cls(**data)

@@ -1,0 +1,95 @@
+"""The command line, run as users run it: a real subprocess of the installed console script."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("torch")
+
+CLI = [sys.executable, "-m", "craft_sdk.cli"]
+
+
+def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([*CLI, *args], capture_output=True, text=True, env=env, timeout=300)
+    if check and out.returncode != 0:
+        raise AssertionError(f"exit {out.returncode}: {out.stderr[-2000:]}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("test", 5)):
+        for cls in ("annual_crop", "forest", "river"):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(n):
+                img = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+                Image.fromarray(img).resize((32, 32), Image.NEAREST).save(d / f"{i}.png")
+    return root
+
+
+def test_tune_eval_inspect(folder: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    model = f"local-dir:{tiny_model_dir}"
+    out = tmp_path / "adapter"
+    res = run("tune", str(folder), "--model", model, "--shots", "4", "--budget", "200", "--popsize", "8",
+              "--intrinsic-dim", "16", "--out", str(out), "--json")
+    summary = json.loads(res.stdout)
+    assert {"queries_used", "budget", "mode", "adapter"} <= set(summary)
+    assert summary["mode"] == "craft" and summary["budget"] == 200 and 0 < summary["queries_used"] <= 200
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    ev = json.loads(run("eval", str(out), str(folder), "--model", model, "--json").stdout)
+    assert {"accuracy", "zero_shot_accuracy", "n_test", "queries_used"} <= set(ev)
+    assert ev["n_test"] == 15 and ev["queries_used"] == 2 and 0.0 <= ev["accuracy"] <= 1.0
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from craft_sdk.cli import app\n"
+        f"app(['inspect', {str(out)!r}, '--json'])\n"
+    )
+    ins = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    info = json.loads(ins.stdout)
+    assert info["n_classes"] == 3 and info["provenance"]["queries_used"] == summary["queries_used"]
+    assert info["classes"] == ["annual crop", "forest", "river"]
+
+
+def test_tune_human_output(folder: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    res = run("tune", str(folder), "--model", f"local-dir:{tiny_model_dir}", "--shots", "2", "--budget", "60",
+              "--popsize", "6", "--intrinsic-dim", "8", "--mode", "pg", "--out", str(tmp_path / "a"))
+    assert "adapter written to" in res.stdout
+    assert "zero-shot train accuracy" in res.stderr and "queries used" in res.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["tune", "/no/such/data"], "does not exist"),
+        (["tune", "{folder}", "--shots", "50", "--model", "{model}"], "lower --shots"),
+        (["tune", "{folder}", "--shots", "2", "--model", "ViT-B-32"], "pretrained=None"),
+        (["tune", "{folder}", "--shots", "2", "--model", "{model}", "--mode", "bbt"], "mode must be one of"),
+        (["tune", "{folder}", "--shots", "2", "--model", "{model}", "--budget", "0"], "budget must be"),
+        (["eval", "/no/adapter", "{folder}"], "missing"),
+        (["inspect", "{folder}"], "missing"),
+    ],
+)
+def test_errors_are_one_line_without_traceback(folder: Path, tiny_model_dir: Path, args: list[str], message: str) -> None:
+    filled = [a.format(folder=folder, model=f"local-dir:{tiny_model_dir}") for a in args]
+    res = run(*filled, check=False)
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], res.stderr
+
+
+def test_resume_needs_checkpoint_dir(folder: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    res = run("tune", str(folder), "--model", f"local-dir:{tiny_model_dir}", "--shots", "2", "--resume", "--out", str(tmp_path / "x"), check=False)
+    assert res.returncode == 2 and "checkpoint_dir" in res.stderr
