@@ -10,6 +10,7 @@ from __future__ import annotations
 from ._version import __version__
 from .adapter import Adapter, AdapterConfig
 from .api import check_compatible, create_client, evaluate, load_data, tune
+from .classifier import ClassifierConfig, CraftClassifier, Predictions
 from .client import (
     DEFAULT_TEMPLATE,
     BaseClient,
@@ -30,6 +31,7 @@ from .errors import (
     DataError,
     NotFittedError,
 )
+from .export import export_onnx
 from .tuner.config import TuneConfig
 
 
@@ -47,8 +49,10 @@ __all__ = [
     "BudgetExceededError",
     "CallableClient",
     "Capabilities",
+    "ClassifierConfig",
     "ClientError",
     "ConfigError",
+    "CraftClassifier",
     "CraftError",
     "DataError",
     "DataSplits",
@@ -57,12 +61,14 @@ __all__ = [
     "MeteredClient",
     "NotFittedError",
     "PredictionClient",
+    "Predictions",
     "QueryLedger",
     "TuneConfig",
     "__version__",
     "check_compatible",
     "create_client",
     "evaluate",
+    "export_onnx",
     "load_adapter",
     "load_data",
     "load_dataset",

@@ -7,5 +7,6 @@ from __future__ import annotations
 
 from . import _tune  # noqa: F401,E402  (registers tune / eval / inspect)
 from ._app import app, main
+from ._predict import predict as _predict_cmd  # noqa: F401  (registers predict / export-onnx)
 
 __all__ = ["app", "main"]

@@ -1,0 +1,234 @@
+"""ONNX export of the refiner, and the ONNX Runtime refiner that deploys it.
+
+The exported graph is the refiner alone, the same math as :mod:`craft_sdk.tuner.mlp`::
+
+    logits [batch, C] ──► h = logits − mean(logits, axis=-1)        (row-mean centring)
+                          h = Gemm(h, W_i, b_i) + ReLU …  Gemm(h, W_last, b_last)
+                          refined_logits = logits + h                 (residual adapters)
+
+Input ``logits`` is what the black box returned (log-probabilities when the client
+returns probabilities: take ``log`` before feeding the graph); output
+``refined_logits``. **No softmax is included**: apply one for probabilities. The
+batch axis is dynamic. The graph is built directly with ``onnx.helper`` from the
+safetensors weights (no torch involved), opset :data:`OPSET`, IR version 8, so
+any ONNX Runtime ≥ 1.14 loads it.
+
+Metadata properties (``craft_sdk.*``) carry the adapter's fingerprint, class
+names and model id; :class:`OnnxRefiner` refuses a file whose fingerprint differs
+from the adapter it is paired with. Exporting needs the ``onnx`` package
+(``pip install onnx``, part of the ``[train]`` extra); running needs only
+``onnxruntime`` (a base dependency).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._version import __version__
+from .adapter import ONNX_FILE, Adapter
+from .errors import AdapterError
+from .tuner import mlp
+
+logger = logging.getLogger(__name__)
+
+OPSET = 17
+IR_VERSION = 8
+INPUT_NAME = "logits"
+OUTPUT_NAME = "refined_logits"
+META_FINGERPRINT = "craft_sdk.adapter_fingerprint"
+META_CLASSES = "craft_sdk.class_names"
+META_MODEL_ID = "craft_sdk.model_id"
+META_INPUT = "craft_sdk.input"
+META_VERSION = "craft_sdk.version"
+
+
+def _import_onnx() -> Any:
+    try:
+        import onnx
+    except ImportError:
+        raise AdapterError("exporting ONNX needs the onnx package; install it with: pip install onnx") from None
+    return onnx
+
+
+def _resolve(adapter: Adapter | str | Path, path: str | Path | None) -> tuple[Adapter, Path]:
+    if isinstance(adapter, Adapter):
+        if path is None:
+            raise AdapterError("an Adapter object has no directory; pass path= to export_onnx")
+        return adapter, Path(path)
+    root = Path(adapter)
+    return Adapter.from_pretrained(root), Path(path) if path is not None else root / ONNX_FILE
+
+
+def build_refiner_model(adapter: Adapter) -> Any:
+    """The refiner of ``adapter`` as an ``onnx.ModelProto`` (see the module docstring for the graph).
+
+    Args:
+        adapter: the adapter; one without a refiner exports an Identity graph.
+
+    Returns:
+        A checked ``onnx.ModelProto`` with input ``logits`` [batch, C] and output
+        ``refined_logits`` [batch, C], float32.
+
+    Example:
+        >>> model = build_refiner_model(load_adapter("my-adapter"))  # doctest: +SKIP
+        >>> [i.name for i in model.graph.input]                      # doctest: +SKIP
+        ['logits']
+    """
+    onnx = _import_onnx()
+    from onnx import TensorProto, helper, numpy_helper
+
+    c = adapter.n_classes
+    nodes, inits = [], []
+    if adapter.refiner is None or adapter.config.refiner is None:
+        nodes.append(helper.make_node("Identity", [INPUT_NAME], [OUTPUT_NAME]))
+    else:
+        nodes.append(helper.make_node("ReduceMean", [INPUT_NAME], ["row_mean"], axes=[-1], keepdims=1))
+        nodes.append(helper.make_node("Sub", [INPUT_NAME, "row_mean"], ["h0"]))
+        n = mlp.n_layers(adapter.refiner)
+        last = "h0"
+        for i in range(n):
+            w, b = f"{mlp.PREFIX}{i}.weight", f"{mlp.PREFIX}{i}.bias"
+            inits += [numpy_helper.from_array(np.ascontiguousarray(adapter.refiner[k], np.float32), k) for k in (w, b)]
+            out = f"linear{i}"
+            nodes.append(helper.make_node("Gemm", [last, w, b], [out], transB=1))
+            last = out
+            if i < n - 1:
+                nodes.append(helper.make_node("Relu", [out], [f"relu{i}"]))
+                last = f"relu{i}"
+        if adapter.config.refiner.residual:
+            nodes.append(helper.make_node("Add", [INPUT_NAME, last], [OUTPUT_NAME]))
+        else:
+            nodes.append(helper.make_node("Identity", [last], [OUTPUT_NAME]))
+    graph = helper.make_graph(
+        nodes,
+        "craft_refiner",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", c])],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", c])],
+        initializer=inits,
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        producer_name="craft-sdk",
+        producer_version=__version__,
+        doc_string="CraFT refiner: black-box logits in, refined logits out (row-mean centred, no softmax).",
+    )
+    model.ir_version = IR_VERSION
+    helper.set_model_props(model, _metadata(adapter))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _metadata(adapter: Adapter) -> dict[str, str]:
+    cfg = adapter.config
+    return {
+        META_FINGERPRINT: adapter.fingerprint(),
+        META_CLASSES: json.dumps(list(cfg.class_names)),
+        META_MODEL_ID: cfg.model_id,
+        META_INPUT: "log-probs" if cfg.output == "probs" else "logits",
+        META_VERSION: __version__,
+    }
+
+
+def export_onnx(adapter: Adapter | str | Path, path: str | Path | None = None) -> Path:
+    """Export an adapter's refiner to ONNX, atomically (temp file, then rename).
+
+    Args:
+        adapter: an adapter directory, or an :class:`~craft_sdk.Adapter` (then ``path`` is required).
+        path: output file; default ``ADAPTER/refiner.onnx``, where
+            :meth:`CraftClassifier.from_pretrained <craft_sdk.CraftClassifier.from_pretrained>` finds it.
+
+    Returns:
+        The path written.
+
+    Example:
+        >>> export_onnx("my-adapter")  # doctest: +SKIP
+        PosixPath('my-adapter/refiner.onnx')
+    """
+    obj, target = _resolve(adapter, path)
+    data = build_refiner_model(obj).SerializeToString()
+    if target.is_dir():
+        raise AdapterError(f"{target} is a directory; pass a file path such as {target / ONNX_FILE}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, target.stat().st_mode & 0o777 if target.exists() else 0o644)  # mkstemp makes 0600
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    logger.info("exported refiner (%d bytes, opset %d) to %s", len(data), OPSET, target)
+    return target
+
+
+class OnnxRefiner:
+    """Runs an exported ``refiner.onnx`` with ONNX Runtime, checked against its adapter.
+
+    Args:
+        path: the ``.onnx`` file.
+        adapter: the adapter it must have been exported from (fingerprint and classes are compared).
+        threads: ONNX Runtime intra-op threads (1 is fastest for this small MLP; 0 = all cores).
+
+    Raises:
+        AdapterError: the file is missing, unreadable, or belongs to another adapter.
+
+    Example:
+        >>> refiner = OnnxRefiner("my-adapter/refiner.onnx", load_adapter("my-adapter"))  # doctest: +SKIP
+        >>> refiner(logits).shape                                                        # doctest: +SKIP
+        (8, 10)
+    """
+
+    def __init__(self, path: str | Path, adapter: Adapter, threads: int = 1) -> None:
+        self.path = Path(path)
+        command = (
+            f"craft-sdk export-onnx {self.path.parent}"
+            if self.path.name == ONNX_FILE
+            else f"craft-sdk export-onnx ADAPTER -o {self.path}"
+        )
+        fix = f"re-export it with: {command}"
+        if not self.path.is_file():
+            raise AdapterError(f"{self.path} is missing; export it with: {command}")
+        self.session = _session(self.path, threads, fix)
+        meta = dict(self.session.get_modelmeta().custom_metadata_map)
+        found, expected = meta.get(META_FINGERPRINT), adapter.fingerprint()
+        if found != expected:
+            raise AdapterError(
+                f"{self.path} was exported from another adapter (fingerprint {str(found)[:12]}, adapter {expected[:12]}); {fix}"
+            )
+        if meta.get(META_CLASSES) != json.dumps(list(adapter.config.class_names)):
+            raise AdapterError(f"{self.path} has a different class list than its adapter; {fix}")
+        inputs = self.session.get_inputs()
+        if [i.name for i in inputs] != [INPUT_NAME] or inputs[0].shape[-1] != adapter.n_classes:
+            raise AdapterError(f"{self.path} does not take logits [batch, {adapter.n_classes}]; {fix}")
+
+    def __call__(self, logits: np.ndarray) -> np.ndarray:
+        """Refined logits [N, C] float32 from black-box logits [N, C]."""
+        x = np.ascontiguousarray(logits, dtype=np.float32)
+        return self.session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+
+
+def _session(path: Path, threads: int, fix: str) -> Any:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise AdapterError("running refiner.onnx needs onnxruntime; install it with: pip install onnxruntime") from None
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own untyped errors for corrupt files
+        msg = str(exc).splitlines()[0][:200] if str(exc) else exc.__class__.__name__
+        raise AdapterError(f"{path} is not a loadable ONNX model ({msg}); {fix}") from None

@@ -1,0 +1,115 @@
+"""The deploy path without torch: a committed adapter + refiner.onnx run through a CallableClient.
+
+CI runs this file in a virtual environment with only the base install (no torch);
+it must pass in the full environment too. Fixture: ``tests/fixtures/deploy_adapter``,
+made by ``tests/fixtures/make_deploy_fixture.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.numpy import load_file
+
+from craft_sdk import CallableClient, Capabilities, CraftClassifier, QueryLedger, load_adapter
+from craft_sdk.adapter import ONNX_FILE
+from craft_sdk.classifier import ClassifierConfig
+from craft_sdk.export import OnnxRefiner
+from craft_sdk.tuner import mlp
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+ADAPTER_DIR = FIXTURES / "deploy_adapter"
+EXPECTED = load_file(str(FIXTURES / "deploy_expected.safetensors"))
+CAPS = Capabilities("fixture/pixel-stats-v1", n_ctx=2, ctx_dim=4)
+
+
+def pixel_stats(images: list[Image.Image], names: list[str], template: str, offsets: np.ndarray | None) -> np.ndarray:
+    """A deterministic toy black box: mean RGB against fixed class vectors, shifted by the offset."""
+    feats = np.stack([np.asarray(im, np.float32).mean(axis=(0, 1)) / 255.0 for im in images])  # [N, 3]
+    w = np.array([[len(n), ord(n[0]) % 7, ord(n[-1]) % 5] for n in names], np.float32)  # [C, 3]
+    base = 10.0 * feats @ w.T - 5.0
+    if offsets is None:
+        return base
+    shift = offsets.reshape(len(offsets), -1).sum(-1)[:, None, None] * np.arange(len(names), dtype=np.float32)
+    return base[None] + shift
+
+
+class SpyClient(CallableClient):
+    def __init__(self) -> None:
+        super().__init__(pixel_stats, CAPS)
+        self.calls: list[tuple[int, np.ndarray | None]] = []
+
+    def predict(self, images, class_names, template="a photo of a", offsets=None):  # type: ignore[no-untyped-def]
+        self.calls.append((len(images), None if offsets is None else np.array(offsets)))
+        return super().predict(images, class_names, template, offsets)
+
+
+def images(n: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (12, 12, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def test_onnx_and_numpy_match_committed_torch_outputs() -> None:
+    adapter = load_adapter(str(ADAPTER_DIR))
+    assert adapter.refiner is not None
+    onnx_out = OnnxRefiner(ADAPTER_DIR / ONNX_FILE, adapter)(EXPECTED["logits"])
+    np.testing.assert_allclose(onnx_out, EXPECTED["refined"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(adapter.refine(EXPECTED["logits"]), EXPECTED["refined"], atol=1e-5, rtol=0)
+    assert np.abs(EXPECTED["refined"] - EXPECTED["logits"]).max() > 0.1  # the refiner is not the identity
+
+
+@pytest.mark.parametrize("backend", ["auto", "numpy"])
+def test_classifier_with_callable_client(backend: str) -> None:
+    client, ledger = SpyClient(), QueryLedger(budget=10)
+    clf = CraftClassifier.from_pretrained(
+        ADAPTER_DIR, client, config=ClassifierConfig(batch_size=4, backend=backend), ledger=ledger
+    )
+    assert clf.refiner_backend_ == ("onnx" if backend == "auto" else "numpy")
+    ims = images(10)
+    out = clf.predict_all(ims)
+    adapter = clf.adapter_
+    assert adapter.offset is not None and adapter.refiner is not None
+    # three calls (4 + 4 + 2), each carrying the learned offset, one query each
+    assert [n for n, _ in client.calls] == [4, 4, 2]
+    for _, sent in client.calls:
+        np.testing.assert_array_equal(sent, adapter.offset)
+    assert ledger.counts["predict"] == 3 and ledger.used == 3
+    raw = pixel_stats([Image.fromarray(a) for a in ims], list(clf.classes_), "a photo of a", adapter.offset[None])[0]
+    np.testing.assert_allclose(out.raw_logits, raw, atol=1e-6)
+    expected = mlp.forward(adapter.refiner, raw, residual=True)
+    np.testing.assert_allclose(out.logits, expected, atol=1e-5, rtol=0)
+    assert out.labels.tolist() == [clf.classes_[i] for i in expected.argmax(-1)]
+    np.testing.assert_allclose(out.probs.sum(-1), 1.0, atol=1e-6)
+    assert list(clf.classes_) == ["cat", "dog", "bird", "fish"]
+
+
+def test_import_does_not_pull_torch_or_runtimes() -> None:
+    code = (
+        "import sys\n"
+        "import craft_sdk, craft_sdk.cli\n"
+        "from craft_sdk import CraftClassifier, export_onnx\n"
+        "heavy = [m for m in ('torch', 'open_clip', 'onnx', 'onnxruntime', 'cma') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ})
+    assert out.returncode == 0, out.stderr
+
+
+def test_deploy_runs_with_torch_blocked() -> None:
+    """Even where torch is installed, the deploy path never touches it."""
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        "import test_deploy_torchfree as t\n"
+        "t.test_onnx_and_numpy_match_committed_torch_outputs()\n"
+        "t.test_classifier_with_callable_client('auto')\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -1,0 +1,144 @@
+"""ONNX export of the refiner: graph checks, agreement with the torch Refiner, metadata, atomic writes, CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from craft_sdk import Adapter, AdapterConfig, AdapterError, export_onnx
+from craft_sdk.adapter import ONNX_FILE, RefinerSpec
+from craft_sdk.cli import app
+from craft_sdk.export import META_CLASSES, META_FINGERPRINT, OPSET, OnnxRefiner, build_refiner_model
+from craft_sdk.tuner import mlp
+
+onnx = pytest.importorskip("onnx")
+torch = pytest.importorskip("torch")
+
+from conftest import CLASS_NAMES, random_images  # noqa: E402
+
+from craft_sdk.tuner.refiner import Refiner  # noqa: E402
+
+
+def refiner_adapter(n_classes: int = 6, layers: int = 3, hidden: int = 32, residual: bool = True, seed: int = 0) -> Adapter:
+    names = CLASS_NAMES[:n_classes] if n_classes <= len(CLASS_NAMES) else tuple(f"class {i}" for i in range(n_classes))
+    weights = mlp.init_weights(n_classes, hidden, layers, residual=False, seed=seed)  # non-zero last layer
+    cfg = AdapterConfig("m/1", names, "a photo of a", refiner=RefinerSpec(layers, hidden, residual))
+    return Adapter(cfg, refiner=weights)
+
+
+def torch_refine(adapter: Adapter, logits: np.ndarray) -> np.ndarray:
+    assert adapter.refiner is not None and adapter.config.refiner is not None
+    with torch.no_grad():
+        return Refiner(adapter.refiner, adapter.config.refiner.residual)(torch.from_numpy(logits)).numpy()
+
+
+@pytest.mark.parametrize("layers, residual, n_classes", [(3, True, 6), (3, False, 6), (1, True, 2), (2, True, 6)])
+def test_onnx_matches_torch_on_random_logits(tmp_path: Path, layers: int, residual: bool, n_classes: int) -> None:
+    adapter = refiner_adapter(n_classes, layers, residual=residual)
+    path = export_onnx(adapter, tmp_path / "r.onnx")
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    ort_refiner = OnnxRefiner(path, adapter)
+    rng = np.random.default_rng(1)
+    for batch in (1, 7, 300):  # dynamic batch axis
+        x = rng.normal(0, 10, (batch, n_classes)).astype(np.float32)
+        np.testing.assert_allclose(ort_refiner(x), torch_refine(adapter, x), atol=1e-5, rtol=0)
+
+
+def test_onnx_matches_torch_on_real_logits(tmp_path: Path, tiny_client) -> None:  # type: ignore[no-untyped-def]
+    adapter = refiner_adapter(6, 3, hidden=64)
+    logits = tiny_client.predict(random_images(40, seed=3), list(adapter.config.class_names), "a photo of a")
+    assert logits.shape == (40, 6) and np.ptp(logits) > 1.0  # real, non-degenerate black-box logits
+    ort_refiner = OnnxRefiner(export_onnx(adapter, tmp_path / "r.onnx"), adapter)
+    np.testing.assert_allclose(ort_refiner(logits), torch_refine(adapter, logits), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(adapter.refine(logits), torch_refine(adapter, logits), atol=1e-5, rtol=0)
+
+
+def test_graph_interface_and_metadata(tmp_path: Path) -> None:
+    adapter = refiner_adapter()
+    model = onnx.load(str(export_onnx(adapter, tmp_path / "r.onnx")))
+    assert [(o.domain, o.version) for o in model.opset_import] == [("", OPSET)]
+    (inp,), (out,) = model.graph.input, model.graph.output
+    assert inp.name == "logits" and out.name == "refined_logits"
+    for v in (inp, out):
+        dims = v.type.tensor_type.shape.dim
+        assert dims[0].dim_param == "batch" and dims[1].dim_value == 6
+    ops = [n.op_type for n in model.graph.node]
+    assert ops == ["ReduceMean", "Sub", "Gemm", "Relu", "Gemm", "Relu", "Gemm", "Add"]  # centring, no softmax
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta[META_FINGERPRINT] == adapter.fingerprint()
+    assert json.loads(meta[META_CLASSES]) == list(adapter.config.class_names)
+    # deterministic: exporting twice gives the same bytes
+    assert (tmp_path / "r.onnx").read_bytes() == export_onnx(adapter, tmp_path / "r2.onnx").read_bytes()
+
+
+def test_adapter_without_refiner_exports_identity(tmp_path: Path) -> None:
+    adapter = Adapter(AdapterConfig("m/1", ("a", "b", "c"), "a photo of a"))
+    ort_refiner = OnnxRefiner(export_onnx(adapter, tmp_path / "r.onnx"), adapter)
+    x = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
+    np.testing.assert_array_equal(ort_refiner(x), x)
+
+
+def test_mismatched_pair_is_detected(tmp_path: Path) -> None:
+    a, b = refiner_adapter(seed=0), refiner_adapter(seed=1)
+    a.save_pretrained(tmp_path / "a")
+    export_onnx(tmp_path / "a")
+    with pytest.raises(AdapterError, match="another adapter.*re-export it with: craft-sdk export-onnx"):
+        OnnxRefiner(tmp_path / "a" / ONNX_FILE, b)
+    # re-saving the adapter drops its now-stale refiner.onnx
+    b.save_pretrained(tmp_path / "a")
+    assert not (tmp_path / "a" / ONNX_FILE).exists()
+
+
+def test_corrupt_or_missing_file(tmp_path: Path) -> None:
+    adapter = refiner_adapter()
+    (tmp_path / "bad.onnx").write_bytes(b"not a model")
+    with pytest.raises(AdapterError, match="not a loadable ONNX model.*re-export"):
+        OnnxRefiner(tmp_path / "bad.onnx", adapter)
+    with pytest.raises(AdapterError, match="missing"):
+        OnnxRefiner(tmp_path / "nowhere.onnx", adapter)
+
+
+def test_export_is_atomic_and_validates_paths(tmp_path: Path) -> None:
+    adapter = refiner_adapter()
+    target = tmp_path / "out" / "r.onnx"
+    target.parent.mkdir()
+    target.write_bytes(b"old")
+    export_onnx(adapter, target)
+    assert onnx.load(str(target)).graph.name == "craft_refiner"
+    with pytest.raises(AdapterError, match="is a directory"):
+        export_onnx(adapter, tmp_path / "out")
+    with pytest.raises(AdapterError, match="pass path="):
+        export_onnx(adapter)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["r.onnx"]  # no temp leftovers
+
+
+def test_export_without_onnx_package_names_the_fix(tmp_path: Path) -> None:
+    refiner_adapter().save_pretrained(tmp_path / "ad")
+    code = f"import sys; sys.modules['onnx'] = None\nfrom craft_sdk import export_onnx\nexport_onnx({str(tmp_path / 'ad')!r})\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode != 0 and "pip install onnx" in out.stderr
+
+
+def test_build_model_is_checked() -> None:
+    model = build_refiner_model(refiner_adapter(n_classes=3, hidden=8))
+    assert model.ir_version == 8 and model.producer_name == "craft-sdk"
+
+
+def test_cli_export_onnx(tmp_path: Path) -> None:
+    adapter = refiner_adapter()
+    adapter.save_pretrained(tmp_path / "ad")
+    res = CliRunner().invoke(app, ["export-onnx", str(tmp_path / "ad"), "--json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    assert info["onnx"] == str(tmp_path / "ad" / ONNX_FILE) and info["opset"] == OPSET
+    assert info["bytes"] == (tmp_path / "ad" / ONNX_FILE).stat().st_size
+    res = CliRunner().invoke(app, ["export-onnx", str(tmp_path / "ad"), "-o", str(tmp_path / "x.onnx")])
+    assert res.exit_code == 0 and (tmp_path / "x.onnx").is_file()
+    res = CliRunner().invoke(app, ["export-onnx", str(tmp_path / "nowhere")])
+    assert res.exit_code == 2 and "missing" in res.output
