@@ -23,7 +23,8 @@ from craft_sdk.classifier import ClassifierConfig
 from craft_sdk.export import OnnxRefiner
 from craft_sdk.tuner import mlp
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+HERE = Path(__file__).resolve().parent
+FIXTURES = HERE / "fixtures"
 ADAPTER_DIR = FIXTURES / "deploy_adapter"
 EXPECTED = load_file(str(FIXTURES / "deploy_expected.safetensors"))
 CAPS = Capabilities("fixture/pixel-stats-v1", n_ctx=2, ctx_dim=4)
@@ -97,7 +98,7 @@ def test_import_does_not_pull_torch_or_runtimes() -> None:
         "heavy = [m for m in ('torch', 'open_clip', 'onnx', 'onnxruntime', 'cma') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ})
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ}, cwd=HERE)
     assert out.returncode == 0, out.stderr
 
 
@@ -111,5 +112,5 @@ def test_deploy_runs_with_torch_blocked() -> None:
         "t.test_classifier_with_callable_client('auto')\n"
         "print('ok')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code, str(HERE)], capture_output=True, text=True, cwd=HERE)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
