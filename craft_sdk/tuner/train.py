@@ -44,7 +44,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Progress:
-    """One progress event: after the baseline (generation 0) and after each generation."""
+    """One progress event: after the baseline (generation 0) and after each generation.
+
+    ``offset`` (the current CMA-ES mean's prompt offset, None without a prompt) and
+    ``refine`` (the current refiner as a function of logits) let a caller *observe*
+    the model mid-run, e.g. score a held-out set for an accuracy-vs-queries curve;
+    both are valid only during the callback, and nothing a callback does feeds back
+    into training.
+    """
 
     generation: int
     n_generations: int
@@ -53,6 +60,8 @@ class Progress:
     train_loss: float
     train_accuracy: float
     val_accuracy: float | None = None
+    offset: np.ndarray | None = None
+    refine: Callable[[np.ndarray], np.ndarray] | None = None
 
 
 @dataclass
@@ -347,7 +356,10 @@ class _Run:
         self.history.append(rec)
         if self.tuner.on_progress is not None:
             budget = self.ledger.budget if self.ledger.budget is not None else self.config.budget
-            self.tuner.on_progress(Progress(g, self.n_gen, self.ledger.used, budget, loss, acc, val_acc))
+            offset = None if self.a is None else self._offsets(self.z)
+            self.tuner.on_progress(
+                Progress(g, self.n_gen, self.ledger.used, budget, loss, acc, val_acc, offset, self._scores)
+            )
 
     # ------------------------------------------------------------ checkpoint
 
