@@ -1,0 +1,119 @@
+"""PNG plots of a sweep (matplotlib, Agg canvas; matplotlib is imported only here, when plotting)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from craft_sdk import ConfigError
+
+logger = logging.getLogger(__name__)
+
+SHOTS_PLOT = "accuracy_vs_shots.png"
+QUERIES_PLOT = "accuracy_vs_queries.png"
+
+
+def _figure(n_panels: int) -> tuple[Any, list[Any]]:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ConfigError("sweep plots need matplotlib: pip install 'craft-sdk[train]' (or pass plots=False)") from None
+    cols = min(n_panels, 3)
+    rows = (n_panels + cols - 1) // cols
+    fig = Figure(figsize=(4.6 * cols, 3.6 * rows), dpi=110)
+    FigureCanvasAgg(fig)  # attaches a non-interactive canvas; no global backend change
+    axes = [fig.add_subplot(rows, cols, i + 1) for i in range(n_panels)]
+    return fig, axes
+
+
+def _label(mode: str, combo: str, shots: int | None = None) -> str:
+    parts = [mode] + ([combo] if combo else []) + ([f"{shots}-shot"] if shots is not None else [])
+    return ", ".join(parts)
+
+
+def plot_accuracy_vs_shots(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+    """Test accuracy (mean ± std over seeds) against shots: one panel per task, one line per mode/combination.
+
+    Args:
+        rows: :func:`craft_sdk.sweep.report.summarize` rows.
+        path: the PNG to write.
+        title: figure title.
+    """
+    tasks = sorted({r["task"] for r in rows})
+    fig, axes = _figure(len(tasks))
+    for ax, task in zip(axes, tasks):
+        lines: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for r in rows:
+            if r["task"] == task:
+                lines.setdefault((r["mode"], r["combo"]), []).append(r)
+        for (mode, combo), pts in lines.items():
+            pts.sort(key=lambda r: r["shots"])
+            x = [p["shots"] for p in pts]
+            y = [100 * p["test_accuracy_mean"] for p in pts]
+            err = [100 * p["test_accuracy_std"] for p in pts]
+            ax.errorbar(
+                x,
+                y,
+                yerr=err,
+                marker="o",
+                capsize=3,
+                linestyle="--" if mode == "zero-shot" else "-",
+                label=_label(mode, combo),
+            )
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({r["shots"] for r in rows if r["task"] == task}))
+        ax.get_xaxis().set_major_formatter("{x:.0f}")
+        ax.set_xlabel("shots per class")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(task)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_accuracy_vs_queries(curves: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+    """Test accuracy against training queries: one panel per task, one line per mode/shots/combination.
+
+    Lines are the model of the checkpoint generation (CMA-ES mean prompt + current
+    refiner); the star is the final, selected adapter.
+
+    Args:
+        curves: :func:`craft_sdk.sweep.report.checkpoint_curves` output.
+        path: the PNG to write.
+        title: figure title.
+    """
+    tasks = sorted({c["task"] for c in curves})
+    fig, axes = _figure(len(tasks))
+    for ax, task in zip(axes, tasks):
+        for c in (c for c in curves if c["task"] == task):
+            x = [p["queries"] for p in c["points"]]
+            y = [100 * p["mean"] for p in c["points"]]
+            lo = [100 * (p["mean"] - p["std"]) for p in c["points"]]
+            hi = [100 * (p["mean"] + p["std"]) for p in c["points"]]
+            (line,) = ax.plot(x, y, marker="o", markersize=3, label=_label(c["mode"], c["combo"], c["shots"]))
+            ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15)
+            ax.plot(
+                [c["final"]["queries"]], [100 * c["final"]["mean"]], marker="*", markersize=10, color=line.get_color()
+            )
+        ax.set_xlabel("training queries")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"{task}  (★ = final adapter)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png")
+    logger.info("wrote %s", out)
+    return out
