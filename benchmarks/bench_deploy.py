@@ -180,7 +180,7 @@ def machine() -> dict[str, Any]:
 
 def bench(classes: list[int], reps: int) -> dict[str, Any]:
     load_before = os.getloadavg()
-    rows = []
+    rows: list[dict[str, Any]] = []
     baseline = run_child("python", None, reps)["peak_rss_mb"]
     with tempfile.TemporaryDirectory() as tmp:
         for c in classes:

@@ -86,16 +86,14 @@ def predict(
     probs = clf.predict_proba(files)
     k = min(top_k, probs.shape[1])
     order = (-probs).argsort(axis=1, kind="stable")[:, :k]
-    rows = [
-        {"image": str(f), "label": str(clf.classes_[o[0]]),
-         "top_k": [{"label": str(clf.classes_[j]), "prob": round(float(p[j]), 6)} for j in o]}
-        for f, p, o in zip(files, probs, order)
-    ]
+    rows: list[dict[str, Any]] = []
+    for f, p, o in zip(files, probs, order):
+        top = [{"label": str(clf.classes_[j]), "prob": round(float(p[j]), 6)} for j in o]
+        rows.append({"image": str(f), "label": top[0]["label"], "top_k": top})
+        if not as_json:
+            typer.echo(f"{f}\t" + "  ".join(f"{t['label']} {t['prob']:.4f}" for t in top))
     if as_json:
         emit_json({"adapter": str(adapter_dir), "backend": clf.refiner_backend_, "queries_used": clf.ledger.used, "predictions": rows})
-        return
-    for r in rows:
-        typer.echo(f"{r['image']}\t" + "  ".join(f"{t['label']} {t['prob']:.4f}" for t in r["top_k"]))
 
 
 @app.command("export-onnx")
@@ -109,8 +107,8 @@ def export_onnx_cmd(
     from ..export import OPSET, export_onnx
 
     path = export_onnx(adapter_dir, out)
-    info = {"onnx": str(path), "bytes": path.stat().st_size, "opset": OPSET}
+    size = path.stat().st_size
     if as_json:
-        emit_json(info)
+        emit_json({"onnx": str(path), "bytes": size, "opset": OPSET})
         return
-    typer.echo(f"refiner exported to {path} ({info['bytes'] / 1024:.1f} KiB, opset {OPSET})")
+    typer.echo(f"refiner exported to {path} ({size / 1024:.1f} KiB, opset {OPSET})")
