@@ -35,6 +35,15 @@ from .export import export_onnx
 from .tuner.config import TuneConfig
 
 
+def __getattr__(name: str) -> object:
+    """Lazy exports: ``craft_sdk.HTTPClient`` imports httpx only when first used."""
+    if name == "HTTPClient":
+        from .client.http import HTTPClient
+
+        return HTTPClient
+    raise AttributeError(f"module 'craft_sdk' has no attribute {name!r}")
+
+
 def load_adapter(directory: str, verify_projection: bool = True) -> Adapter:
     """Load an adapter directory (numpy + safetensors only); see :meth:`Adapter.from_pretrained`."""
     return Adapter.from_pretrained(directory, verify_projection=verify_projection)
@@ -56,6 +65,7 @@ __all__ = [
     "CraftError",
     "DataError",
     "DataSplits",
+    "HTTPClient",
     "ImageDataset",
     "ImageSetHandle",
     "MeteredClient",

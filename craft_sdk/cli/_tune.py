@@ -58,8 +58,9 @@ def tune(
     intrinsic_dim: int = typer.Option(512, help="dimension of the prompt search space"),
     prompt_scale: float = typer.Option(1.0, help="offset scale relative to the context-embedding RMS"),
     sigma0: float = typer.Option(1.0, help="initial CMA-ES step size"),
-    checkpoint_dir: Path | None = typer.Option(None, help="write a resumable checkpoint here every generation"),
-    resume: bool = typer.Option(False, "--resume", help="continue the run in --checkpoint-dir"),
+    checkpoint_dir: Path | None = typer.Option(None, help="write a resumable checkpoint (and the query journal) here"),
+    checkpoint_every: int = typer.Option(1, help="generations between checkpoints"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in --checkpoint-dir (same data, model and options)"),
     api_key_file: Path | None = typer.Option(None, help="file holding the API key for an http(s) model"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
 ) -> None:
@@ -83,7 +84,9 @@ def tune(
             loss = "-" if p.train_loss != p.train_loss else f"{p.train_loss:.3f}"
             bar.update(task, completed=p.queries_used, loss=loss, acc=f"{p.train_accuracy:.3f}")
 
-        tuner = Tuner(config, checkpoint_dir=checkpoint_dir, resume=resume, on_progress=on_progress)
+        tuner = Tuner(
+            config, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume, on_progress=on_progress
+        )
         result = tuner.fit(client, splits.train, splits.val)
     adapter = Adapter.from_result(result)
     adapter.save_pretrained(out)

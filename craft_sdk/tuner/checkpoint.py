@@ -1,7 +1,23 @@
 """Crash-safe checkpoints: one safetensors file (tensors + JSON state in its metadata).
 
-Written to a temporary file, fsynced, then renamed over the previous one, so a
-kill at any instant leaves either the old or the new checkpoint, never half of one.
+A checkpoint directory holds ``checkpoint.safetensors`` (CMA-ES fitness history,
+refiner weights and AdamW moments, last logits, best-so-far state; the JSON
+state holds the config, data fingerprint, model id, history and RNG states) and
+``ledger.jsonl``, the query journal: every charge is appended and fsynced
+*before* its query is sent.
+
+The checkpoint is written to a temporary file, fsynced, then renamed over the
+previous one, so a kill at any instant leaves either the old or the new
+checkpoint, never half of one.
+
+Resume semantics: a resumed run restarts after the last checkpointed generation
+and redoes what followed it, with exactly the same candidates, so its adapter
+tensors are byte-identical to an uninterrupted run's. The queries billed for
+the work lost at the kill (at most ``checkpoint_every`` generations, i.e. the
+generation in flight with the default of 1) stay in the journal and count
+against the budget: the adapter's provenance records them honestly. If the
+budget has no room to redo the lost work, the run stops before the first
+generation it cannot afford, with a warning, and never exceeds the budget.
 """
 
 from __future__ import annotations
@@ -40,6 +56,27 @@ def save_checkpoint(directory: Path, tensors: dict[str, np.ndarray], state: dict
     return final
 
 
+def has_checkpoint(directory: Path) -> bool:
+    """Whether ``directory`` holds a checkpoint file."""
+    return (directory / CHECKPOINT_FILE).is_file()
+
+
+def repair_journal(path: Path) -> None:
+    """End a torn last line of a query journal (a kill during an append) so later appends stay parseable.
+
+    The torn charge itself is dropped when the journal is replayed: it was never sent,
+    because a charge is fsynced before its query goes out.
+    """
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) != b"\n":
+            f.write(b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
 def load_checkpoint(directory: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Read what :func:`save_checkpoint` wrote."""
     path = directory / CHECKPOINT_FILE
@@ -51,8 +88,12 @@ def load_checkpoint(directory: Path) -> tuple[dict[str, np.ndarray], dict[str, A
         with safe_open(str(path), framework="numpy") as f:
             meta = f.metadata() or {}
         tensors = load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise CraftError(f"checkpoint {path} is unreadable ({exc}); delete it to start over") from None
+    except (SafetensorError, OSError, ValueError) as exc:
+        first = (str(exc).splitlines() or [exc.__class__.__name__])[0]
+        raise CraftError(f"checkpoint {path} is unreadable ({first}); delete {directory} to start over") from None
     if meta.get("format") != FORMAT:
         raise CraftError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}")
-    return tensors, json.loads(meta["state"])
+    try:
+        return tensors, json.loads(meta["state"])
+    except (KeyError, json.JSONDecodeError):
+        raise CraftError(f"checkpoint {path} has no readable state; delete {directory} to start over") from None

@@ -35,7 +35,7 @@ from ..client.ledger import MeteredClient, QueryLedger
 from ..data import ImageDataset
 from ..errors import BudgetExceededError, ConfigError, CraftError
 from . import mlp
-from .checkpoint import LEDGER_FILE, load_checkpoint, save_checkpoint
+from .checkpoint import LEDGER_FILE, has_checkpoint, load_checkpoint, repair_journal, save_checkpoint
 from .config import TuneConfig
 from .projection import GENERATOR, project, projection_matrix
 
@@ -172,6 +172,7 @@ class Tuner:
             journal = self.checkpoint_dir / LEDGER_FILE
             if ledger is None:
                 self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+                repair_journal(journal)
                 ledger = QueryLedger(self.config.budget, journal=journal)
         ledger = ledger if ledger is not None else QueryLedger(self.config.budget)
         run = _Run(self, client, ledger, train, val)
@@ -262,10 +263,11 @@ class _Run:
     def execute(self) -> TuneResult:
         self.train_handle = self.client.upload(self.train.images)
         self.val_handle = self.client.upload(self.val.images) if self.val is not None else None
-        start = self._restore() if self.tuner.resume else self._baseline()
+        start = self._restore() if self._resumable() else self._baseline()
         try:
             if self.config.uses_prompt:
                 for g in range(start + 1, self.n_gen + 1):
+                    self._check_affordable(g)
                     self._generation(g)
             elif self.refiner is not None and start == 0:
                 self._train_fixed_prompt()
@@ -273,6 +275,25 @@ class _Run:
             logger.warning("stopping early: %s", exc)
             self.metrics["stopped_early"] = str(exc)
         return self._result()
+
+    def _resumable(self) -> bool:
+        directory = self.tuner.checkpoint_dir
+        if not self.tuner.resume or directory is None:
+            return False
+        if has_checkpoint(directory):
+            return True
+        logger.info("no checkpoint in %s yet: starting the run (%d queries already billed)", directory, self.ledger.used)
+        return False
+
+    def _check_affordable(self, g: int) -> None:
+        """Refuse a generation the ledger cannot pay in full (e.g. after a resume redid lost work)."""
+        has_val = self.val_handle is not None and (g % self.config.val_every == 0 or g == self.n_gen)
+        cost = self.config.popsize + 1 + int(has_val)
+        if not self.ledger.can_afford(cost):
+            raise BudgetExceededError(
+                f"query budget exhausted: {self.ledger.used} of {self.ledger.budget} used, generation {g} "
+                f"of {self.n_gen} needs {cost}; raise --budget to continue"
+            )
 
     def _baseline(self) -> int:
         z0 = None if self.a is None else np.zeros(self.config.intrinsic_dim)

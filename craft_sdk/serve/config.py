@@ -1,0 +1,98 @@
+"""Server configuration: limits, per-key budget, cache bounds, and API keys from a file."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..errors import ConfigError
+
+MIN_KEY_CHARS = 16
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Limits and bounds of a prediction server.
+
+    Args:
+        budget_per_key: queries each API key may use (one candidate prompt scored on one
+            image set = one query, the client-side ledger's unit); None = unlimited.
+        max_body_bytes: largest request body accepted (413 beyond).
+        max_images: images per uploaded set (413 beyond).
+        max_image_side: largest image height or width in pixels (413 beyond).
+        max_classes: class names per prediction (413 beyond).
+        max_class_name_chars: characters per class name (422 beyond).
+        max_template_chars: characters in a context template (422 beyond).
+        max_population: candidate offsets per prediction (413 beyond).
+        max_image_sets: uploaded image sets whose features are kept (least recently used
+            evicted; an evicted handle answers 404 and the client uploads again).
+        idempotency_entries: responses remembered per (key, idempotency key).
+        idempotency_bytes: total bytes of remembered responses.
+        max_pending: requests waiting for the model at once (429 ``rate_limited`` beyond).
+
+    Example:
+        >>> ServerConfig(budget_per_key=8000).max_classes
+        1000
+    """
+
+    budget_per_key: int | None = None
+    max_body_bytes: int = 256 << 20
+    max_images: int = 10_000
+    max_image_side: int = 1024
+    max_classes: int = 1000
+    max_class_name_chars: int = 200
+    max_template_chars: int = 200
+    max_population: int = 256
+    max_image_sets: int = 8
+    idempotency_entries: int = 256
+    idempotency_bytes: int = 256 << 20
+    max_pending: int = 64
+
+    def __post_init__(self) -> None:
+        if self.budget_per_key is not None and self.budget_per_key < 0:
+            raise ConfigError(f"budget_per_key must be >= 0 or None, got {self.budget_per_key}")
+        for name, value in asdict(self).items():
+            if name != "budget_per_key" and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+    def limits(self) -> dict[str, int]:
+        """The size limits, as the ``/v1/limits`` endpoint reports them."""
+        skip = ("budget_per_key", "idempotency_entries", "idempotency_bytes", "max_pending", "max_image_sets")
+        return {k: v for k, v in asdict(self).items() if k not in skip}
+
+
+def load_api_keys(path: str | Path) -> dict[str, str]:
+    """Read API keys: one per line, either ``KEY`` or ``NAME KEY``; blank and ``#`` lines ignored.
+
+    Returns:
+        name → key (unnamed keys are called ``key-1``, ``key-2``... in file order).
+
+    Example:
+        >>> load_api_keys("keys.txt")  # doctest: +SKIP
+        {'alice': '...', 'key-2': '...'}
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"API key file {p} does not exist; create it with one key per line")
+    keys: dict[str, str] = {}
+    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        parts = line.split()
+        if not parts or parts[0].startswith("#"):
+            continue
+        if len(parts) > 2:
+            raise ConfigError(f"{p}:{i} has {len(parts)} fields; expected KEY or NAME KEY")
+        name, key = (parts[0], parts[1]) if len(parts) == 2 else (f"key-{len(keys) + 1}", parts[0])
+        keys[name] = key
+    return validate_keys(keys, str(p))
+
+
+def validate_keys(keys: dict[str, str], where: str = "api_keys") -> dict[str, str]:
+    """Check that keys are long enough, unique and named uniquely."""
+    if not keys:
+        raise ConfigError(f"{where} holds no API key; add at least one (e.g. python -c 'import secrets; print(secrets.token_hex(24))')")
+    short = [name for name, key in keys.items() if len(key) < MIN_KEY_CHARS]
+    if short:
+        raise ConfigError(f"API key(s) {short} in {where} are shorter than {MIN_KEY_CHARS} characters; use long random keys")
+    if len(set(keys.values())) != len(keys):
+        raise ConfigError(f"{where} lists the same key twice; every key must be distinct")
+    return dict(keys)

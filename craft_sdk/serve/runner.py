@@ -1,0 +1,102 @@
+"""Running the app: in the foreground for ``craft-sdk serve``, or in a background thread (tests, benchmarks)."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import threading
+import time
+from typing import Any
+
+from ..errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+def _import_uvicorn() -> Any:
+    try:
+        import uvicorn
+    except ImportError:
+        raise ConfigError("the prediction server needs uvicorn: pip install 'craft-sdk[serve]'") from None
+    return uvicorn
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run_server(app: Any, host: str = "127.0.0.1", port: int = 8765, log_level: str = "info") -> None:
+    """Serve ``app`` with uvicorn until interrupted (Ctrl-C / SIGTERM).
+
+    Example:
+        >>> run_server(create_app(client, keys), port=8765)  # doctest: +SKIP
+    """
+    uvicorn = _import_uvicorn()
+    if not is_loopback(host):
+        logger.warning("serving on %s: reachable from other machines over plain HTTP; put a TLS proxy in front", host)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, server_header=False, timeout_graceful_shutdown=5)
+
+
+class BackgroundServer:
+    """A uvicorn server on a loopback port in a daemon thread; can be stopped and restarted on the same port.
+
+    Args:
+        app: the ASGI app.
+        host: address to bind (loopback by default).
+        port: 0 picks a free port.
+
+    Example:
+        >>> with BackgroundServer(create_app(client, keys)) as server:   # doctest: +SKIP
+        ...     HTTPClient(server.url, api_key=key).health()
+    """
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.app = app
+        self.host = host
+        self.port = port
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, app: Any | None = None, timeout: float = 20.0) -> BackgroundServer:
+        """Start serving (``app`` replaces the current app, e.g. a fresh one after a simulated crash)."""
+        uvicorn = _import_uvicorn()
+        if app is not None:
+            self.app = app
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # proto set: asyncio then disables Nagle
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, self.port))
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(self.app, log_level="warning", server_header=False, timeout_graceful_shutdown=1)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise ConfigError(f"the server did not start on {self.url}")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        """Stop serving; connections are refused until :meth:`start` is called again."""
+        if self._server is not None and self._thread is not None:
+            self._server.should_exit = True
+            self._thread.join(timeout=10)
+        self._server = self._thread = None
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start() if self._server is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
