@@ -132,7 +132,7 @@ def _resolve(model_name: str, pretrained: str | None, seed: int) -> _Resolved:
         )
     tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
     weights = _tag_weights(model_name, pretrained, tag_cfg)
-    extra = {"quick_gelu": bool(tag_cfg.get("quick_gelu", False))}
+    extra: dict[str, Any] = {"quick_gelu": bool(tag_cfg.get("quick_gelu", False))}
     extra["preprocess"] = {k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg}
     return _Resolved(model_name, weights, f"open_clip/{model_name}/{pretrained}", cfg, extra)
 

@@ -24,7 +24,7 @@ class Refiner(nn.Module):
         super().__init__()
         self.residual = residual
         n = mlp.n_layers(weights)
-        self.layers = nn.ModuleList()
+        self.layers: list[nn.Linear] = nn.ModuleList()  # type: ignore[assignment]
         for i in range(n):
             w = torch.from_numpy(weights[f"{mlp.PREFIX}{i}.weight"].copy())
             lin = nn.Linear(w.shape[1], w.shape[0])
