@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,10 @@ def main() -> None:
     if not (np.array_equal(images, data.images) and images.max() == 16 and images.shape == (1797, 8, 8)):
         raise SystemExit("unexpected digits data from scikit-learn")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"images": images, "labels": labels}, str(args.out), metadata=METADATA)
+    # one metadata key (a sorted JSON string): several keys are written in a random order, changing the sha256
+    save_file(
+        {"images": images, "labels": labels}, str(args.out), metadata={"info": json.dumps(METADATA, sort_keys=True)}
+    )
     digest = hashlib.sha256(args.out.read_bytes()).hexdigest()
     args.out.with_name(args.out.name + ".sha256").write_text(digest + "\n")
     print(f"wrote {args.out} ({args.out.stat().st_size} bytes), sha256 {digest}")
