@@ -237,6 +237,7 @@ class Adapter:
         try:
             (tmp / CONFIG_FILE).write_bytes(_config_bytes(self.config))
             save_file(self.tensors(), str(tmp / WEIGHTS_FILE), metadata={"format": "craft-sdk-adapter"})
+            _default_permissions(tmp)
             _swap_in(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -281,6 +282,15 @@ class Adapter:
         err = float(np.abs(regenerated - self.offset).max())
         if err > rtol * scale + 1e-7:
             raise AdapterError(f"stored prompt_offset differs from A z regenerated from seed {spec.seed} (max error {err:.3g}); the adapter is corrupt")
+
+
+def _default_permissions(directory: Path) -> None:
+    """Give a directory made by mkdtemp (0700) and its files the modes a plain mkdir/open would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for f in directory.iterdir():
+        os.chmod(f, 0o666 & ~umask)
 
 
 def _config_bytes(config: AdapterConfig) -> bytes:

@@ -49,11 +49,15 @@ def load_data(path: str | Path, *, shots: int | None = None, seed: int = 0, val_
     """Load a dataset from disk, or a shipped demo task as ``"demo:<task>"``."""
     text = str(path)
     if text.startswith("demo:"):
+        from .data import sample_k_shot
         from .demo.tasks import load_demo_task
 
-        splits = load_demo_task(text[5:], shots=shots or 16, seed=seed)
+        splits = load_demo_task(text[5:], shots=(shots or 16) + val_shots, seed=seed)
         if val_shots:
-            raise ConfigError("demo tasks have no validation split; drop --val-shots")
+            pool = splits.train
+            val_idx = sample_k_shot(pool, val_shots, seed + 1)
+            splits.val = pool.subset(val_idx)
+            splits.train = pool.subset(np.setdiff1d(np.arange(len(pool)), val_idx))
         return splits
     return load_dataset(path, shots=shots, seed=seed, val_shots=val_shots, **kwargs)
 

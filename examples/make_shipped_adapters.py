@@ -1,0 +1,84 @@
+"""Produce the adapters shipped in ``adapters/`` (one per demo task) and their table.
+
+Each adapter is tuned with ``craft-sdk``'s defaults (mode craft, 16 shots, budget
+8,000, seed 0) on the demo VLM, exported to ONNX, evaluated on the task's test
+split, and recorded in ``adapters/manifest.json`` + ``adapters/README.md``.
+``tests/test_shipped_adapters.py`` re-evaluates every adapter against the manifest.
+
+Usage:
+    python examples/make_shipped_adapters.py [--out adapters] [--seed 0] [--budget 8000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import craft_sdk
+from craft_sdk.demo import list_demo_tasks, load_demo_task
+from craft_sdk.export import export_onnx
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("adapters"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shots", type=int, default=16)
+    ap.add_argument("--budget", type=int, default=8000)
+    args = ap.parse_args()
+    client = craft_sdk.create_client("demo")
+    rows = []
+    for task in list_demo_tasks():
+        t0 = time.perf_counter()
+        splits = load_demo_task(task, shots=args.shots, seed=args.seed)
+        adapter = craft_sdk.tune(client, splits.train, mode="craft", budget=args.budget, seed=args.seed)
+        path = adapter.save_pretrained(args.out / task)
+        export_onnx(path)
+        scores = craft_sdk.evaluate(craft_sdk.load_adapter(str(path)), client, splits.test)
+        rows.append({
+            "task": task, "model": adapter.config.model_id, "shots": args.shots, "seed": args.seed,
+            "mode": "craft", "budget": args.budget, "queries_used": adapter.config.provenance["queries_used"],
+            "n_test": scores["n_test"], "zero_shot_accuracy": round(scores["zero_shot_accuracy"], 4),
+            "accuracy": round(scores["accuracy"], 4), "tune_wall_s": round(time.perf_counter() - t0, 1),
+        })
+        print(json.dumps(rows[-1]), flush=True)
+    (args.out / "manifest.json").write_text(json.dumps({"command": "python examples/make_shipped_adapters.py", "adapters": rows}, indent=2) + "\n")
+    lines = [
+        "# Shipped adapters",
+        "",
+        "One CraFT adapter per demo task, tuned on the shipped demo VLM (`--model demo`), each with",
+        "`adapter_config.json`, `adapter_model.safetensors` and `refiner.onnx`. Produced by:",
+        "",
+        "```bash",
+        f"python examples/make_shipped_adapters.py --seed {args.seed} --shots {args.shots} --budget {args.budget}",
+        "```",
+        "",
+        "`tests/test_shipped_adapters.py` re-evaluates each adapter and fails if its test accuracy moves",
+        "by more than 1 point from this table (`manifest.json`).",
+        "",
+        "| task | model | shots | queries used | seed | zero-shot test acc | adapter test acc | test images |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['task']} | `{r['model']}` | {r['shots']} | {r['queries_used']} / {r['budget']} | {r['seed']} | "
+            f"{100 * r['zero_shot_accuracy']:.1f}% | {100 * r['accuracy']:.1f}% | {r['n_test']} |"
+        )
+    lines += [
+        "",
+        "Targets of the demo issue (16 shots, default budget): CraFT at least 25 points above zero-shot.",
+        "Met on `digits`; not met on the two procedural tasks. There the refiner (a 3-layer MLP, hidden",
+        "512) fits the 160 training images perfectly and generalises worse than the prompt alone; on",
+        "`noisy-shapes` the demo VLM's image features barely separate the classes under the shift, so",
+        "every refiner variant lands below zero-shot. See BENCHMARKS.md for the per-mode numbers.",
+        "Validation-based selection (`--shots 12 --val-shots 4`) helps where the refiner overfits; see BENCHMARKS.md.",
+        "",
+        "Use one in a few lines: `examples/quickstart_adapter.py`.",
+    ]
+    (args.out / "README.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

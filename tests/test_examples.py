@@ -1,0 +1,56 @@
+"""CI runs every example script (long ones in a smoke configuration)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def test_every_example_is_covered() -> None:
+    covered = {"quickstart_adapter.py", "make_shipped_adapters.py", "make_digits_asset.py", "pretrain_demo_vlm.py"}
+    assert {p.name for p in EXAMPLES.glob("*.py")} == covered
+
+
+def test_quickstart_adapter() -> None:
+    out = run(str(EXAMPLES / "quickstart_adapter.py"))
+    lines = [line for line in out.stdout.splitlines() if line.startswith("predicted")]
+    assert len(lines) == 8 and "queries used: 1" in out.stdout
+    correct = sum(line.split()[1] == line.split()[-1] for line in lines)
+    assert correct >= 5  # the shipped digits adapter is ~80% accurate
+
+
+def test_make_shipped_adapters_smoke(tmp_path: Path) -> None:
+    run(str(EXAMPLES / "make_shipped_adapters.py"), "--out", str(tmp_path), "--budget", "50")
+    assert (tmp_path / "manifest.json").is_file() and (tmp_path / "digits" / "refiner.onnx").is_file()
+
+
+def test_make_digits_asset_reproduces_the_shipped_file(tmp_path: Path) -> None:
+    pytest.importorskip("sklearn")
+    out = tmp_path / "digits.safetensors"
+    run(str(EXAMPLES / "make_digits_asset.py"), "--out", str(out))
+    shipped = ROOT / "craft_sdk" / "demo" / "assets" / "digits.safetensors"
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == hashlib.sha256(shipped.read_bytes()).hexdigest()
+
+
+def test_pretrain_demo_vlm_smoke(tmp_path: Path) -> None:
+    run(str(EXAMPLES / "pretrain_demo_vlm.py"), "--steps", "2", "--batch-size", "16", "--workers", "0",
+        "--threads", "1", "--warmup", "1", "--out", str(tmp_path / "vlm"), "--log-file", str(tmp_path / "log.txt"))
+    assert (tmp_path / "vlm" / "open_clip_model.safetensors").is_file()
+    assert (tmp_path / "vlm" / "checksum.sha256").is_file()
