@@ -9,7 +9,9 @@ measures the time to score one population
   model and seed), through the real :class:`~craft_sdk.client.http.HTTPClient`,
 
 interleaving the two (median of ``--reps``), and reports queries per second, the HTTP overhead per
-population, bytes on the wire per query (request and response bodies, counted at the transport),
+population (the round trip minus the model time the server reports in its ``Server-Timing`` header,
+so load on a shared machine does not blur it; the plain wall-clock difference is recorded too),
+bytes on the wire per query (request and response bodies, counted at the transport),
 and whether the HTTP logits are bitwise identical to the in-process ones. float16 logits are
 measured too (fewer bytes, not bitwise identical). The one-time image upload is reported apart.
 
@@ -49,6 +51,7 @@ class CountingTransport(httpx.HTTPTransport):
     def __init__(self) -> None:
         super().__init__(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
         self.sent = self.received = self.calls = 0
+        self.server_s = 0.0
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         response = super().handle_request(request)
@@ -57,6 +60,9 @@ class CountingTransport(httpx.HTTPTransport):
             self.calls += 1
             self.sent += len(request.content)
             self.received += len(response.content)
+            timing = response.headers.get("server-timing", "")
+            if "dur=" in timing:
+                self.server_s += float(timing.split("dur=")[1].split(",")[0]) / 1000
         return response
 
 
@@ -101,6 +107,7 @@ def bench_classes(local: Any, remotes: dict[str, Any], counters: dict[str, Count
     for kind, remote in remotes.items():
         remote.predict(handles[kind], names, offsets=offsets[:2])
     times: dict[str, list[float]] = {"local": [], **{k: [] for k in remotes}}
+    overheads: dict[str, list[float]] = {k: [] for k in remotes}
     identical = True
     for _ in range(reps):
         t, want = timed(lambda: local.predict(handles["local"], names, offsets=offsets))
@@ -108,21 +115,27 @@ def bench_classes(local: Any, remotes: dict[str, Any], counters: dict[str, Count
         for kind, remote in remotes.items():
             c = counters[kind]
             c.sent = c.received = c.calls = 0
+            c.server_s = 0.0
             t, got = timed(lambda r=remote, k=kind: r.predict(handles[k], names, offsets=offsets))
             times[kind].append(t)
+            overheads[kind].append(t - c.server_s)  # round trip minus the model's time on the server
             if kind == "float32":
                 identical &= bool(np.array_equal(got, want))
     row: dict[str, Any] = {"classes": n_classes, "images": handles["local"].n_images, "popsize": p,
                            "bitwise_identical_float32": identical}
     t_local = statistics.median(times["local"])
     row["in_process_s"] = t_local
+    row["in_process_min_s"] = min(times["local"])
     row["in_process_qps"] = p / t_local
     for kind in remotes:
         t = statistics.median(times[kind])
         c = counters[kind]
         row[f"http_{kind}_s"] = t
+        row[f"http_{kind}_min_s"] = min(times[kind])
         row[f"http_{kind}_qps"] = p / t
-        row[f"http_{kind}_overhead_pct"] = 100.0 * (t - t_local) / t_local
+        row[f"http_{kind}_overhead_s"] = statistics.median(overheads[kind])
+        row[f"http_{kind}_overhead_pct"] = 100.0 * statistics.median(overheads[kind]) / t_local
+        row[f"http_{kind}_wall_diff_pct"] = 100.0 * (t - t_local) / t_local
         row[f"http_{kind}_request_bytes_per_query"] = c.sent / p
         row[f"http_{kind}_response_bytes_per_query"] = c.received / p
     row["raw_times_s"] = times
@@ -194,12 +207,14 @@ def print_table(result: dict[str, Any]) -> None:
     print(f"{result['model']}  {m['cpus']} CPUs  load {m['load_avg_before'][0]:.1f} -> {m['load_avg_after'][0]:.1f}")
     up = result["upload"]
     print(f"upload of {up['images']} images: {up['bytes'] / 1e6:.1f} MB, in-process {up['in_process_s']:.2f} s, HTTP {up['http_s']:.2f} s")
-    head = f"{'C':>4} {'N':>4} {'P':>3} | {'local s':>8} {'q/s':>6} | {'http s':>8} {'q/s':>6} {'ovh %':>6} {'req B/q':>8} {'resp B/q':>9} {'same':>5} | {'f16 ovh %':>9} {'f16 resp B/q':>12}"
+    head = (f"{'C':>4} {'N':>4} {'P':>3} | {'local s':>8} {'q/s':>6} | {'http s':>8} {'q/s':>6} {'ovh s':>6} {'ovh %':>6} "
+            f"{'req B/q':>8} {'resp B/q':>9} {'same':>5} | {'f16 ovh %':>9} {'f16 resp B/q':>12}")
     print(head)
     print("-" * len(head))
     for r in result["rows"]:
         print(f"{r['classes']:>4} {r['images']:>4} {r['popsize']:>3} | {r['in_process_s']:>8.3f} {r['in_process_qps']:>6.2f} | "
-              f"{r['http_float32_s']:>8.3f} {r['http_float32_qps']:>6.2f} {r['http_float32_overhead_pct']:>6.1f} "
+              f"{r['http_float32_s']:>8.3f} {r['http_float32_qps']:>6.2f} {r['http_float32_overhead_s']:>6.3f} "
+              f"{r['http_float32_overhead_pct']:>6.1f} "
               f"{r['http_float32_request_bytes_per_query']:>8.0f} {r['http_float32_response_bytes_per_query']:>9.0f} "
               f"{str(r['bitwise_identical_float32']):>5} | {r['http_float16_overhead_pct']:>9.1f} {r['http_float16_response_bytes_per_query']:>12.0f}")
 

@@ -317,6 +317,8 @@ class HTTPClient:
                 cause, retry_after = str(exc), exc.retry_after
             except WireError as exc:
                 cause = f"corrupt response body ({exc})"
+            except (httpx.UnsupportedProtocol, httpx.LocalProtocolError) as exc:  # our request is wrong: retrying won't help
+                raise ClientError(f"{what} at {self.url} cannot be sent: {exc.__class__.__name__}: {str(exc)[:160]}") from None
             except httpx.TimeoutException as exc:
                 cause = f"timed out ({exc.__class__.__name__})"
             except httpx.TransportError as exc:

@@ -20,6 +20,7 @@ import logging
 import re
 import secrets
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -274,7 +275,9 @@ async def _predict(state: _State, key: str, body: bytes) -> CachedResponse:
         u = state.meter.report(key)
         raise Problem(429, "budget_exceeded", f"the query budget of this API key is spent ({u['used']} of {u['budget']} used, {n} more requested); ask the model owner for more")
     try:
+        t0 = time.perf_counter()
         out = await state.run(state.client.predict, inner, names, template, offsets)
+        model_ms = 1000 * (time.perf_counter() - t0)
         logits = _check_logits(out, offsets, inner.n_images, len(names))
     except Problem:
         state.meter.refund(key, n)
@@ -295,6 +298,7 @@ async def _predict(state: _State, key: str, body: bytes) -> CachedResponse:
         "X-Craft-Queries": str(n),
         "X-Craft-Queries-Used": str(u["used"]),
         "X-Craft-Queries-Remaining": "" if u["remaining"] is None else str(u["remaining"]),
+        "Server-Timing": f"model;dur={model_ms:.1f}",  # lets a client tell network overhead from model time
     }
     return CachedResponse("", payload, headers)
 
