@@ -238,6 +238,15 @@ def test_ledger_journal_survives_restart(tmp_path: Path) -> None:
     assert b.used == 41 and b.counts["search"] == 40
 
 
+def test_ledger_repairs_a_torn_journal(tmp_path: Path) -> None:
+    j = tmp_path / "ledger.jsonl"
+    j.write_text('{"n": 40, "category": "search"}\n{"n": 4')  # killed mid-append
+    ledger = QueryLedger(100, journal=j)
+    assert ledger.used == 40  # the torn charge was never sent
+    ledger.charge(1, "refine")
+    assert QueryLedger(100, journal=j).used == 41
+
+
 def test_callable_client_output_is_validated() -> None:
     bad = CallableClient(lambda ims, n, t, o: np.zeros((1, 1)), Capabilities("bad"))
     with pytest.raises(ClientError, match="shape"):

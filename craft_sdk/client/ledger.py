@@ -29,6 +29,22 @@ logger = logging.getLogger(__name__)
 CATEGORIES = ("search", "refine", "validation", "eval", "predict")
 
 
+def repair_journal(path: Path) -> None:
+    """End a torn last line of a query journal (a kill during an append) so later appends stay parseable.
+
+    The torn charge itself is dropped when the journal is replayed: it was never sent,
+    because a charge is fsynced before its query goes out.
+    """
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) != b"\n":
+            f.write(b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
 class QueryLedger:
     """Counts queries per category against an optional hard budget.
 
@@ -53,6 +69,7 @@ class QueryLedger:
         self._journal = Path(journal) if journal is not None else None
         self._lock = threading.Lock()
         if self._journal is not None and self._journal.exists():
+            repair_journal(self._journal)
             self._replay_journal()
 
     @property

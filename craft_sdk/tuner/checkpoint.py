@@ -31,6 +31,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from ..client.ledger import repair_journal  # noqa: F401  (re-exported: the ledger repairs its own journal)
 from ..errors import CraftError
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
@@ -59,22 +60,6 @@ def save_checkpoint(directory: Path, tensors: dict[str, np.ndarray], state: dict
 def has_checkpoint(directory: Path) -> bool:
     """Whether ``directory`` holds a checkpoint file."""
     return (directory / CHECKPOINT_FILE).is_file()
-
-
-def repair_journal(path: Path) -> None:
-    """End a torn last line of a query journal (a kill during an append) so later appends stay parseable.
-
-    The torn charge itself is dropped when the journal is replayed: it was never sent,
-    because a charge is fsynced before its query goes out.
-    """
-    if not path.is_file() or path.stat().st_size == 0:
-        return
-    with open(path, "rb+") as f:
-        f.seek(-1, os.SEEK_END)
-        if f.read(1) != b"\n":
-            f.write(b"\n")
-            f.flush()
-            os.fsync(f.fileno())
 
 
 def load_checkpoint(directory: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

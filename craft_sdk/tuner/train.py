@@ -35,7 +35,7 @@ from ..client.ledger import MeteredClient, QueryLedger
 from ..data import ImageDataset
 from ..errors import BudgetExceededError, ConfigError, CraftError
 from . import mlp
-from .checkpoint import LEDGER_FILE, has_checkpoint, load_checkpoint, repair_journal, save_checkpoint
+from .checkpoint import LEDGER_FILE, has_checkpoint, load_checkpoint, save_checkpoint
 from .config import TuneConfig
 from .projection import GENERATOR, project, projection_matrix
 
@@ -172,7 +172,6 @@ class Tuner:
             journal = self.checkpoint_dir / LEDGER_FILE
             if ledger is None:
                 self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-                repair_journal(journal)
                 ledger = QueryLedger(self.config.budget, journal=journal)
         ledger = ledger if ledger is not None else QueryLedger(self.config.budget)
         run = _Run(self, client, ledger, train, val)
