@@ -45,7 +45,7 @@ MB = 1024 * 1024
 # ----------------------------------------------------------------- child process
 
 
-def _time(fn: Callable[[], Any], reps: int, warmup: int = 20) -> dict[str, float]:
+def _time(fn: Callable[[], Any], reps: int, warmup: int = 20) -> dict[str, Any]:
     for _ in range(warmup):
         fn()
     wall, cpu = [], []
@@ -54,10 +54,13 @@ def _time(fn: Callable[[], Any], reps: int, warmup: int = 20) -> dict[str, float
         fn()
         cpu.append((time.process_time_ns() - c0) / 1e6)
         wall.append((time.perf_counter_ns() - t0) / 1e6)
+    k = max(len(wall) // 10, 1)  # medians of 10 consecutive rounds: how much the machine drifts during the run
+    rounds = [statistics.median(wall[i : i + k]) for i in range(0, len(wall) - k + 1, k)]
     wall.sort()
     return {
         "median_ms": statistics.median(wall),
         "p90_ms": wall[int(0.9 * (len(wall) - 1))],
+        "round_medians_ms": [min(rounds), max(rounds)],
         "cpu_median_ms": statistics.median(cpu),  # CPU time of the process: robust to other jobs' load
         "reps": reps,
     }
@@ -232,7 +235,12 @@ def table(res: dict[str, Any]) -> str:
             )
     for row in res["rows"]:
         two = row["backends"]["onnx"]["latency_b256_2threads"]
-        lines.append(f"{row['classes']} classes: ONNX Runtime with 2 threads, batch 256: {two['median_ms']:.3f} ms (median)")
+        one = row["backends"]["onnx"]["latency_b256"]
+        lines.append(
+            f"{row['classes']} classes, ONNX Runtime, batch 256: 1 thread {one['median_ms']:.3f} ms (round medians "
+            f"{one['round_medians_ms'][0]:.3f}-{one['round_medians_ms'][1]:.3f}); 2 threads {two['median_ms']:.3f} ms "
+            f"({two['round_medians_ms'][0]:.3f}-{two['round_medians_ms'][1]:.3f})"
+        )
     lines.append(f"python + numpy baseline process: {res['python_numpy_baseline_rss_mb']:.1f} MB peak RSS")
     wb = res["whitebox"]
     lines.append(f"white-box ViT-B-32: {wb['params']:,} params = {wb['fp32_bytes'] / MB:.1f} MB fp32")
