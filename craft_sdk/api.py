@@ -71,6 +71,7 @@ def tune(
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     on_progress: Callable[..., None] | None = None,
+    ledger: QueryLedger | None = None,
     **overrides: Any,
 ) -> Adapter:
     """Tune an adapter for ``train`` through ``client``.
@@ -81,6 +82,7 @@ def tune(
         val: optional validation set for model selection.
         config: a :class:`TuneConfig`; keyword ``overrides`` replace its fields.
         checkpoint_dir, resume, on_progress: see :class:`craft_sdk.tuner.train.Tuner`.
+        ledger: charge the queries to this ledger (default: a new one with the config's budget).
 
     Example:
         >>> adapter = tune(create_client("demo"), splits.train, mode="craft", budget=2000)  # doctest: +SKIP
@@ -90,7 +92,8 @@ def tune(
     base = (config or TuneConfig()).to_dict()
     base.update(overrides)
     cfg = TuneConfig.from_dict(base)
-    result = Tuner(cfg, checkpoint_dir=checkpoint_dir, resume=resume, on_progress=on_progress).fit(client, train, val)
+    tuner = Tuner(cfg, checkpoint_dir=checkpoint_dir, resume=resume, on_progress=on_progress)
+    result = tuner.fit(client, train, val, ledger=ledger)
     return Adapter.from_result(result)
 
 

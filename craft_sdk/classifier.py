@@ -220,7 +220,9 @@ class CraftClassifier:
         else:
             names = tuple(class_names)
         dataset = ImageDataset(to_pil_list(images), y, names)
-        self._learn(tune(self.client, dataset, **tune_overrides), None)
+        # tuning queries land in this classifier's ledger too (categories search/refine), so
+        # ``clf.ledger`` accounts for every billable call; the tuning plan still fits TuneConfig.budget.
+        self._learn(tune(self.client, dataset, ledger=self.ledger, **tune_overrides), None)
         return self
 
     # ------------------------------------------------------------ inference

@@ -211,6 +211,8 @@ def test_fit_tunes_and_returns_self(tiny_client) -> None:  # type: ignore[no-unt
     assert list(clf.classes_) == ["forest", "river", "sea or lake"]  # sorted unique names
     assert clf.adapter_.config.prompt is None and clf.refiner_backend_ == "numpy"
     assert clf.predict(ims).shape == (12,)
+    # every billable call is in the classifier's ledger: the tuning query (pr mode: 1) and the deployment batch
+    assert clf.ledger.counts["refine"] == 1 and clf.ledger.counts["predict"] == 1
     with pytest.raises(ValueError, match="class_names"):
         CraftClassifier(None, tiny_client).fit(ims, [0, 1, 2] * 4)
 
