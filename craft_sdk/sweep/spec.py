@@ -201,9 +201,11 @@ class SweepSpec:
     base_dir: Path | None = None
 
     def __post_init__(self) -> None:
-        for key in ("tasks", "shots", "modes", "seeds", "eval_at"):
-            value = getattr(self, key)
-            object.__setattr__(self, key, _as_tuple(key, value) if key != "eval_at" or value else ())
+        for key in ("tasks", "shots", "modes", "seeds"):
+            object.__setattr__(self, key, _as_tuple(key, getattr(self, key)))
+        object.__setattr__(self, "eval_at", _as_tuple("eval_at", self.eval_at) if self.eval_at else ())
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ConfigError(f"sweep key 'name' must be a non-empty string, got {self.name!r}")
         if not isinstance(self.model, str) or not self.model.strip():
             raise ConfigError(f"sweep key 'model' must be a model name such as 'demo', got {self.model!r}")
         if self.pretrained is not None and not isinstance(self.pretrained, str):
@@ -233,7 +235,7 @@ class SweepSpec:
 
     def _check_budget(self) -> None:
         b = self.budget
-        if b == BY_SHOTS or (_is_int(b) and b >= 1):  # type: ignore[operator]
+        if b == BY_SHOTS or (isinstance(b, int) and not isinstance(b, bool) and b >= 1):
             return
         raise ConfigError(f"sweep key 'budget' must be a positive integer or '{BY_SHOTS}', got {b!r}")
 
