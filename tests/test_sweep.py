@@ -329,6 +329,16 @@ def test_ray_mode_matches_local(spec_dict: dict[str, Any], tmp_path: Path, one_t
         assert a["test_accuracy"] == b["test_accuracy"] and a["history"] == b["history"]
 
 
+def test_ray_mode_without_ray_says_what_to_install(
+    spec_dict: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    with pytest.raises(ConfigError, match="pip install ray"):
+        run_sweep(spec_dict, tmp_path / "out", ray_address="local")
+
+
 # ------------------------------------------------------------------ CLI
 
 

@@ -60,11 +60,11 @@ def _summary_table(rows: list[dict[str, Any]], title: str) -> Table:
 def sweep(
     spec_file: Path = typer.Argument(..., help="grid file (.yaml, .toml or .json): tasks, shots, modes, seeds, grid"),
     out: Path | None = typer.Option(
-        None, "--out", "-o", help="output folder (default: sweeps/<spec name>); reuse to resume"
+        None, "--out", "-o", help="output folder (default: sweeps/<spec file name>); reuse it to resume"
     ),
     workers: int | None = typer.Option(None, "--workers", "-w", help="local worker processes (default: CPU cores)"),
     ray: str | None = typer.Option(
-        None, "--ray", help="run on Ray: 'local', 'auto' or ray://host:port (needs craft-sdk[ray])"
+        None, "--ray", help="run on Ray: 'local', 'auto' or ray://host:port (needs the craft-sdk 'ray' extra)"
     ),
     threads: int | None = typer.Option(
         None, "--threads", help="torch threads per run (default: cores / workers; Ray: 1)"

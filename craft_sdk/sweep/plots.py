@@ -19,7 +19,9 @@ def _figure(n_panels: int) -> tuple[Any, list[Any]]:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        raise ConfigError("sweep plots need matplotlib: pip install 'craft-sdk[train]' (or pass plots=False)") from None
+        raise ConfigError(
+            "sweep plots need matplotlib: pip install matplotlib (or pass plots=False / --no-plots)"
+        ) from None
     cols = min(n_panels, 3)
     rows = (n_panels + cols - 1) // cols
     fig = Figure(figsize=(4.6 * cols, 3.6 * rows), dpi=110)

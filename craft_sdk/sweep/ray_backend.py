@@ -23,7 +23,7 @@ def _import_ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise ConfigError("--ray needs Ray: pip install 'craft-sdk[ray]'") from None
+        raise ConfigError("Ray mode needs Ray: pip install ray (the craft-sdk 'ray' extra)") from None
     return ray
 
 
