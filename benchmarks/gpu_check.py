@@ -26,7 +26,8 @@ from craft_sdk.client.openclip import OpenCLIPClient  # noqa: E402
 
 
 def timed(client, names, mode, population, reps=5):  # noqa: ANN001, ANN201
-    client.mode = mode
+    client._auto = mode == "auto"  # "auto" = prefix, or cut for < 50 classes on a GPU
+    client.mode = "prefix" if mode == "auto" else mode
     caps = client.capabilities()
     off = np.random.default_rng(0).normal(0, caps.ctx_rms, (population, caps.n_ctx, caps.ctx_dim)).astype(np.float32)
     with torch.inference_mode():
@@ -50,7 +51,7 @@ def main() -> None:
         names = class_names(n)
         flops = useful_flops(client, names)
         ref = timed(client, names, "full", 1, reps=3)
-        for mode in ("prefix", "cut"):
+        for mode in ("auto", "prefix", "cut"):
             sec = timed(client, names, mode, 40)
             rows.append({"classes": n, "mode": mode, "queries_per_s": 1 / sec, "ms_per_query": sec * 1e3,
                          "reference_ms_per_query": ref * 1e3, "speedup_vs_reference": ref / sec,
@@ -64,7 +65,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     imgs = [Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)) for _ in range(160)]
     ds = ImageDataset(imgs, np.repeat(np.arange(10), 16), tuple(EUROSAT))
-    client.mode = "prefix"
+    client.mode, client._auto = "prefix", True
     t = time.perf_counter()
     r = Tuner(TuneConfig(mode="craft", budget=8000)).fit(client, ds)
     tune = {"wall_s": time.perf_counter() - t, "queries_used": r.queries["used"], "generations": r.n_generations}
