@@ -186,6 +186,25 @@ def test_local_sweep_records_summary_and_plots(spec_dict: dict[str, Any], tmp_pa
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000 for p in result.plots)
 
 
+def test_task_average_rows_need_every_task_per_seed() -> None:
+    from craft_sdk.sweep import AVERAGE_TASK, task_average_records
+
+    def rec(task: str, seed: int, acc: float) -> dict[str, Any]:
+        return {"task": task, "shots": 4, "mode": "craft", "combo": {"lam": 0.0}, "seed": seed, "test_accuracy": acc,
+                "zero_shot_accuracy": 0.25, "queries_used": 100 * (seed + 1), "wall_time_s": 2.0}
+
+    records = [rec("a", 0, 0.5), rec("b", 0, 0.7), rec("a", 1, 0.6), rec("b", 1, 0.9), rec("a", 2, 0.1)]
+    avg = task_average_records(records)
+    assert sorted((r["seed"], round(r["test_accuracy"], 6)) for r in avg) == [(0, 0.6), (1, 0.75)]  # seed 2 lacks b
+    rows = summarize(records + avg)
+    assert rows[-1]["task"] == AVERAGE_TASK and rows[-1]["combo"] == "lam=0.0"
+    assert rows[-1]["test_accuracy_mean"] == pytest.approx(0.675)
+    assert rows[-1]["test_accuracy_std"] == pytest.approx(np.std([0.6, 0.75], ddof=1))
+    assert rows[-1]["gain_mean"] == pytest.approx(0.425) and rows[-1]["queries_used_mean"] == pytest.approx(150)
+    assert task_average_records([r for r in records if r["task"] == "a"]) == []
+    assert task_average_records(records + avg) == avg  # average rows are never re-averaged
+
+
 def test_test_set_probe_does_not_change_training(spec_dict: dict[str, Any], one_thread: None) -> None:
     from craft_sdk.sweep import execute_run
 

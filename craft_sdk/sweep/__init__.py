@@ -15,11 +15,12 @@ Example:
 from __future__ import annotations
 
 from .driver import SweepResult, load_record, run_sweep
-from .report import checkpoint_curves, summarize, summary_markdown
+from .report import AVERAGE_TASK, checkpoint_curves, summarize, summary_markdown, task_average_records
 from .runner import execute_run
 from .spec import BY_SHOTS, RunSpec, SweepSpec, budget_for_shots, load_spec
 
 __all__ = [
+    "AVERAGE_TASK",
     "BY_SHOTS",
     "RunSpec",
     "SweepResult",
@@ -32,4 +33,5 @@ __all__ = [
     "run_sweep",
     "summarize",
     "summary_markdown",
+    "task_average_records",
 ]

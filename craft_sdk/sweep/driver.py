@@ -27,7 +27,7 @@ from typing import Any
 
 from craft_sdk import ConfigError, __version__
 
-from .report import checkpoint_curves, summarize, summary_markdown
+from .report import checkpoint_curves, summarize, summary_markdown, task_average_records
 from .runner import RECORD_FORMAT, RECORD_VERSION, init_worker, safe_execute
 from .spec import RunSpec, SweepSpec, as_spec, run_order
 
@@ -63,12 +63,16 @@ class SweepResult:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write ``obj`` as JSON to ``path`` via a temporary file and a rename (never a torn file)."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and a rename (never a torn file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -205,11 +209,11 @@ def _finalise(
     plots: bool,
 ) -> SweepResult:
     records = [done[r.run_id] for r in runs if r.run_id in done]
-    rows = summarize(records)
+    rows = summarize(records + task_average_records(records))
     write_json_atomic(
         out / "summary.json", {"name": sweep.name, "n_runs": len(runs), "n_finished": len(records), "rows": rows}
     )
-    (out / "summary.md").write_text(summary_markdown(rows, sweep.name), encoding="utf-8")
+    write_text_atomic(out / "summary.md", summary_markdown(rows, sweep.name))
     failures = out / "failures.json"
     if failed:
         write_json_atomic(failures, failed)

@@ -8,6 +8,8 @@ from typing import Any
 
 from craft_sdk import ConfigError
 
+from .report import AVERAGE_TASK
+
 logger = logging.getLogger(__name__)
 
 SHOTS_PLOT = "accuracy_vs_shots.png"
@@ -43,7 +45,7 @@ def plot_accuracy_vs_shots(rows: list[dict[str, Any]], path: str | Path, title: 
         path: the PNG to write.
         title: figure title.
     """
-    tasks = sorted({r["task"] for r in rows})
+    tasks = sorted({r["task"] for r in rows}, key=lambda t: (t == AVERAGE_TASK, t))
     fig, axes = _figure(len(tasks))
     for ax, task in zip(axes, tasks):
         lines: dict[tuple[str, str], list[dict[str, Any]]] = {}

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 GROUP_KEYS = ("task", "shots", "mode", "combo")
+AVERAGE_TASK = "mean over tasks"
 
 
 def combo_label(combo: dict[str, Any]) -> str:
@@ -69,8 +70,40 @@ def summarize(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     from craft_sdk.tuner.config import MODES
 
     order = {m: i for i, m in enumerate(MODES)}
-    rows.sort(key=lambda r: (r["task"], r["combo"], order.get(r["mode"], 99), r["shots"]))
+    rows.sort(key=lambda r: (r["task"] == AVERAGE_TASK, r["task"], r["combo"], order.get(r["mode"], 99), r["shots"]))
     return rows
+
+
+def task_average_records(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per-seed means over tasks, as records of the pseudo-task ``"mean over tasks"``.
+
+    For each (shots, mode, combination, seed) that finished on *every* task of the
+    sweep, one record whose accuracies, queries and wall time are the means over the
+    tasks; :func:`summarize` then gives mean ± std over seeds of the task average (the
+    paper's "average" column). Empty when the sweep has a single task.
+
+    Example:
+        >>> recs = [{"task": t, "shots": 1, "mode": "pg", "combo": {}, "seed": 0, "test_accuracy": a,
+        ...     "zero_shot_accuracy": 0.5, "queries_used": 10, "wall_time_s": 1.0} for t, a in (("a", 0.6), ("b", 0.8))]
+        >>> round(task_average_records(recs)[0]["test_accuracy"], 3)
+        0.7
+    """
+    records = [r for r in records if r["task"] != AVERAGE_TASK]
+    tasks = {r["task"] for r in records}
+    if len(tasks) < 2:
+        return []
+    groups: dict[tuple[Any, ...], dict[str, dict[str, Any]]] = {}
+    for rec in records:
+        key = (rec["shots"], rec["mode"], combo_label(rec.get("combo") or {}), rec["seed"])
+        groups.setdefault(key, {})[rec["task"]] = rec
+    out = []
+    for (shots, mode, _, seed), by_task in groups.items():
+        if set(by_task) != tasks:
+            continue
+        recs = list(by_task.values())
+        avg = {k: float(np.mean([r[k] for r in recs])) for k in ("test_accuracy", "zero_shot_accuracy", "queries_used", "wall_time_s")}
+        out.append({"task": AVERAGE_TASK, "shots": shots, "mode": mode, "combo": recs[0].get("combo") or {}, "seed": seed, **avg})
+    return out
 
 
 def _pct(mean: float, std: float, n: int) -> str:
