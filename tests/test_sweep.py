@@ -181,6 +181,10 @@ def test_local_sweep_records_summary_and_plots(spec_dict: dict[str, Any], tmp_pa
     assert row["test_accuracy_std"] == pytest.approx(np.std(accs, ddof=1))
     assert rows == summarize(result.records)
     assert "| blocks | 2 | craft |" in (tmp_path / "out" / "summary.md").read_text()
+    umask = os.umask(0)
+    os.umask(umask)
+    for written in (tmp_path / "out" / "summary.json", tmp_path / "out" / "summary.md", files[0]):
+        assert written.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
     names = sorted(p.name for p in result.plots)
     assert names == ["accuracy_vs_queries.png", "accuracy_vs_shots.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000 for p in result.plots)
