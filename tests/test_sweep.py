@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from craft_sdk import ConfigError
-from craft_sdk.sweep import RunSpec, SweepSpec, budget_for_shots, load_spec, run_sweep, summarize
+from craft_sdk.sweep import RunSpec, SweepSpec, budget_for_shots, checkpoint_curves, load_spec, run_sweep, summarize
 
 FOLDER_CLASSES = ("forest", "river", "sea_or_lake")
 FAST = {"popsize": 4, "intrinsic_dim": 8, "refiner_hidden": 16}
@@ -187,6 +187,9 @@ def test_local_sweep_records_summary_and_plots(spec_dict: dict[str, Any], tmp_pa
         assert written.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
     names = sorted(p.name for p in result.plots)
     assert names == ["accuracy_vs_queries.png", "accuracy_vs_shots.png"]
+    curve = next(c for c in checkpoint_curves(result.records) if c["mode"] == "craft" and c["shots"] == 2)
+    zs = [r["zero_shot_accuracy"] for r in result.records if r["mode"] == "craft" and r["shots"] == 2]
+    assert curve["zero_shot"] == pytest.approx(np.mean(zs))  # the plot's zero-shot line
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000 for p in result.plots)
 
 

@@ -84,7 +84,7 @@ def plot_accuracy_vs_queries(curves: list[dict[str, Any]], path: str | Path, tit
     """Test accuracy against training queries: one panel per task, one line per mode/shots/combination.
 
     Lines are the model of the checkpoint generation (CMA-ES mean prompt + current
-    refiner); the star is the final, selected adapter.
+    refiner); the star is the final, selected adapter; the dashed line is zero-shot.
 
     Args:
         curves: :func:`craft_sdk.sweep.report.checkpoint_curves` output.
@@ -104,6 +104,9 @@ def plot_accuracy_vs_queries(curves: list[dict[str, Any]], path: str | Path, tit
             ax.plot(
                 [c["final"]["queries"]], [100 * c["final"]["mean"]], marker="*", markersize=10, color=line.get_color()
             )
+        zs = [c["zero_shot"] for c in curves if c["task"] == task and "zero_shot" in c]
+        if zs:
+            ax.axhline(100 * sum(zs) / len(zs), color="0.4", linestyle="--", linewidth=1.2, label="zero-shot")
         ax.set_xlabel("training queries")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{task}  (★ = final adapter)")

@@ -136,7 +136,8 @@ def summary_markdown(rows: list[dict[str, Any]], title: str = "sweep") -> str:
 
 def checkpoint_curves(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """Accuracy-vs-queries curves: per (task, shots, mode, combination), mean ± std over seeds at each
-    checkpoint generation, then the final adapter's accuracy at its training queries."""
+    checkpoint generation, then the final adapter's accuracy at its training queries, and the
+    zero-shot test accuracy (mean over the same runs) as ``zero_shot``."""
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for rec in records:
         if rec.get("checkpoints"):
@@ -160,5 +161,8 @@ def checkpoint_curves(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]
             "std": fstd,
             "n": len(recs),
         }
-        curves.append({"task": task, "shots": shots, "mode": mode, "combo": combo, "points": points, "final": final})
+        zero_shot = float(np.mean([r["zero_shot_accuracy"] for r in recs]))
+        curves.append(
+            {"task": task, "shots": shots, "mode": mode, "combo": combo, "points": points, "final": final, "zero_shot": zero_shot}
+        )
     return curves
