@@ -69,15 +69,8 @@ def plot_accuracy_vs_shots(rows: list[dict[str, Any]], path: str | Path, title: 
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted({r["shots"] for r in rows if r["task"] == task}))
         ax.get_xaxis().set_major_formatter("{x:.0f}")
-        ax.set_xlabel("shots per class")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(task)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return _save(fig, path)
+        _style(ax, "shots per class", task)
+    return _save(fig, path, title)
 
 
 def plot_accuracy_vs_queries(curves: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
@@ -107,18 +100,22 @@ def plot_accuracy_vs_queries(curves: list[dict[str, Any]], path: str | Path, tit
         zs = [c["zero_shot"] for c in curves if c["task"] == task and "zero_shot" in c]
         if zs:
             ax.axhline(100 * sum(zs) / len(zs), color="0.4", linestyle="--", linewidth=1.2, label="zero-shot")
-        ax.set_xlabel("training queries")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"{task}  (★ = final adapter)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _style(ax, "training queries", f"{task}  (★ = final adapter)")
+    return _save(fig, path, title)
+
+
+def _style(ax: Any, xlabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def _save(fig: Any, path: str | Path, title: str = "") -> Path:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
-
-
-def _save(fig: Any, path: str | Path) -> Path:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, format="png")
