@@ -69,6 +69,20 @@ def test_tune_human_output(folder: Path, tiny_model_dir: Path, tmp_path: Path) -
     assert "zero-shot train accuracy" in res.stderr and "queries used" in res.stderr
 
 
+def test_tune_refiner_options_reach_the_adapter(folder: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "lin"
+    run("tune", str(folder), "--model", f"local-dir:{tiny_model_dir}", "--shots", "2", "--budget", "40",
+        "--popsize", "4", "--intrinsic-dim", "8", "--refiner-layers", "1", "--no-residual", "--lam", "0.05",
+        "--beta", "0.02", "--lr", "0.01", "--out", str(out), "--json")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["refiner"]["layers"] == 1 and cfg["refiner"]["residual"] is False
+    assert cfg["provenance"]["kl_weights"] == {"lambda": 0.05, "beta": 0.02}
+    bad = run("tune", str(folder), "--model", f"local-dir:{tiny_model_dir}", "--lam", "-1", "--out", str(tmp_path / "x"),
+              check=False)
+    assert bad.returncode != 0 and "lam must be" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -58,6 +58,12 @@ def tune(
     intrinsic_dim: int = typer.Option(512, help="dimension of the prompt search space"),
     prompt_scale: float = typer.Option(1.0, help="offset scale relative to the context-embedding RMS"),
     sigma0: float = typer.Option(1.0, help="initial CMA-ES step size"),
+    refiner_layers: int = typer.Option(3, help="refiner linear layers (1 = linear map; fewer classes/shots often favour 1)"),
+    refiner_hidden: int = typer.Option(512, help="refiner hidden width"),
+    residual: bool = typer.Option(True, "--residual/--no-residual", help="refiner adds its output to the logits"),
+    lam: float | None = typer.Option(None, help="weight of KL(refined || raw) in the prompt fitness (default 0.1 / classes)"),
+    beta: float | None = typer.Option(None, help="weight of KL(raw || refined) in the refiner loss (default 0.1 / classes)"),
+    lr: float = typer.Option(1e-3, help="refiner AdamW learning rate"),
     checkpoint_dir: Path | None = typer.Option(None, help="write a resumable checkpoint (and the query journal) here"),
     checkpoint_every: int = typer.Option(1, help="generations between checkpoints"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --checkpoint-dir (same data, model and options)"),
@@ -71,7 +77,8 @@ def tune(
 
     config = TuneConfig(
         mode=mode, budget=budget, seed=seed, template=template, popsize=popsize,
-        intrinsic_dim=intrinsic_dim, prompt_scale=prompt_scale, sigma0=sigma0,
+        intrinsic_dim=intrinsic_dim, prompt_scale=prompt_scale, sigma0=sigma0, refiner_layers=refiner_layers,
+        refiner_hidden=refiner_hidden, residual=residual, lam=lam, beta=beta, lr=lr,
     )
     t0 = time.perf_counter()
     kwargs: dict[str, Any] = {"split_file": split_file} if split_file else {}
