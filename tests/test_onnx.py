@@ -59,6 +59,28 @@ def test_onnx_matches_torch_on_real_logits(tmp_path: Path, tiny_client) -> None:
     np.testing.assert_allclose(adapter.refine(logits), torch_refine(adapter, logits), atol=1e-5, rtol=0)
 
 
+def test_torch_2_14_exporter_agrees_with_our_graph(tmp_path: Path) -> None:
+    """torch's own (dynamo) exporter also handles the training-time Refiner, and the graph it writes
+    computes what ours does; we ship ours because it needs no torch and is byte-deterministic."""
+    adapter = refiner_adapter(10, 3, hidden=64)
+    assert adapter.refiner is not None and adapter.config.refiner is not None
+    module = Refiner(adapter.refiner, adapter.config.refiner.residual).eval()
+    x = torch.zeros(4, 10)
+    torch_path = tmp_path / "torch.onnx"
+    torch.onnx.export(
+        module, (x,), str(torch_path), dynamo=True, input_names=["logits"], output_names=["refined_logits"],
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+    )
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(torch_path), providers=["CPUExecutionProvider"])
+    logits = np.random.default_rng(2).normal(0, 10, (33, 10)).astype(np.float32)
+    theirs = session.run(None, {session.get_inputs()[0].name: logits})[0]
+    ours = OnnxRefiner(export_onnx(adapter, tmp_path / "ours.onnx"), adapter)(logits)
+    np.testing.assert_allclose(theirs, ours, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(theirs, torch_refine(adapter, logits), atol=1e-5, rtol=0)
+
+
 def test_graph_interface_and_metadata(tmp_path: Path) -> None:
     adapter = refiner_adapter()
     model = onnx.load(str(export_onnx(adapter, tmp_path / "r.onnx")))
