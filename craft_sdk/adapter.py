@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ._fileio import umask
 from ._version import __version__
 from .errors import AdapterError
 from .tuner import mlp
@@ -286,11 +287,10 @@ class Adapter:
 
 def _default_permissions(directory: Path) -> None:
     """Give a directory made by mkdtemp (0700) and its files the modes a plain mkdir/open would."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(directory, 0o777 & ~umask)
+    mask = umask()
+    os.chmod(directory, 0o777 & ~mask)
     for f in directory.iterdir():
-        os.chmod(f, 0o666 & ~umask)
+        os.chmod(f, 0o666 & ~mask)
 
 
 def _config_bytes(config: AdapterConfig) -> bytes:

@@ -13,7 +13,7 @@ from .adapter import Adapter
 from .client.base import PredictionClient
 from .client.ledger import MeteredClient, QueryLedger
 from .data import DataSplits, ImageDataset, load_dataset
-from .errors import AdapterError, ConfigError
+from .errors import AdapterError
 from .tuner.config import TuneConfig
 
 logger = logging.getLogger(__name__)

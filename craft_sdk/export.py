@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ._fileio import write_bytes_atomic
 from ._version import __version__
 from .adapter import ONNX_FILE, Adapter
 from .errors import AdapterError
@@ -160,18 +159,7 @@ def export_onnx(adapter: Adapter | str | Path, path: str | Path | None = None) -
     data = build_refiner_model(obj).SerializeToString()
     if target.is_dir():
         raise AdapterError(f"{target} is a directory; pass a file path such as {target / ONNX_FILE}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, target.stat().st_mode & 0o777 if target.exists() else 0o644)  # mkstemp makes 0600
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_bytes_atomic(target, data)
     logger.info("exported refiner (%d bytes, opset %d) to %s", len(data), OPSET, target)
     return target
 

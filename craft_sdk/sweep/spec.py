@@ -235,7 +235,7 @@ class SweepSpec:
 
     def _check_budget(self) -> None:
         b = self.budget
-        if b == BY_SHOTS or (isinstance(b, int) and not isinstance(b, bool) and b >= 1):
+        if b == BY_SHOTS or (_is_int(b) and int(b) >= 1):
             return
         raise ConfigError(f"sweep key 'budget' must be a positive integer or '{BY_SHOTS}', got {b!r}")
 
