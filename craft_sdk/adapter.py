@@ -23,6 +23,7 @@ import numpy as np
 from ._fileio import umask
 from ._version import __version__
 from .errors import AdapterError
+from .scores import softmax
 from .tuner import mlp
 from .tuner.config import TuneConfig
 from .tuner.projection import GENERATOR, project, projection_matrix
@@ -72,6 +73,23 @@ class RefinerSpec:
 
 
 @dataclass(frozen=True)
+class CalibrationSpec:
+    """Probability calibration: ``predict_proba = softmax(refined_logits / temperature)``.
+
+    Fitted by the tuner on held-out folds of the training logits (no queries).
+    """
+
+    temperature: float = 1.0
+    method: str = "temperature"
+
+    def __post_init__(self) -> None:
+        if self.method != "temperature":
+            raise AdapterError(f"unsupported calibration method {self.method!r}")
+        if not (isinstance(self.temperature, (int, float)) and np.isfinite(self.temperature) and self.temperature > 0):
+            raise AdapterError(f"calibration.temperature must be a positive number, got {self.temperature!r}")
+
+
+@dataclass(frozen=True)
 class AdapterConfig:
     """What an adapter is; serialised to ``adapter_config.json``.
 
@@ -83,6 +101,7 @@ class AdapterConfig:
         prompt: the prompt spec, or None (no prompt: send no offset).
         refiner: the refiner spec, or None (identity).
         logit_scale: the black box's logit scale when it reports one.
+        calibration: temperature scaling for probabilities, or None (temperature 1).
         hyperparameters: the tuning configuration.
         provenance: mode, seed, shots, queries, data fingerprint, history...
     """
@@ -94,6 +113,7 @@ class AdapterConfig:
     prompt: PromptSpec | None = None
     refiner: RefinerSpec | None = None
     logit_scale: float | None = None
+    calibration: CalibrationSpec | None = None
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
@@ -112,6 +132,8 @@ class AdapterConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["class_names"] = list(self.class_names)
+        if d["calibration"] is None:  # adapters written before calibration existed keep their bytes
+            del d["calibration"]
         return d
 
     @classmethod
@@ -131,6 +153,8 @@ class AdapterConfig:
                 kwargs["prompt"] = PromptSpec(**kwargs["prompt"])
             if kwargs.get("refiner") is not None:
                 kwargs["refiner"] = RefinerSpec(**kwargs["refiner"])
+            if kwargs.get("calibration") is not None:
+                kwargs["calibration"] = CalibrationSpec(**kwargs["calibration"])
             return cls(**kwargs)
         except TypeError as exc:
             raise AdapterError(f"adapter config is malformed: {exc}") from None
@@ -203,6 +227,15 @@ class Adapter:
         if self.refiner is None or self.config.refiner is None:
             return np.asarray(logits, dtype=np.float32)
         return mlp.forward(self.refiner, logits, self.config.refiner.residual)
+
+    @property
+    def temperature(self) -> float:
+        """The calibration temperature (1.0 when the adapter has none)."""
+        return self.config.calibration.temperature if self.config.calibration is not None else 1.0
+
+    def probabilities(self, refined_logits: np.ndarray) -> np.ndarray:
+        """Calibrated class probabilities [..., C] from refined logits: softmax(refined / T)."""
+        return softmax(refined_logits, self.temperature)
 
     def tensors(self) -> dict[str, np.ndarray]:
         """All tensors by their on-disk names."""

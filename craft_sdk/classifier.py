@@ -24,6 +24,7 @@ from .client.base import PredictionClient
 from .client.ledger import MeteredClient, QueryLedger
 from .errors import AdapterError, ConfigError, DataError, NotFittedError
 from .images import ImageLike, to_pil_list
+from .scores import as_log_scores, softmax
 
 logger = logging.getLogger(__name__)
 
@@ -69,28 +70,23 @@ class Predictions:
         raw_logits: float32 [N, C] black-box logits (log-probabilities for probability clients).
         logits: float32 [N, C] refined logits.
         classes: the C class names, in column order.
+        temperature: the adapter's calibration temperature (probabilities = softmax(logits / T)).
     """
 
     raw_logits: np.ndarray
     logits: np.ndarray
     classes: np.ndarray
+    temperature: float = 1.0
 
     @property
     def probs(self) -> np.ndarray:
-        """float32 [N, C] softmax of the refined logits."""
-        return softmax(self.logits)
+        """float32 [N, C] calibrated probabilities: softmax of the refined logits / temperature."""
+        return softmax(self.logits, self.temperature)
 
     @property
     def labels(self) -> np.ndarray:
         """[N] predicted class names."""
         return self.classes[self.logits.argmax(-1)]
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row softmax in float32."""
-    z = np.asarray(logits, dtype=np.float32)
-    e = np.exp(z - z.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 class CraftClassifier:
@@ -243,8 +239,7 @@ class CraftClassifier:
 
     @staticmethod
     def _to_logits(scores: np.ndarray, adapter: Adapter) -> np.ndarray:
-        x = np.asarray(scores, dtype=np.float32)
-        return np.log(np.clip(x, 1e-12, None)).astype(np.float32) if adapter.config.output == "probs" else x
+        return as_log_scores(scores, adapter.config.output)
 
     def predict_all(self, images: Sequence[ImageLike]) -> Predictions:
         """Raw logits, refined logits, probabilities and labels, from one pass over ``images``.
@@ -269,14 +264,14 @@ class CraftClassifier:
             refined.append(self.refiner_(raw))
         if not raws:
             raise DataError("the image list is empty")
-        return Predictions(np.concatenate(raws), np.concatenate(refined), self.classes_)
+        return Predictions(np.concatenate(raws), np.concatenate(refined), self.classes_, adapter.temperature)
 
     def predict(self, images: Sequence[ImageLike]) -> np.ndarray:
         """[N] predicted class names (entries of ``classes_``)."""
         return self.predict_all(images).labels
 
     def predict_proba(self, images: Sequence[ImageLike]) -> np.ndarray:
-        """float32 [N, C] class probabilities (softmax of the refined logits), columns in ``classes_`` order."""
+        """float32 [N, C] calibrated class probabilities (softmax of refined logits / the adapter's temperature), columns in ``classes_`` order."""
         return self.predict_all(images).probs
 
     def decision_function(self, images: Sequence[ImageLike]) -> np.ndarray:
