@@ -257,9 +257,14 @@ class Adapter:
 
     # ------------------------------------------------------------------- disk
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write the adapter to ``directory`` atomically (temp dir, then rename)."""
+    def save_pretrained(self, directory: str | Path, *, repo_id: str | None = None) -> Path:
+        """Write the adapter and its model card (``README.md``) to ``directory`` atomically (temp dir, then rename).
+
+        ``repo_id`` is the Hub id shown in the card's loading snippet (default: a placeholder path).
+        """
         from safetensors.numpy import save_file
+
+        from .card import write_model_card
 
         target = Path(directory)
         if target.exists() and not target.is_dir():
@@ -271,6 +276,7 @@ class Adapter:
         try:
             (tmp / CONFIG_FILE).write_bytes(_config_bytes(self.config))
             save_file(self.tensors(), str(tmp / WEIGHTS_FILE), metadata={"format": "craft-sdk-adapter"})
+            write_model_card(tmp, self, repo_id=repo_id)
             _default_permissions(tmp)
             _swap_in(tmp, target)
         finally:
@@ -279,12 +285,20 @@ class Adapter:
         return target
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, verify_projection: bool = True) -> Adapter:
-        """Load and validate an adapter directory (numpy + safetensors only)."""
+    def from_pretrained(
+        cls, directory: str | Path, verify_projection: bool = True, *, revision: str | None = None, subfolder: str | None = None
+    ) -> Adapter:
+        """Load and validate an adapter directory, or a Hugging Face Hub repo id ``"org/name"`` (``[hub]`` extra).
+
+        ``revision`` (branch, tag, commit) and ``subfolder`` select the files on the Hub; the Hub
+        cache and ``HF_HUB_OFFLINE=1`` are honoured (see :mod:`craft_sdk.hub`).
+        """
         from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
-        root = Path(directory)
+        from .hub import resolve_adapter_dir
+
+        root = resolve_adapter_dir(directory, revision=revision, subfolder=subfolder)
         cfg_path, w_path = root / CONFIG_FILE, root / WEIGHTS_FILE
         for p in (cfg_path, w_path):
             if not p.is_file():
@@ -302,6 +316,16 @@ class Adapter:
         if verify_projection:
             adapter.verify_projection()
         return adapter
+
+    def push_to_hub(self, repo_id: str, *, source_dir: str | Path | None = None, **kwargs: Any) -> str:
+        """Upload the adapter (tensors, config, model card; ``refiner.onnx`` from ``source_dir``) to the Hub.
+
+        ``kwargs``: ``revision``, ``private``, ``token``, ``commit_message`` (see :func:`craft_sdk.hub.push_folder`).
+        Returns the commit URL.
+        """
+        from .hub import push_adapter
+
+        return push_adapter(self, repo_id, source_dir=source_dir, **kwargs)
 
     def verify_projection(self, rtol: float = 1e-5) -> None:
         """Check that A z regenerated from the recorded seed equals the stored offset."""
@@ -339,7 +363,7 @@ def _swap_in(tmp: Path, target: Path) -> None:
     os.replace(target, old)
     os.replace(tmp, target)
     for extra in old.iterdir():  # keep files we do not own (e.g. an exported refiner.onnx is stale: drop it)
-        if extra.name not in (CONFIG_FILE, WEIGHTS_FILE, ONNX_FILE):
+        if extra.name not in (CONFIG_FILE, WEIGHTS_FILE, ONNX_FILE, "README.md"):  # README.md: the model card
             shutil.move(str(extra), str(target / extra.name))
     shutil.rmtree(old, ignore_errors=True)
 

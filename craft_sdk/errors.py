@@ -31,5 +31,9 @@ class BudgetExceededError(ClientError):
     """A query would exceed the hard query budget; it was refused before being sent."""
 
 
-class NotFittedError(CraftError, ValueError):
-    """An estimator was used before anything was learned."""
+class NotFittedError(CraftError, ValueError, AttributeError):
+    """An estimator was used before anything was learned (a ValueError and an AttributeError, as scikit-learn's)."""
+
+
+class MissingDependencyError(CraftError, ImportError):
+    """An optional dependency is not installed; the message names the ``pip install`` that fixes it."""

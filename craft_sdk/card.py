@@ -1,0 +1,121 @@
+"""Model cards: the ``README.md`` written next to every saved adapter (Hugging Face's convention).
+
+The front matter (``library_name: craft-sdk``, the base model id, tags) is what the Hub
+indexes; the body says what the adapter does, for which classes, how well (and on
+what that was measured), what it cost in queries, how to load it, and its limits.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from ._fileio import write_bytes_atomic
+
+CARD_FILE = "README.md"
+TAGS = ("craft-sdk", "craft", "black-box-tuning", "few-shot", "image-classification", "vision-language-model")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _client_hint(model_id: str) -> str:
+    if model_id.startswith("craft-demo-vlm"):
+        return 'craft_sdk.create_client("demo")'
+    return f"craft_sdk.create_client(...)  # the black box serving {model_id}"
+
+
+def _pct(value: Any) -> str:
+    return "n/a" if value is None else f"{100 * float(value):.1f}%"
+
+
+def _front_matter(model_id: str, mode: Any) -> list[str]:
+    lines = ["---", "library_name: craft-sdk", "pipeline_tag: image-classification", f"base_model_id: {json.dumps(model_id)}"]
+    if _HUB_ID.match(model_id):
+        lines.append(f"base_model: {json.dumps(model_id)}")
+    lines.append("tags:")
+    lines += [f"- {t}" for t in (*TAGS, f"mode-{mode}")]
+    return [*lines, "---", ""]
+
+
+def _accuracy_rows(prov: dict[str, Any], evaluation: dict[str, Any] | None) -> list[str]:
+    metrics, data = prov.get("metrics") or {}, prov.get("data") or {}
+    rows = ["| measured on | zero-shot accuracy | adapter accuracy |", "|---|---|---|"]
+    if evaluation:
+        where = evaluation.get("dataset", "held-out test set")
+        rows.append(f"| {where} ({evaluation.get('n_test', '?')} images) | "
+                    f"{_pct(evaluation.get('zero_shot_accuracy'))} | {_pct(evaluation.get('accuracy'))} |")
+    if metrics.get("train_accuracy") is not None:
+        rows.append(f"| the training shots ({data.get('n_train', '?')} images; optimistic) | "
+                    f"{_pct(metrics.get('zero_shot_train_accuracy'))} | {_pct(metrics.get('train_accuracy'))} |")
+    if metrics.get("val_accuracy") is not None:
+        rows.append(f"| the validation split ({data.get('n_val', '?')} images; used for model selection) | "
+                    f"{_pct(metrics.get('zero_shot_val_accuracy'))} | {_pct(metrics.get('val_accuracy'))} |")
+    if len(rows) == 2:
+        return ["No accuracy was recorded for this adapter."]
+    return rows
+
+
+def render_model_card(adapter: Any, *, repo_id: str | None = None, evaluation: dict[str, Any] | None = None) -> str:
+    """The model card of ``adapter`` as Markdown with YAML front matter.
+
+    Args:
+        adapter: an :class:`~craft_sdk.Adapter`.
+        repo_id: the Hub repo id to show in the loading snippet (default: a local path).
+        evaluation: an :func:`~craft_sdk.evaluate` result plus ``dataset`` (what it was measured on).
+
+    Example:
+        >>> print(render_model_card(adapter, repo_id="org/digits"))  # doctest: +SKIP
+    """
+    cfg = adapter.config
+    prov = dict(cfg.provenance or {})
+    mode, names = prov.get("mode", "unknown"), list(cfg.class_names)
+    shown = ", ".join(f"`{n}`" for n in names[:50]) + (f", ... ({len(names)} in all)" if len(names) > 50 else "")
+    where = repo_id or "path/to/this-adapter"
+    lines = _front_matter(cfg.model_id, mode)
+    lines += [
+        f"# CraFT adapter: {len(names)}-class image classification on `{cfg.model_id}`",
+        "",
+        "A [craft-sdk](https://pypi.org/project/craft-sdk/) adapter (CraFT, ICML 2024): a learned prompt offset and a",
+        "small refiner on the output of a **black-box** vision-language model that is only queried for predictions.",
+        "",
+        "## Task",
+        "",
+        f"- classes ({len(names)}): {shown}",
+        f"- prompt template: `{cfg.template} <class name>.`",
+        f"- mode: `{mode}`, {prov.get('shots', '?')} shots per class, seed {prov.get('seed', '?')}",
+        f"- prompt: {'none' if cfg.prompt is None else f'{cfg.prompt.n_ctx}x{cfg.prompt.ctx_dim} context offset'}; "
+        f"refiner: {'none' if cfg.refiner is None else f'{cfg.refiner.layers}-layer MLP (hidden {cfg.refiner.hidden})'}",
+        f"- queries used to tune: {prov.get('queries_used', '?')} of a budget of {prov.get('budget', '?')}",
+        "",
+        "## Accuracy",
+        "",
+        *_accuracy_rows(prov, evaluation),
+        "",
+        "## Use it",
+        "",
+        "```python",
+        "import craft_sdk",
+        f"client = {_client_hint(cfg.model_id)}",
+        f'clf = craft_sdk.CraftClassifier.from_pretrained("{where}", client)',
+        "```",
+        "",
+        "Then `clf.predict(images)` (paths, PIL images or uint8 arrays); each batch of images is one black-box query.",
+        "From the shell: `craft-sdk predict ADAPTER IMAGES... --output preds.jsonl`.",
+        "",
+        "## Limitations",
+        "",
+        f"- It works only through the black box it was tuned on (`{cfg.model_id}`); another model is refused at load.",
+        "- It predicts only the classes above; every image gets one of them, however far from them it is.",
+        "- It was tuned on a few images per class: accuracy on the training shots is optimistic, and a shift in",
+        "  image style, resolution or class balance away from those shots can cost more than it costs zero-shot.",
+        "- The refiner can memorise few-shot training data; compare with zero-shot on your own held-out images.",
+        "",
+        f"Format {cfg.format_version}, written by craft-sdk {cfg.craft_sdk_version}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_model_card(directory: str | Path, adapter: Any, **kwargs: Any) -> Path:
+    """Write ``directory/README.md`` (atomically); see :func:`render_model_card` for ``kwargs``."""
+    return write_bytes_atomic(Path(directory) / CARD_FILE, render_model_card(adapter, **kwargs).encode("utf-8"))
