@@ -29,6 +29,7 @@ from .errors import (
     ConfigError,
     CraftError,
     DataError,
+    MissingDependencyError,
     NotFittedError,
 )
 from .export import export_onnx
@@ -44,9 +45,11 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module 'craft_sdk' has no attribute {name!r}")
 
 
-def load_adapter(directory: str, verify_projection: bool = True) -> Adapter:
-    """Load an adapter directory (numpy + safetensors only); see :meth:`Adapter.from_pretrained`."""
-    return Adapter.from_pretrained(directory, verify_projection=verify_projection)
+def load_adapter(
+    directory: str, verify_projection: bool = True, *, revision: str | None = None, subfolder: str | None = None
+) -> Adapter:
+    """Load an adapter directory or Hub repo id ``"org/name"``; see :meth:`Adapter.from_pretrained`."""
+    return Adapter.from_pretrained(directory, verify_projection=verify_projection, revision=revision, subfolder=subfolder)
 
 
 __all__ = [
@@ -69,6 +72,7 @@ __all__ = [
     "ImageDataset",
     "ImageSetHandle",
     "MeteredClient",
+    "MissingDependencyError",
     "NotFittedError",
     "PredictionClient",
     "Predictions",

@@ -1,17 +1,20 @@
-"""Deployment: :class:`CraftClassifier` = client + learned prompt offset + local refiner.
+"""Deployment and scikit-learn manners: :class:`CraftClassifier` = client + learned prompt offset + local refiner.
 
 Each batch of images costs one black-box call (one query, category ``predict``)
 carrying the adapter's prompt offset; the refiner then runs locally on the
 returned logits, with ONNX Runtime (``refiner.onnx``) or plain numpy. Nothing
-here imports torch: ``pip install craft-sdk`` is enough to deploy with any
-client that is not the local open_clip one.
+here imports torch or scikit-learn: ``pip install craft-sdk`` is enough to deploy
+with any client that is not the local open_clip one; ``fit`` needs ``[train]``.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +27,17 @@ from .client.base import PredictionClient
 from .client.ledger import MeteredClient, QueryLedger
 from .errors import AdapterError, ConfigError, DataError, NotFittedError
 from .images import ImageLike, to_pil_list
-from .scores import as_log_scores, softmax
+from .scores import as_log_scores
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "onnx", "numpy")
+_OWN_TUNE_FIELDS = ("mode", "budget", "seed")
 
 
 @dataclass(frozen=True)
 class ClassifierConfig:
-    """How a :class:`CraftClassifier` runs.
+    """How a :class:`CraftClassifier` runs at prediction time.
 
     Args:
         batch_size: images per black-box call (one query each).
@@ -69,157 +73,281 @@ class Predictions:
     Args:
         raw_logits: float32 [N, C] black-box logits (log-probabilities for probability clients).
         logits: float32 [N, C] refined logits.
-        classes: the C class names, in column order.
-        temperature: the adapter's calibration temperature (probabilities = softmax(logits / T)).
+        classes: the C labels, in column order (the classifier's ``classes_``).
+        probs: float32 [N, C] calibrated probabilities (the adapter's ``probabilities(logits)``).
+        seconds: wall time spent in the black box (``"black_box"``) and the refiner (``"refiner"``).
     """
 
     raw_logits: np.ndarray
     logits: np.ndarray
     classes: np.ndarray
-    temperature: float = 1.0
-
-    @property
-    def probs(self) -> np.ndarray:
-        """float32 [N, C] calibrated probabilities: softmax of the refined logits / temperature."""
-        return softmax(self.logits, self.temperature)
+    probs: np.ndarray
+    seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def labels(self) -> np.ndarray:
-        """[N] predicted class names."""
+        """[N] predicted labels (entries of ``classes``)."""
         return self.classes[self.logits.argmax(-1)]
 
 
 class CraftClassifier:
-    """A deployed CraFT adapter, with scikit-learn manners.
+    """A CraFT classifier over a black-box VLM, with scikit-learn manners.
+
+    The constructor only stores its arguments; :meth:`fit` tunes an adapter through
+    ``client`` (prompt search + refiner, needs the ``[train]`` extra), or
+    :meth:`from_pretrained` loads a trained one. ``get_params``/``set_params``,
+    ``sklearn.base.clone`` (the client is shared, never copied), ``check_is_fitted``,
+    ``Pipeline``, ``cross_val_score`` and ``GridSearchCV`` work; scikit-learn itself is
+    not required.
+
+    Every query goes through ``ledger``, which clones share: a 5-fold
+    ``cross_val_score`` runs 5 tunings (5 x ``budget`` queries plus the prediction
+    batches), and ``GridSearchCV`` runs one per fold and candidate plus the refit; all of
+    them show on the original classifier's ``ledger``. Run them with ``n_jobs=1``.
 
     Args:
-        adapter: the tuned adapter, or None to learn one later with :meth:`fit`.
-        client: the black box the adapter was tuned on (any :class:`PredictionClient`).
-        config: a :class:`ClassifierConfig` (batch size, backend, threads...).
-        ledger: a :class:`QueryLedger` to charge deployment queries to (default: a new one).
-        onnx_path: an exported refiner for ``adapter`` (see :func:`craft_sdk.export_onnx`).
-        class_names: the class list the caller expects; a different adapter list is an error.
-
-    Raises:
-        AdapterError: the client cannot serve the adapter (model id, soft prompts, output
-            kind), or the class list or ``refiner.onnx`` does not match the adapter.
+        client: the black box (any :class:`PredictionClient`).
+        mode: tuning mode (``zero-shot``, ``pg``, ``pr``, ``pg+pr``, ``craft``).
+        budget: query budget of one tuning (one ``fit``).
+        shots: train on this many images per class drawn (seeded) from ``X``; None = all.
+        val_shots: hold this many images per class out of training for model selection.
+        seed: seed of the shot sample and of tuning.
+        class_names: the names used in prompts: None (labels must be strings: they are
+            the names), a mapping label → name, or a sequence whose entry k names integer label k.
+        tune_options: further :class:`~craft_sdk.TuneConfig` fields (``refiner_layers``, ``lam``...).
+        config: a :class:`ClassifierConfig` (batch size, refiner backend, threads...).
+        ledger: the :class:`QueryLedger` charged for every query (default: a new one
+            with ``config.budget`` as its ceiling).
 
     Example:
         >>> import numpy as np
         >>> from craft_sdk import AdapterConfig, CallableClient, Capabilities
         >>> adapter = Adapter(AdapterConfig("my-model", ("cat", "dog"), "a photo of a"))
         >>> scores = lambda ims, names, t, o: np.tile([[0.0, 1.0]], (len(ims), 1))
-        >>> clf = CraftClassifier(adapter, CallableClient(scores, Capabilities("my-model")))
+        >>> clf = CraftClassifier.from_adapter(adapter, CallableClient(scores, Capabilities("my-model")))
         >>> clf.predict([np.zeros((8, 8, 3), np.uint8)]).tolist()
         ['dog']
     """
 
+    _estimator_type = "classifier"
+
     def __init__(
         self,
-        adapter: Adapter | None,
+        client: PredictionClient,
+        *,
+        mode: str = "craft",
+        budget: int = 8000,
+        shots: int | None = None,
+        val_shots: int = 0,
+        seed: int = 0,
+        class_names: Mapping[Any, str] | Sequence[str] | None = None,
+        tune_options: Mapping[str, Any] | None = None,
+        config: ClassifierConfig | None = None,
+        ledger: QueryLedger | None = None,
+    ) -> None:
+        self.client = client
+        self.mode = mode
+        self.budget = budget
+        self.shots = shots
+        self.val_shots = val_shots
+        self.seed = seed
+        self.class_names = class_names
+        self.tune_options = tune_options
+        self.config = config
+        self.ledger = ledger if ledger is not None else QueryLedger(None if config is None else config.budget)
+
+    # ------------------------------------------------------------ scikit-learn protocol
+
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """The constructor arguments, by name (``deep`` is accepted for scikit-learn; nothing nests)."""
+        return {name: getattr(self, name) for name in self._param_names()}
+
+    def set_params(self, **params: Any) -> CraftClassifier:
+        """Set constructor arguments by name; returns self. Unknown names are a :class:`ConfigError`."""
+        valid = self._param_names()
+        for name, value in params.items():
+            if name not in valid:
+                raise ConfigError(f"invalid parameter {name!r} for CraftClassifier; valid: {valid}")
+            setattr(self, name, value)
+        return self
+
+    def __sklearn_clone__(self) -> CraftClassifier:
+        """An unfitted copy with the same parameters; the client and the ledger are shared, not copied."""
+        shared = ("client", "ledger")
+        params = {k: (v if k in shared else copy.deepcopy(v)) for k, v in self.get_params().items()}
+        return type(self)(**params)
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return getattr(self, "adapter_", None) is not None
+
+    def __sklearn_tags__(self) -> Any:
+        """scikit-learn (>= 1.6) tags: a classifier that needs ``y`` and takes images, not a 2-D array."""
+        from sklearn.utils import ClassifierTags, InputTags, Tags, TargetTags
+
+        return Tags(
+            estimator_type="classifier",
+            target_tags=TargetTags(required=True),
+            classifier_tags=ClassifierTags(),
+            input_tags=InputTags(two_d_array=False),
+            non_deterministic=False,
+        )
+
+    def __repr__(self) -> str:
+        defaults = {p.name: p.default for p in inspect.signature(type(self).__init__).parameters.values()}
+        shown = [f"{k}={v!r}" for k, v in self.get_params().items()
+                 if k not in ("client", "ledger") and not _same(v, defaults.get(k))]
+        return f"{type(self).__name__}({', '.join([type(self.client).__name__ + '(...)', *shown])})"
+
+    # ------------------------------------------------------------ loading
+
+    @classmethod
+    def from_adapter(
+        cls,
+        adapter: Adapter,
         client: PredictionClient,
         *,
         config: ClassifierConfig | None = None,
         ledger: QueryLedger | None = None,
         onnx_path: str | Path | None = None,
-        class_names: Sequence[str] | None = None,
-    ) -> None:
-        self.client = client
-        self.config = config if config is not None else ClassifierConfig()
-        if ledger is not None and self.config.budget is not None:
+    ) -> CraftClassifier:
+        """A fitted classifier serving ``adapter`` through ``client``; ``classes_`` are its class names.
+
+        Raises:
+            AdapterError: the client cannot serve the adapter (model id, soft prompts, output
+                kind), or ``onnx_path`` holds a refiner exported from another adapter.
+        """
+        if ledger is not None and config is not None and config.budget is not None:
             raise ConfigError("pass either a ledger or config.budget, not both; set the budget on your ledger")
-        self.ledger = ledger if ledger is not None else QueryLedger(self.config.budget)
-        self.class_names = None if class_names is None else tuple(class_names)
-        self._metered = MeteredClient(client, self.ledger)
-        if adapter is not None:
-            self._learn(adapter, onnx_path)
+        clf = cls(client, config=config, ledger=ledger)
+        clf._learn(adapter, onnx_path, np.array(adapter.config.class_names))
+        return clf
 
     @classmethod
     def from_pretrained(
         cls,
-        adapter_dir: str | Path,
+        adapter: str | Path,
         client: PredictionClient,
         *,
+        revision: str | None = None,
+        subfolder: str | None = None,
         config: ClassifierConfig | None = None,
         ledger: QueryLedger | None = None,
-        class_names: Sequence[str] | None = None,
     ) -> CraftClassifier:
-        """Load ``adapter_dir`` (and its ``refiner.onnx`` when present) for ``client``.
+        """Load an adapter directory or Hugging Face Hub repo id (and its ``refiner.onnx`` when present).
+
+        Args:
+            adapter: a local adapter directory, or a Hub repo id ``"org/name"`` (``[hub]`` extra).
+            client: the black box the adapter was tuned on.
+            revision: Hub branch, tag or commit (Hub ids only).
+            subfolder: the adapter's folder inside the directory or repo.
+            config, ledger: see :class:`CraftClassifier`.
 
         Example:
             >>> clf = CraftClassifier.from_pretrained("my-adapter", client)  # doctest: +SKIP
             >>> clf.predict(["cat.jpg", "dog.png"])                          # doctest: +SKIP
             array(['cat', 'dog'], dtype='<U3')
         """
-        root = Path(adapter_dir)
-        adapter = Adapter.from_pretrained(root)
-        return cls(adapter, client, config=config, ledger=ledger, onnx_path=root / ONNX_FILE, class_names=class_names)
+        from .hub import resolve_adapter_dir
 
-    # ------------------------------------------------------------ learning
+        root = resolve_adapter_dir(adapter, revision=revision, subfolder=subfolder)
+        loaded = Adapter.from_pretrained(root)
+        return cls.from_adapter(loaded, client, config=config, ledger=ledger, onnx_path=root / ONNX_FILE)
 
-    def _learn(self, adapter: Adapter, onnx_path: str | Path | None) -> None:
-        names = adapter.config.class_names
-        if self.class_names is not None and self.class_names != names:
-            raise AdapterError(
-                f"class list mismatch: adapter has {_short(names)}, expected {_short(self.class_names)}; "
-                "use the adapter tuned for these classes"
-            )
-        check_compatible(adapter, self.client, self.config.allow_model_mismatch)
+    @property
+    def _runtime(self) -> ClassifierConfig:
+        return self.config if self.config is not None else ClassifierConfig()
+
+    def _learn(self, adapter: Adapter, onnx_path: str | Path | None, classes: np.ndarray) -> None:
+        check_compatible(adapter, self.client, self._runtime.allow_model_mismatch)
         self.refiner_, self.refiner_backend_ = self._make_refiner(adapter, onnx_path)
         self.adapter_ = adapter
-        self.classes_ = np.array(names)
-        logger.info("CraftClassifier ready: %d classes, refiner backend %s", len(names), self.refiner_backend_)
+        self.classes_ = classes
+        self.class_names_ = adapter.config.class_names
+        logger.info("CraftClassifier ready: %d classes, refiner backend %s", len(classes), self.refiner_backend_)
 
     def _make_refiner(self, adapter: Adapter, onnx_path: str | Path | None) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
-        backend = self.config.backend
+        backend = self._runtime.backend
         has_file = onnx_path is not None and Path(onnx_path).is_file()
-        if backend == "onnx" and onnx_path is None:
-            raise AdapterError("backend 'onnx' needs a refiner.onnx; use from_pretrained or pass onnx_path=")
+        if backend == "onnx" and not has_file:
+            raise AdapterError("backend 'onnx' needs a refiner.onnx next to the adapter; run craft-sdk export-onnx ADAPTER")
         if backend == "onnx" or (backend == "auto" and has_file):
             from .export import OnnxRefiner
 
-            assert onnx_path is not None
-            return OnnxRefiner(onnx_path, adapter, self.config.threads), "onnx"
+            return OnnxRefiner(onnx_path, adapter, self._runtime.threads), "onnx"  # type: ignore[arg-type]
         return adapter.refine, "numpy"
 
-    def fit(
-        self, images: Sequence[ImageLike], labels: Sequence[Any], class_names: Sequence[str] | None = None, **tune_overrides: Any
-    ) -> CraftClassifier:
-        """Tune an adapter through the client with :func:`craft_sdk.tune` (needs the ``[train]`` extra).
+    # ------------------------------------------------------------ learning
+
+    def fit(self, X: Sequence[ImageLike], y: Sequence[Any]) -> CraftClassifier:
+        """Tune an adapter on images ``X`` with labels ``y`` through the client (``[train]`` extra).
+
+        ``classes_`` are the sorted unique values of ``y`` (as in scikit-learn) and
+        :meth:`predict` returns values of that kind. The prompt names come from
+        ``class_names`` (or from string labels). One call costs up to ``budget`` queries,
+        charged to ``ledger``.
 
         Args:
-            images: training images (PIL, paths or uint8 arrays), length N.
-            labels: N class indices into ``class_names``, or N class names (then the class
-                list defaults to their sorted unique values).
-            class_names: ordered class names (required for integer labels).
-            **tune_overrides: :class:`~craft_sdk.TuneConfig` fields (``mode``, ``budget``, ``seed``...).
+            X: N images: PIL images, file paths, or uint8 arrays (a list, or an array [N, H, W, 3]).
+            y: N labels: strings, or any labels when ``class_names`` names them.
 
         Returns:
-            self, fitted: ``adapter_``, ``classes_`` are set.
+            self, with ``adapter_``, ``classes_``, ``class_names_`` set.
 
         Example:
-            >>> clf = CraftClassifier(None, client).fit(images, labels, budget=2000)  # doctest: +SKIP
+            >>> clf = CraftClassifier(client, mode="pg", budget=2000).fit(paths, labels)  # doctest: +SKIP
         """
         from .api import tune
-        from .data import ImageDataset
+        from .data import ImageDataset, sample_k_shot
 
-        y = np.asarray(labels)
-        if y.dtype.kind in "US":
-            names = tuple(class_names) if class_names is not None else tuple(sorted(set(y.tolist())))
-            index = {n: i for i, n in enumerate(names)}
-            unknown = sorted(set(y.tolist()) - set(index))
-            if unknown:
-                raise DataError(f"labels {unknown[:5]} are not in class_names; add them or fix the labels")
-            y = np.array([index[v] for v in y.tolist()], dtype=np.int64)
-        elif class_names is None:
-            raise DataError("integer labels need class_names; pass the ordered class list")
-        else:
-            names = tuple(class_names)
-        dataset = ImageDataset(to_pil_list(images), y, names)
-        # tuning queries land in this classifier's ledger too (categories search/refine), so
-        # ``clf.ledger`` accounts for every billable call; the tuning plan still fits TuneConfig.budget.
-        self._learn(tune(self.client, dataset, ledger=self.ledger, **tune_overrides), None)
+        labels = np.asarray(y)
+        if labels.ndim != 1 or len(labels) != _n_images(X):
+            raise DataError(f"y must be one label per image: got {_n_images(X)} images and labels of shape {list(labels.shape)}")
+        classes, index = np.unique(labels, return_inverse=True)
+        if len(classes) < 2:
+            raise DataError(f"fit needs at least 2 classes, got {len(classes)}")
+        names = self._prompt_names(classes)
+        full = ImageDataset([None] * len(labels), index, names)  # type: ignore[list-item]  # labels only: decode what is used
+        train_idx = np.arange(len(labels)) if self.shots is None else sample_k_shot(full, self.shots, self.seed)
+        val_idx = np.array([], np.int64)
+        if self.val_shots:
+            val_idx = sample_k_shot(full, self.val_shots, self.seed + 1, exclude=train_idx)
+            if self.shots is None:
+                train_idx = np.setdiff1d(train_idx, val_idx)
+
+        def dataset(idx: np.ndarray) -> ImageDataset:
+            return ImageDataset(to_pil_list([X[int(i)] for i in idx]), index[idx], names)
+
+        options = dict(self.tune_options or {})
+        clash = sorted(set(options) & set(_OWN_TUNE_FIELDS))
+        if clash:
+            raise ConfigError(f"tune_options sets {clash}; pass them as CraftClassifier arguments instead")
+        val = dataset(val_idx) if len(val_idx) else None
+        adapter = tune(self.client, dataset(train_idx), val, ledger=self.ledger,
+                       mode=self.mode, budget=self.budget, seed=self.seed, **options)
+        self._learn(adapter, None, classes)
         return self
+
+    def _prompt_names(self, classes: np.ndarray) -> tuple[str, ...]:
+        spec = self.class_names
+        if spec is None:
+            if classes.dtype.kind not in "US":
+                raise DataError("labels are not strings; pass class_names (a list naming label k, or a mapping label -> name)")
+            return tuple(str(c) for c in classes)
+        if isinstance(spec, Mapping):
+            missing = [c for c in classes.tolist() if c not in spec]
+            if missing:
+                raise DataError(f"class_names has no name for label(s) {missing[:5]}")
+            return tuple(str(spec[c]) for c in classes.tolist())
+        if classes.dtype.kind not in "iu":
+            raise ConfigError("a class_names list names integer labels; with string labels pass a mapping or nothing")
+        spec = list(spec)
+        if classes.min() < 0 or classes.max() >= len(spec):
+            raise DataError(f"labels {classes.min()}..{classes.max()} do not index class_names ({len(spec)} names)")
+        return tuple(spec[int(c)] for c in classes)
 
     # ------------------------------------------------------------ inference
 
@@ -235,50 +363,66 @@ class CraftClassifier:
         Probabilities (from a ``"probs"`` client) are turned into log-probabilities
         first, as the tuner does.
         """
-        return self.refiner_(self._to_logits(scores, self._check_fitted()))
+        return self.refiner_(as_log_scores(scores, self._check_fitted().config.output))
 
-    @staticmethod
-    def _to_logits(scores: np.ndarray, adapter: Adapter) -> np.ndarray:
-        return as_log_scores(scores, adapter.config.output)
-
-    def predict_all(self, images: Sequence[ImageLike]) -> Predictions:
-        """Raw logits, refined logits, probabilities and labels, from one pass over ``images``.
+    def predict_all(self, X: Sequence[ImageLike]) -> Predictions:
+        """Raw logits, refined logits, probabilities and labels, from one pass over ``X``.
 
         Args:
-            images: PIL images, file paths or uint8 arrays (a list, or an array [N, H, W, 3]).
+            X: PIL images, file paths or uint8 arrays (a list, or an array [N, H, W, 3]);
+                one query per ``config.batch_size`` images.
 
         Example:
             >>> out = clf.predict_all(images)                   # doctest: +SKIP
             >>> out.raw_logits.shape, out.probs.shape, out.labels[:2]  # doctest: +SKIP
         """
         adapter = self._check_fitted()
-        if isinstance(images, (str, Path, Image.Image)) or (isinstance(images, np.ndarray) and images.ndim < 4):
+        if isinstance(X, (str, Path, Image.Image)) or (isinstance(X, np.ndarray) and X.ndim < 4):
             raise DataError("expected a sequence of images, got a single image; wrap it in a list")
-        names, template, bs = list(adapter.config.class_names), adapter.config.template, self.config.batch_size
-        raws, refined = [], []
-        for start in range(0, len(images), bs):
-            batch = to_pil_list(images[start : start + bs])
-            scores = self._metered.predict(batch, names, template, adapter.offset, category="predict")
-            raw = self._to_logits(scores, adapter)
-            raws.append(raw)
+        names, template, bs = list(adapter.config.class_names), adapter.config.template, self._runtime.batch_size
+        metered = MeteredClient(self.client, self.ledger)
+        raws, refined, seconds = [], [], {"black_box": 0.0, "refiner": 0.0}
+        for start in range(0, len(X), bs):
+            batch = to_pil_list(X[start : start + bs])
+            t0 = time.perf_counter()
+            raw = as_log_scores(metered.predict(batch, names, template, adapter.offset, category="predict"), adapter.config.output)
+            t1 = time.perf_counter()
             refined.append(self.refiner_(raw))
+            seconds["black_box"] += t1 - t0
+            seconds["refiner"] += time.perf_counter() - t1
+            raws.append(raw)
         if not raws:
             raise DataError("the image list is empty")
-        return Predictions(np.concatenate(raws), np.concatenate(refined), self.classes_, adapter.temperature)
+        logits = np.concatenate(refined)
+        return Predictions(np.concatenate(raws), logits, self.classes_, adapter.probabilities(logits), seconds)
 
-    def predict(self, images: Sequence[ImageLike]) -> np.ndarray:
-        """[N] predicted class names (entries of ``classes_``)."""
-        return self.predict_all(images).labels
+    def predict(self, X: Sequence[ImageLike]) -> np.ndarray:
+        """[N] predicted labels, of the kind ``fit`` saw (entries of ``classes_``)."""
+        return self.predict_all(X).labels
 
-    def predict_proba(self, images: Sequence[ImageLike]) -> np.ndarray:
-        """float32 [N, C] calibrated class probabilities (softmax of refined logits / the adapter's temperature), columns in ``classes_`` order."""
-        return self.predict_all(images).probs
+    def predict_proba(self, X: Sequence[ImageLike]) -> np.ndarray:
+        """float32 [N, C] calibrated probabilities (the adapter's ``probabilities`` of the refined logits), columns in ``classes_`` order."""
+        return self.predict_all(X).probs
 
-    def decision_function(self, images: Sequence[ImageLike]) -> np.ndarray:
-        """float32 [N, C] refined logits."""
-        return self.predict_all(images).logits
+    def decision_function(self, X: Sequence[ImageLike]) -> np.ndarray:
+        """float32 [N, C] refined logits, columns in ``classes_`` order."""
+        return self.predict_all(X).logits
+
+    def score(self, X: Sequence[ImageLike], y: Sequence[Any], sample_weight: Sequence[float] | None = None) -> float:
+        """Mean accuracy of :meth:`predict` on ``X`` against ``y`` (optionally weighted)."""
+        truth = np.asarray(y)
+        hits = (self.predict(X) == truth).astype(np.float64)
+        return float(np.average(hits, weights=None if sample_weight is None else np.asarray(sample_weight, np.float64)))
 
 
-def _short(names: Sequence[str]) -> str:
-    head = ", ".join(names[:4])
-    return f"[{head}{', ...' if len(names) > 4 else ''}] ({len(names)} classes)"
+def _n_images(X: Any) -> int:
+    if isinstance(X, (str, Path, Image.Image)) or (isinstance(X, np.ndarray) and X.ndim < 4):
+        raise DataError("expected a sequence of images, got a single image; wrap it in a list")
+    return len(X)
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b) if not isinstance(a, np.ndarray) else False
+    except Exception:  # comparisons of exotic parameter values
+        return False

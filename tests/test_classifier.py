@@ -116,13 +116,13 @@ def test_input_kinds_agree(adapter_dir: Path, tiny_client, tmp_path: Path) -> No
 def test_offset_is_sent_once_per_batch_and_none_without_prompt() -> None:
     caps = Capabilities("spy/1", n_ctx=4, ctx_dim=32)
     client = Spy(caps)
-    clf = CraftClassifier(make_adapter("spy/1", names=("a", "b", "c")), client, config=ClassifierConfig(batch_size=4))
+    clf = CraftClassifier.from_adapter(make_adapter("spy/1", names=("a", "b", "c")), client, config=ClassifierConfig(batch_size=4))
     clf.predict(random_images(9, seed=0))
     assert [n for n, _ in client.calls] == [4, 4, 1]
     for _, sent in client.calls:
         np.testing.assert_array_equal(sent, clf.adapter_.offset)
     client2 = Spy(caps)
-    clf2 = CraftClassifier(make_adapter("spy/1", names=("a", "b", "c"), prompt=None), client2)
+    clf2 = CraftClassifier.from_adapter(make_adapter("spy/1", names=("a", "b", "c"), prompt=None), client2)
     clf2.predict(random_images(3, seed=0))
     assert [(n, o) for n, o in client2.calls] == [(3, None)]
     assert clf2.ledger.to_dict()["counts"]["predict"] == 1
@@ -130,25 +130,28 @@ def test_offset_is_sent_once_per_batch_and_none_without_prompt() -> None:
 
 def test_budget_and_shared_ledger() -> None:
     client = Spy(Capabilities("spy/1", n_ctx=4, ctx_dim=32))
-    clf = CraftClassifier(make_adapter("spy/1", names=("a", "b", "c")), client, config=ClassifierConfig(batch_size=2, budget=2))
+    clf = CraftClassifier.from_adapter(make_adapter("spy/1", names=("a", "b", "c")), client, config=ClassifierConfig(batch_size=2, budget=2))
     with pytest.raises(BudgetExceededError):
         clf.predict(random_images(5, seed=0))
     assert len(client.calls) == 2 and clf.ledger.used == 2  # the third call was refused before being sent
     ledger = QueryLedger()
     ledger.charge(5, "search")
-    shared = CraftClassifier(make_adapter("spy/1", names=("a", "b", "c")), client, ledger=ledger)
+    shared = CraftClassifier.from_adapter(make_adapter("spy/1", names=("a", "b", "c")), client, ledger=ledger)
     shared.predict(random_images(2, seed=0))
     assert ledger.counts["predict"] == 1 and ledger.used == 6
     with pytest.raises(ConfigError, match="either a ledger or config.budget"):
-        CraftClassifier(None, client, ledger=ledger, config=ClassifierConfig(budget=3))
+        CraftClassifier.from_adapter(make_adapter("spy/1", names=("a", "b", "c")), client, ledger=ledger,
+                                     config=ClassifierConfig(budget=3))
 
 
 def test_not_fitted() -> None:
-    clf = CraftClassifier(None, Spy(Capabilities("spy/1")))
+    clf = CraftClassifier(Spy(Capabilities("spy/1")))
     with pytest.raises(NotFittedError, match="fit"):
         clf.predict(random_images(1, seed=0))
     with pytest.raises(ValueError):
         clf.predict_proba(random_images(1, seed=0))
+    with pytest.raises(AttributeError):  # as scikit-learn's NotFittedError
+        clf.decision_function(random_images(1, seed=0))
     assert not hasattr(clf, "classes_")
 
 
@@ -156,16 +159,14 @@ def test_construction_checks(tmp_path: Path) -> None:
     soft, text_only = Capabilities("m/1", n_ctx=4, ctx_dim=32), Capabilities("m/1")
     adapter = make_adapter("m/1", names=("a", "b", "c"))
     with pytest.raises(AdapterError, match="tuned on m/1 but the client serves other/2"):
-        CraftClassifier(adapter, Spy(Capabilities("other/2", n_ctx=4, ctx_dim=32)))
-    clf = CraftClassifier(adapter, Spy(Capabilities("other/2", n_ctx=4, ctx_dim=32)),
+        CraftClassifier.from_adapter(adapter, Spy(Capabilities("other/2", n_ctx=4, ctx_dim=32)))
+    clf = CraftClassifier.from_adapter(adapter, Spy(Capabilities("other/2", n_ctx=4, ctx_dim=32)),
                           config=ClassifierConfig(allow_model_mismatch=True))
     assert list(clf.classes_) == ["a", "b", "c"]
     with pytest.raises(AdapterError, match="text-only"):
-        CraftClassifier(adapter, Spy(text_only))
-    with pytest.raises(AdapterError, match="class list mismatch"):
-        CraftClassifier(adapter, Spy(soft), class_names=["a", "c", "b"])
+        CraftClassifier.from_adapter(adapter, Spy(text_only))
     with pytest.raises(AdapterError, match="needs a refiner.onnx"):
-        CraftClassifier(adapter, Spy(soft), config=ClassifierConfig(backend="onnx"))
+        CraftClassifier.from_adapter(adapter, Spy(soft), config=ClassifierConfig(backend="onnx"))
     adapter.save_pretrained(tmp_path / "ad")
     with pytest.raises(AdapterError, match="export-onnx"):
         CraftClassifier.from_pretrained(tmp_path / "ad", Spy(soft), config=ClassifierConfig(backend="onnx"))
@@ -188,11 +189,11 @@ def test_probability_client_is_refined_on_log_probs() -> None:
     p = np.array([0.7, 0.2, 0.1], np.float32)
     client = Spy(Capabilities("p/1", n_ctx=4, ctx_dim=32, output="probs"), scores=p)
     adapter = make_adapter("p/1", names=("a", "b", "c"), output="probs")
-    out = CraftClassifier(adapter, client).predict_all(random_images(2, seed=0))
+    out = CraftClassifier.from_adapter(adapter, client).predict_all(random_images(2, seed=0))
     np.testing.assert_allclose(out.raw_logits, np.log(np.tile(p, (2, 1))), atol=1e-6)
     np.testing.assert_allclose(out.logits, torch_refine(adapter, np.log(np.tile(p, (2, 1)))), atol=1e-5)
     with pytest.raises(AdapterError, match="expects probs but the client returns logits"):
-        CraftClassifier(adapter, Spy(Capabilities("p/1", n_ctx=4, ctx_dim=32)))
+        CraftClassifier.from_adapter(adapter, Spy(Capabilities("p/1", n_ctx=4, ctx_dim=32)))
 
 
 def test_single_image_or_empty_is_rejected(adapter_dir: Path, tiny_client) -> None:  # type: ignore[no-untyped-def]
@@ -206,15 +207,41 @@ def test_single_image_or_empty_is_rejected(adapter_dir: Path, tiny_client) -> No
 def test_fit_tunes_and_returns_self(tiny_client) -> None:  # type: ignore[no-untyped-def]
     ims = random_images(12, seed=4)
     labels = ["forest", "river", "sea or lake"] * 4
-    clf = CraftClassifier(None, tiny_client)
-    assert clf.fit(ims, labels, mode="pr", budget=20, refiner_hidden=16, seed=0) is clf
-    assert list(clf.classes_) == ["forest", "river", "sea or lake"]  # sorted unique names
+    clf = CraftClassifier(tiny_client, mode="pr", budget=20, seed=0, tune_options={"refiner_hidden": 16})
+    assert not hasattr(clf, "adapter_")  # the constructor does nothing
+    assert clf.fit(ims, labels) is clf
+    assert list(clf.classes_) == ["forest", "river", "sea or lake"]  # sorted unique labels
     assert clf.adapter_.config.prompt is None and clf.refiner_backend_ == "numpy"
+    assert clf.adapter_.config.refiner is not None and clf.adapter_.config.refiner.hidden == 16
     assert clf.predict(ims).shape == (12,)
     # every billable call is in the classifier's ledger: the tuning query (pr mode: 1) and the deployment batch
     assert clf.ledger.counts["refine"] == 1 and clf.ledger.counts["predict"] == 1
     with pytest.raises(ValueError, match="class_names"):
-        CraftClassifier(None, tiny_client).fit(ims, [0, 1, 2] * 4)
+        CraftClassifier(tiny_client, mode="pr", budget=20).fit(ims, [0, 1, 2] * 4)
+
+
+def test_fit_integer_labels_predicts_integers(tiny_client) -> None:  # type: ignore[no-untyped-def]
+    ims = random_images(12, seed=4)
+    y = np.array([2, 0, 1] * 4)
+    names = ["forest", "river", "sea or lake"]
+    clf = CraftClassifier(tiny_client, mode="pr", budget=20, class_names=names, tune_options={"refiner_hidden": 16})
+    pred = clf.fit(ims, y).predict(ims)
+    assert clf.classes_.tolist() == [0, 1, 2] and clf.class_names_ == tuple(names)
+    assert pred.dtype.kind == "i" and set(pred.tolist()) <= {0, 1, 2}
+    assert clf.score(ims, y) == pytest.approx(float((pred == y).mean()))
+    # a mapping names arbitrary labels; the prompt names follow classes_ order
+    mapped = CraftClassifier(tiny_client, mode="pr", budget=20, class_names={10: "river", 5: "forest"},
+                             tune_options={"refiner_hidden": 16})
+    mapped.fit(ims[:8], [5, 10] * 4)
+    assert mapped.classes_.tolist() == [5, 10] and mapped.class_names_ == ("forest", "river")
+    with pytest.raises(ValueError, match="no name for label"):
+        CraftClassifier(tiny_client, class_names={5: "forest"}).fit(ims[:8], [5, 10] * 4)
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        CraftClassifier(tiny_client).fit(ims[:4], ["a"] * 4)
+    with pytest.raises(ValueError, match="one label per image"):
+        CraftClassifier(tiny_client).fit(ims[:4], ["a", "b"])
+    with pytest.raises(ConfigError, match="tune_options sets"):
+        CraftClassifier(tiny_client, tune_options={"budget": 3}).fit(ims[:4], ["a", "b"] * 2)
 
 
 # ------------------------------------------------------------------ CLI: predict
