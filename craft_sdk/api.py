@@ -26,7 +26,8 @@ def create_client(model: str, pretrained: str | None = _UNSET, *, device: str = 
 
     Args:
         model: ``"demo"``, an open_clip name (``"ViT-B-32"``), ``"local-dir:/path"``, or
-            the URL of a craft-sdk prediction server (``"http://host:port"``).
+            the URL of a craft-sdk prediction server (``"http://host:port"``), or a hosted
+            zero-shot classification endpoint (``"zeroshot+http://host:port/path"``, text only).
         pretrained: tag or ``.safetensors`` file for open_clip names; None = random weights.
         device: torch device for local models.
         **kwargs: passed to the client class.
@@ -34,6 +35,10 @@ def create_client(model: str, pretrained: str | None = _UNSET, *, device: str = 
     Example:
         >>> client = create_client("demo")  # doctest: +SKIP
     """
+    if model.startswith(("zeroshot+http://", "zeroshot+https://")):
+        from .client.zeroshot import ZeroShotAPIClient
+
+        return ZeroShotAPIClient(model[len("zeroshot+") :], **kwargs)
     if model.startswith(("http://", "https://")):
         from .client.http import HTTPClient
 

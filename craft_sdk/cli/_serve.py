@@ -22,6 +22,7 @@ def serve(
     max_body_mb: int = typer.Option(256, help="largest request body in MiB"),
     cache_size: int = typer.Option(8, help="uploaded image sets whose features are kept"),
     device: str = typer.Option("cpu", help="torch device of the model"),
+    text_only: bool = typer.Option(False, "--text-only", help="refuse context offsets (a text-only provider); /v1/zero-shot/* still answers"),
 ) -> None:
     """Serve MODEL as a prediction-only HTTP service (logits only, metered per API key)."""
     from .. import create_client
@@ -32,6 +33,10 @@ def serve(
     keys = load_api_keys(api_key_file)
     config = ServerConfig(budget_per_key=budget_per_key, max_body_bytes=max_body_mb << 20, max_image_sets=cache_size)
     client = create_client(model, device=device, cache_size=cache_size, **parse_pretrained(model, pretrained))
+    if text_only:
+        from ..client.zeroshot import TextOnlyClient
+
+        client = TextOnlyClient(client)
     caps = client.capabilities()
     err.print(f"serving {caps.model_id} on http://{host}:{port}/v1 to {len(keys)} key(s)", highlight=False)
     run_server(create_app(client, keys, config), host=host, port=port)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .base import DEFAULT_TEMPLATE, BaseClient, CallableClient, Capabilities, ImageSetHandle, PredictionClient
 from .ledger import CATEGORIES, MeteredClient, QueryLedger
+from .zeroshot import TextOnlyClient, ZeroShotAPIClient
 
 __all__ = [
     "CATEGORIES",
@@ -15,4 +16,6 @@ __all__ = [
     "MeteredClient",
     "PredictionClient",
     "QueryLedger",
+    "TextOnlyClient",
+    "ZeroShotAPIClient",
 ]

@@ -212,6 +212,9 @@ def create_app(client: PredictionClient, api_keys: dict[str, str], config: Serve
             raise Problem(422, "invalid", "Idempotency-Key must be 1-128 characters of [A-Za-z0-9._:-]", "Idempotency-Key")
         return await _idempotent(state, (key, idem), body)
 
+    from .zeroshot import PATH, zeroshot_route  # the hosted zero-shot shape (imports this module's helpers)
+
+    endpoint("POST", PATH)(zeroshot_route(state))
     return app
 
 

@@ -1,0 +1,311 @@
+"""A client for hosted zero-shot image classification endpoints: text only, one HTTP request per image.
+
+Most hosted vision-language models accept no context offsets: an endpoint takes
+one image, candidate labels and a hypothesis template, and answers a probability
+per label. The JSON shape (the Hugging Face Inference API's, also served by
+``craft-sdk serve`` under ``POST /v1/zero-shot/<name>``; see ``docs/wire-format.md``)::
+
+    request:  {"inputs": "<base64 PNG>",
+               "parameters": {"candidate_labels": ["cat", "dog"],
+                              "hypothesis_template": "a photo of a {}."}}
+    answer:   [{"label": "dog", "score": 0.93}, {"label": "cat", "score": 0.07}]
+
+:class:`ZeroShotAPIClient` implements the :class:`~craft_sdk.client.base.PredictionClient`
+protocol over it: a context template ``T`` becomes the hypothesis template
+``"T {}."``, the same text :class:`~craft_sdk.client.openclip.OpenCLIPClient`
+builds (``"{template} {class name}."``), so a text-only client and a local client
+agree on a template. A prediction over N images sends N requests, at most
+``max_concurrency`` at once, each retried with backoff on timeouts, dropped
+connections, 429 and 5xx (with one ``Idempotency-Key`` across its retries; servers
+that honour it, like ``craft-sdk serve``, never compute or bill a retry twice),
+and reassembles the scores in class order. The ledger's unit is unchanged (one
+prompt scored on one image set = one query); what providers bill, HTTP requests,
+is counted on the client: :attr:`ZeroShotAPIClient.provider_requests`.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import functools
+import io
+import json
+import math
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import fields, replace
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from ..errors import ClientError, ConfigError
+from ..images import ImageLike, images_fingerprint, to_pil_list
+from .base import (
+    DEFAULT_TEMPLATE,
+    Capabilities,
+    Images,
+    ImageSetHandle,
+    PredictionClient,
+    check_class_names,
+    check_offsets,
+    check_output,
+)
+from .http import IDEMPOTENCY_HEADER, HTTPClient, HTTPClientConfig, WireError
+
+PLACEHOLDER = "{}"
+
+
+def hypothesis_template(template: str) -> str:
+    """The API's hypothesis template for a context template: ``"a photo of a"`` → ``"a photo of a {}."``.
+
+    Raises:
+        ClientError: the template is empty or contains braces (they would be read as placeholders).
+    """
+    if not template.strip() or "{" in template or "}" in template:
+        raise ClientError(f"template {template!r} must be non-empty text without braces")
+    return f"{template} {PLACEHOLDER}."
+
+
+def split_hypothesis(hypothesis: str) -> tuple[str, str]:
+    """(context template, label suffix) of a hypothesis template ``"<context> {}<suffix>."``.
+
+    The inverse of :func:`hypothesis_template` (suffix ``""``); a template such as
+    ``"a photo of a {}, a type of pet."`` maps to the context ``"a photo of a"`` and
+    the suffix ``", a type of pet"`` appended to every label, which gives the same text.
+
+    Raises:
+        ClientError: the template has no single ``{}`` after a non-empty context, or does not end with ``.``.
+    """
+    head, sep, tail = hypothesis.partition(PLACEHOLDER)
+    ok = sep and head.endswith(" ") and head.strip() and tail.endswith(".") and "{" not in head + tail and "}" not in head + tail
+    if not ok:
+        raise ClientError(
+            f"hypothesis template {hypothesis!r} is not of the form '<context> {{}}<suffix>.' "
+            "(one {} after a non-empty context, ending with a period)"
+        )
+    return head.rstrip(" "), tail[:-1]
+
+
+def encode_image(image: Image.Image) -> str:
+    """Base64 of a lossless PNG of ``image`` (what ``inputs`` carries)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+class ZeroShotAPIClient:
+    """A text-only black box behind a hosted zero-shot image classification endpoint.
+
+    Args:
+        url: the endpoint, e.g. ``"http://127.0.0.1:8765/v1/zero-shot/demo"`` (requests are POSTed to it).
+        api_key: bearer key; defaults to the ``CRAFT_API_KEY`` environment variable.
+        model_id: identifier stored in adapters (default ``"zeroshot-api:<url>"``).
+        config: retries, timeouts, ``max_concurrency`` (requests in flight, default 8) and
+            ``cache_size`` (encoded image sets kept) as an :class:`~craft_sdk.client.http.HTTPClientConfig`;
+            keyword ``overrides`` replace its fields.
+        transport: optional httpx transport (tests).
+
+    Example:
+        >>> client = ZeroShotAPIClient("http://127.0.0.1:8765/v1/zero-shot/demo", api_key="...")  # doctest: +SKIP
+        >>> probs = client.predict(images, ["cat", "dog"], "a photo of a")                    # doctest: +SKIP
+        >>> probs.shape, client.provider_requests                                              # doctest: +SKIP
+        ((2, 2), 2)
+    """
+
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        *,
+        model_id: str | None = None,
+        config: HTTPClientConfig | None = None,
+        transport: httpx.BaseTransport | None = None,
+        **overrides: Any,
+    ) -> None:
+        known = {f.name for f in fields(HTTPClientConfig)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ConfigError(f"unknown ZeroShotAPIClient option(s) {unknown}; valid: {sorted(known)}")
+        base = config or HTTPClientConfig(max_concurrency=8)
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ConfigError(f"url must be an http(s) endpoint such as http://host:port/path, got {url!r}")
+        self.url = url
+        # the HTTP client owns transport, retries, backoff and error mapping; this class owns the shape
+        self._wire = HTTPClient(f"{parts.scheme}://{parts.netloc}", api_key, config=replace(base, **overrides), transport=transport)
+        self.config = self._wire.config
+        self._caps = Capabilities(model_id or f"zeroshot-api:{url}", output="probs")
+        self._sets: OrderedDict[str, list[str]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._sent = 0
+        self._answered = 0
+        self._pool = concurrent.futures.ThreadPoolExecutor(self.config.max_concurrency, thread_name_prefix="zeroshot")
+
+    # ------------------------------------------------------------------ counters
+
+    @property
+    def provider_requests(self) -> int:
+        """HTTP requests sent to the endpoint, retries included: what a provider bills at most."""
+        return self._sent
+
+    @property
+    def provider_answers(self) -> int:
+        """Requests answered with valid scores (one per image per prediction)."""
+        return self._answered
+
+    # ------------------------------------------------------------------ protocol
+
+    def capabilities(self, template: str = DEFAULT_TEMPLATE) -> Capabilities:
+        """Text only, probabilities; no request is made."""
+        hypothesis_template(template)
+        return self._caps
+
+    def upload(self, images: Sequence[ImageLike]) -> ImageSetHandle:
+        """Encode ``images`` once (kept locally; the API has no uploads). Not billed, no request."""
+        pil = to_pil_list(images)
+        fp = images_fingerprint(pil)
+        with self._lock:
+            if fp in self._sets:
+                self._sets.move_to_end(fp)
+                return ImageSetHandle(fp, len(pil))
+        encoded = [encode_image(im) for im in pil]
+        with self._lock:
+            self._sets[fp] = encoded
+            while len(self._sets) > self.config.cache_size:
+                self._sets.popitem(last=False)
+        return ImageSetHandle(fp, len(pil))
+
+    def predict(
+        self,
+        images: Images,
+        class_names: Sequence[str],
+        template: str = DEFAULT_TEMPLATE,
+        offsets: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Probabilities [N, C] in ``class_names`` order: N requests, ``max_concurrency`` at a time.
+
+        Raises:
+            ClientError: ``offsets`` were given (text only), or a request failed after its retries.
+            BudgetExceededError: the provider reports the key's budget spent (never retried).
+        """
+        names = check_class_names(class_names)
+        caps = self.capabilities(template)
+        check_offsets(offsets, caps)  # refuses any offset: this black box is text only
+        encoded = self._encoded(images)
+        hypothesis = hypothesis_template(template)
+        failed = threading.Event()  # one request gave up: the others send nothing more
+        futures = [self._pool.submit(self._classify, b64, names, hypothesis, failed) for b64 in encoded]
+        try:
+            rows = [f.result() for f in futures]
+        except BaseException:
+            failed.set()
+            for f in futures:
+                f.cancel()
+            concurrent.futures.wait(futures)  # nothing of this prediction stays in flight after it raises
+            raise
+        return check_output(np.stack(rows), 1, len(encoded), len(names), caps.model_id)[0]
+
+    def _encoded(self, images: Images) -> list[str]:
+        if isinstance(images, ImageSetHandle):
+            with self._lock:
+                if images.id not in self._sets:
+                    raise ClientError(f"unknown or evicted image-set handle {images.id[:12]}; upload the images again")
+                self._sets.move_to_end(images.id)
+                return self._sets[images.id]
+        return [encode_image(im) for im in to_pil_list(images)]
+
+    def _classify(self, b64: str, names: list[str], hypothesis: str, failed: threading.Event) -> np.ndarray:
+        """Scores [C] of one image; one idempotency key across the retries of this request."""
+        payload = {"inputs": b64, "parameters": {"candidate_labels": names, "hypothesis_template": hypothesis}}
+        body = json.dumps(payload).encode()
+        headers = {"Content-Type": "application/json", IDEMPOTENCY_HEADER: uuid.uuid4().hex}
+        post = functools.partial(self._wire._http.post, self.url, content=body, headers=headers)
+
+        def send() -> httpx.Response:
+            if failed.is_set():
+                raise ClientError("cancelled: another request of this prediction failed")
+            with self._lock:
+                self._sent += 1
+            return post()
+
+        try:
+            scores = self._wire._call("POST zero-shot", send, functools.partial(_scores, names=names))
+        except BaseException:
+            failed.set()
+            raise
+        with self._lock:
+            self._answered += 1
+        return scores
+
+    # ------------------------------------------------------------------ plumbing
+
+    def close(self) -> None:
+        """Stop the request threads and close the connection pool."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._wire.close()
+
+    def __enter__(self) -> ZeroShotAPIClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _scores(resp: httpx.Response, names: list[str]) -> np.ndarray:
+    """Scores [C] in ``names`` order from ``[{"label", "score"}, ...]`` (any order)."""
+    try:
+        items = resp.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise WireError("expected a JSON list of {label, score}") from None
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        raise WireError("expected a JSON list of {label, score}")
+    index = {name: c for c, name in enumerate(names)}
+    out = np.full(len(names), np.nan)
+    for item in items:
+        label, score = item.get("label"), item.get("score")
+        if label not in index or not isinstance(score, (int, float)) or not math.isfinite(score) or not 0 <= score <= 1:
+            raise ClientError(f"the endpoint answered an unexpected label or score {str(item)[:80]}; is it a zero-shot endpoint?")
+        out[index[label]] = score
+    if np.isnan(out).any():
+        missing = [n for n, s in zip(names, out) if np.isnan(s)]
+        raise ClientError(f"the endpoint answered no score for label(s) {missing[:3]}; is it a zero-shot endpoint?")
+    return out
+
+
+class TextOnlyClient:
+    """A text-only view of any client: capabilities without ``n_ctx``/``ctx_dim``, offsets refused.
+
+    What ``craft-sdk serve --text-only`` serves, and a way to test text-only tuning on a local model.
+
+    Args:
+        client: the wrapped client.
+
+    Example:
+        >>> TextOnlyClient(create_client("demo")).capabilities().soft_prompts  # doctest: +SKIP
+        False
+    """
+
+    def __init__(self, client: PredictionClient) -> None:
+        self.client = client
+
+    def capabilities(self, template: str = DEFAULT_TEMPLATE) -> Capabilities:
+        caps = self.client.capabilities(template)
+        return Capabilities(caps.model_id, output=caps.output, logit_scale=caps.logit_scale)
+
+    def upload(self, images: Sequence[ImageLike]) -> ImageSetHandle:
+        return self.client.upload(images)
+
+    def predict(
+        self,
+        images: Images,
+        class_names: Sequence[str],
+        template: str = DEFAULT_TEMPLATE,
+        offsets: np.ndarray | None = None,
+    ) -> np.ndarray:
+        check_offsets(offsets, self.capabilities(template))
+        return self.client.predict(images, class_names, template)

@@ -1,0 +1,302 @@
+"""The hosted zero-shot classification shape end to end: ZeroShotAPIClient against ``craft-sdk serve`` on loopback,
+the fault matrix of test_faults.py (500, 429, timeouts, truncated bodies, a restart), and ``--text-only``."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from conftest import CLASS_NAMES, random_images
+
+from craft_sdk import Adapter, BudgetExceededError, ClientError, ConfigError, ImageDataset, TuneConfig, create_client
+from craft_sdk.client.http import HTTPClient, encode
+from craft_sdk.client.zeroshot import TextOnlyClient, ZeroShotAPIClient, hypothesis_template, split_hypothesis
+from craft_sdk.scores import softmax
+
+pytest.importorskip("torch")
+pytest.importorskip("fastapi")
+from craft_sdk.serve import BackgroundServer, ServerConfig, create_app  # noqa: E402
+from craft_sdk.tuner.train import Tuner  # noqa: E402
+
+KEY = secrets.token_hex(16)
+ROUTE = "/v1/zero-shot/tiny-clip"
+FAST = dict(backoff=0.02, max_backoff=0.3, max_retries=6, timeout=1.0)
+NAMES = list(CLASS_NAMES)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir: Path):  # noqa: ANN201
+    from craft_sdk.client.openclip import OpenCLIPClient
+
+    return OpenCLIPClient(f"local-dir:{tiny_model_dir}")
+
+
+@pytest.fixture(scope="module")
+def server(model):  # noqa: ANN001, ANN201
+    app = create_app(model, {"alice": KEY})
+    with BackgroundServer(app) as srv:
+        yield srv
+
+
+def used(app: Any) -> int:
+    return app.state.craft.meter.report("alice")["used"]
+
+
+def local_probs(client: Any, imgs: list, names: list[str], template: str = "a photo of a") -> np.ndarray:
+    """What the server computes: one image per request (a batch may differ in the last bits)."""
+    return np.concatenate([softmax(client.predict([im], names, template)) for im in imgs])
+
+
+def test_hypothesis_template_round_trip() -> None:
+    assert hypothesis_template("a photo of a") == "a photo of a {}."
+    assert split_hypothesis("a photo of a {}.") == ("a photo of a", "")
+    assert split_hypothesis("a photo of a {}, a type of pet.") == ("a photo of a", ", a type of pet")
+    for bad in ("{} photo.", "a photo of a {}", "a photo of {} and {}.", "a {x} of {}.", "a photo of a{}."):
+        with pytest.raises(ClientError):
+            split_hypothesis(bad)
+    with pytest.raises(ClientError, match="braces"):
+        hypothesis_template("a {bad} template")
+
+
+def test_scores_equal_the_local_model_in_class_order(model, tiny_client, server) -> None:  # noqa: ANN001
+    imgs = random_images(7, seed=11)
+    app = server.app
+    before = used(app)
+    with ZeroShotAPIClient(server.url + ROUTE, api_key=KEY, max_concurrency=3) as zs:
+        assert zs.capabilities().soft_prompts is False and zs.capabilities().output == "probs"
+        probs = zs.predict(zs.upload(imgs), NAMES, "a sketch of a")
+        assert zs.provider_requests == zs.provider_answers == 7
+        with pytest.raises(ClientError, match="text-only"):
+            zs.predict(imgs, NAMES, "a photo of a", np.zeros((4, 32), np.float32))
+    assert probs.shape == (7, len(NAMES)) and np.array_equal(probs, local_probs(tiny_client, imgs, NAMES, "a sketch of a"))
+    assert np.allclose(probs, softmax(tiny_client.predict(imgs, NAMES, "a sketch of a")), atol=1e-5)  # batched locally
+    assert used(app) - before == 7  # one query per request (a prompt scored on a one-image set)
+
+
+def test_wire_shape_suffix_order_and_errors(tiny_client, server) -> None:  # noqa: ANN001
+    im = random_images(1, seed=5)[0]
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    b64 = base64.b64encode(buf.getvalue()).decode()
+    body = {"inputs": b64, "parameters": {"candidate_labels": ["forest", "river"], "hypothesis_template": "a photo of a {}, seen from above."}}
+    auth = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(server.url + "/v1/zero-shot/any/name", json=body, headers=auth)
+    assert r.status_code == 200, r.text
+    items = r.json()
+    assert [i["score"] for i in items] == sorted((i["score"] for i in items), reverse=True)
+    want = softmax(tiny_client.predict([im], ["forest, seen from above", "river, seen from above"], "a photo of a"))[0]
+    assert {i["label"]: i["score"] for i in items} == {"forest": float(want[0]), "river": float(want[1])}
+    bad = [
+        ({**body, "inputs": "not base64!"}, 422, "inputs"),
+        ({**body, "parameters": {**body["parameters"], "hypothesis_template": "{} only"}}, 422, "hypothesis_template"),
+        ({**body, "parameters": {"candidate_labels": ["a", "a"]}}, 422, "class_names"),
+    ]
+    for payload, status, field in bad:
+        r = httpx.post(server.url + "/v1/zero-shot/x", json=payload, headers=auth)
+        assert (r.status_code, r.json()["error"]["field"]) == (status, field)
+    assert httpx.post(server.url + "/v1/zero-shot/x", json=body).status_code == 401
+
+
+def test_create_client_and_a_text_only_tune(server, tiny_client) -> None:  # noqa: ANN001
+    imgs = random_images(12, seed=21)
+    train = ImageDataset(imgs, np.arange(12) % len(NAMES), CLASS_NAMES)
+    zs = create_client("zeroshot+" + server.url + ROUTE, api_key=KEY, model_id="tiny-zs", **FAST)
+    assert isinstance(zs, ZeroShotAPIClient)
+    before = used(server.app)
+    cfg = TuneConfig(mode="craft", budget=40, seed=0, popsize=4, refiner_hidden=16)
+    result = Tuner(cfg).fit(zs, train)  # text-only: craft falls back to the refiner alone
+    zs.close()
+    adapter = Adapter.from_result(result)
+    assert result.config.mode == "pr" and adapter.config.model_id == "tiny-zs" and adapter.config.output == "probs"
+    assert used(server.app) - before == result.queries["used"] * len(train) == zs.provider_requests
+
+
+# ----------------------------------------------------------------------------------------- faults
+
+
+class ZeroShotFaults:
+    """ASGI middleware: the n-th zero-shot request suffers ``faults[n]`` (as test_faults.FaultInjector)."""
+
+    def __init__(self, app: Any, faults: dict[int, str], on_die: Any = None, slow_s: float = 1.5) -> None:
+        self.app, self.faults, self.on_die, self.slow_s = app, dict(faults), on_die, slow_s
+        self.n, self.fired = 0, []
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/zero-shot/"):
+            return await self.app(scope, receive, send)
+        self.n += 1
+        fault = self.faults.get(self.n)
+        if fault is None:
+            return await self.app(scope, receive, send)
+        self.fired.append(fault)
+        if fault in ("500", "429", "503"):
+            return await _reply(send, int(fault), {"error": {"code": "rate_limited" if fault == "429" else "internal"}})
+        if fault == "slow":
+            await asyncio.sleep(self.slow_s)
+            return await self.app(scope, receive, send)
+        if fault == "die":
+            threading.Thread(target=self.on_die, daemon=True).start()
+            await asyncio.sleep(30)  # never answers: cancelled by the shutdown
+            return
+        sent: list[dict] = []
+
+        async def capture(message: dict) -> None:
+            sent.append(message)
+
+        await self.app(scope, receive, capture)  # the real computation, billed
+        start, body = sent[0], b"".join(m.get("body", b"") for m in sent[1:])
+        if fault == "lost":
+            return await _reply(send, 500, {"error": {"code": "internal"}})
+        headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
+        if fault == "truncate":
+            await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body[: len(body) // 2], "more_body": True})
+            return
+        if fault == "short-nosum":
+            headers = [(k, v) for k, v in headers if k.lower() != b"x-craft-body-sha256"]
+        await send({**start, "headers": [*headers, (b"content-length", str(len(body) // 2).encode())]})
+        await send({"type": "http.response.body", "body": body[: len(body) // 2]})
+
+
+async def _reply(send: Any, status: int, obj: dict) -> None:
+    body = json.dumps(obj).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"retry-after", b"0")]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_every_transient_fault_is_retried_and_billed_once(model, tiny_client, concurrency: int, caplog) -> None:  # noqa: ANN001
+    imgs = random_images(14, seed=31)
+    faults = {2: "500", 3: "429", 5: "slow", 7: "truncate", 9: "short", 10: "short-nosum", 12: "lost", 13: "503"}
+    app = create_app(model, {"alice": KEY})
+    injector = ZeroShotFaults(app, faults)
+    with BackgroundServer(injector) as srv, ZeroShotAPIClient(srv.url + ROUTE, api_key=KEY, max_concurrency=concurrency, **FAST) as zs:
+        with caplog.at_level("WARNING", logger="craft_sdk.client.http"):
+            probs = zs.predict(imgs, NAMES, "a photo of a")
+        time.sleep(FAST["timeout"])  # let the slow request reach the app (it is replayed or refused, never billed)
+        assert sorted(injector.fired) == sorted(faults.values())
+        assert np.array_equal(probs, local_probs(tiny_client, imgs, NAMES))
+        assert zs.provider_answers == 14 and zs.provider_requests == 14 + len(faults)  # one retry per fault
+        assert used(app) == 14  # "lost" and "slow" were computed once: their retries were replayed, not billed
+    for cause in ("HTTP 500", "HTTP 429", "HTTP 503", "timed out", "connection failed", "does not match", "corrupt response body"):
+        assert cause in caplog.text, cause
+
+
+def test_server_restart_mid_prediction(model, tiny_client) -> None:  # noqa: ANN001
+    """A restart loses the idempotency cache and meters: the request cut off is retried on the new server."""
+    imgs = random_images(8, seed=41)
+    apps = [create_app(model, {"alice": KEY})]
+    srv = BackgroundServer(None)
+
+    def die_and_restart() -> None:
+        srv.stop()
+        time.sleep(0.3)
+        apps.append(create_app(model, {"alice": KEY}))
+        srv.start(apps[-1])
+
+    srv.start(ZeroShotFaults(apps[0], {4: "die"}, on_die=die_and_restart))
+    try:
+        with ZeroShotAPIClient(srv.url + ROUTE, api_key=KEY, max_concurrency=1, **FAST) as zs:
+            probs = zs.predict(imgs, NAMES, "a photo of a")
+    finally:
+        srv.stop()
+    assert len(apps) == 2 and np.array_equal(probs, local_probs(tiny_client, imgs, NAMES))
+    assert used(apps[0]) + used(apps[1]) == 8 == zs.provider_answers  # the request cut off was never computed
+    assert zs.provider_requests >= 9
+
+
+def test_outage_gives_up_with_a_clear_error(model) -> None:  # noqa: ANN001
+    srv = BackgroundServer(create_app(model, {"alice": KEY})).start()
+    url = srv.url + ROUTE
+    srv.stop()
+    for concurrency in (1, 4):
+        with ZeroShotAPIClient(url, api_key=KEY, backoff=0.01, max_backoff=0.05, max_retries=2, timeout=0.5, max_concurrency=concurrency) as zs:
+            with pytest.raises(ClientError, match=r"POST zero-shot .* failed after 3 attempts: connection failed"):
+                zs.predict(random_images(6, seed=0), NAMES)
+            sent = zs.provider_requests  # the first failure stops the others; nothing stays in flight
+            assert (sent == 3 if concurrency == 1 else 3 <= sent <= 3 * 4) and zs.provider_answers == 0
+            time.sleep(0.2)
+            assert zs.provider_requests == sent
+
+
+def test_spent_budget_is_final_and_never_overrun(model, caplog) -> None:  # noqa: ANN001
+    app = create_app(model, {"alice": KEY}, ServerConfig(budget_per_key=5))
+    with BackgroundServer(app) as srv, ZeroShotAPIClient(srv.url + ROUTE, api_key=KEY, max_concurrency=2, **FAST) as zs:
+        with caplog.at_level("WARNING"), pytest.raises(BudgetExceededError, match="budget of this API key is spent"):
+            zs.predict(random_images(9, seed=2), NAMES)
+    assert used(app) == 5 and "retry" not in caplog.text
+
+
+def test_client_config_errors() -> None:
+    with pytest.raises(ConfigError, match="http"):
+        ZeroShotAPIClient("ftp://x/y", api_key=KEY)
+    with pytest.raises(ConfigError, match="unknown ZeroShotAPIClient option"):
+        ZeroShotAPIClient("http://127.0.0.1:1/v1/zero-shot/x", api_key=KEY, concurrency=3)
+
+
+# ------------------------------------------------------------------------------------- text only
+
+
+def test_text_only_server_refuses_offsets(model, tiny_client) -> None:  # noqa: ANN001
+    app = create_app(TextOnlyClient(model), {"alice": KEY})
+    imgs = random_images(3, seed=7)
+    with BackgroundServer(app) as srv, HTTPClient(srv.url, api_key=KEY) as c:
+        caps = c.capabilities()
+        assert caps.soft_prompts is False and caps.model_id == tiny_client.capabilities().model_id
+        assert np.array_equal(c.predict(imgs, NAMES), tiny_client.predict(imgs, NAMES))  # plain templates still work
+        handle = c._sets[c.upload(imgs).id][1]
+        meta = {"request": json.dumps({"handle": handle, "class_names": NAMES})}
+        body = encode({"offsets": np.zeros((4, 32), np.float32)}, meta)
+        r = httpx.post(srv.url + "/v1/predict", content=body, headers={"Authorization": f"Bearer {KEY}"})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "offsets" and "text-only" in r.json()["error"]["message"]
+        assert c.usage()["used"] == 1  # the refused request was not billed
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_text_only_flag(tiny_model_dir: Path, tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text(f"alice {KEY}\n")
+    port = _free_port()
+    cmd = [sys.executable, "-m", "craft_sdk.cli", "serve", "--model", f"local-dir:{tiny_model_dir}", "--port", str(port),
+           "--api-key-file", str(keys), "--text-only"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.2)
+        url = f"http://127.0.0.1:{port}"
+        with HTTPClient(url, api_key=KEY, max_retries=0) as c:
+            assert c.capabilities().soft_prompts is False
+        with ZeroShotAPIClient(url + ROUTE, api_key=KEY, max_retries=0) as zs:
+            assert zs.predict(random_images(2, seed=0), ["a", "b"]).shape == (2, 2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
