@@ -187,7 +187,8 @@ class Adapter:
         prompt = None
         if result.z is not None:
             prompt = PromptSpec(caps.n_ctx, caps.ctx_dim, tc.intrinsic_dim, tc.seed, float(result.projection_std))
-        refiner = RefinerSpec(tc.refiner_layers, tc.refiner_hidden, tc.residual) if result.refiner is not None else None
+        layers, hidden = result.refiner_shape or (tc.refiner_layers, tc.refiner_hidden)
+        refiner = RefinerSpec(layers, hidden, tc.residual) if result.refiner is not None else None
         provenance = {
             "mode": tc.mode,
             "requested_mode": result.requested_mode,
@@ -203,6 +204,10 @@ class Adapter:
             "metrics": result.metrics,
             "history": result.history,
         }
+        if result.selection is not None:
+            provenance["protocol"] = tc.protocol
+            provenance["selection"] = result.selection
+        calibration = CalibrationSpec(float(result.temperature)) if result.temperature is not None else None
         config = AdapterConfig(
             model_id=caps.model_id,
             class_names=result.class_names,
@@ -211,6 +216,7 @@ class Adapter:
             prompt=prompt,
             refiner=refiner,
             logit_scale=getattr(caps, "logit_scale", None),
+            calibration=calibration,
             hyperparameters=tc.to_dict(),
             provenance=provenance,
         )

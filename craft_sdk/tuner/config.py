@@ -18,7 +18,25 @@ lr                          1e-3         paper (AdamW)
 weight_decay                0.01         AdamW default
 batch_size                  256          paper
 lam, beta                   0.1 / C      paper
+protocol                    robust       ours (``paper``: the paper's exact protocol)
+holdout                     0.25         ours: check images per class, robust protocol
+patience                    20           ours: generations without held-out gain
+cv_folds                    5            ours: refiner selection folds
+z_noise                     1.0          ours: standard errors a gain must clear
+refiner_data                mean         ours (``population``: measured, see BENCHMARKS)
 ==========================  ===========  ==============================================
+
+Two protocols. ``paper`` is the paper's (and official code's) loop exactly: the
+refiner trains every generation for ``refiner_epochs`` on the CMA-ES mean's
+logits, and the last generation (or the best validation one) is deployed as is.
+``robust`` (the default) searches the prompt on the training images minus a small
+held-out *check* part that rides along, at no extra query, in the one call per
+generation that scores the mean; it stops when the check estimate has not improved
+for ``patience`` generations, then picks the deployed behaviour — zero-shot, prompt
+only, prompt + refiner or refiner only — on the check images with a noise-aware
+threshold (``z_noise``), chooses the refiner's capacity and training length by
+k-fold cross-validation on logits already paid for, and fits a calibration
+temperature (see :mod:`craft_sdk.tuner.selection`).
 
 The projection A ~ N(0, std²) maps z ∈ R^D to a context offset [n_ctx, d]. Its
 scale decides whether prompt search helps at all, and the right value depends
@@ -40,6 +58,8 @@ from ..errors import ConfigError
 
 MODES = ("zero-shot", "pg", "pr", "pg+pr", "craft")
 SELECTIONS = ("last", "best-val")
+PROTOCOLS = ("robust", "paper")
+REFINER_DATA = ("mean", "population")
 
 
 @dataclass(frozen=True)
@@ -71,6 +91,17 @@ class TuneConfig:
         selection: ``best-val`` keeps the generation with the best validation accuracy
             (needs validation data), ``last`` keeps the final state.
         max_generations: optional cap on generations (the budget caps them anyway).
+        protocol: ``robust`` (default: held-out selection, early stopping, calibration,
+            never worse than zero-shot beyond noise) or ``paper`` (the paper's exact loop).
+        holdout: robust protocol: fraction of each class's training images held out of
+            the prompt search as check images (ignored when validation data is given).
+        patience: robust protocol: stop after this many generations without a held-out
+            improvement (None: spend the whole budget).
+        cv_folds: robust protocol: folds of the refiner's cross-validation.
+        z_noise: robust protocol: a behaviour replaces zero-shot only when its held-out gain
+            exceeds this many paired standard errors.
+        refiner_data: robust protocol: train the refiner on the mean's logits (``mean``) or
+            also on every candidate's logits of the generation (``population``).
     """
 
     mode: str = "craft"
@@ -95,6 +126,12 @@ class TuneConfig:
     val_every: int = 10
     selection: str = "best-val"
     max_generations: int | None = None
+    protocol: str = "robust"
+    holdout: float = 0.25
+    patience: int | None = 20
+    cv_folds: int = 5
+    z_noise: float = 1.0
+    refiner_data: str = "mean"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -122,6 +159,18 @@ class TuneConfig:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.max_generations is not None and self.max_generations < 0:
             raise ConfigError(f"max_generations must be >= 0 or None, got {self.max_generations}")
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        if self.refiner_data not in REFINER_DATA:
+            raise ConfigError(f"refiner_data must be one of {REFINER_DATA}, got {self.refiner_data!r}")
+        if not (isinstance(self.holdout, (int, float)) and 0 <= self.holdout < 1):
+            raise ConfigError(f"holdout must be in [0, 1), got {self.holdout!r}")
+        if self.patience is not None and (not isinstance(self.patience, int) or isinstance(self.patience, bool) or self.patience < 1):
+            raise ConfigError(f"patience must be a positive integer or None, got {self.patience!r}")
+        if not isinstance(self.cv_folds, int) or isinstance(self.cv_folds, bool) or self.cv_folds < 2:
+            raise ConfigError(f"cv_folds must be an integer >= 2, got {self.cv_folds!r}")
+        if not (isinstance(self.z_noise, (int, float)) and math.isfinite(self.z_noise) and self.z_noise >= 0):
+            raise ConfigError(f"z_noise must be a non-negative number, got {self.z_noise!r}")
         if not self.template.strip():
             raise ConfigError("template must be a non-empty context such as 'a photo of a'")
 
@@ -134,6 +183,11 @@ class TuneConfig:
     def uses_refiner(self) -> bool:
         """Whether this mode trains a refiner."""
         return self.mode in ("pr", "pg+pr", "craft")
+
+    @property
+    def robust(self) -> bool:
+        """Whether this run uses the robust protocol."""
+        return self.protocol == "robust"
 
     def kl_weights(self, n_classes: int) -> tuple[float, float]:
         """(λ, β) for ``n_classes``: 0 outside ``craft``; paper default 0.1 / C."""

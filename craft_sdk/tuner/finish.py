@@ -1,0 +1,106 @@
+"""The end of a run: what it deploys.
+
+``paper`` protocol: the last generation, or the best validation one (``selection``).
+``robust`` protocol: the best check-set snapshot's prompt, then the behaviour, refiner
+and temperature chosen by :mod:`craft_sdk.tuner.selection` from logits already paid for.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import selection
+
+if TYPE_CHECKING:
+    from .loop import Run
+
+logger = logging.getLogger(__name__)
+
+
+def finish_paper(run: Run) -> dict[str, Any]:
+    """TuneResult fields of a paper-protocol run."""
+    use_best = run.config.selection == "best-val" and "generation" in run.best
+    z = run.best["z"] if use_best else (run.z if run.projection is not None else None)
+    refiner = run.best["refiner"] if use_best else (run.refiner.model.numpy_weights() if run.refiner else None)
+    selected = run.best["generation"] if use_best else (run.history[-1]["generation"] if run.history else 0)
+    last = run.history[-1] if run.history else {}
+    run.metrics["train_accuracy"] = next(
+        (h["train_accuracy"] for h in run.history if h["generation"] == selected), last.get("train_accuracy")
+    )
+    if use_best:
+        run.metrics["val_accuracy"] = run.best["val"]
+    return {"z": z, "refiner": refiner, "selected_generation": int(selected)}
+
+
+def _training_spec(run: Run) -> selection.RefinerTraining:
+    c = run.config
+    return selection.RefinerTraining(c.refiner_hidden, c.lr, c.weight_decay, c.batch_size, run.beta, c.seed)
+
+
+def _candidates(run: Run, spec: selection.RefinerTraining) -> dict[str, dict[str, Any]]:
+    """Each behaviour's logits on the check images, its held-out logits for calibration, and its refiner choice."""
+    n, y, y_check = run.images.n_search, run.images.y, run.images.y_check
+    zero = run.zero_logits if run.zero_logits is not None else run.last_logits
+    assert zero is not None
+    bases: dict[str, tuple[np.ndarray, np.ndarray | None]] = {"zero-shot": (zero, None)}
+    if run.config.uses_prompt and run.best.get("z") is not None and int(run.best.get("generation", 0)) > 0:
+        bases["prompt"] = (run.best["logits"], run.best.get("population"))
+    out: dict[str, dict[str, Any]] = {}
+    for name, (logits, population) in bases.items():
+        held = logits if name == "zero-shot" else logits[n:]  # zero-shot fitted nothing: every image is held out
+        held_y = np.concatenate([y, y_check]) if name == "zero-shot" else y_check
+        out[name] = {"check": logits[n:], "held": held, "held_y": held_y, "logits": logits, "choice": None}
+        if not run.config.uses_refiner:
+            continue
+        choice, oof = selection.cross_validate_refiners(logits[:n], y, spec, run.config.cv_folds, population)
+        if choice is None:
+            continue
+        weights = selection.train_refiner(spec, choice, logits[:n], y, population)
+        refined_check = _refine(weights, logits[n:])
+        key = "refiner" if name == "zero-shot" else "prompt+refiner"
+        out[key] = {"check": refined_check, "held": np.concatenate([oof, refined_check]),
+                    "held_y": np.concatenate([y, y_check]), "logits": logits, "choice": choice, "population": population}
+    return out
+
+
+def _refine(weights: dict[str, np.ndarray], logits: np.ndarray) -> np.ndarray:
+    from . import mlp
+
+    return mlp.forward(weights, logits, True)
+
+
+def finish_robust(run: Run) -> dict[str, Any]:
+    """TuneResult fields of a robust-protocol run: selection, final refiner fit, calibration."""
+    spec = _training_spec(run)
+    candidates = _candidates(run, spec)
+    option, reason, estimates = selection.decide(
+        {k: v["check"] for k, v in candidates.items()}, run.images.y_check, run.config.z_noise
+    )
+    chosen = candidates[option]
+    refiner = None
+    if chosen["choice"] is not None:  # refit on every labelled image: search + check
+        y_all = np.concatenate([run.images.y, run.images.y_check])
+        refiner = selection.train_refiner(spec, chosen["choice"], chosen["logits"], y_all, chosen.get("population"))
+    temperature = selection.fit_temperature(chosen["held"], chosen["held_y"])
+    decision = selection.Decision(option, reason, estimates, len(run.images.y_check), chosen["choice"], temperature)
+    uses_prompt = option in ("prompt", "prompt+refiner")
+    selected = int(run.best.get("generation", 0)) if uses_prompt else 0
+    train_scores = chosen["logits"][: run.images.n_search]
+    if refiner is not None:
+        train_scores = _refine(refiner, train_scores)
+    run.metrics["train_accuracy"] = selection.accuracy(train_scores, run.images.y)
+    run.metrics["val_accuracy"] = estimates[option]["accuracy"] if len(run.images.y_check) else None
+    run.metrics["deployed"] = option
+    logger.info("deployed %s (%s); temperature %.3f", option, reason, temperature)
+    shape = (chosen["choice"].layers, chosen["choice"].hidden) if chosen["choice"] is not None else None
+    return {
+        "z": run.best["z"] if uses_prompt else None,
+        "refiner": refiner,
+        "selected_generation": selected,
+        "refiner_shape": shape,
+        "selection": decision.to_dict(),
+        "temperature": temperature,
+    }
