@@ -14,6 +14,7 @@ from .client.base import PredictionClient
 from .client.ledger import MeteredClient, QueryLedger
 from .data import DataSplits, ImageDataset, load_dataset
 from .errors import AdapterError
+from .scores import softmax
 from .tuner.config import TuneConfig
 
 logger = logging.getLogger(__name__)
@@ -133,7 +134,9 @@ def evaluate(
     """Test accuracy of zero-shot and of ``adapter`` (two queries: one per prompt).
 
     Returns:
-        ``accuracy``, ``zero_shot_accuracy``, ``n_test``, ``queries_used``.
+        ``accuracy``, ``ece`` (15-bin expected calibration error of ``predict_proba``),
+        ``ece_uncalibrated`` (the same at temperature 1), ``zero_shot_accuracy``, ``n_test``,
+        ``queries_used``.
     """
     if tuple(test.class_names) != adapter.config.class_names:
         raise AdapterError(
@@ -149,8 +152,12 @@ def evaluate(
     if adapter.config.output == "probs":
         zero, raw = np.log(np.clip(zero, 1e-12, None)), np.log(np.clip(raw, 1e-12, None))
     refined = adapter.refine(raw)
+    from .tuner.selection import expected_calibration_error
+
     return {
         "accuracy": float((refined.argmax(-1) == test.labels).mean()),
+        "ece": expected_calibration_error(adapter.probabilities(refined), test.labels),
+        "ece_uncalibrated": expected_calibration_error(softmax(refined), test.labels),
         "zero_shot_accuracy": float((zero.argmax(-1) == test.labels).mean()),
         "n_test": len(test),
         "queries_used": ledger.used,
