@@ -27,7 +27,7 @@ option             default          meaning
 =================  ===============  ==============================================
 ``n_slots``        4                words in the context ("a photo of a" has 4)
 ``popsize``        20               candidates per generation
-``lr``             1.0              step on the slot logits θ
+``lr``             2.0              step on the slot logits θ (per unit advantage)
 ``seed_template``  ``a photo of a`` initial mode; None = uniform distributions
 ``seed_mass``      0.5              initial probability of the seed word per slot
 ``vocabulary``     ``VOCABULARY``   the template bank's words + common words
@@ -57,10 +57,10 @@ close-up closeup zoomed cropped centered distant aerial satellite overhead top s
 texture pattern surface background object thing item example instance kind type sort class category sample specimen
 handwritten written digit number letter character numeral text word shape form outline silhouette line curve stroke
 ink pencil pen chalk marker crayon charcoal watercolor oil digital scanned printed hand drawn simple complex detailed
-rough smooth soft hard hard-to-see see seen looking visible hidden famous beautiful ugly cute happy sad
+rough smooth soft hard see seen looking visible hidden famous beautiful ugly cute happy sad
 outdoor indoor field forest river lake sea water land crop road city town house building street sky ground
 animal bird dog cat car plane ship vehicle plant flower tree food person people face
-itap rendition video game of-the
+itap rendition video game
 """
 
 
@@ -68,7 +68,7 @@ def _default_vocabulary() -> tuple[str, ...]:
     words: dict[str, None] = {}
     for context in CLIP_IMAGENET_CONTEXTS:
         words.update(dict.fromkeys(context.split()))
-    words.update(dict.fromkeys(w for w in _COMMON.split() if "-" not in w or w in ("close-up", "hard-to-see")))
+    words.update(dict.fromkeys(_COMMON.split()))
     return tuple(words)
 
 
@@ -86,7 +86,7 @@ class DiscreteSearchConfig:
 
     n_slots: int = 4
     popsize: int = 20
-    lr: float = 1.0
+    lr: float = 2.0
     seed_template: str | None = "a photo of a"
     seed_mass: float = 0.5
     vocabulary: tuple[str, ...] = VOCABULARY

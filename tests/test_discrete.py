@@ -1,0 +1,172 @@
+"""Discrete prompt search (text-only black boxes) and template ensembles: a planted hidden word is recovered
+by a plain ask/tell loop through a metered text-only client; controls with shuffled or ignored fitness are not."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from craft_sdk import BudgetExceededError, ConfigError, CraftError
+from craft_sdk.client import CallableClient, Capabilities, MeteredClient, QueryLedger
+from craft_sdk.tuner.discrete import VOCABULARY, DiscretePromptSearch, DiscreteSearchConfig
+from craft_sdk.tuner.templates import (
+    CLIP_IMAGENET_CONTEXTS,
+    CLIP_SELECTED,
+    ensemble_log_probs,
+    greedy_templates,
+    score_templates,
+)
+
+HIDDEN = "sketch"
+C, N = 5, 40
+NAMES = [f"c{i}" for i in range(C)]
+GENERATIONS = 70
+
+
+def planted_client(margin: float = 2.0) -> tuple[CallableClient, list[Image.Image], np.ndarray]:
+    """A text-only black box whose logits favour the true class by ``margin`` only if the context holds HIDDEN.
+
+    Image k is a 2x2 picture whose red channel encodes its label and green channel its index (for fixed noise).
+    """
+    labels = np.arange(N) % C
+    images = [Image.new("RGB", (2, 2), (int(y) * 40, k, 0)) for k, y in enumerate(labels)]
+    noise = np.random.default_rng(0).normal(0, 1, (N, C))
+
+    def fn(ims: list[Image.Image], names: list[str], template: str, offsets: object) -> np.ndarray:
+        assert offsets is None
+        red_green = np.array([im.getpixel((0, 0))[:2] for im in ims])
+        y, k = red_green[:, 0] // 40, red_green[:, 1]
+        logits = noise[k].copy()
+        if HIDDEN in template.split():
+            logits[np.arange(len(ims)), y] += margin
+        return logits
+
+    return CallableClient(fn, Capabilities("planted-text-only")), images, labels
+
+
+def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
+    m = logits.max(-1, keepdims=True)
+    log_z = m[..., 0] + np.log(np.exp(logits - m).sum(-1))
+    return float((log_z - np.take_along_axis(logits, labels[:, None], -1)[:, 0]).mean())
+
+
+def search_loop(fitness_of: str, seed: int = 0, config: DiscreteSearchConfig | None = None) -> tuple[DiscretePromptSearch, QueryLedger]:
+    client, images, labels = planted_client()
+    search = DiscretePromptSearch(config, seed=seed)
+    ledger = QueryLedger(budget=GENERATIONS * search.popsize)
+    metered = MeteredClient(client, ledger)
+    handle = metered.upload(images)
+    shuffle = np.random.default_rng(seed + 1)
+    for _ in range(GENERATIONS):
+        contexts = search.ask()
+        fit = np.array([cross_entropy(metered.predict(handle, NAMES, t, category="search"), labels) for t in contexts])
+        if fitness_of == "shuffled":
+            fit = shuffle.permutation(fit)
+        elif fitness_of == "ignored":
+            fit = np.ones_like(fit)
+        search.tell(contexts, fit)
+    return search, ledger
+
+
+def hidden_mass(search: DiscretePromptSearch) -> float:
+    return float(search.probabilities[:, search.vocabulary.index(HIDDEN)].max())
+
+
+@pytest.mark.parametrize("seed_template", ["a photo of a", None])
+def test_planted_word_is_recovered_within_budget(seed_template: str | None) -> None:
+    search, ledger = search_loop("true", config=DiscreteSearchConfig(seed_template=seed_template))
+    assert HIDDEN in search.mean.split() and hidden_mass(search) > 0.9, (search.mean, hidden_mass(search))
+    assert search.generation == GENERATIONS and ledger.counts["search"] == ledger.budget == GENERATIONS * 20
+
+
+@pytest.mark.parametrize("fitness_of", ["shuffled", "ignored"])
+def test_control_without_signal_does_not_find_it(fitness_of: str) -> None:
+    search, _ = search_loop(fitness_of)
+    assert HIDDEN not in search.mean.split() and hidden_mass(search) < 0.5, (search.mean, hidden_mass(search))
+    if fitness_of == "ignored":  # no advantage, no step: the distribution stays at its seed
+        assert search.mean == "a photo of a" and np.allclose(search.probabilities, DiscretePromptSearch().probabilities)
+
+
+def test_budget_is_a_hard_ceiling() -> None:
+    client, images, _ = planted_client()
+    metered = MeteredClient(client, QueryLedger(budget=25))
+    search = DiscretePromptSearch(seed=0)
+    contexts = search.ask()
+    with pytest.raises(BudgetExceededError):
+        score_templates(metered, metered.upload(images), NAMES, contexts + contexts)
+    assert metered.ledger.used == 25
+
+
+def test_deterministic_and_replay_rebuilds_the_state() -> None:
+    rng = np.random.default_rng(3)
+    a, b = DiscretePromptSearch(seed=7), DiscretePromptSearch(seed=7)
+    rows = []
+    for _ in range(6):
+        ca, cb = a.ask(), b.ask()
+        assert ca == cb
+        fit = rng.normal(size=len(ca))
+        rows.append(fit)
+        a.tell(ca, fit)
+        b.tell(cb, fit)
+    resumed = DiscretePromptSearch(seed=7)
+    resumed.replay(np.stack(rows), a.ask_digests)
+    assert resumed.generation == 6 and resumed.mean == a.mean and np.array_equal(resumed.probabilities, a.probabilities)
+    assert resumed.ask() == a.ask()  # the next population too
+    assert DiscretePromptSearch(seed=8).ask() != DiscretePromptSearch(seed=7).ask()
+    other = DiscretePromptSearch(DiscreteSearchConfig(vocabulary=VOCABULARY[::-1]), seed=7)
+    with pytest.raises(CraftError, match="replay diverged at generation 1"):
+        other.replay(np.stack(rows), a.ask_digests)
+
+
+def test_tell_checks_its_input_and_config_validates() -> None:
+    s = DiscretePromptSearch(seed=0)
+    with pytest.raises(CraftError, match="follow ask"):
+        s.tell(["a photo of a"] * s.popsize, np.zeros(s.popsize))
+    contexts = s.ask()
+    with pytest.raises(CraftError, match="finite"):
+        s.tell(contexts, [float("nan")] * s.popsize)
+    with pytest.raises(CraftError, match="same candidates"):
+        s.tell(contexts[::-1] if contexts[::-1] != contexts else ["x"] * s.popsize, np.zeros(s.popsize))
+    for bad, match in [
+        (dict(popsize=1), "popsize"),
+        (dict(lr=0.0), "lr"),
+        (dict(seed_template="a photo"), "n_slots"),
+        (dict(seed_template="a zebrafoo of a"), "not in the vocabulary"),
+        (dict(vocabulary=("a", "a b")), "single words"),
+        (dict(seed_mass=1.0), "seed_mass"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            DiscreteSearchConfig(**bad)
+
+
+# ------------------------------------------------------------------------------ template ensembles
+
+
+def test_template_bank_is_usable_as_contexts() -> None:
+    bank = CLIP_IMAGENET_CONTEXTS + CLIP_SELECTED
+    assert "a photo of a" in CLIP_IMAGENET_CONTEXTS and len(set(CLIP_IMAGENET_CONTEXTS)) == len(CLIP_IMAGENET_CONTEXTS)
+    assert all("{" not in t and t == t.strip() and t for t in bank)
+    assert all(w in VOCABULARY for t in bank for w in t.split())  # any bank template is a reachable candidate
+
+
+def test_ensemble_averages_log_probabilities() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 4, 5))
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    assert np.allclose(ensemble_log_probs(logits), log_p.mean(0), atol=1e-6)
+    assert np.allclose(ensemble_log_probs(log_p), ensemble_log_probs(logits + 3.0), atol=1e-6)  # shift-invariant
+    with pytest.raises(ConfigError):
+        ensemble_log_probs(logits[0])
+
+
+def test_greedy_selection_picks_the_informative_templates() -> None:
+    client, images, labels = planted_client(margin=3.0)
+    templates = ["a photo of a", "a sketch of a", "a drawing of a", "the sketch of the", "a bad photo of the"]
+    metered = MeteredClient(client, QueryLedger())
+    scores = score_templates(metered, metered.upload(images), NAMES, templates)
+    assert scores.shape == (5, N, C) and metered.ledger.counts["search"] == 5  # one query per template
+    picked = greedy_templates(scores, labels, 2)
+    assert set(picked) <= {1, 3}
+    ens = ensemble_log_probs(scores[picked])
+    assert cross_entropy(ens, labels) < cross_entropy(ensemble_log_probs(scores), labels)
