@@ -47,6 +47,7 @@ from ..errors import ClientError, ConfigError
 from ..images import ImageLike, images_fingerprint, to_pil_list
 from .base import (
     DEFAULT_TEMPLATE,
+    BaseClient,
     Capabilities,
     Images,
     ImageSetHandle,
@@ -202,12 +203,15 @@ class ZeroShotAPIClient:
         futures = [self._pool.submit(self._classify, b64, names, hypothesis, failed) for b64 in encoded]
         try:
             rows = [f.result() for f in futures]
-        except BaseException:
+        except BaseException as exc:
             failed.set()
             for f in futures:
                 f.cancel()
             concurrent.futures.wait(futures)  # nothing of this prediction stays in flight after it raises
-            raise
+            if not isinstance(exc, Exception):
+                raise
+            causes = [f.exception() for f in futures if not f.cancelled() and f.exception() is not None]
+            raise next((c for c in causes if not isinstance(c, _Cancelled)), exc) from None  # the first real cause
         return check_output(np.stack(rows), 1, len(encoded), len(names), caps.model_id)[0]
 
     def _encoded(self, images: Images) -> list[str]:
@@ -228,7 +232,7 @@ class ZeroShotAPIClient:
 
         def send() -> httpx.Response:
             if failed.is_set():
-                raise ClientError("cancelled: another request of this prediction failed")
+                raise _Cancelled("cancelled: another request of this prediction failed")
             with self._lock:
                 self._sent += 1
             return post()
@@ -256,6 +260,10 @@ class ZeroShotAPIClient:
         self.close()
 
 
+class _Cancelled(ClientError):
+    """A request not sent because another request of the same prediction failed."""
+
+
 def _scores(resp: httpx.Response, names: list[str]) -> np.ndarray:
     """Scores [C] in ``names`` order from ``[{"label", "score"}, ...]`` (any order)."""
     try:
@@ -277,35 +285,34 @@ def _scores(resp: httpx.Response, names: list[str]) -> np.ndarray:
     return out
 
 
-class TextOnlyClient:
+class TextOnlyClient(BaseClient):
     """A text-only view of any client: capabilities without ``n_ctx``/``ctx_dim``, offsets refused.
 
     What ``craft-sdk serve --text-only`` serves, and a way to test text-only tuning on a local model.
+    Image features are prepared by the wrapped client when it is a :class:`BaseClient`.
 
     Args:
         client: the wrapped client.
+        cache_size: uploaded image sets kept.
 
     Example:
         >>> TextOnlyClient(create_client("demo")).capabilities().soft_prompts  # doctest: +SKIP
         False
     """
 
-    def __init__(self, client: PredictionClient) -> None:
+    def __init__(self, client: PredictionClient, cache_size: int = 8) -> None:
+        super().__init__(cache_size)
         self.client = client
 
     def capabilities(self, template: str = DEFAULT_TEMPLATE) -> Capabilities:
         caps = self.client.capabilities(template)
         return Capabilities(caps.model_id, output=caps.output, logit_scale=caps.logit_scale)
 
-    def upload(self, images: Sequence[ImageLike]) -> ImageSetHandle:
-        return self.client.upload(images)
+    def _prepare(self, images: list[Image.Image]) -> Any:
+        return self.client._prepare(images) if isinstance(self.client, BaseClient) else images
 
-    def predict(
-        self,
-        images: Images,
-        class_names: Sequence[str],
-        template: str = DEFAULT_TEMPLATE,
-        offsets: np.ndarray | None = None,
-    ) -> np.ndarray:
-        check_offsets(offsets, self.capabilities(template))
-        return self.client.predict(images, class_names, template)
+    def _predict_images(self, prepared: Any, class_names: list[str], template: str, offsets: np.ndarray | None) -> np.ndarray:
+        # offsets is None: BaseClient.predict refused any against these text-only capabilities
+        if isinstance(self.client, BaseClient):
+            return self.client._predict_images(prepared, class_names, template, None)
+        return np.asarray(self.client.predict(prepared, class_names, template))[None]
