@@ -2,98 +2,139 @@
 
 from __future__ import annotations
 
+import time
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ._app import app, emit_json, fail, guarded, parse_pretrained
+from ._app import app, emit_json, err, fail, guarded, parse_pretrained
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
-
-
-def _expand(inputs: list[Path]) -> list[Path]:
-    """Files named on the command line, plus image files found under named directories (sorted)."""
-    files: list[Path] = []
-    for p in inputs:
-        if p.is_dir():
-            found = sorted(
-                f for f in p.rglob("*")
-                if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not any(part.startswith(".") for part in f.relative_to(p).parts)
-            )
-            if not found:
-                raise fail(f"{p} contains no image files ({', '.join(IMAGE_SUFFIXES[:4])}, ...)")
-            files += found
-        elif p.exists():
-            files.append(p)
-        else:
-            raise fail(f"{p} does not exist")
-    return files
+MODEL_HELP = "demo, an open_clip name, local-dir:/path, or the http(s):// URL of a craft-sdk server (default: demo)"
 
 
-def _check_readable(files: list[Path]) -> None:
-    """Decode every input before any query is sent; fail naming the first unreadable one."""
-    from ..errors import DataError
-    from ..images import to_pil
-
-    bad: list[str] = []
-    for f in files:
-        try:
-            to_pil(f)
-        except DataError as exc:
-            bad.append(str(exc))
-    if bad:
-        more = f" (and {len(bad) - 1} more unreadable inputs)" if len(bad) > 1 else ""
-        raise fail(f"{bad[0]}{more}; no queries were sent")
-
-
-def _client(model: str | None, pretrained: str | None, url: str | None, api_key_file: Path | None) -> Any:
+def _client(model: str | None, pretrained: str | None, url: str | None, api_key_file: Path | None, concurrency: int) -> Any:
     from .. import create_client
 
+    if url is not None and model is not None:
+        raise fail("pass either --client URL or --model, not both")
+    target = url or model or "demo"
+    if target.startswith(("http://", "https://")):
+        if pretrained is not None:
+            raise fail("--pretrained applies to local models, not to a server URL")
+        kwargs: dict[str, Any] = {"max_concurrency": concurrency}
+        if api_key_file is not None:
+            kwargs["api_key"] = api_key_file.read_text().strip()
+        return create_client(target, **kwargs)
     if url is not None:
-        if model is not None or pretrained is not None:
-            raise fail("pass either --client URL or --model/--pretrained, not both")
-        if not url.startswith(("http://", "https://")):
-            raise fail(f"--client must be an http(s):// URL, got {url!r}; use --model for local models")
-        kwargs: dict[str, Any] = {"api_key": api_key_file.read_text().strip()} if api_key_file is not None else {}
-        return create_client(url, **kwargs)
-    return create_client(model or "demo", **parse_pretrained(model or "demo", pretrained))
+        raise fail(f"--client must be an http(s):// URL, got {url!r}; use --model for local models")
+    return create_client(target, **parse_pretrained(target, pretrained))
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]predicting"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
+        TextColumn("{task.fields[rate]} img/s"), TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=False,
+    )
+
+
+def _echo_rows(rows: list[dict[str, Any]]) -> None:
+    for r in rows:
+        if "error" in r:
+            typer.echo(f"{r['image']}\terror: {r['error']}")
+        else:
+            typer.echo(f"{r['image']}\t" + "  ".join(f"{t['label']} {t['prob']:.4f}" for t in r["top_k"]))
 
 
 @app.command()
 @guarded
 def predict(
-    adapter_dir: Path = typer.Argument(..., help="adapter directory (uses its refiner.onnx when present)"),
-    inputs: list[Path] = typer.Argument(..., help="image files and/or directories of images"),
-    model: str | None = typer.Option(None, "--model", "-m", help="demo, an open_clip name, or local-dir:/path (default: demo)"),
+    adapter: str = typer.Argument(..., help="adapter directory or Hugging Face Hub repo id org/name (uses its refiner.onnx)"),
+    inputs: list[str] = typer.Argument(None, help="image files, directories (recursive) and/or glob patterns"),
+    files_from: Path | None = typer.Option(None, "--files-from", help="text file of image paths, one per line ('-': stdin)"),
+    model: str | None = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     pretrained: str | None = typer.Option(None, "--pretrained", "-p", help="pretrained tag or .safetensors; 'none' = random weights"),
-    client_url: str | None = typer.Option(None, "--client", help="URL of a craft-sdk prediction server (instead of --model)"),
-    api_key_file: Path | None = typer.Option(None, help="file holding the API key for --client"),
+    client_url: str | None = typer.Option(None, "--client", help="URL of a craft-sdk prediction server (same as --model URL)"),
+    api_key_file: Path | None = typer.Option(None, help="file holding the API key for a server URL"),
+    revision: str | None = typer.Option(None, help="Hub branch, tag or commit of ADAPTER"),
+    subfolder: str | None = typer.Option(None, help="the adapter's folder inside ADAPTER"),
+    output: Path | None = typer.Option(None, "--output", "-o", help="write rows to this .jsonl or .csv file as batches finish"),
+    fmt: str = typer.Option("auto", "--format", help="output format: auto (from the suffix) | jsonl | csv"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted --output run (finished batches are not re-queried)"),
     top_k: int = typer.Option(1, "--top-k", "-k", min=1, help="labels to show per image"),
     batch_size: int = typer.Option(64, help="images per black-box call (one query each)"),
+    prefetch: int = typer.Option(2, min=1, help="batches decoded ahead of the black-box calls"),
+    concurrency: int | None = typer.Option(None, min=1, help="black-box calls in flight (default: 4 for a server URL, 1 for a local model)"),
+    on_error: str = typer.Option("fail", help="unreadable image: fail (stop before its batch is sent) | skip (record the error)"),
     backend: str = typer.Option("auto", help="refiner backend: auto | onnx | numpy"),
     allow_model_mismatch: bool = typer.Option(False, help="serve the adapter through another model"),
-    as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout (with --output: a run summary)"),
 ) -> None:
-    """Classify images with a tuned adapter: labels and probabilities per image."""
+    """Classify images with a tuned adapter, streaming over any number of files in batches."""
     from .. import ClassifierConfig, CraftClassifier
+    from ..hub import resolve_adapter_dir
+    from ..sinks import PredictionSink, infer_format, rows_of
+    from ..stream import IMAGE_SUFFIXES, check_inputs, iter_image_paths, predict_stream
 
+    if not inputs and files_from is None:
+        raise fail("name images, directories or glob patterns, or pass --files-from LIST")
+    if resume and output is None:
+        raise fail("--resume continues an --output file; pass --output")
+    remote = (client_url or model or "").startswith(("http://", "https://"))
+    workers = concurrency or (4 if remote else 1)
     config = ClassifierConfig(batch_size=batch_size, backend=backend, allow_model_mismatch=allow_model_mismatch)
-    files = _expand(inputs)
-    _check_readable(files)
-    client = _client(model, pretrained, client_url, api_key_file)
-    clf = CraftClassifier.from_pretrained(adapter_dir, client, config=config)
-    probs = clf.predict_proba(files)
-    k = min(top_k, probs.shape[1])
-    order = (-probs).argsort(axis=1, kind="stable")[:, :k]
-    rows: list[dict[str, Any]] = []
-    for f, p, o in zip(files, probs, order):
-        top = [{"label": str(clf.classes_[j]), "prob": round(float(p[j]), 6)} for j in o]
-        rows.append({"image": str(f), "label": top[0]["label"], "top_k": top})
-        if not as_json:
-            typer.echo(f"{f}\t" + "  ".join(f"{t['label']} {t['prob']:.4f}" for t in top))
-    if as_json:
-        emit_json({"adapter": str(adapter_dir), "backend": clf.refiner_backend_, "queries_used": clf.ledger.used, "predictions": rows})
+    check_inputs(inputs or [])
+    total = None if str(files_from) == "-" else sum(1 for _ in iter_image_paths(inputs or [], files_from))
+    if total == 0:
+        raise fail(f"no image files ({', '.join(IMAGE_SUFFIXES[:4])}, ...) found in {' '.join(inputs or [])}")
+    root = resolve_adapter_dir(adapter, revision=revision, subfolder=subfolder)  # a Hub miss fails before the model loads
+    client = _client(model, pretrained, client_url, api_key_file, workers)
+    clf = CraftClassifier.from_pretrained(root, client, config=config)
+    sink = None
+    if output is not None:
+        meta = {"adapter": clf.adapter_.fingerprint(), "classes": [str(c) for c in clf.classes_]}
+        sink = PredictionSink(output, infer_format(output, fmt), top_k, meta, resume)
+    paths = iter_image_paths(inputs or [], files_from)
+    skipped = sink.done if sink is not None else 0
+    if skipped:
+        resume_point = list(islice(paths, skipped))
+        if len(resume_point) < skipped:
+            raise fail(f"{output} has {skipped} rows but there are only {len(resume_point)} inputs; rerun without --resume")
+        assert sink is not None
+        sink.check_resume_point(resume_point[-1])
+    collected: list[dict[str, Any]] = []
+    n_done, n_errors, t0 = 0, 0, time.perf_counter()
+    try:
+        with _progress() as bar:
+            task = bar.add_task("predict", total=total, completed=skipped, rate="-")
+            for res in predict_stream(clf, paths, batch_size=batch_size, prefetch=prefetch, concurrency=workers,
+                                      on_error=on_error, done_before=skipped):
+                rows = rows_of(res, top_k)
+                n_done, n_errors = n_done + len(rows), n_errors + len(res.errors)
+                if sink is not None:
+                    sink.write(rows)
+                elif as_json:
+                    collected += rows
+                else:
+                    _echo_rows(rows)
+                bar.update(task, advance=len(rows), rate=f"{n_done / max(time.perf_counter() - t0, 1e-9):.1f}")
+    finally:
+        if sink is not None:
+            sink.close()
+    wall = time.perf_counter() - t0
+    summary = {"adapter": adapter, "backend": clf.refiner_backend_, "queries_used": clf.ledger.used, "images": n_done,
+               "resumed_after": skipped, "errors": n_errors, "images_per_s": round(n_done / max(wall, 1e-9), 2)}
+    if sink is not None:
+        summary["output"] = str(output)
+        if as_json:
+            emit_json(summary)
+        else:
+            err.print(f"{n_done} images -> {output} ({skipped} already done, {n_errors} errors, "
+                      f"{clf.ledger.used} queries, {summary['images_per_s']} img/s)", highlight=False)
+    elif as_json:
+        emit_json({**summary, "predictions": collected})
 
 
 @app.command("export-onnx")
