@@ -1,0 +1,254 @@
+"""Batch prediction at scale: input discovery (trees, lists, globs, FIFOs refused), the prefetching and
+concurrent stream, resumable JSONL/CSV output through ``craft-sdk predict``, remote client options,
+and the Ray Data predictor on a local 2-worker Ray instance."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+import craft_sdk
+from craft_sdk import Adapter, AdapterConfig, CallableClient, Capabilities, ClientError, CraftClassifier, DataError
+from craft_sdk.adapter import RefinerSpec
+from craft_sdk.cli import app
+from craft_sdk.stream import iter_image_paths, predict_stream
+from craft_sdk.tuner import mlp
+
+NAMES = ("red", "green", "blue")
+
+
+class Spy(CallableClient):
+    """Scores = mean colour per channel; counts calls, tracks calls in flight, can sleep or fail."""
+
+    def __init__(self, delay: float = 0.0, fail_on_call: int | None = None) -> None:
+        def fn(ims, names, t, offsets):  # type: ignore[no-untyped-def]
+            return np.stack([np.asarray(im, np.float32).mean(axis=(0, 1)) / 25.0 for im in ims])
+
+        super().__init__(fn, Capabilities("spy/1"))
+        self.delay, self.fail_on_call = delay, fail_on_call
+        self.calls, self.in_flight, self.max_in_flight = 0, 0, 0
+        self.lock = threading.Lock()
+
+    def predict(self, images, class_names, template="a photo of a", offsets=None):  # type: ignore[no-untyped-def]
+        with self.lock:
+            self.calls += 1
+            n = self.calls
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.fail_on_call == n:
+                raise ClientError("the service went away")
+            time.sleep(self.delay)
+            return super().predict(images, class_names, template, offsets)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    weights = mlp.init_weights(3, 8, 2, residual=False, seed=1)
+    cfg = AdapterConfig("spy/1", NAMES, "a photo of a", refiner=RefinerSpec(2, 8, True))
+    return Adapter(cfg, None, None, weights).save_pretrained(tmp_path_factory.mktemp("ad") / "adapter")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """10 images in a tree: a/0..3.png, b/4..7.png (+ a hidden folder, a text file), c/8..9.jpg."""
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        sub = root / ("a" if i < 4 else "b" if i < 8 else "c")
+        sub.mkdir(exist_ok=True)
+        arr = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(sub / f"{i}.{'jpg' if i >= 8 else 'png'}", quality=95)
+    (root / ".hidden").mkdir()
+    Image.new("RGB", (4, 4)).save(root / ".hidden" / "x.png")
+    (root / "b" / "notes.txt").write_text("not an image")
+    return root
+
+
+def files_of(root: Path) -> list[str]:
+    return [str(root / d / f"{i}.{'jpg' if i >= 8 else 'png'}") for d, ids in (("a", range(4)), ("b", range(4, 8)),
+                                                                            ("c", range(8, 10))) for i in ids]
+
+
+def test_discovery_trees_globs_lists_and_fifos(images: Path, tmp_path: Path) -> None:
+    every = files_of(images)
+    assert list(iter_image_paths([str(images)])) == every  # sorted, recursive, hidden and non-image skipped
+    assert list(iter_image_paths([str(images / "c"), str(images / "*" / "[0-1].png")])) == every[8:] + every[:2]
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# my images\n{every[3]}\n\n{every[1]}\n")
+    assert list(iter_image_paths([every[5]], files_from=listing)) == [every[5], every[3], every[1]]
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(DataError, match="pipe.png is not a regular file"):
+        list(iter_image_paths([str(fifo)]))
+    listing.write_text(f"{fifo}\n")
+    with pytest.raises(DataError, match="not a regular file"):
+        list(iter_image_paths([], files_from=listing))
+    (tmp_path / "ok.png").write_bytes((images / "a" / "0.png").read_bytes())
+    assert list(iter_image_paths([str(tmp_path)])) == [str(tmp_path / "ok.png")]  # a FIFO inside a tree is skipped
+    for bad, needle in (([str(tmp_path / "gone.png")], "does not exist"), ([str(tmp_path / "*.jpeg")], "no file matches")):
+        with pytest.raises(DataError, match=needle):
+            list(iter_image_paths(bad))
+
+
+def test_stream_matches_predict_all_with_bounded_prefetch_and_concurrency(adapter_dir: Path, images: Path) -> None:
+    every = files_of(images)
+    reference = CraftClassifier.from_pretrained(adapter_dir, Spy()).predict_proba(every)
+    consumed: list[str] = []
+
+    def source():  # type: ignore[no-untyped-def]
+        for p in every:
+            consumed.append(p)
+            yield p
+
+    slow = CraftClassifier.from_pretrained(adapter_dir, Spy(delay=0.15))
+    stream = predict_stream(slow, source(), batch_size=2, prefetch=1, concurrency=1)
+    first = next(stream)
+    # decoding runs ahead, but boundedly: the batch sent + 1 queued + 1 being decoded (2 images each) of 10
+    assert 2 < len(consumed) <= 6
+    assert [p for r in [first, *stream] for p in r.paths] == every
+    client = Spy(delay=0.15)
+    clf = CraftClassifier.from_pretrained(adapter_dir, client)
+    results = list(predict_stream(clf, every, batch_size=2, prefetch=2, concurrency=3))
+    assert [len(r.paths) for r in results] == [2] * 5 and [p for r in results for p in r.paths] == every  # input order
+    np.testing.assert_allclose(np.concatenate([r.predictions.probs for r in results]), reference, atol=1e-6)
+    assert client.calls == 5 and clf.ledger.counts["predict"] == 5
+    assert 1 < client.max_in_flight <= 3
+    assert all(r.seconds["decode"] > 0 and r.seconds["black_box"] >= 0.15 for r in results)
+
+
+def test_stream_errors_fail_before_sending_or_skip(adapter_dir: Path, images: Path, tmp_path: Path) -> None:
+    every = files_of(images)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG garbage")
+    paths = every[:4] + [str(broken)] + every[4:6]
+    client = Spy()
+    clf = CraftClassifier.from_pretrained(adapter_dir, client)
+    got = []
+    with pytest.raises(DataError, match="broken.png.*4 image\\(s\\) were done before it"):
+        for res in predict_stream(clf, paths, batch_size=2):
+            got.append(res)
+    assert [p for r in got for p in r.paths] == every[:4] and client.calls == 2  # the broken batch was never sent
+    skipped = list(predict_stream(clf, paths, batch_size=2, on_error="skip"))
+    assert skipped[2].errors.keys() == {0} and skipped[2].ok == [1] and len(skipped[2].predictions.labels) == 1
+
+
+def run(args: list[str], client: Spy, monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, str]:
+    monkeypatch.setattr(craft_sdk, "create_client", lambda *a, **k: client)
+    res = CliRunner().invoke(app, ["predict", *args])
+    return res.exit_code, res.stdout, res.stderr
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_cli_output_resumes_without_repaying(adapter_dir: Path, images: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch, fmt: str) -> None:
+    out, fresh = tmp_path / f"preds.{fmt}", tmp_path / f"fresh.{fmt}"
+    common = [str(adapter_dir), str(images), "--batch-size", "3", "--top-k", "2", "--json"]
+    code, stdout, _ = run([*common, "--output", str(fresh)], Spy(), monkeypatch)
+    assert code == 0 and json.loads(stdout)["queries_used"] == 4  # 10 images, batches of 3
+    # an interrupted run: the service fails on the third call; two batches are on disk
+    code, _, stderr = run([*common, "--output", str(out)], Spy(fail_on_call=3), monkeypatch)
+    assert code == 2 and "the service went away" in stderr
+    with open(out, "a") as f:
+        f.write('{"image": "torn' if fmt == "jsonl" else "/torn/line.png,gre")  # a torn last line
+    code, _, stderr = run([*common, "--output", str(out)], Spy(), monkeypatch)
+    assert code == 2 and "exists; pass --resume" in stderr
+    client = Spy()
+    code, stdout, _ = run([*common, "--output", str(out), "--resume"], client, monkeypatch)
+    summary = json.loads(stdout)
+    assert code == 0 and summary["resumed_after"] == 6 and summary["images"] == 4
+    assert client.calls == 2 and summary["queries_used"] == 2  # only the unfinished batches were paid for
+    assert out.read_text() == fresh.read_text()  # identical to an uninterrupted run
+    if fmt == "csv":
+        rows = list(csv.DictReader(fresh.open()))
+        assert list(rows[0]) == ["image", "label", "prob", "label_2", "prob_2", "error"] and len(rows) == 10
+    else:
+        rows = [json.loads(line) for line in fresh.read_text().splitlines()]
+        assert [r["image"] for r in rows] == files_of(images) and all(r["label"] in NAMES for r in rows)
+    # resuming with changed inputs or another adapter is refused
+    code, _, stderr = run([str(adapter_dir), str(images / "c"), "--output", str(out), "--resume", "--top-k", "2"],
+                          Spy(), monkeypatch)
+    assert code == 2 and "rows but there are only 2 inputs" in stderr
+    code, _, stderr = run([*common, "--output", str(out), "--resume", "--top-k", "3"], Spy(), monkeypatch)
+    assert code == 2 and "different top_k" in stderr
+
+
+def test_cli_fifo_and_remote_options(adapter_dir: Path, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fifo = tmp_path / "in.png"
+    os.mkfifo(fifo)
+    code, _, stderr = run([str(adapter_dir), str(fifo)], Spy(), monkeypatch)
+    assert code == 2 and "is not a regular file" in stderr and len(stderr.strip().splitlines()) == 1
+    seen: dict = {}
+
+    def fake_create(model: str, **kwargs: object) -> Spy:
+        seen.update(model=model, **kwargs)
+        return Spy()
+
+    monkeypatch.setattr(craft_sdk, "create_client", fake_create)
+    key = tmp_path / "key"
+    key.write_text("secret\n")
+    res = CliRunner().invoke(app, ["predict", str(adapter_dir), str(images / "c"), "--model", "http://127.0.0.1:9",
+                                   "--api-key-file", str(key), "--concurrency", "8"])
+    assert res.exit_code == 0, res.output
+    assert seen == {"model": "http://127.0.0.1:9", "api_key": "secret", "max_concurrency": 8}
+    assert res.stdout.count("\n") == 2 and res.stdout.startswith(str(images / "c" / "8.jpg") + "\t")
+
+
+def test_ray_data_predictor_on_two_workers(adapter_dir: Path, images: Path) -> None:
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    import sys
+
+    every = files_of(images)
+    expected = dict(zip(every, CraftClassifier.from_pretrained(adapter_dir, Spy()).predict(every).tolist()))
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        ds = ray.data.from_items([{"path": p} for p in every])
+        out = ds.map_batches(SpyPredictor, fn_constructor_kwargs={"adapter": str(adapter_dir)}, batch_size=3,
+                             compute=ray.data.ActorPoolStrategy(size=2), num_cpus=1).take_all()
+    finally:
+        ray.shutdown()
+    assert sorted(r["path"] for r in out) == sorted(every)
+    assert {r["path"]: r["label"] for r in out} == expected
+    assert all(abs(float(np.sum(r["probs"])) - 1.0) < 1e-5 and r["prob"] == pytest.approx(float(np.max(r["probs"])))
+               for r in out)
+    assert len({r["worker"] for r in out}) == 2  # both actors served batches, each loading the adapter once
+    assert {r["loads"] for r in out} == {1}
+
+
+def _spy_predictor_base():  # type: ignore[no-untyped-def]
+    from craft_sdk.integrations.ray import CraftPredictor
+
+    return CraftPredictor
+
+
+class SpyPredictor(_spy_predictor_base()):  # type: ignore[misc]
+    """CraftPredictor with the spy client (a monkeypatch does not reach Ray workers), tagging rows with its worker."""
+
+    loads = 0
+
+    def __init__(self, **kwargs):  # type: ignore[no-untyped-def]
+        import craft_sdk.api
+
+        craft_sdk.api.create_client = lambda *a, **k: Spy()  # type: ignore[assignment]
+        type(self).loads += 1
+        super().__init__(**kwargs)
+
+    def __call__(self, batch):  # type: ignore[no-untyped-def]
+        out = super().__call__(batch)
+        out["worker"] = np.full(len(out["label"]), os.getpid())
+        out["loads"] = np.full(len(out["label"]), type(self).loads)
+        return out
