@@ -66,6 +66,17 @@ def _candidates(run: Run, spec: selection.RefinerTraining) -> dict[str, dict[str
     return out
 
 
+def _evidence(run: Run, candidates: dict[str, dict[str, Any]]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per behaviour, (its logits, zero-shot's logits, labels) on its honest held-out images."""
+    zero = candidates["zero-shot"]["logits"]
+    n, y_check = run.images.n_search, run.images.y_check
+    evidence = {k: (v["check"], zero[n:], y_check) for k, v in candidates.items()}
+    if "refiner" in candidates:  # zero-shot logits were fitted to nothing: its out-of-fold predictions count too
+        ref = candidates["refiner"]
+        evidence["refiner"] = (ref["held"], np.concatenate([zero[:n], zero[n:]]), ref["held_y"])
+    return evidence
+
+
 def _refine(weights: dict[str, np.ndarray], logits: np.ndarray) -> np.ndarray:
     from . import mlp
 
@@ -76,9 +87,7 @@ def finish_robust(run: Run) -> dict[str, Any]:
     """TuneResult fields of a robust-protocol run: selection, final refiner fit, calibration."""
     spec = _training_spec(run)
     candidates = _candidates(run, spec)
-    option, reason, estimates = selection.decide(
-        {k: v["check"] for k, v in candidates.items()}, run.images.y_check, run.config.z_noise
-    )
+    option, reason, estimates = selection.decide(_evidence(run, candidates), run.config.z_noise)
     chosen = candidates[option]
     refiner = None
     if chosen["choice"] is not None:  # refit on every labelled image: search + check

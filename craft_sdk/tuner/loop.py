@@ -99,6 +99,10 @@ class Run:
         self._data: dict[str, Any] | None = None
         self.search, self.projection, self.projection_std, self.z = self._setup_prompt()
         self.refiner = self._setup_refiner()
+        if self.config.robust and self.images.check is None and self.n_gen > 0:
+            self.n_gen = 0  # nothing could tell a searched prompt from zero-shot: do not spend the budget
+            self.stopped = "stopped: too few training images to hold any out, so no gain could be verified"
+            logger.warning("%s; zero-shot behaviour is deployed (use --protocol paper to search anyway)", self.stopped)
 
     # ---------------------------------------------------------------- setup
 
