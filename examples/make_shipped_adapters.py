@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import craft_sdk
+from craft_sdk.card import write_model_card
 from craft_sdk.demo import list_demo_tasks, load_demo_task
 from craft_sdk.export import export_onnx
 
@@ -37,6 +38,8 @@ def main() -> None:
         path = adapter.save_pretrained(args.out / task)
         export_onnx(path)
         scores = craft_sdk.evaluate(craft_sdk.load_adapter(str(path)), client, splits.test)
+        # the model card (README.md) also reports the test accuracy, naming the split it was measured on
+        write_model_card(path, adapter, evaluation={"dataset": f"the demo:{task} test split", **scores})
         rows.append({
             "task": task, "model": adapter.config.model_id, "shots": args.shots, "seed": args.seed,
             "mode": "craft", "budget": args.budget, "queries_used": adapter.config.provenance["queries_used"],
@@ -49,7 +52,7 @@ def main() -> None:
         "# Shipped adapters",
         "",
         "One CraFT adapter per demo task, tuned on the shipped demo VLM (`--model demo`), each with",
-        "`adapter_config.json`, `adapter_model.safetensors` and `refiner.onnx`. Produced by:",
+        "`adapter_config.json`, `adapter_model.safetensors`, `refiner.onnx` and a model card (`README.md`). Produced by:",
         "",
         "```bash",
         f"python examples/make_shipped_adapters.py --seed {args.seed} --shots {args.shots} --budget {args.budget}",

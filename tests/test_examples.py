@@ -39,6 +39,8 @@ def test_quickstart_adapter() -> None:
 def test_make_shipped_adapters_smoke(tmp_path: Path) -> None:
     run(str(EXAMPLES / "make_shipped_adapters.py"), "--out", str(tmp_path), "--budget", "50")
     assert (tmp_path / "manifest.json").is_file() and (tmp_path / "digits" / "refiner.onnx").is_file()
+    card = (tmp_path / "digits" / "README.md").read_text()  # the model card, with the test accuracy
+    assert card.startswith("---\nlibrary_name: craft-sdk") and "| the demo:digits test split (" in card
 
 
 def test_make_digits_asset_reproduces_the_shipped_file(tmp_path: Path) -> None:
