@@ -24,11 +24,25 @@ class AdapterError(CraftError, ValueError):
 
 
 class ClientError(CraftError, RuntimeError):
-    """A black-box client failed or was used incorrectly."""
+    """A black-box client failed or was used incorrectly.
+
+    ``unbilled`` is True when the failed call certainly cost no query (the service refused it
+    before computing, or it never reached the service), so a ledger that charged it refunds it.
+    """
+
+    unbilled: bool = False
+
+    def __init__(self, message: str = "", *, unbilled: bool = False) -> None:
+        super().__init__(message)
+        self.unbilled = unbilled
 
 
 class BudgetExceededError(ClientError):
     """A query would exceed the hard query budget; it was refused before being sent."""
+
+
+class UnknownHandleError(ClientError):
+    """An image-set handle is unknown or was evicted; upload the images again."""
 
 
 class NotFittedError(CraftError, ValueError, AttributeError):

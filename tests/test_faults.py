@@ -113,7 +113,7 @@ def same_files(a: Path, b: Path, names: tuple[str, ...] = ("adapter_config.json"
 
 
 def used(app: Any) -> int:
-    return app.state.craft.meter.report("alice")["used"]
+    return app.state.craft.store.usage("alice")["used"]
 
 
 def test_tune_through_every_transient_fault_gives_the_same_adapter(model, task, reference, tmp_path: Path, caplog) -> None:  # noqa: ANN001
@@ -149,7 +149,7 @@ def test_server_dies_and_comes_back_empty(model, task, reference, tmp_path: Path
             result = Tuner(CFG).fit(client, *task)
     finally:
         srv.stop()
-    assert len(apps) == 2 and apps[1].state.craft.meter.report("alice")["uploads"] == 2  # train and val sets again
+    assert len(apps) == 2 and apps[1].state.craft.store.usage("alice")["uploads"] == 2  # train and val sets again
     assert same_files(reference[0], Adapter.from_result(result).save_pretrained(tmp_path / "adapter"))
     assert used(apps[0]) + used(apps[1]) == result.queries["used"]  # the request cut off was never computed
 
@@ -164,7 +164,7 @@ def test_outage_stops_with_a_clear_error_and_the_run_resumes(model, task, refere
             Tuner(CFG, checkpoint_dir=ckpt).fit(client, *task)
     assert "\n" not in str(err.value) and "resumed" in str(err.value)
     state = load_checkpoint(ckpt)[1]
-    assert state["generation"] == 4  # request 12 is generation 5's search: generations 1-4 are safe
+    assert 1 <= state["generation"] < CFG.max_generations  # the generations before the one in flight are safe
     journal = sum(json.loads(line)["n"] for line in (ckpt / LEDGER_FILE).read_text().splitlines())
     assert journal == state["history"][-1]["queries_used"] + P  # the population in flight was charged
     srv.start(create_app(model, {"alice": KEY}))  # back, with fresh state
@@ -188,7 +188,19 @@ def test_server_budget_stops_the_tune_cleanly(model, task, caplog) -> None:  # n
     assert "stopped_early" in result.metrics and "budget of this API key is spent" in result.metrics["stopped_early"]
     assert "retry" not in caplog.text  # a spent budget is final: never retried
     refused = injector.n - len([h for h in result.history]) - 1
-    assert refused >= 1 and used(app) == 2 + 4 * (P + 1)  # baseline + 4 generations fit in 30
+    assert refused >= 1 and 30 - (P + 1) < used(app) <= 30  # the next generation no longer fits
+    assert result.queries["used"] == used(app)  # the refused request is refunded: the ledger equals the server's bill
+
+
+def test_ledger_equals_the_servers_bill_when_the_server_refuses(model, task) -> None:  # noqa: ANN001
+    """Issue 11.4: a key budget below the tune's budget; every request the server refuses is refunded client-side."""
+    app = create_app(model, {"alice": KEY}, ServerConfig(budget_per_key=45))
+    cfg = TuneConfig(**{**CFG.to_dict(), "budget": 300, "max_generations": 12})
+    with BackgroundServer(app) as srv, HTTPClient(srv.url, api_key=KEY, **FAST) as client:
+        result = Tuner(cfg).fit(client, *task)
+        server = client.usage()
+    assert "stopped_early" in result.metrics
+    assert result.queries["used"] == server["used"] == used(app) <= 45
 
 
 class SlowModel:

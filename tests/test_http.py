@@ -57,14 +57,15 @@ def task() -> tuple[ImageDataset, ImageDataset]:
 
 def test_tune_over_http_equals_in_process(tiny_client, server, client, tmp_path: Path) -> None:  # noqa: ANN001
     train, val = task()
-    local = Adapter.from_result(Tuner(CFG).fit(tiny_client, train, val)).save_pretrained(tmp_path / "local")
+    in_process = Tuner(CFG).fit(tiny_client, train, val)
+    local = Adapter.from_result(in_process).save_pretrained(tmp_path / "local")
     before = client.usage()["used"]
     result = Tuner(CFG).fit(client, train, val)
     remote = Adapter.from_result(result).save_pretrained(tmp_path / "remote")
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         assert (local / name).read_bytes() == (remote / name).read_bytes(), name
     assert client.usage()["used"] - before == result.queries["used"]  # server and client count the same unit
-    assert result.n_generations == 10 and result.queries["used"] == 2 + 10 * 7 + 3
+    assert result.n_generations == 10 and result.queries == in_process.queries
 
 
 def test_predict_shapes_and_values_match_in_process(tiny_client, client) -> None:  # noqa: ANN001

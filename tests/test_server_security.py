@@ -238,8 +238,8 @@ def test_budget_per_key_is_a_hard_ceiling(server) -> None:  # noqa: ANN001
         with pytest.raises(BudgetExceededError):
             c.predict(imgs, names)
         assert c.usage() == {"used": 10, "budget": 10, "remaining": 0, "uploads": 1}
-        with pytest.raises(ClientError, match="max_population"):
-            c.predict(imgs, names, offsets=np.zeros((4, N_CTX, DIM), np.float32))  # refused before sending
+        with pytest.raises(BudgetExceededError):
+            c.predict(imgs, names, offsets=np.zeros((4, N_CTX, DIM), np.float32))  # over max_population: split, then refused
 
 
 def test_internal_errors_leak_nothing_and_are_refunded(server) -> None:  # noqa: ANN001
@@ -265,7 +265,7 @@ def test_api_key_file(tmp_path: Path) -> None:
     f = tmp_path / "keys"
     f.write_text(f"# comment\n\n{ALICE}\nbob {BOB}\n")
     assert load_api_keys(f) == {"key-1": ALICE, "bob": BOB}
-    for text, match in ((f"{ALICE}\n{ALICE}\n", "twice"), ("short\n", "shorter than"), ("# nothing\n", "no API key"), ("a b c\n", "expected KEY")):
+    for text, match in ((f"{ALICE}\n{ALICE}\n", "repeats the key"), ("short\n", "shorter than"), ("# nothing\n", "no API key"), ("a b c\n", "expected KEY")):
         f.write_text(text)
         with pytest.raises(ConfigError, match=match):
             load_api_keys(f)

@@ -22,7 +22,7 @@ from typing import Any, Literal, Protocol, Union, runtime_checkable
 import numpy as np
 from PIL import Image
 
-from ..errors import ClientError, ConfigError
+from ..errors import ClientError, ConfigError, UnknownHandleError
 from ..images import ImageLike, images_fingerprint, to_pil_list
 
 logger = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ class BaseClient:
         if isinstance(images, ImageSetHandle):
             with self._lock:
                 if images.id not in self._cache:
-                    raise ClientError(f"unknown or evicted image-set handle {images.id[:12]}; upload the images again")
+                    raise UnknownHandleError(f"unknown or evicted image-set handle {images.id[:12]}; upload the images again")
                 self._cache.move_to_end(images.id)
                 return self._cache[images.id]
         pil = to_pil_list(images)

@@ -42,13 +42,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
-import hashlib
 import json
 import logging
+import math
 import os
 import random
 import socket
-import struct
 import threading
 import time
 import uuid
@@ -62,8 +61,24 @@ import numpy as np
 from PIL import Image
 
 from .._version import __version__
-from ..errors import BudgetExceededError, ClientError, ConfigError
+from ..errors import BudgetExceededError, ClientError, ConfigError, UnknownHandleError
 from ..images import ImageLike, images_fingerprint, to_pil_list
+from ..wire import (  # noqa: F401  (re-exported: the codec used to live here)
+    API,
+    CHECKSUM_HEADER,
+    DTYPES,
+    IDEMPOTENCY_HEADER,
+    MAX_HEADER_BYTES,
+    SAFETENSORS,
+    TensorEntry,
+    WireError,
+    encode,
+    encode_images,
+    loads_json,
+    parse,
+    read,
+    sha256_hex,
+)
 from .base import (
     DEFAULT_TEMPLATE,
     Capabilities,
@@ -76,111 +91,15 @@ from .base import (
 
 logger = logging.getLogger(__name__)
 
-API = "v1"
-SAFETENSORS = "application/x-safetensors"
-CHECKSUM_HEADER = "X-Craft-Body-SHA256"
-IDEMPOTENCY_HEADER = "Idempotency-Key"
-MAX_HEADER_BYTES = 16 << 20
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 T = TypeVar("T")
 
-# safetensors dtype codes understood on the wire
-DTYPES: dict[str, np.dtype] = {
-    "U8": np.dtype("uint8"),
-    "F16": np.dtype("<f2"),
-    "F32": np.dtype("<f4"),
-    "F64": np.dtype("<f8"),
-    "I64": np.dtype("<i8"),
-}
-
-
-# ------------------------------------------------------------------ wire codec
-
-
-class WireError(ValueError):
-    """A body does not follow the wire format (the server answers 422; the client retries)."""
-
-    def __init__(self, message: str, field: str = "body") -> None:
-        super().__init__(message)
-        self.field = field
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    """One tensor of a safetensors body, located but not yet read."""
-
-    dtype: str
-    shape: tuple[int, ...]
-    start: int
-    end: int
-
-
-def encode(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> bytes:
-    """A safetensors body (contiguous little-endian tensors + string metadata)."""
-    from safetensors.numpy import save
-
-    return save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata)
-
-
-def parse(body: bytes) -> tuple[dict[str, TensorEntry], dict[str, str]]:
-    """Locate the tensors and metadata of a safetensors body without reading any tensor.
-
-    Raises:
-        WireError: the body is not a well-formed safetensors buffer.
-    """
-    if len(body) < 8:
-        raise WireError("body is not safetensors: shorter than its 8-byte header length")
-    (n,) = struct.unpack("<Q", body[:8])
-    if n > min(MAX_HEADER_BYTES, len(body) - 8):
-        raise WireError("body is not safetensors: header length exceeds the body")
-    try:
-        header = json.loads(body[8 : 8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise WireError("body is not safetensors: header is not JSON") from None
-    if not isinstance(header, dict):
-        raise WireError("body is not safetensors: header is not a JSON object")
-    meta = header.pop("__metadata__", None) or {}
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise WireError("safetensors metadata must map strings to strings")
-    data_len = len(body) - 8 - n
-    entries: dict[str, TensorEntry] = {}
-    for name, info in header.items():
-        entries[name] = _entry(name, info, data_len, 8 + n)
-    return entries, meta
-
-
-def _entry(name: str, info: Any, data_len: int, base: int) -> TensorEntry:
-    try:
-        dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-    except (TypeError, KeyError, ValueError):
-        raise WireError(f"tensor {name!r} has a malformed header entry", name) from None
-    if not all(isinstance(d, int) and d >= 0 for d in shape) or not isinstance(begin, int) or not isinstance(end, int):
-        raise WireError(f"tensor {name!r} has a malformed shape or offsets", name)
-    if not 0 <= begin <= end <= data_len:
-        raise WireError(f"tensor {name!r} lies outside the body (truncated?)", name)
-    size = DTYPES[dtype].itemsize if dtype in DTYPES else 0
-    if size and end - begin != int(np.prod(shape, dtype=np.int64)) * size:
-        raise WireError(f"tensor {name!r} byte length does not match its shape", name)
-    return TensorEntry(dtype, shape, base + begin, base + end)
-
-
-def read(body: bytes, entry: TensorEntry, name: str) -> np.ndarray:
-    """The tensor ``entry`` of ``body`` as a read-only numpy array (no copy)."""
-    if entry.dtype not in DTYPES:
-        raise WireError(f"tensor {name!r} has unsupported dtype {entry.dtype}", name)
-    return np.frombuffer(body, DTYPES[entry.dtype], offset=entry.start, count=(entry.end - entry.start) // DTYPES[entry.dtype].itemsize).reshape(entry.shape)
-
-
-def encode_images(images: Sequence[Image.Image]) -> bytes:
-    """RGB pixels as a safetensors body: ``images`` [N, H, W, 3] if all sizes agree, else ``image.{i:06d}``."""
-    arrays = [np.asarray(im.convert("RGB") if im.mode != "RGB" else im, dtype=np.uint8) for im in images]
-    if len({a.shape for a in arrays}) == 1:
-        return encode({"images": np.stack(arrays)})
-    return encode({f"image.{i:06d}": a for i, a in enumerate(arrays)})
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+# Sane bounds on what a server may advertise: beyond them the answer is refused, not allocated.
+MAX_N_CTX = 1024
+MAX_CTX_DIM = 16384
+MAX_MODEL_ID_CHARS = 256
+LIMIT_FIELDS = ("max_body_bytes", "max_images", "max_image_side", "max_classes", "max_class_name_chars",
+                "max_template_chars", "max_population", "max_answer_bytes", "max_prompts")
 
 
 # ---------------------------------------------------------------------- client
@@ -231,11 +150,12 @@ class HTTPClientConfig:
 
 
 class _Retry(Exception):
-    """A transient fault: wait and try again."""
+    """A transient fault: wait and try again (``maybe_billed``: the server may have computed it)."""
 
-    def __init__(self, cause: str, retry_after: float | None = None) -> None:
+    def __init__(self, cause: str, retry_after: float | None = None, maybe_billed: bool = False) -> None:
         super().__init__(cause)
         self.retry_after = retry_after
+        self.maybe_billed = maybe_billed
 
 
 class _HandleGone(Exception):
@@ -306,23 +226,33 @@ class HTTPClient:
         self.close()
 
     def _call(self, what: str, send: Callable[[], httpx.Response], parse_ok: Callable[[httpx.Response], T]) -> T:
-        """Send with retries; ``parse_ok`` turns a 2xx response into the result (WireError = corrupt body)."""
+        """Send with retries; ``parse_ok`` turns a 2xx response into the result (WireError = corrupt body).
+
+        The final :class:`ClientError` is marked ``unbilled`` when no attempt can have been computed
+        (every one was refused before computing or never connected), so a ledger may refund it.
+        """
         c = self.config
-        cause = "no attempt made"
+        cause, maybe_billed = "no attempt made", False
         for attempt in range(c.max_retries + 1):
             retry_after = None
             try:
                 return parse_ok(self._checked(send()))
             except _Retry as exc:
                 cause, retry_after = str(exc), exc.retry_after
+                maybe_billed = maybe_billed or exc.maybe_billed
             except WireError as exc:
-                cause = f"corrupt response body ({exc})"
+                cause, maybe_billed = f"corrupt response body ({exc})", True
             except (httpx.UnsupportedProtocol, httpx.LocalProtocolError) as exc:  # our request is wrong: retrying won't help
-                raise ClientError(f"{what} at {self.url} cannot be sent: {exc.__class__.__name__}: {str(exc)[:160]}") from None
+                raise ClientError(
+                    f"{what} at {self.url} cannot be sent: {exc.__class__.__name__}: {_one_line(str(exc), 160)}",
+                    unbilled=not maybe_billed,
+                ) from None
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # never reached the server
+                cause = f"connection failed ({exc.__class__.__name__}: {_one_line(str(exc), 120)})"
             except httpx.TimeoutException as exc:
-                cause = f"timed out ({exc.__class__.__name__})"
+                cause, maybe_billed = f"timed out ({exc.__class__.__name__})", True
             except httpx.TransportError as exc:
-                cause = f"connection failed ({exc.__class__.__name__}: {str(exc)[:120]})"
+                cause, maybe_billed = f"connection failed ({exc.__class__.__name__}: {_one_line(str(exc), 120)})", True
             if attempt == c.max_retries:
                 break
             delay = self._delay(attempt, retry_after)
@@ -330,7 +260,8 @@ class HTTPClient:
             time.sleep(delay)
         raise ClientError(
             f"{what} at {self.url} failed after {c.max_retries + 1} attempts: {cause}; "
-            "check that the server is up (a tune with --checkpoint-dir can be resumed)"
+            "check that the server is up (a tune with --checkpoint-dir can be resumed)",
+            unbilled=not maybe_billed,
         )
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
@@ -344,46 +275,41 @@ class HTTPClient:
         if resp.status_code < 400:
             digest = resp.headers.get(CHECKSUM_HEADER)
             if digest is not None and digest != sha256_hex(resp.content):
-                raise _Retry(f"response body does not match its {CHECKSUM_HEADER} (truncated?)")
+                raise _Retry(f"response body does not match its {CHECKSUM_HEADER} (truncated?)", maybe_billed=True)
             return resp
         err = _error_body(resp)
-        code, message = err.get("code", ""), str(err.get("message", resp.reason_phrase))[:300]
+        code, message = err["code"], err["message"] or _one_line(resp.reason_phrase, 80)
         if resp.status_code == 429 and code == "budget_exceeded":
-            raise BudgetExceededError(f"the server refused the query: {message}")
+            raise BudgetExceededError(f"the server refused the query: {message}", unbilled=True)
         if resp.status_code in RETRY_STATUSES:
-            raise _Retry(f"HTTP {resp.status_code} {code or resp.reason_phrase}", _retry_after(resp))
+            billed = resp.status_code >= 500 and code != "in_progress"  # a 5xx may follow a computation
+            raise _Retry(f"HTTP {resp.status_code} {code or _one_line(resp.reason_phrase, 40)}", _retry_after(resp), billed)
         if resp.status_code == 404 and code == "unknown_handle":
             raise _HandleGone(message)
         if resp.status_code == 401:
-            raise ClientError(f"{self.url} rejected the API key (401); check --api-key-file / CRAFT_API_KEY")
-        field = f" (field {err['field']})" if err.get("field") else ""
-        raise ClientError(f"{self.url} refused the request with HTTP {resp.status_code}{field}: {message}")
+            raise ClientError(f"{self.url} rejected the API key (401); check --api-key-file / CRAFT_API_KEY", unbilled=True)
+        field = f" (field {err['field']})" if err["field"] else ""
+        raise ClientError(f"{self.url} refused the request with HTTP {resp.status_code}{field}: {message}", unbilled=True)
 
     # ------------------------------------------------------------------ protocol
 
     def capabilities(self, template: str = DEFAULT_TEMPLATE) -> Capabilities:
-        """What the served model can do for ``template`` (fetched once per template)."""
+        """What the served model can do for ``template`` (fetched once per template; validated against sane bounds)."""
         if template not in self._caps:
             data = self._call(
                 "GET /capabilities",
                 lambda: self._http.get("/capabilities", params={"template": template}),
                 lambda r: _json(r),
             )
-            if not isinstance(data, dict):
-                raise ClientError(f"{self.url} sent capabilities that are not a JSON object; is it a craft-sdk server?")
-            known = {f.name for f in fields(Capabilities)}
-            try:
-                caps = Capabilities(**{k: v for k, v in data.items() if k in known})
-            except (TypeError, ConfigError) as exc:
-                raise ClientError(f"{self.url} sent unusable capabilities: {exc}") from None
-            self._caps[template] = caps
+            self._caps[template] = _capabilities(data, self.url)
         return self._caps[template]
 
-    def limits(self) -> dict[str, Any]:
-        """The server's size limits (fetched once)."""
+    def limits(self) -> dict[str, int]:
+        """The server's size limits (fetched once; fields that are not positive integers are ignored)."""
         if self._limits is None:
             data = self._call("GET /limits", lambda: self._http.get("/limits"), _json)
-            self._limits = data if isinstance(data, dict) else {}
+            data = data if isinstance(data, dict) else {}
+            self._limits = {k: v for k, v in data.items() if k in LIMIT_FIELDS and _is_int(v) and v >= 1}
         return self._limits
 
     def upload(self, images: Sequence[ImageLike]) -> ImageSetHandle:
@@ -405,12 +331,13 @@ class HTTPClient:
     def _send_images(self, pil: list[Image.Image]) -> str:
         limits = self.limits()
         if limits.get("max_images") and len(pil) > limits["max_images"]:
-            raise ClientError(f"{len(pil)} images exceed the server's limit of {limits['max_images']} per set; split them")
+            raise ClientError(f"{len(pil)} images exceed the server's limit of {limits['max_images']} per set; split them", unbilled=True)
         body = encode_images(pil)
         if limits.get("max_body_bytes") and len(body) > limits["max_body_bytes"]:
             raise ClientError(
                 f"the image set is {len(body)} bytes, over the server's {limits['max_body_bytes']}-byte limit; "
-                "upload fewer or smaller images"
+                "upload fewer or smaller images",
+                unbilled=True,
             )
         data = self._call(
             "POST /image-sets",
@@ -418,7 +345,7 @@ class HTTPClient:
             _json,
         )
         handle = data.get("handle") if isinstance(data, dict) else None
-        if not isinstance(handle, str) or data.get("n_images") != len(pil):
+        if not isinstance(handle, str) or not 1 <= len(handle) <= 128 or data.get("n_images") != len(pil):
             raise ClientError(f"{self.url} answered an upload with an unexpected body; is it a craft-sdk server?")
         return handle
 
@@ -427,11 +354,31 @@ class HTTPClient:
         if isinstance(images, ImageSetHandle):
             with self._lock:
                 if images.id not in self._sets:
-                    raise ClientError(f"unknown or evicted image-set handle {images.id[:12]}; upload the images again")
+                    raise UnknownHandleError(f"unknown or evicted image-set handle {images.id[:12]}; upload the images again", unbilled=True)
                 self._sets.move_to_end(images.id)
             return images.id, images.n_images
         handle = self.upload(images)
         return handle.id, handle.n_images
+
+    def _step(self, p: int, n: int, c: int) -> int:
+        """Candidates per request: the whole population unless ``max_batch`` or a server limit needs a split."""
+        limits = self.limits()
+        itemsize = 2 if self.config.logits_dtype == "float16" else 4
+        caps = [p, self.config.max_batch or p, limits.get("max_population", p)]
+        if "max_answer_bytes" in limits:
+            caps.append(limits["max_answer_bytes"] // (n * c * itemsize))
+        if "max_prompts" in limits:
+            caps.append(limits["max_prompts"] // c)
+        step = min(caps)
+        if step < 1:
+            raise ClientError(
+                f"one candidate's answer ({n} images x {c} classes) exceeds the server's max_answer_bytes/max_prompts "
+                f"({limits.get('max_answer_bytes')}/{limits.get('max_prompts')}); use fewer images per set or fewer classes",
+                unbilled=True,
+            )
+        if step < p and step != self.config.max_batch:
+            logger.info("splitting %d candidates into requests of %d to fit the server's limits (results may differ in the last bits)", p, step)
+        return step
 
     def predict(
         self,
@@ -440,31 +387,32 @@ class HTTPClient:
         template: str = DEFAULT_TEMPLATE,
         offsets: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Logits [N, C] (no or [n_ctx, d] offsets) or [P, N, C] (offsets [P, n_ctx, d]), float32."""
-        names = check_class_names(class_names)
-        caps = self.capabilities(template)
-        batch = check_offsets(offsets, caps)
+        """Logits [N, C] (no or [n_ctx, d] offsets) or [P, N, C] (offsets [P, n_ctx, d]), float32.
+
+        A population is one request unless ``max_batch`` or the server's published limits
+        (``max_population``, ``max_answer_bytes``, ``max_prompts``) need it split.
+        """
+        try:
+            names = check_class_names(class_names)
+            caps = self.capabilities(template)
+            batch = check_offsets(offsets, caps)
+        except ClientError as exc:
+            exc.unbilled = True  # refused before sending
+            raise
         fp, n = self._server_handle(images)
         single = offsets is None or np.ndim(offsets) == 2
-        step = self.config.max_batch
-        cap = self.limits().get("max_population")
-        per_request = 0 if batch is None else min(step or batch.shape[0], batch.shape[0])
-        if cap and per_request > cap:
-            raise ClientError(
-                f"{per_request} candidate offsets per request exceed the server's max_population of {cap}; "
-                f"pass max_batch={cap} (chunked results may differ in the last bits)"
-            )
-        if batch is None or step is None or batch.shape[0] <= step:
-            chunks: list[np.ndarray | None] = [batch]
-        else:
-            chunks = [batch[i : i + step] for i in range(0, batch.shape[0], step)]
+        p = 1 if batch is None else batch.shape[0]
+        step = self._step(p, n, len(names))
+        chunks: list[np.ndarray | None] = [batch] if batch is None or p <= step else [batch[i : i + step] for i in range(0, p, step)]
         if len(chunks) == 1:
             outs = [self._predict_chunk(fp, names, template, chunks[0])]
         else:
             with concurrent.futures.ThreadPoolExecutor(self.config.max_concurrency) as pool:
                 outs = list(pool.map(lambda ch: self._predict_chunk(fp, names, template, ch), chunks))
-        p = 1 if batch is None else batch.shape[0]
-        out = check_output(np.concatenate(outs), p, n, len(names), caps.model_id)
+        try:
+            out = check_output(np.concatenate(outs), p, n, len(names), caps.model_id)
+        except ValueError as exc:
+            raise ClientError(f"{self.url} answered logits that do not fit together: {_one_line(str(exc), 160)}") from None
         return out[0] if single else out
 
     def _predict_chunk(self, fp: str, names: list[str], template: str, offsets: np.ndarray | None) -> np.ndarray:
@@ -475,7 +423,7 @@ class HTTPClient:
             with self._lock:
                 entry = self._sets.get(fp)
             if entry is None:
-                raise ClientError("the image set was evicted from the client cache; upload the images again")
+                raise UnknownHandleError("the image set was evicted from the client cache; upload the images again", unbilled=True)
             pil, server_id = entry
             if server_id is None:
                 server_id = self._send_images(pil)
@@ -493,45 +441,88 @@ class HTTPClient:
                         self._sets[fp] = (pil, None)
                 continue
             return logits if logits.ndim == 3 else logits[None]
-        raise ClientError(f"{self.url} keeps forgetting uploaded image sets; raise the server's cache size")
+        raise ClientError(f"{self.url} keeps forgetting uploaded image sets; raise the server's cache size", unbilled=True)
 
     # --------------------------------------------------------------------- extras
 
     def usage(self) -> dict[str, Any]:
         """Queries used and left for this key, as the server counts them."""
-        return self._call("GET /usage", lambda: self._http.get("/usage"), _json)
+        data = self._call("GET /usage", lambda: self._http.get("/usage"), _json)
+        if not isinstance(data, dict):
+            raise ClientError(f"{self.url} answered /usage with an unexpected body; is it a craft-sdk server?")
+        return data
 
     def health(self) -> dict[str, Any]:
         """The server's health document (no key needed)."""
-        return self._call("GET /health", lambda: self._http.get("/health"), _json)
+        data = self._call("GET /health", lambda: self._http.get("/health"), _json)
+        if not isinstance(data, dict):
+            raise ClientError(f"{self.url} answered /health with an unexpected body; is it a craft-sdk server?")
+        return data
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _one_line(text: Any, limit: int = 300) -> str:
+    return " ".join(str(text).split())[:limit]
+
+
+def _capabilities(data: Any, url: str) -> Capabilities:
+    """Server-sent capabilities, refused unless every field has a sane type and bound."""
+
+    def bad(why: str) -> ClientError:
+        return ClientError(f"{url} sent unusable capabilities ({why}); is it a craft-sdk server?")
+
+    if not isinstance(data, dict):
+        raise bad("not a JSON object")
+    model_id = data.get("model_id")
+    if not isinstance(model_id, str) or not 1 <= len(model_id) <= MAX_MODEL_ID_CHARS:
+        raise bad(f"model_id must be a string of 1 to {MAX_MODEL_ID_CHARS} characters")
+    for name, bound in (("n_ctx", MAX_N_CTX), ("ctx_dim", MAX_CTX_DIM)):
+        v = data.get(name)
+        if v is not None and not (_is_int(v) and 1 <= v <= bound):
+            raise bad(f"{name} must be null or an integer from 1 to {bound}")
+    for name in ("ctx_rms", "logit_scale"):
+        v = data.get(name)
+        if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 < v <= 1e6):
+            raise bad(f"{name} must be null or a finite number in (0, 1e6]")
+    if data.get("output", "logits") not in ("logits", "probs"):
+        raise bad("output must be 'logits' or 'probs'")
+    known = {f.name for f in fields(Capabilities)}
+    try:
+        return Capabilities(**{k: v for k, v in data.items() if k in known})
+    except (TypeError, ConfigError) as exc:
+        raise bad(_one_line(str(exc), 160)) from None
 
 
 def _json(resp: httpx.Response) -> Any:
-    try:
-        return resp.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise WireError("expected a JSON body") from None
+    return loads_json(resp.content, "response body")
 
 
 def _logits(resp: httpx.Response) -> np.ndarray:
     body = resp.content
     entries, _ = parse(body)
     entry = entries.get("logits")
-    if entry is None or entry.dtype not in ("F32", "F16") or len(entries) != 1:
-        raise WireError("expected a single float32/float16 tensor 'logits'")
+    if entry is None or entry.dtype not in ("F32", "F16") or len(entries) != 1 or len(entry.shape) not in (2, 3):
+        raise WireError("expected a single float32/float16 tensor 'logits' [N, C] or [P, N, C]")
     return read(body, entry, "logits").astype(np.float32)
 
 
-def _error_body(resp: httpx.Response) -> dict[str, Any]:
+def _error_body(resp: httpx.Response) -> dict[str, str]:
+    """``code``, ``message``, ``field`` of an error answer, each a short one-line string ('' when absent or malformed)."""
     try:
-        err = resp.json().get("error", {})
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return {}
-    return err if isinstance(err, dict) else {}
+        err = loads_json(resp.content, "error body", max_depth=4)
+        err = err.get("error", {}) if isinstance(err, dict) else {}
+    except WireError:
+        err = {}
+    err = err if isinstance(err, dict) else {}
+    return {k: _one_line(err[k], 40 if k == "code" else 300) if isinstance(err.get(k), str) else "" for k in ("code", "message", "field")}
 
 
 def _retry_after(resp: httpx.Response) -> float | None:
     try:
-        return max(0.0, float(resp.headers["Retry-After"]))
+        value = float(resp.headers["Retry-After"][:32])
     except (KeyError, ValueError):
         return None
+    return value if math.isfinite(value) and value >= 0 else None

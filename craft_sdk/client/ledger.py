@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BudgetExceededError, ConfigError
+from ..errors import BudgetExceededError, ClientError, ConfigError
 from ..images import ImageLike
 from .base import DEFAULT_TEMPLATE, Capabilities, Images, ImageSetHandle, PredictionClient
 
@@ -100,6 +100,16 @@ class QueryLedger:
             if self._journal is not None:
                 self._append({"n": n, "category": category})
 
+    def refund(self, n: int, category: str) -> None:
+        """Take back ``n`` queries of ``category`` that the black box certainly did not bill (journaled too)."""
+        if category not in self.counts:
+            raise ConfigError(f"unknown query category {category!r}; use one of {CATEGORIES}")
+        with self._lock:
+            n = min(n, self.counts[category])
+            self.counts[category] -= n
+            if self._journal is not None and n:
+                self._append({"n": -n, "category": category})
+
     def _append(self, record: dict[str, Any]) -> None:
         assert self._journal is not None
         with open(self._journal, "a", encoding="utf-8") as f:
@@ -151,7 +161,16 @@ class MeteredClient:
         *,
         category: str = "predict",
     ) -> np.ndarray:
-        """Charge the ledger (one query per candidate offset), then call the client."""
+        """Charge the ledger (one query per candidate offset), then call the client.
+
+        A call that fails with a :class:`~craft_sdk.errors.ClientError` marked ``unbilled`` (refused by the
+        service before computing, or never delivered) is refunded, so the ledger equals the service's bill.
+        """
         n = 1 if offsets is None or np.ndim(offsets) == 2 else int(np.shape(offsets)[0])
         self.ledger.charge(n, category)
-        return self.client.predict(images, class_names, template, offsets)
+        try:
+            return self.client.predict(images, class_names, template, offsets)
+        except ClientError as exc:
+            if exc.unbilled:
+                self.ledger.refund(n, category)
+            raise

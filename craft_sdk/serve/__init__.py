@@ -6,8 +6,24 @@ when an app is created or run.
 
 from __future__ import annotations
 
-from .app import Problem, create_app
+from .app import ServerState, create_app, default_route_sets
+from .checks import Problem
 from .config import ServerConfig, load_api_keys
 from .runner import BackgroundServer, is_loopback, run_server
+from .store import MemoryStore, SQLiteStore, Store, open_store
 
-__all__ = ["BackgroundServer", "Problem", "ServerConfig", "create_app", "is_loopback", "load_api_keys", "run_server"]
+__all__ = [
+    "BackgroundServer",
+    "MemoryStore",
+    "Problem",
+    "SQLiteStore",
+    "ServerConfig",
+    "ServerState",
+    "Store",
+    "create_app",
+    "default_route_sets",
+    "is_loopback",
+    "load_api_keys",
+    "open_store",
+    "run_server",
+]

@@ -24,11 +24,21 @@ class ServerConfig:
         max_class_name_chars: characters per class name (422 beyond).
         max_template_chars: characters in a context template (422 beyond).
         max_population: candidate offsets per prediction (413 beyond).
-        max_image_sets: uploaded image sets whose features are kept (least recently used
-            evicted; an evicted handle answers 404 and the client uploads again).
-        idempotency_entries: responses remembered per (key, idempotency key).
-        idempotency_bytes: total bytes of remembered responses.
+        max_answer_bytes: largest answer, P x N x C x 4 (or 2 for float16) bytes of logits (413
+            beyond; HTTPClient splits a population to fit).
+        max_prompts: P x C prompts encoded per prediction, the request's compute (413 beyond;
+            HTTPClient splits): bounds how long one request holds the model from other keys.
+        max_image_sets: uploaded image sets whose features are kept *per key* (that key's least
+            recently used evicted; an evicted handle answers 404 and the client uploads again).
+        idempotency_entries: answers remembered in memory for replay, per process.
+        idempotency_bytes: total bytes of answers remembered in memory (an answer larger than
+            this is not kept; a replay then recomputes it, unbilled).
         max_pending: requests waiting for the model at once (429 ``rate_limited`` beyond).
+        header_timeout_s: seconds a connection may take to send its request headers (or stay idle
+            between requests) before it is closed.
+        body_timeout_s: seconds a request may take to send its body (408 beyond).
+        lease_s: seconds after which a killed server process's unfinished requests may be taken
+            over by another process sharing the state (its retries are computed, not billed again).
 
     Example:
         >>> ServerConfig(budget_per_key=8000).max_classes
@@ -43,26 +53,35 @@ class ServerConfig:
     max_class_name_chars: int = 200
     max_template_chars: int = 200
     max_population: int = 256
+    max_answer_bytes: int = 64 << 20
+    max_prompts: int = 65_536
     max_image_sets: int = 8
     idempotency_entries: int = 256
-    idempotency_bytes: int = 256 << 20
+    idempotency_bytes: int = 128 << 20
     max_pending: int = 64
+    header_timeout_s: int = 10
+    body_timeout_s: int = 60
+    lease_s: int = 10
 
     def __post_init__(self) -> None:
         if self.budget_per_key is not None and self.budget_per_key < 0:
             raise ConfigError(f"budget_per_key must be >= 0 or None, got {self.budget_per_key}")
         for name, value in asdict(self).items():
-            if name != "budget_per_key" and (not isinstance(value, int) or value < 1):
+            if name != "budget_per_key" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
     def limits(self) -> dict[str, int]:
         """The size limits, as the ``/v1/limits`` endpoint reports them."""
-        skip = ("budget_per_key", "idempotency_entries", "idempotency_bytes", "max_pending", "max_image_sets")
-        return {k: v for k, v in asdict(self).items() if k not in skip}
+        shown = ("max_body_bytes", "max_images", "max_image_side", "max_classes", "max_class_name_chars",
+                 "max_template_chars", "max_population", "max_answer_bytes", "max_prompts")
+        return {k: getattr(self, k) for k in shown}
 
 
 def load_api_keys(path: str | Path) -> dict[str, str]:
     """Read API keys: one per line, either ``KEY`` or ``NAME KEY``; blank and ``#`` lines ignored.
+
+    Errors name the file and line, never a key. A file whose names collide (the same name twice,
+    or a bare key whose generated name ``key-<n>`` is also written out) is refused whole.
 
     Returns:
         name → key (unnamed keys are called ``key-1``, ``key-2``... in file order).
@@ -74,25 +93,36 @@ def load_api_keys(path: str | Path) -> dict[str, str]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"API key file {p} does not exist; create it with one key per line")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"API key file {p} cannot be read ({exc.__class__.__name__}); it must be UTF-8 text") from None
     keys: dict[str, str] = {}
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    lines: dict[str, int] = {}
+    for i, line in enumerate(text.splitlines(), 1):
         parts = line.split()
         if not parts or parts[0].startswith("#"):
             continue
         if len(parts) > 2:
             raise ConfigError(f"{p}:{i} has {len(parts)} fields; expected KEY or NAME KEY")
         name, key = (parts[0], parts[1]) if len(parts) == 2 else (f"key-{len(keys) + 1}", parts[0])
-        keys[name] = key
+        if name in keys:
+            raise ConfigError(f"{p}:{i} reuses the key name of line {lines[name]}; give every key its own name")
+        if len(key) < MIN_KEY_CHARS:
+            raise ConfigError(f"{p}:{i} holds a key shorter than {MIN_KEY_CHARS} characters; use long random keys")
+        if key in keys.values():
+            raise ConfigError(f"{p}:{i} repeats the key of an earlier line; every key must be distinct")
+        keys[name], lines[name] = key, i
     return validate_keys(keys, str(p))
 
 
 def validate_keys(keys: dict[str, str], where: str = "api_keys") -> dict[str, str]:
-    """Check that keys are long enough, unique and named uniquely."""
+    """Check that keys are long enough, unique and named uniquely (errors never show a key)."""
     if not keys:
         raise ConfigError(f"{where} holds no API key; add at least one (e.g. python -c 'import secrets; print(secrets.token_hex(24))')")
-    short = [name for name, key in keys.items() if len(key) < MIN_KEY_CHARS]
+    short = sum(1 for key in keys.values() if len(key) < MIN_KEY_CHARS)
     if short:
-        raise ConfigError(f"API key(s) {short} in {where} are shorter than {MIN_KEY_CHARS} characters; use long random keys")
+        raise ConfigError(f"{short} API key(s) in {where} are shorter than {MIN_KEY_CHARS} characters; use long random keys")
     if len(set(keys.values())) != len(keys):
         raise ConfigError(f"{where} lists the same key twice; every key must be distinct")
     return dict(keys)

@@ -32,16 +32,100 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def run_server(app: Any, host: str = "127.0.0.1", port: int = 8765, log_level: str = "info") -> None:
+def check_port(port: Any) -> int:
+    """``port`` as a TCP port number, or a one-line :class:`ConfigError`."""
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        raise ConfigError(f"--port must be a TCP port from 1 to 65535, got {port!r}")
+    return port
+
+
+def header_timeout_protocol() -> type:
+    """uvicorn's h11 protocol, closing a connection whose request headers do not arrive in time.
+
+    uvicorn only times out connections idle between requests, and stops the clock at the first
+    byte: a client trickling a request's headers would hold its connection forever. Here a timer
+    (``timeout_keep_alive`` seconds) runs from the connection's start and from each response's end
+    until a request's headers are complete.
+    """
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutH11(H11Protocol):
+        _header_timer: Any = None
+
+        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._header_timer = self.loop.call_later(self.timeout_keep_alive, self._headers_late)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_late(self) -> None:
+            if not self.transport.is_closing():
+                self.transport.close()
+
+        def handle_events(self) -> None:
+            cycle = self.cycle
+            super().handle_events()
+            if self.cycle is not cycle:  # a request's headers arrived
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
+                self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return HeaderTimeoutH11
+
+
+def _server_config(app: Any) -> Any:
+    """The ServerConfig of a craft app, also behind ASGI middleware that keeps it as ``.app``."""
+    for _ in range(4):
+        config = getattr(getattr(getattr(app, "state", None), "craft", None), "config", None)
+        if config is not None:
+            return config
+        app = getattr(app, "app", None)
+    return None
+
+
+def uvicorn_options(app_config: Any) -> dict[str, Any]:
+    """uvicorn settings every server shares: header timeout, no server header, short graceful shutdown."""
+    header_timeout = getattr(app_config, "header_timeout_s", 10)
+    return {"http": header_timeout_protocol(), "timeout_keep_alive": header_timeout, "server_header": False}
+
+
+def run_server(app: Any, host: str = "127.0.0.1", port: int = 8765, log_level: str = "info", *, workers: int = 1,
+               factory: str | None = None) -> None:
     """Serve ``app`` with uvicorn until interrupted (Ctrl-C / SIGTERM).
+
+    Args:
+        app: the ASGI app (ignored when ``factory`` is given).
+        workers: uvicorn worker processes; more than one needs ``factory``, the import string of
+            a function building the app in each worker (they share meters through the state store).
 
     Example:
         >>> run_server(create_app(client, keys), port=8765)  # doctest: +SKIP
     """
     uvicorn = _import_uvicorn()
+    check_port(port)
     if not is_loopback(host):
         logger.warning("serving on %s: reachable from other machines over plain HTTP; put a TLS proxy in front", host)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, server_header=False, timeout_graceful_shutdown=5)
+    options = uvicorn_options(_server_config(app))
+    if workers > 1:
+        if factory is None:
+            raise ConfigError("several workers need an app factory (craft-sdk serve --workers builds one)")
+        uvicorn.run(factory, factory=True, workers=workers, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, **options)
+        return
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, **options)
 
 
 class BackgroundServer:
@@ -77,7 +161,7 @@ class BackgroundServer:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self.port))
         self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self.app, log_level="warning", server_header=False, timeout_graceful_shutdown=1)
+        config = uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=1, **uvicorn_options(_server_config(self.app)))
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True)
         self._thread.start()

@@ -1,11 +1,12 @@
-"""Server-side state, free of any web framework: keys, per-key metering, handle and response caches."""
+"""Server-side state, free of any web framework: keys, bounded caches, fair scheduling between keys."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -36,53 +37,6 @@ class KeyRing:
         return found
 
 
-@dataclass
-class KeyUsage:
-    """Queries and uploads of one key."""
-
-    used: int = 0
-    uploads: int = 0
-
-
-class Meter:
-    """Per-key query counts against an optional per-key budget (a hard ceiling, checked before computing).
-
-    Args:
-        budget: queries per key; None = unlimited.
-    """
-
-    def __init__(self, budget: int | None) -> None:
-        self.budget = budget
-        self._usage: dict[str, KeyUsage] = {}
-        self._lock = threading.Lock()
-
-    def charge(self, key: str, n: int) -> bool:
-        """Record ``n`` queries for ``key``; False (nothing recorded) if they exceed its budget."""
-        with self._lock:
-            u = self._usage.setdefault(key, KeyUsage())
-            if self.budget is not None and u.used + n > self.budget:
-                return False
-            u.used += n
-            return True
-
-    def refund(self, key: str, n: int) -> None:
-        """Take back ``n`` queries that were charged but never computed."""
-        with self._lock:
-            u = self._usage.setdefault(key, KeyUsage())
-            u.used = max(0, u.used - n)
-
-    def count_upload(self, key: str) -> None:
-        with self._lock:
-            self._usage.setdefault(key, KeyUsage()).uploads += 1
-
-    def report(self, key: str) -> dict[str, Any]:
-        """``used``, ``budget``, ``remaining`` (None when unlimited), ``uploads``."""
-        with self._lock:
-            u = self._usage.get(key, KeyUsage())
-            remaining = None if self.budget is None else self.budget - u.used
-            return {"used": u.used, "budget": self.budget, "remaining": remaining, "uploads": u.uploads}
-
-
 class LRU(Generic[K, V]):
     """A thread-safe least-recently-used map bounded by entries and (optionally) total size."""
 
@@ -105,11 +59,11 @@ class LRU(Generic[K, V]):
         with self._lock:
             if key in self._data:
                 self._size -= self._data.pop(key)[1]
+            if self.max_size is not None and size > self.max_size:
+                return  # never kept: one entry may not exceed the whole bound
             self._data[key] = (value, size)
             self._size += size
-            while len(self._data) > self.max_entries or (
-                self.max_size is not None and self._size > self.max_size and len(self._data) > 1
-            ):
+            while len(self._data) > self.max_entries or (self.max_size is not None and self._size > self.max_size):
                 self._size -= self._data.popitem(last=False)[1][1]
 
     def pop(self, key: K) -> None:
@@ -121,6 +75,11 @@ class LRU(Generic[K, V]):
     def __len__(self) -> int:
         return len(self._data)
 
+    @property
+    def size(self) -> int:
+        """Total size of the entries kept."""
+        return self._size
+
 
 @dataclass
 class CachedResponse:
@@ -129,3 +88,106 @@ class CachedResponse:
     digest: str
     body: bytes
     headers: dict[str, str] = field(default_factory=dict)
+
+
+class FairScheduler:
+    """One model computation at a time, granted round-robin between API keys.
+
+    Waiting requests queue per key; when the model frees up, the next key in turn gets it, so a key
+    sending many (or large) requests delays another key by at most one request at a time. Use from
+    one event loop.
+
+    Example:
+        >>> sched = FairScheduler()
+        >>> # async with sched.turn("alice"): compute()
+    """
+
+    def __init__(self) -> None:
+        self._busy = False
+        self._last: str | None = None  # the key served last goes behind every other waiting key
+        self._queues: OrderedDict[str, deque[asyncio.Future[None]]] = OrderedDict()
+
+    @property
+    def waiting(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+    async def acquire(self, key: str) -> None:
+        if not self._busy and not self._queues:
+            self._busy, self._last = True, key
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queues.setdefault(key, deque()).append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # granted as we were cancelled: pass the turn on
+            else:
+                q = self._queues.get(key)
+                if q is not None and fut in q:
+                    q.remove(fut)
+                    if not q:
+                        del self._queues[key]
+            raise
+
+    def release(self) -> None:
+        if self._last in self._queues and len(self._queues) > 1:
+            self._queues.move_to_end(self._last)
+        while self._queues:
+            key, q = next(iter(self._queues.items()))
+            fut = q.popleft()
+            if q:
+                self._queues.move_to_end(key)  # this key's next request waits for every other key's turn
+            else:
+                del self._queues[key]
+            if not fut.done():
+                fut.set_result(None)
+                self._last = key
+                return
+        self._busy = False
+
+    def turn(self, key: str) -> _Turn:
+        return _Turn(self, key)
+
+
+class _Turn:
+    def __init__(self, sched: FairScheduler, key: str) -> None:
+        self.sched, self.key = sched, key
+
+    async def __aenter__(self) -> None:
+        await self.sched.acquire(self.key)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.sched.release()
+
+
+class KeyedSets:
+    """Uploaded image sets (their prepared features), kept per API key with a quota each.
+
+    One key's uploads evict only that key's least recently used sets; sets are never shared or
+    deduplicated across keys, so neither eviction nor upload timing reveals another key's data.
+
+    Args:
+        per_key: image sets kept per key.
+    """
+
+    def __init__(self, per_key: int) -> None:
+        self.per_key = per_key
+        self._sets: dict[str, LRU[str, tuple[Any, int]]] = {}
+        self._lock = threading.Lock()
+
+    def _lru(self, key: str) -> LRU[str, tuple[Any, int]]:
+        with self._lock:
+            return self._sets.setdefault(key, LRU(self.per_key))
+
+    def get(self, key: str, handle: str) -> tuple[Any, int] | None:
+        return self._lru(key).get(handle)
+
+    def put(self, key: str, handle: str, prepared: Any, n_images: int) -> None:
+        self._lru(key).put(handle, (prepared, n_images))
+
+    def pop(self, key: str, handle: str) -> None:
+        self._lru(key).pop(handle)
+
+    def count(self, key: str) -> int:
+        return len(self._lru(key))

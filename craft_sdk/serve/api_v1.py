@@ -1,0 +1,249 @@
+"""The prediction API, version 1 (``docs/wire-format.md``): health, limits, usage, capabilities,
+image-set uploads and metered, idempotent predictions. Imported when an app is created (needs fastapi).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Depends, Request, Response, Security
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBearer
+
+from .._version import __version__
+from ..errors import CraftError, UnknownHandleError
+from ..images import images_fingerprint
+from ..wire import API, CHECKSUM_HEADER, IDEMPOTENCY_HEADER, SAFETENSORS, encode, sha256_hex
+from . import checks
+from .app import ServerState
+from .checks import Problem
+from .config import ServerConfig
+from .state import CachedResponse
+
+logger = logging.getLogger(__name__)
+
+_IDEM_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-")
+_GONE = "unknown or evicted image-set handle; upload the images again"
+
+
+@dataclass
+class _Job:
+    """One validated prediction request, not yet billed."""
+
+    names: list[str]
+    template: str
+    dtype: str
+    offsets: np.ndarray | None
+    prepared: Any
+    n_images: int
+    handle: str
+
+    @property
+    def queries(self) -> int:
+        return 1 if self.offsets is None or self.offsets.ndim == 2 else int(self.offsets.shape[0])
+
+
+def register(router: APIRouter, state: ServerState) -> None:
+    """Add the prediction API of ``docs/wire-format.md`` to ``router`` (mounted at ``/v1``)."""
+    bearer = HTTPBearer(auto_error=False, description="an API key issued by the model owner")
+
+    def authenticate(request: Request, _: Any = Security(bearer)) -> str:
+        key = state.keys.identify(request.headers.get("authorization"))  # constant time over every key
+        if key is None:
+            raise Problem(401, "unauthorized", "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"})
+        return key
+
+    safetensors_body = {"requestBody": {"required": True, "content": {SAFETENSORS: {"schema": {"type": "string", "format": "binary"}}}}}
+
+    @router.get("/health", summary="Liveness (no key)")
+    async def health() -> dict[str, str]:
+        return {"status": "ok", "api": API, "version": __version__}
+
+    @router.get("/limits", summary="Size limits a client must respect")
+    async def limits(key: str = Depends(authenticate)) -> dict[str, int]:
+        return state.config.limits()
+
+    @router.get("/usage", summary="Queries used and left for the calling key")
+    async def usage(key: str = Depends(authenticate)) -> dict[str, Any]:
+        return state.store.usage(key)
+
+    @router.get("/capabilities", summary="What the model does for a context template")
+    async def capabilities(template: str = "a photo of a", key: str = Depends(authenticate)) -> dict[str, Any]:
+        checks.check_template(template, state.config)
+        caps = await state.capabilities(key, template)
+        return {k: getattr(caps, k) for k in ("model_id", "n_ctx", "ctx_dim", "output", "ctx_rms", "logit_scale")}
+
+    @router.post("/image-sets", status_code=201, summary="Upload an image set (safetensors uint8 pixels); not billed",
+                 openapi_extra=safetensors_body)
+    async def upload(request: Request, key: str = Depends(authenticate)) -> Any:
+        body = await _read_body(request, state.config)
+        images = checks.decode_images(body, state.config)
+        handle = hmac.new(state.secret, f"{key}\0{images_fingerprint(images)}".encode(), hashlib.sha256).hexdigest()[:32]
+        if state.sets.get(key, handle) is None:  # a key's own sets only: nothing is shared or deduplicated across keys
+            try:
+                prepared = await state.run(key, state.model.prepare, images)
+            except CraftError as exc:
+                raise Problem(422, "invalid", checks.first_line(exc), "images") from None
+            state.sets.put(key, handle, prepared, len(images))
+        state.store.count_upload(key)
+        return JSONResponse({"handle": handle, "n_images": len(images)}, 201)
+
+    @router.post("/predict", summary="Logits of a population of prompts (safetensors in and out); billed P queries",
+                 response_class=Response, openapi_extra=safetensors_body)
+    async def predict(request: Request, key: str = Depends(authenticate)) -> Any:
+        body = await _read_body(request, state.config)
+        idem = request.headers.get(IDEMPOTENCY_HEADER)
+        if idem is not None and not (1 <= len(idem) <= 128 and set(idem) <= _IDEM_CHARS):
+            raise Problem(422, "invalid", "Idempotency-Key must be 1-128 characters of [A-Za-z0-9._:-]", IDEMPOTENCY_HEADER)
+        return await _answer(state, key, idem, body)
+
+
+# ------------------------------------------------------------------ prediction
+
+
+async def _answer(state: ServerState, key: str, idem: str | None, body: bytes) -> Any:
+    """Answer a prediction once per idempotency key: replays are never billed, duplicates in flight wait."""
+    digest = sha256_hex(body)
+    slot = (key, idem or "")
+    while idem is not None:
+        cached = state.answers.get(slot)
+        if cached is not None:
+            if cached.digest != digest:
+                raise Problem(422, "idempotency_key_reused", "this Idempotency-Key was used for a different request", IDEMPOTENCY_HEADER)
+            return _respond(cached, replayed=True)
+        event = state.inflight.get(slot)
+        if event is None:
+            break
+        await event.wait()
+    event = asyncio.Event()
+    if idem is not None:
+        state.inflight[slot] = event
+    try:
+        job = await _job(state, key, body)
+        begin = state.store.begin(key, idem, digest, job.queries, state.owner)
+        if begin.status == "mismatch":
+            raise Problem(422, "idempotency_key_reused", "this Idempotency-Key was used for a different request", IDEMPOTENCY_HEADER)
+        if begin.status == "pending":
+            raise Problem(503, "in_progress", "this request is being computed by another server process; retry", headers={"Retry-After": "1"})
+        if begin.status == "refused":
+            u = state.store.usage(key)
+            raise Problem(429, "budget_exceeded", f"the query budget of this API key is spent ({u['used']} of {u['budget']} used, "
+                          f"{job.queries} more requested); ask the model owner for more")
+        billed = begin.status in ("charged", "takeover")  # takeover: charged by a process that died computing it
+        try:
+            resp = await _compute(state, key, job, digest)
+        except BaseException:
+            if billed:
+                state.store.abort(key, idem, job.queries)
+            raise
+        if idem is not None:
+            if begin.status == "replay" and begin.digest != resp.digest:
+                logger.warning("a recomputed replay differs from the answer first sent (digest %s, now %s)", begin.digest, resp.digest)
+            if billed:
+                state.store.finish(key, idem, resp.digest)
+            state.answers.put(slot, resp, len(resp.body))
+        return _respond(resp, replayed=begin.status == "replay")
+    finally:
+        if idem is not None:
+            state.inflight.pop(slot, None)
+        event.set()
+
+
+async def _job(state: ServerState, key: str, body: bytes) -> _Job:
+    """Validate a prediction request against the limits and this key's image sets (nothing billed)."""
+    cfg = state.config
+    entries, meta = checks.parse_body(body)
+    req = checks.request_json(meta)
+    names = checks.check_names(req.get("class_names"), cfg)
+    template = req.get("template", "a photo of a")
+    checks.check_template(template, cfg)
+    dtype = req.get("logits_dtype", "float32")
+    if dtype not in ("float32", "float16"):
+        raise Problem(422, "invalid", "logits_dtype must be 'float32' or 'float16'", "logits_dtype")
+    extra = sorted(set(entries) - {"offsets"})
+    if extra:
+        raise Problem(422, "invalid", f"unexpected tensor(s) {[e[:40] for e in extra[:3]]}; a prediction carries only 'offsets'", "offsets")
+    caps = await state.capabilities(key, template)
+    offsets = None if "offsets" not in entries else checks.check_offsets(body, entries["offsets"], caps, cfg)
+    handle = req.get("handle")
+    handle = handle if isinstance(handle, str) else ""
+    found = state.sets.get(key, handle)
+    if found is None:
+        raise Problem(404, "unknown_handle", _GONE, "handle")
+    job = _Job(names, template, dtype, offsets, found[0], found[1], handle)
+    p, c = job.queries, len(names)
+    answer = p * job.n_images * c * (2 if dtype == "float16" else 4)
+    if answer > cfg.max_answer_bytes:
+        raise Problem(413, "too_large", f"the answer would be {answer} bytes, over the limit of {cfg.max_answer_bytes}; "
+                      "split the population or use fewer images or classes", "offsets")
+    if p * c > cfg.max_prompts:
+        raise Problem(413, "too_large", f"{p} candidates x {c} classes = {p * c} prompts exceed the limit of {cfg.max_prompts} per request; "
+                      "split the population", "offsets")
+    return job
+
+
+async def _compute(state: ServerState, key: str, job: _Job, digest: str) -> CachedResponse:
+    """Run the model on ``job`` (the caller has billed it) and encode the answer."""
+
+    def work() -> tuple[bytes, float]:
+        t0 = time.perf_counter()
+        out = state.model.predict(job.prepared, job.n_images, job.names, job.template, job.offsets)
+        model_ms = 1000 * (time.perf_counter() - t0)
+        logits = checks.check_logits(out, (job.queries, job.n_images, len(job.names)))
+        if job.offsets is None or job.offsets.ndim == 2:
+            logits = logits[0]
+        payload = encode({"logits": logits.astype(np.float16 if job.dtype == "float16" else np.float32)}, {"queries": str(job.queries)})
+        return payload, model_ms
+
+    try:
+        payload, model_ms = await state.run(key, work)
+    except UnknownHandleError:  # the black box itself forgot the set (a client without feature access)
+        state.sets.pop(key, job.handle)
+        raise Problem(404, "unknown_handle", _GONE, "handle") from None
+    except CraftError as exc:
+        raise Problem(422, "rejected", checks.first_line(exc)) from None
+    u = state.store.usage(key)
+    headers = {
+        CHECKSUM_HEADER: sha256_hex(payload),
+        "X-Craft-Queries": str(job.queries),
+        "X-Craft-Queries-Used": str(u["used"]),
+        "X-Craft-Queries-Remaining": "" if u["remaining"] is None else str(u["remaining"]),
+        "Server-Timing": f"model;dur={model_ms:.1f}",  # lets a client tell network overhead from model time
+    }
+    return CachedResponse(digest, payload, headers)
+
+
+def _respond(resp: CachedResponse, replayed: bool = False) -> Any:
+    headers = dict(resp.headers)
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return Response(resp.body, 200, headers=headers, media_type=SAFETENSORS)
+
+
+async def _read_body(request: Any, cfg: ServerConfig) -> bytes:
+    """The request body, at most ``max_body_bytes``, received within ``body_timeout_s`` (408 beyond)."""
+    import anyio
+
+    limit = cfg.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or len(declared) > 20 or int(declared) > limit):
+        raise Problem(413, "too_large", f"request body exceeds {limit} bytes", "body")
+    chunks, size = [], 0
+    try:
+        with anyio.fail_after(cfg.body_timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise Problem(413, "too_large", f"request body exceeds {limit} bytes", "body")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise Problem(408, "timeout", f"the request body did not arrive within {cfg.body_timeout_s} s", "body",
+                      headers={"Connection": "close"}) from None
+    return b"".join(chunks)
