@@ -24,7 +24,7 @@ def block_images(n: int, seed: int) -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((32, 32), Image.NEAREST) for _ in range(n)]
 
 
-PLANT_CFG = TuneConfig(mode="pg", budget=1500, seed=7, intrinsic_dim=32, popsize=10)
+PLANT_CFG = TuneConfig(mode="pg", budget=1500, seed=7, intrinsic_dim=32, popsize=10, protocol="paper")  # the optimiser alone
 
 
 @pytest.fixture(scope="module")

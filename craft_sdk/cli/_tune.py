@@ -64,6 +64,8 @@ def tune(
     lam: float | None = typer.Option(None, help="weight of KL(refined || raw) in the prompt fitness (default 0.1 / classes)"),
     beta: float | None = typer.Option(None, help="weight of KL(raw || refined) in the refiner loss (default 0.1 / classes)"),
     lr: float = typer.Option(1e-3, help="refiner AdamW learning rate"),
+    protocol: str = typer.Option("robust", help="robust (held-out selection, early stopping, calibration, never worse than zero-shot beyond noise) | paper (the paper's exact loop)"),
+    patience: str = typer.Option("20", help="robust protocol: stop after N generations without a held-out gain; 'none' spends the whole budget"),
     checkpoint_dir: Path | None = typer.Option(None, help="write a resumable checkpoint (and the query journal) here"),
     checkpoint_every: int = typer.Option(1, help="generations between checkpoints"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --checkpoint-dir (same data, model and options)"),
@@ -79,6 +81,7 @@ def tune(
         mode=mode, budget=budget, seed=seed, template=template, popsize=popsize,
         intrinsic_dim=intrinsic_dim, prompt_scale=prompt_scale, sigma0=sigma0, refiner_layers=refiner_layers,
         refiner_hidden=refiner_hidden, residual=residual, lam=lam, beta=beta, lr=lr,
+        protocol=protocol, patience=_parse_patience(patience),
     )
     t0 = time.perf_counter()
     kwargs: dict[str, Any] = {"split_file": split_file} if split_file else {}
@@ -112,7 +115,13 @@ def tune(
         "selected_generation": result.selected_generation,
         "wall_time_s": round(time.perf_counter() - t0, 2),
         "skipped_files": len(splits.skipped),
+        "deployed": (result.selection or {}).get("deployed"),
+        "decision": (result.selection or {}).get("reason"),
+        "stopped": result.metrics.get("stopped"),
+        "temperature": result.temperature,
     }
+    if summary["deployed"] == "zero-shot" and result.config.mode != "zero-shot":
+        err.print(f"[yellow]note:[/] {summary['decision']}")
     if as_json:
         emit_json(summary)
         return
@@ -125,9 +134,22 @@ def tune(
         table.add_row("validation accuracy (selected)", f"{summary['val_accuracy']:.3f}")
     table.add_row("queries used / budget", f"{summary['queries_used']} / {budget}")
     table.add_row("generations", str(summary["n_generations"]))
+    if summary["deployed"] is not None:
+        table.add_row("deployed", str(summary["deployed"]))
+    if summary["stopped"]:
+        table.add_row("stopped", str(summary["stopped"]).removeprefix("stopped: "))
     table.add_row("wall time", f"{summary['wall_time_s']:.1f} s")
     err.print(table)
     typer.echo(f"adapter written to {out}")
+
+
+def _parse_patience(text: str) -> int | None:
+    if text.strip().lower() in ("none", "off", "0"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise fail(f"--patience must be a positive integer or 'none', got {text!r}") from None
 
 
 @app.command("eval")

@@ -22,7 +22,7 @@ protocol                    robust       ours (``paper``: the paper's exact prot
 holdout                     0.25         ours: check images per class, robust protocol
 patience                    20           ours: generations without held-out gain
 cv_folds                    5            ours: refiner selection folds
-z_noise                     1.0          ours: standard errors a gain must clear
+z_noise                     1.645        ours: one-sided 95 % noise threshold
 refiner_data                mean         ours (``population``: measured, see BENCHMARKS)
 ==========================  ===========  ==============================================
 
@@ -130,7 +130,7 @@ class TuneConfig:
     holdout: float = 0.25
     patience: int | None = 20
     cv_folds: int = 5
-    z_noise: float = 1.0
+    z_noise: float = 1.645
     refiner_data: str = "mean"
 
     def __post_init__(self) -> None:
