@@ -54,7 +54,7 @@ def server(model):  # noqa: ANN001, ANN201
 
 
 def used(app: Any) -> int:
-    return app.state.craft.meter.report("alice")["used"]
+    return app.state.craft.store.usage("alice")["used"]
 
 
 def local_probs(client: Any, imgs: list, names: list[str], template: str = "a photo of a") -> np.ndarray:

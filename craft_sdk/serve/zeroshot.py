@@ -6,34 +6,40 @@ under a hypothesis template ``"<context> {}<suffix>."`` and answers
 :class:`~craft_sdk.client.zeroshot.ZeroShotAPIClient`; ``docs/wire-format.md``).
 The ``<name>`` part of the path is free (e.g. the model's name) and ignored.
 
-Same keys, meter, limits and idempotency cache as ``/v1/predict``. **Billing**:
-one request = one query (one prompt scored on a one-image set, the ledger's unit),
-charged after validation and before computing, refunded if the computation
-fails; a request over the key's budget is ``429 budget_exceeded``. A client-side
-query over N images is therefore N requests and N server queries. A request
-carrying an ``Idempotency-Key`` that was answered before is replayed without
-computing or billing again.
+Same keys, store (meters and idempotency records), limits and model scheduling as
+``/v1/predict`` (:mod:`craft_sdk.serve.api_v1`). **Billing**: one request = one
+query (one prompt scored on a one-image set, the ledger's unit), charged after
+validation and before computing, refunded if the computation fails; a request
+over the key's budget is ``429 budget_exceeded``. A client-side query over N
+images is therefore N requests and N server queries. A request carrying an
+``Idempotency-Key`` that was answered before is replayed without computing or
+billing again. Imported when an app is created (needs fastapi).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
 import json
 import time
 import warnings
-from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from fastapi import APIRouter, Depends, Request, Response
 from PIL import Image
 
-from ..client.http import CHECKSUM_HEADER, IDEMPOTENCY_HEADER, sha256_hex
 from ..client.zeroshot import split_hypothesis
 from ..errors import ClientError, CraftError
 from ..scores import softmax
-from .app import _IDEM_RE, Problem, _auth, _check_names, _check_template, _first_line, _read_body, _State
+from ..wire import CHECKSUM_HEADER, IDEMPOTENCY_HEADER, WireError, loads_json, sha256_hex
+from . import checks
+from .api_v1 import _IDEM_CHARS, _read_body
+from .app import ServerState
+from .checks import Problem
 from .state import CachedResponse
 
 PATH = "/zero-shot/{name:path}"
@@ -41,89 +47,122 @@ DEFAULT_HYPOTHESIS = "a photo of a {}."
 _SLOT = "zero-shot\0"  # idempotency slots apart from /v1/predict's (a NUL is never in a client's key)
 
 
-def zeroshot_route(state: _State) -> Callable[[Any], Awaitable[Any]]:
-    """The ``POST /v1/zero-shot/<name>`` handler for an app's state (registered by ``create_app``)."""
+@dataclass
+class _Job:
+    """One validated zero-shot request, not yet billed."""
 
-    async def zero_shot(request: Any) -> Any:
-        key = _auth(state, request)
-        body = await _read_body(request, state.config.max_body_bytes)
+    image: Image.Image
+    labels: list[str]
+    names: list[str]  # label + the hypothesis template's suffix: what the model scores
+    context: str
+    output: str
+
+
+def register(router: APIRouter, state: ServerState) -> None:
+    """Add ``POST /zero-shot/<name>`` to ``router`` (mounted at ``/v1``)."""
+
+    def authenticate(request: Request) -> str:
+        key = state.keys.identify(request.headers.get("authorization"))
+        if key is None:
+            raise Problem(401, "unauthorized", "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"})
+        return key
+
+    @router.post(PATH, summary="Zero-shot classification of one base64 image (JSON in and out); billed 1 query",
+                 response_class=Response)
+    async def zero_shot(name: str, request: Request, key: str = Depends(authenticate)) -> Any:
+        body = await _read_body(request, state.config)
         idem = request.headers.get(IDEMPOTENCY_HEADER)
-        if idem is None:
-            return _respond(await _classify(state, key, body))
-        if not _IDEM_RE.match(idem):
-            raise Problem(422, "invalid", "Idempotency-Key must be 1-128 characters of [A-Za-z0-9._:-]", "Idempotency-Key")
-        return await _idempotent(state, (key, _SLOT + idem), body)
-
-    return zero_shot
+        if idem is not None and not (1 <= len(idem) <= 128 and set(idem) <= _IDEM_CHARS):
+            raise Problem(422, "invalid", "Idempotency-Key must be 1-128 characters of [A-Za-z0-9._:-]", IDEMPOTENCY_HEADER)
+        return await _answer(state, key, None if idem is None else _SLOT + idem, body)
 
 
-async def _idempotent(state: _State, slot: tuple[str, str], body: bytes) -> Any:
-    """Answer a keyed request once: replays come from the cache, duplicates in flight wait."""
-    import asyncio
-
+async def _answer(state: ServerState, key: str, idem: str | None, body: bytes) -> Any:
+    """Answer once per idempotency key (the store protocol of api_v1): replays are never billed, duplicates wait."""
     digest = sha256_hex(body)
-    while True:
-        cached = state.responses.get(slot)
+    slot = (key, idem or "")
+    while idem is not None:
+        cached = state.answers.get(slot)
         if cached is not None:
             if cached.digest != digest:
-                raise Problem(422, "idempotency_key_reused", "this Idempotency-Key was used for a different request", "Idempotency-Key")
+                raise Problem(422, "idempotency_key_reused", "this Idempotency-Key was used for a different request", IDEMPOTENCY_HEADER)
             return _respond(cached, replayed=True)
         event = state.inflight.get(slot)
         if event is None:
             break
         await event.wait()
     event = asyncio.Event()
-    state.inflight[slot] = event
+    if idem is not None:
+        state.inflight[slot] = event
     try:
-        resp = await _classify(state, slot[0], body)
-        resp.digest = digest
-        state.responses.put(slot, resp, len(resp.body))
-        return _respond(resp)
+        job = await _job(state, key, body)
+        begin = state.store.begin(key, idem, digest, 1, state.owner)
+        if begin.status == "mismatch":
+            raise Problem(422, "idempotency_key_reused", "this Idempotency-Key was used for a different request", IDEMPOTENCY_HEADER)
+        if begin.status == "pending":
+            raise Problem(503, "in_progress", "this request is being computed by another server process; retry", headers={"Retry-After": "1"})
+        if begin.status == "refused":
+            u = state.store.usage(key)
+            raise Problem(429, "budget_exceeded", f"the query budget of this API key is spent ({u['used']} of {u['budget']} used); "
+                          "ask the model owner for more")
+        billed = begin.status in ("charged", "takeover")
+        try:
+            resp = await _compute(state, key, job, digest)
+        except BaseException:
+            if billed:
+                state.store.abort(key, idem, 1)
+            raise
+        if idem is not None:
+            if billed:
+                state.store.finish(key, idem, resp.digest)
+            state.answers.put(slot, resp, len(resp.body))
+        return _respond(resp, replayed=begin.status == "replay")
     finally:
-        state.inflight.pop(slot, None)
+        if idem is not None:
+            state.inflight.pop(slot, None)
         event.set()
 
 
-def _respond(resp: CachedResponse, replayed: bool = False) -> Any:
-    from fastapi.responses import Response
-
-    headers = dict(resp.headers)
-    if replayed:
-        headers["Idempotent-Replayed"] = "true"
-    return Response(resp.body, 200, headers=headers, media_type="application/json")
-
-
-async def _classify(state: _State, key: str, body: bytes) -> CachedResponse:
-    """Validate, charge one query, compute and encode one image's scores."""
+async def _job(state: ServerState, key: str, body: bytes) -> _Job:
+    """Validate a request against the limits (nothing billed)."""
     cfg = state.config
-    image, labels, hypothesis = _parse_request(body, state)
+    try:
+        req = loads_json(body, "the body", "body")
+    except WireError as exc:
+        raise Problem(422, "invalid", str(exc), "body") from None
+    params = req.get("parameters", {}) if isinstance(req, dict) else None
+    if not isinstance(params, dict):
+        raise Problem(422, "invalid", "the body must be a JSON object {inputs, parameters: {candidate_labels, ...}}", "body")
+    labels = checks.check_names(params.get("candidate_labels"), cfg)
+    hypothesis = params.get("hypothesis_template", DEFAULT_HYPOTHESIS)
+    checks.check_template(hypothesis, cfg)
     try:
         context, suffix = split_hypothesis(hypothesis)
     except ClientError as exc:
-        raise Problem(422, "invalid", _first_line(exc), "hypothesis_template") from None
-    caps = await state.capabilities(context)
-    names = [label + suffix for label in labels]
-    _check_names(names, cfg)
-    if not state.meter.charge(key, 1):
-        u = state.meter.report(key)
-        raise Problem(429, "budget_exceeded", f"the query budget of this API key is spent ({u['used']} of {u['budget']} used); ask the model owner for more")
-    try:
+        raise Problem(422, "invalid", checks.first_line(exc), "hypothesis_template") from None
+    names = checks.check_names([label + suffix for label in labels], cfg)
+    image = _decode_image(req.get("inputs"), cfg.max_image_side)
+    caps = await state.capabilities(key, context)
+    return _Job(image, labels, names, context, caps.output)
+
+
+async def _compute(state: ServerState, key: str, job: _Job, digest: str) -> CachedResponse:
+    """Run the model on one image (the caller has billed it) and encode the answer."""
+
+    def work() -> tuple[np.ndarray, float]:
         t0 = time.perf_counter()
-        out = await state.run(state.client.predict, [image], names, context, None)
-        model_ms = 1000 * (time.perf_counter() - t0)
-        scores = np.asarray(out, dtype=np.float32).reshape(-1)
-        if scores.shape != (len(names),) or not np.isfinite(scores).all():
-            raise Problem(500, "internal", "the model returned an invalid result")
+        prepared = state.model.prepare([job.image])
+        out = state.model.predict(prepared, 1, job.names, job.context, None)
+        return checks.check_logits(out, (1, 1, len(job.names)))[0, 0], 1000 * (time.perf_counter() - t0)
+
+    try:
+        scores, model_ms = await state.run(key, work)
     except CraftError as exc:
-        state.meter.refund(key, 1)
-        raise Problem(422, "rejected", _first_line(exc)) from None
-    except BaseException:
-        state.meter.refund(key, 1)
-        raise
-    probs = softmax(scores) if caps.output == "logits" else scores / scores.sum()
+        raise Problem(422, "rejected", checks.first_line(exc)) from None
+    probs = softmax(scores) if job.output == "logits" else scores / scores.sum()
     order = np.argsort(-probs, kind="stable")
-    payload = json.dumps([{"label": labels[c], "score": float(probs[c])} for c in order]).encode()
-    u = state.meter.report(key)
+    payload = json.dumps([{"label": job.labels[c], "score": float(probs[c])} for c in order]).encode()
+    u = state.store.usage(key)
     headers = {
         CHECKSUM_HEADER: sha256_hex(payload),
         "X-Craft-Queries": "1",
@@ -131,21 +170,14 @@ async def _classify(state: _State, key: str, body: bytes) -> CachedResponse:
         "X-Craft-Queries-Remaining": "" if u["remaining"] is None else str(u["remaining"]),
         "Server-Timing": f"model;dur={model_ms:.1f}",
     }
-    return CachedResponse("", payload, headers)
+    return CachedResponse(digest, payload, headers)
 
 
-def _parse_request(body: bytes, state: _State) -> tuple[Image.Image, list[str], str]:
-    try:
-        req = json.loads(body)
-    except (UnicodeDecodeError, ValueError, RecursionError):  # hostile JSON: bad text, huge numbers, deep nesting
-        raise Problem(422, "invalid", "the body must be a JSON object {inputs, parameters}", "body") from None
-    params = req.get("parameters", {}) if isinstance(req, dict) else None
-    if not isinstance(params, dict):
-        raise Problem(422, "invalid", "the body must be a JSON object {inputs, parameters: {candidate_labels, ...}}", "body")
-    labels = _check_names(params.get("candidate_labels"), state.config)
-    hypothesis = params.get("hypothesis_template", DEFAULT_HYPOTHESIS)
-    _check_template(hypothesis, state.config)
-    return _decode_image(req.get("inputs"), state.config.max_image_side), labels, hypothesis
+def _respond(resp: CachedResponse, replayed: bool = False) -> Any:
+    headers = dict(resp.headers)
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return Response(resp.body, 200, headers=headers, media_type="application/json")
 
 
 def _decode_image(inputs: Any, max_side: int) -> Image.Image:
