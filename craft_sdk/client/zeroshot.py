@@ -210,8 +210,8 @@ class ZeroShotAPIClient:
             concurrent.futures.wait(futures)  # nothing of this prediction stays in flight after it raises
             if not isinstance(exc, Exception):
                 raise
-            causes = [f.exception() for f in futures if not f.cancelled() and f.exception() is not None]
-            raise next((c for c in causes if not isinstance(c, _Cancelled)), exc) from None  # the first real cause
+            causes = [e for f in futures if not f.cancelled() and (e := f.exception()) is not None and not isinstance(e, _Cancelled)]
+            raise (causes[0] if causes else exc) from None  # the first real cause, not a cancellation
         return check_output(np.stack(rows), 1, len(encoded), len(names), caps.model_id)[0]
 
     def _encoded(self, images: Images) -> list[str]:
