@@ -70,7 +70,7 @@ class CraftPredictor:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         if self.image_column in batch:
             column = batch[self.image_column]
-            images = column if isinstance(column, np.ndarray) and column.ndim == 4 else list(column)
+            images: Any = column if isinstance(column, np.ndarray) and column.ndim == 4 else list(column)
         elif self.path_column in batch:
             images = [str(p) for p in batch[self.path_column]]
         else:
