@@ -252,3 +252,29 @@ class SpyPredictor(_spy_predictor_base()):  # type: ignore[misc]
         out["worker"] = np.full(len(out["label"]), os.getpid())
         out["loads"] = np.full(len(out["label"]), type(self).loads)
         return out
+
+
+def test_streaming_deploy_path_needs_no_torch_sklearn_or_hub(adapter_dir: Path, images: Path, tmp_path: Path) -> None:
+    """The base install's path: local adapter, stream, resumable sink; torch, scikit-learn and huggingface_hub blocked."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "for m in ('torch', 'sklearn', 'huggingface_hub', 'ray'): sys.modules[m] = None\n"
+        "import numpy as np\n"
+        "from craft_sdk import CallableClient, Capabilities, CraftClassifier\n"
+        "from craft_sdk.sinks import PredictionSink, rows_of\n"
+        "from craft_sdk.stream import iter_image_paths, predict_stream\n"
+        "import craft_sdk.integrations.ray, craft_sdk.card, craft_sdk.hub\n"
+        "client = CallableClient(lambda ims, n, t, o: np.ones((len(ims), len(n))), Capabilities('spy/1'))\n"
+        "clf = CraftClassifier.from_pretrained(sys.argv[1], client)\n"
+        "with PredictionSink(sys.argv[3], 'jsonl', 1, {}, resume=False) as sink:\n"
+        "    for res in predict_stream(clf, iter_image_paths([sys.argv[2]]), batch_size=4):\n"
+        "        sink.write(rows_of(res, 1))\n"
+        "print(sink.done, clf.ledger.used)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(adapter_dir), str(images), str(tmp_path / "o.jsonl")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["10", "3"]
