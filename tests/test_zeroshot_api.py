@@ -198,6 +198,25 @@ def test_every_transient_fault_is_retried_and_billed_once(model, tiny_client, co
         assert cause in caplog.text, cause
 
 
+def test_tune_through_faults_gives_the_same_adapter(model, tmp_path: Path) -> None:  # noqa: ANN001
+    imgs = random_images(12, seed=23)
+    train = ImageDataset(imgs, np.arange(12) % len(NAMES), CLASS_NAMES)
+    cfg = TuneConfig(mode="pr", budget=20, seed=1, refiner_hidden=16)
+    out = []
+    for faults in ({}, {2: "500", 5: "lost", 8: "slow", 11: "truncate", 13: "429"}):
+        app = create_app(model, {"alice": KEY})
+        injector = ZeroShotFaults(app, faults)
+        with BackgroundServer(injector) as srv, ZeroShotAPIClient(srv.url + ROUTE, api_key=KEY, model_id="zs", max_concurrency=3, **FAST) as zs:
+            result = Tuner(cfg).fit(zs, train)
+            time.sleep(FAST["timeout"])
+            assert sorted(injector.fired) == sorted(faults.values())
+            assert used(app) == zs.provider_answers == result.queries["used"] * len(train)  # each image billed once per query
+            assert zs.provider_requests == zs.provider_answers + len(faults)
+        out.append(Adapter.from_result(result).save_pretrained(tmp_path / f"a{len(faults)}"))
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (out[0] / name).read_bytes() == (out[1] / name).read_bytes()
+
+
 def test_server_restart_mid_prediction(model, tiny_client) -> None:  # noqa: ANN001
     """A restart loses the idempotency cache and meters: the request cut off is retried on the new server."""
     imgs = random_images(8, seed=41)
