@@ -2,12 +2,47 @@
 
 from __future__ import annotations
 
+import json
+import os
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import typer
 
-from ._app import app, err, guarded, parse_pretrained
+from ._app import app, emit_json, err, guarded, parse_pretrained
 from ._tune import MODEL_HELP, PRETRAINED_HELP
+
+
+SPEC_ENV = "CRAFT_SERVE_SPEC"
+STATE_HELP = ("where meters, budgets and idempotency records persist: a SQLite file (default: API_KEY_FILE.state.db), "
+              "'memory' (lost on restart) or redis://host:port/db (pip install 'craft-sdk[redis]')")
+
+
+def default_state(api_key_file: Path) -> str:
+    """The state file beside the key file: ``keys.txt`` → ``keys.txt.state.db``."""
+    return str(api_key_file.with_name(api_key_file.name + ".state.db"))
+
+
+def _build_app(spec: dict[str, Any]) -> Any:
+    """The app of one server process (also each ``--workers`` process, from the spec in the environment)."""
+    from .. import create_client
+    from ..serve import ServerConfig, create_app, load_api_keys, open_store
+
+    keys = load_api_keys(spec["api_key_file"])
+    config = ServerConfig(**spec["config"])
+    store = open_store(spec["state"], config.budget_per_key, config.lease_s)
+    client = create_client(spec["model"], device=spec["device"], cache_size=config.max_image_sets, **spec["pretrained"])
+    if spec["text_only"]:
+        from ..client.zeroshot import TextOnlyClient
+
+        client = TextOnlyClient(client)
+    return create_app(client, keys, config, store)
+
+
+def app_from_env() -> Any:
+    """uvicorn's app factory for ``craft-sdk serve --workers N`` (reads the spec the parent process wrote)."""
+    return _build_app(json.loads(os.environ[SPEC_ENV]))
 
 
 @app.command()
@@ -19,24 +54,101 @@ def serve(
     port: int = typer.Option(8765, help="TCP port"),
     api_key_file: Path = typer.Option(..., help="file of API keys: one KEY or 'NAME KEY' per line"),
     budget_per_key: int | None = typer.Option(None, help="queries each key may use (same unit as the tuner's ledger)"),
+    state: str | None = typer.Option(None, "--state", help=STATE_HELP),
+    workers: int = typer.Option(1, help="server processes sharing the port and the state (each loads the model)"),
     max_body_mb: int = typer.Option(256, help="largest request body in MiB"),
-    cache_size: int = typer.Option(8, help="uploaded image sets whose features are kept"),
+    cache_size: int = typer.Option(8, help="uploaded image sets whose features are kept, per key"),
     device: str = typer.Option("cpu", help="torch device of the model"),
     text_only: bool = typer.Option(False, "--text-only", help="refuse context offsets (a text-only provider); /v1/zero-shot/* still answers"),
 ) -> None:
-    """Serve MODEL as a prediction-only HTTP service (logits only, metered per API key)."""
-    from .. import create_client
-    from ..serve import ServerConfig, create_app, load_api_keys, run_server
+    """Serve MODEL as a prediction-only HTTP service (logits only, metered per API key, meters persisted)."""
+    from ..serve import ServerConfig, load_api_keys, open_store, run_server
+    from ..serve.runner import check_port
 
     if model.startswith(("http://", "https://")):
         raise ValueError("serve a local model (demo, an open_clip name or local-dir:), not another server")
+    check_port(port)  # everything cheap is checked before the model loads
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
     keys = load_api_keys(api_key_file)
     config = ServerConfig(budget_per_key=budget_per_key, max_body_bytes=max_body_mb << 20, max_image_sets=cache_size)
-    client = create_client(model, device=device, cache_size=cache_size, **parse_pretrained(model, pretrained))
-    if text_only:
-        from ..client.zeroshot import TextOnlyClient
+    spec = {"model": model, "pretrained": parse_pretrained(model, pretrained), "device": device, "text_only": text_only,
+            "api_key_file": str(api_key_file), "config": asdict(config), "state": state or default_state(api_key_file)}
+    open_store(spec["state"], config.budget_per_key, config.lease_s).close()  # a bad --state fails now, in one line
+    where = "memory (lost on restart)" if spec["state"] == "memory" else spec["state"].rpartition("@")[2]
+    if workers > 1:
+        os.environ[SPEC_ENV] = json.dumps(spec)
+        err.print(f"serving {model} on http://{host}:{port}/v1 to {len(keys)} key(s) with {workers} workers; state: {where}", highlight=False)
+        run_server(None, host=host, port=port, workers=workers, factory=f"{__name__}:app_from_env")
+        return
+    server_app = _build_app(spec)
+    caps = server_app.state.craft.model.client.capabilities()
+    err.print(f"serving {caps.model_id} on http://{host}:{port}/v1 to {len(keys)} key(s); state: {where}", highlight=False)
+    run_server(server_app, host=host, port=port)
 
-        client = TextOnlyClient(client)
-    caps = client.capabilities()
-    err.print(f"serving {caps.model_id} on http://{host}:{port}/v1 to {len(keys)} key(s)", highlight=False)
-    run_server(create_app(client, keys, config), host=host, port=port)
+
+keys_app = typer.Typer(help="Meters of a server's API keys: list usage, top up, set or reset budgets.", no_args_is_help=True)
+app.add_typer(keys_app, name="serve-keys")
+
+
+def _open(state: str | None, api_key_file: Path | None) -> Any:
+    from ..serve import open_store
+
+    if state is None and api_key_file is None:
+        raise ValueError("name the server's state with --state, or its --api-key-file (the state then lies beside it)")
+    return open_store(state or default_state(api_key_file), keep_default=True)  # type: ignore[arg-type]
+
+
+STATE_OPT = typer.Option(None, "--state", help="the server's --state (SQLite file or redis:// URL)")
+KEYS_OPT = typer.Option(None, "--api-key-file", help="the server's key file (its default state lies beside it)")
+
+
+@keys_app.command("list")
+@guarded
+def keys_list(state: str | None = STATE_OPT, api_key_file: Path | None = KEYS_OPT, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Every key's used queries, budget and remaining queries."""
+    store = _open(state, api_key_file)
+    names = set(store.keys())
+    if api_key_file is not None:
+        from ..serve import load_api_keys
+
+        names |= set(load_api_keys(api_key_file))
+    rows = {name: store.usage(name) for name in sorted(names)}
+    if as_json:
+        emit_json(rows)
+        return
+    typer.echo(f"{'key':<24} {'used':>10} {'budget':>10} {'remaining':>10} {'uploads':>8}")
+    for name, u in rows.items():
+        fmt = [("-" if u[k] is None else str(u[k])) for k in ("used", "budget", "remaining", "uploads")]
+        typer.echo(f"{name:<24} {fmt[0]:>10} {fmt[1]:>10} {fmt[2]:>10} {fmt[3]:>8}")
+
+
+@keys_app.command("top-up")
+@guarded
+def keys_top_up(name: str, queries: int, state: str | None = STATE_OPT, api_key_file: Path | None = KEYS_OPT) -> None:
+    """Raise key NAME's budget by QUERIES."""
+    if queries < 1:
+        raise ValueError(f"QUERIES must be >= 1, got {queries}")
+    store = _open(state, api_key_file)
+    store.top_up(name, queries)
+    typer.echo(json.dumps({name: store.usage(name)}))
+
+
+@keys_app.command("set-budget")
+@guarded
+def keys_set_budget(name: str, budget: str, state: str | None = STATE_OPT, api_key_file: Path | None = KEYS_OPT) -> None:
+    """Give key NAME a budget of its own (BUDGET queries, or 'default' for the server's --budget-per-key)."""
+    if budget != "default" and not budget.isdigit():
+        raise ValueError(f"BUDGET must be a number of queries or 'default', got {budget!r}")
+    store = _open(state, api_key_file)
+    store.set_budget(name, None if budget == "default" else int(budget))
+    typer.echo(json.dumps({name: store.usage(name)}))
+
+
+@keys_app.command("reset")
+@guarded
+def keys_reset(name: str, state: str | None = STATE_OPT, api_key_file: Path | None = KEYS_OPT) -> None:
+    """Set key NAME's used queries back to 0."""
+    store = _open(state, api_key_file)
+    store.reset(name)
+    typer.echo(json.dumps({name: store.usage(name)}))

@@ -39,54 +39,6 @@ def check_port(port: Any) -> int:
     return port
 
 
-def header_timeout_protocol() -> type:
-    """uvicorn's h11 protocol, closing a connection whose request headers do not arrive in time.
-
-    uvicorn only times out connections idle between requests, and stops the clock at the first
-    byte: a client trickling a request's headers would hold its connection forever. Here a timer
-    (``timeout_keep_alive`` seconds) runs from the connection's start and from each response's end
-    until a request's headers are complete.
-    """
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
-    class HeaderTimeoutH11(H11Protocol):
-        _header_timer: Any = None
-
-        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self._arm()
-
-        def _arm(self) -> None:
-            self._disarm()
-            self._header_timer = self.loop.call_later(self.timeout_keep_alive, self._headers_late)
-
-        def _disarm(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
-
-        def _headers_late(self) -> None:
-            if not self.transport.is_closing():
-                self.transport.close()
-
-        def handle_events(self) -> None:
-            cycle = self.cycle
-            super().handle_events()
-            if self.cycle is not cycle:  # a request's headers arrived
-                self._disarm()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
-                self._arm()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
-            super().connection_lost(exc)
-
-    return HeaderTimeoutH11
-
-
 def _server_config(app: Any) -> Any:
     """The ServerConfig of a craft app, also behind ASGI middleware that keeps it as ``.app``."""
     for _ in range(4):
@@ -100,7 +52,8 @@ def _server_config(app: Any) -> Any:
 def uvicorn_options(app_config: Any) -> dict[str, Any]:
     """uvicorn settings every server shares: header timeout, no server header, short graceful shutdown."""
     header_timeout = getattr(app_config, "header_timeout_s", 10)
-    return {"http": header_timeout_protocol(), "timeout_keep_alive": header_timeout, "server_header": False}
+    # an import string, not the class: uvicorn's worker processes must be able to pickle the config
+    return {"http": "craft_sdk.serve._h11:HeaderTimeoutH11", "timeout_keep_alive": header_timeout, "server_header": False}
 
 
 def run_server(app: Any, host: str = "127.0.0.1", port: int = 8765, log_level: str = "info", *, workers: int = 1,
