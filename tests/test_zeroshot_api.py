@@ -24,6 +24,7 @@ import pytest
 from conftest import CLASS_NAMES, random_images
 
 from craft_sdk import Adapter, BudgetExceededError, ClientError, ConfigError, ImageDataset, TuneConfig, create_client
+from craft_sdk.client import MeteredClient, QueryLedger
 from craft_sdk.client.http import HTTPClient, encode
 from craft_sdk.client.zeroshot import TextOnlyClient, ZeroShotAPIClient, hypothesis_template, split_hypothesis
 from craft_sdk.scores import softmax
@@ -246,10 +247,12 @@ def test_outage_gives_up_with_a_clear_error(model) -> None:  # noqa: ANN001
     srv.stop()
     for concurrency in (1, 4):
         with ZeroShotAPIClient(url, api_key=KEY, backoff=0.01, max_backoff=0.05, max_retries=2, timeout=0.5, max_concurrency=concurrency) as zs:
+            metered = MeteredClient(zs, QueryLedger())
             with pytest.raises(ClientError, match=r"POST zero-shot .* failed after 3 attempts: connection failed"):
-                zs.predict(random_images(6, seed=0), NAMES)
+                metered.predict(random_images(6, seed=0), NAMES)
             sent = zs.provider_requests  # the first failure stops the others; nothing stays in flight
             assert (sent == 3 if concurrency == 1 else 3 <= sent <= 3 * 4) and zs.provider_answers == 0
+            assert metered.ledger.used == 0  # nothing ever connected: the query is refunded
             time.sleep(0.2)
             assert zs.provider_requests == sent
 
@@ -257,8 +260,16 @@ def test_outage_gives_up_with_a_clear_error(model) -> None:  # noqa: ANN001
 def test_spent_budget_is_final_and_never_overrun(model, caplog) -> None:  # noqa: ANN001
     app = create_app(model, {"alice": KEY}, ServerConfig(budget_per_key=5))
     with BackgroundServer(app) as srv, ZeroShotAPIClient(srv.url + ROUTE, api_key=KEY, max_concurrency=2, **FAST) as zs:
+        metered = MeteredClient(zs, QueryLedger())
         with caplog.at_level("WARNING"), pytest.raises(BudgetExceededError, match="budget of this API key is spent"):
-            zs.predict(random_images(9, seed=2), NAMES)
+            metered.predict(random_images(9, seed=2), NAMES)
+        assert metered.ledger.used == 1  # 5 of its 9 requests were answered and billed: the query stays charged
+        with pytest.raises(BudgetExceededError):
+            metered.predict(random_images(3, seed=3), NAMES)
+        assert metered.ledger.used == 1 and zs.provider_answers == 5  # refused before computing: refunded
+        with pytest.raises(ClientError, match="text-only") as err:
+            metered.predict(random_images(3, seed=3), NAMES, "a photo of a", np.zeros((4, 32), np.float32))
+        assert err.value.unbilled and metered.ledger.used == 1
     assert used(app) == 5 and "retry" not in caplog.text
 
 

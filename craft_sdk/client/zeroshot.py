@@ -194,24 +194,31 @@ class ZeroShotAPIClient:
             ClientError: ``offsets`` were given (text only), or a request failed after its retries.
             BudgetExceededError: the provider reports the key's budget spent (never retried).
         """
-        names = check_class_names(class_names)
-        caps = self.capabilities(template)
-        check_offsets(offsets, caps)  # refuses any offset: this black box is text only
-        encoded = self._encoded(images)
-        hypothesis = hypothesis_template(template)
-        failed = threading.Event()  # one request gave up: the others send nothing more
-        futures = [self._pool.submit(self._classify, b64, names, hypothesis, failed) for b64 in encoded]
+        try:
+            names = check_class_names(class_names)
+            caps = self.capabilities(template)
+            check_offsets(offsets, caps)  # refuses any offset: this black box is text only
+            encoded = self._encoded(images)
+            hypothesis = hypothesis_template(template)
+        except ClientError as exc:
+            exc.unbilled = True  # refused before anything was sent
+            raise
+        batch = _Batch()
+        futures = [self._pool.submit(self._classify, b64, names, hypothesis, batch) for b64 in encoded]
         try:
             rows = [f.result() for f in futures]
         except BaseException as exc:
-            failed.set()
+            batch.failed.set()
             for f in futures:
                 f.cancel()
             concurrent.futures.wait(futures)  # nothing of this prediction stays in flight after it raises
             if not isinstance(exc, Exception):
                 raise
             causes = [e for f in futures if not f.cancelled() and (e := f.exception()) is not None and not isinstance(e, _Cancelled)]
-            raise (causes[0] if causes else exc) from None  # the first real cause, not a cancellation
+            cause = causes[0] if causes else exc  # the first real cause, not a cancellation
+            if isinstance(cause, ClientError):
+                cause.unbilled = not batch.maybe_billed  # any request answered (or maybe computed): the query stays charged
+            raise cause from None
         return check_output(np.stack(rows), 1, len(encoded), len(names), caps.model_id)[0]
 
     def _encoded(self, images: Images) -> list[str]:
@@ -223,25 +230,38 @@ class ZeroShotAPIClient:
                 return self._sets[images.id]
         return [encode_image(im) for im in to_pil_list(images)]
 
-    def _classify(self, b64: str, names: list[str], hypothesis: str, failed: threading.Event) -> np.ndarray:
+    def _classify(self, b64: str, names: list[str], hypothesis: str, batch: _Batch) -> np.ndarray:
         """Scores [C] of one image; one idempotency key across the retries of this request."""
         payload = {"inputs": b64, "parameters": {"candidate_labels": names, "hypothesis_template": hypothesis}}
         body = json.dumps(payload).encode()
         headers = {"Content-Type": "application/json", IDEMPOTENCY_HEADER: uuid.uuid4().hex}
         post = functools.partial(self._wire._http.post, self.url, content=body, headers=headers)
+        reached = False  # an attempt got past connecting: the server may have computed it
 
         def send() -> httpx.Response:
-            if failed.is_set():
+            nonlocal reached
+            if batch.failed.is_set():
                 raise _Cancelled("cancelled: another request of this prediction failed")
             with self._lock:
                 self._sent += 1
-            return post()
+            try:
+                resp = post()
+            except (httpx.ConnectError, httpx.ConnectTimeout):
+                raise
+            except BaseException:
+                reached = True
+                raise
+            reached = True
+            return resp
 
         try:
             scores = self._wire._call("POST zero-shot", send, functools.partial(_scores, names=names))
-        except BaseException:
-            failed.set()
+        except BaseException as exc:
+            batch.failed.set()
+            if reached and (isinstance(exc, _Cancelled) or not getattr(exc, "unbilled", False)):
+                batch.maybe_billed = True  # conservative: a ledger may over-count such a query, never under-count it
             raise
+        batch.maybe_billed = True
         with self._lock:
             self._answered += 1
         return scores
@@ -258,6 +278,14 @@ class ZeroShotAPIClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Batch:
+    """The requests of one prediction: a failure stops the rest; whether any may have been billed."""
+
+    def __init__(self) -> None:
+        self.failed = threading.Event()
+        self.maybe_billed = False
 
 
 class _Cancelled(ClientError):
