@@ -119,6 +119,15 @@ def test_deterministic_and_replay_rebuilds_the_state() -> None:
         other.replay(np.stack(rows), a.ask_digests)
 
 
+def test_from_template_seeds_any_context() -> None:
+    s = DiscretePromptSearch.from_template("a centered satellite photo of a", popsize=6, seed=1, lr=3.0)
+    assert s.mean == "a centered satellite photo of a" and s.n_slots == 6 and s.config.lr == 3.0
+    assert "centered" in s.vocabulary and s.vocabulary[: len(VOCABULARY)] == VOCABULARY
+    assert DiscretePromptSearch.from_template("itap of a").mean == "itap of a"
+    with pytest.raises(ConfigError, match="single words"):
+        DiscretePromptSearch.from_template("a {weird} photo of a")
+
+
 def test_tell_checks_its_input_and_config_validates() -> None:
     s = DiscretePromptSearch(seed=0)
     with pytest.raises(CraftError, match="follow ask"):

@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -140,6 +141,26 @@ class DiscretePromptSearch:
         self._pending: np.ndarray | None = None
         self._generation = 0
         self.ask_digests: list[str] = []
+
+    @classmethod
+    def from_template(cls, template: str, popsize: int = 20, seed: int = 0, **options: Any) -> DiscretePromptSearch:
+        """A search seeded at ``template``: one slot per word, its words added to the vocabulary if missing.
+
+        Args:
+            template: the starting context, e.g. the tuner's ``"a photo of a"``.
+            popsize: candidates per generation.
+            seed: run seed.
+            **options: other :class:`DiscreteSearchConfig` fields (``lr``, ``seed_mass``, ``vocabulary``).
+
+        Example:
+            >>> DiscretePromptSearch.from_template("a satellite photo of a", popsize=8).mean
+            'a satellite photo of a'
+        """
+        words = template.split()
+        vocabulary = tuple(options.pop("vocabulary", VOCABULARY))
+        vocabulary += tuple(dict.fromkeys(w for w in words if w not in vocabulary))
+        config = DiscreteSearchConfig(n_slots=len(words), popsize=popsize, seed_template=" ".join(words), vocabulary=vocabulary, **options)
+        return cls(config, seed)
 
     def _initial_logits(self) -> np.ndarray:
         """θ [n_slots, V]: uniform, or the seed word at ``seed_mass`` and the rest uniform."""
