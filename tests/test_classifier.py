@@ -212,10 +212,11 @@ def test_fit_tunes_and_returns_self(tiny_client) -> None:  # type: ignore[no-unt
     assert clf.fit(ims, labels) is clf
     assert list(clf.classes_) == ["forest", "river", "sea or lake"]  # sorted unique labels
     assert clf.adapter_.config.prompt is None and clf.refiner_backend_ == "numpy"
-    assert clf.adapter_.config.refiner is not None and clf.adapter_.config.refiner.hidden == 16
+    assert clf.adapter_.config.hyperparameters["refiner_hidden"] == 16  # tune_options reach the tuner
     assert clf.predict(ims).shape == (12,)
-    # every billable call is in the classifier's ledger: the tuning query (pr mode: 1) and the deployment batch
-    assert clf.ledger.counts["refine"] == 1 and clf.ledger.counts["predict"] == 1
+    # every billable call is in the classifier's ledger: the tuning queries and the deployment batch
+    tuning = clf.adapter_.config.provenance["queries_used"]
+    assert 1 <= tuning <= 20 and clf.ledger.counts["predict"] == 1 and clf.ledger.used == tuning + 1
     with pytest.raises(ValueError, match="class_names"):
         CraftClassifier(tiny_client, mode="pr", budget=20).fit(ims, [0, 1, 2] * 4)
 
