@@ -417,3 +417,23 @@ def test_hostile_limits_and_logits_are_refused(hostile) -> None:  # noqa: ANN001
             c._sets["fp"] = ([], "h")
             c._predict_chunk("fp", ["a"], "a photo of a", None)
     assert "\n" not in str(err.value)
+
+
+def test_a_two_line_key_file_is_refused_without_showing_either_key(tmp_path: Path) -> None:
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from craft_sdk.cli import app
+
+    key_file = tmp_path / "my.key"
+    key_file.write_text(f"{ALICE}\n{BOB}\n")
+    data = tmp_path / "data"
+    for cls in ("a", "b"):
+        (data / cls).mkdir(parents=True)
+        for i in range(10):
+            Image.new("RGB", (8, 8), (i * 20, 0, 0)).save(data / cls / f"{i}.png")
+    res = CliRunner().invoke(app, ["tune", str(data), "--model", "http://127.0.0.1:9", "--api-key-file", str(key_file),
+                                   "--shots", "2", "--budget", "10", "--out", str(tmp_path / "out")])
+    assert res.exit_code != 0
+    assert ALICE not in res.output and BOB not in res.output
+    assert "exactly one key" in res.output and len(res.output.strip().splitlines()) == 1

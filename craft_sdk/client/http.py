@@ -197,6 +197,11 @@ class HTTPClient:
         key = api_key if api_key is not None else os.environ.get("CRAFT_API_KEY")
         if not key:
             raise ConfigError("HTTPClient needs an API key: pass api_key=... (CLI: --api-key-file) or set CRAFT_API_KEY")
+        if any(ch.isspace() or not ch.isprintable() for ch in key):  # the message never shows the key
+            raise ConfigError(
+                "the API key holds whitespace, a line break or control characters; a key file must hold exactly one key "
+                "on one line (check --api-key-file / CRAFT_API_KEY)"
+            )
         c = self.config
         if transport is None:  # no Nagle delay between the header and body writes of a request
             transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
@@ -243,8 +248,8 @@ class HTTPClient:
             except WireError as exc:
                 cause, maybe_billed = f"corrupt response body ({exc})", True
             except (httpx.UnsupportedProtocol, httpx.LocalProtocolError) as exc:  # our request is wrong: retrying won't help
-                raise ClientError(
-                    f"{what} at {self.url} cannot be sent: {exc.__class__.__name__}: {_one_line(str(exc), 160)}",
+                raise ClientError(  # not str(exc): it may quote a header, and headers carry the key
+                    f"{what} at {self.url} cannot be sent ({exc.__class__.__name__}); check the URL and the API key's characters",
                     unbilled=not maybe_billed,
                 ) from None
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # never reached the server
