@@ -9,6 +9,9 @@ one request per image). For each client concurrency (``--concurrency``, default 
 * ``tune discrete``: a plain ask/tell loop of :class:`~craft_sdk.tuner.discrete.DiscretePromptSearch`
   (``--generations`` x ``--popsize`` candidate contexts scored on the ``--shots``-shot training
   set, fitness = cross-entropy), then the found context scored on the test images;
+* ``select ensemble`` / ``predict ensemble`` (at the last concurrency only): greedy forward selection
+  of ``--ensemble-k`` of CLIP's selected templates on the training set, then their log-probability
+  average on the test images (K queries per image set);
 * ``tune pr``: ``craft_sdk.tune(mode="pr")`` (the refiner on the zero-shot prompt; the tuner's
   text-only path) and ``craft_sdk.evaluate`` of the adapter on the test images;
 
@@ -19,7 +22,7 @@ exactly the requests answered (``GET /v1/usage``).
 
 Usage:
     python benchmarks/bench_zeroshot_api.py [--concurrency 1 8 32] [--shots 4] [--test-images 300]
-        [--generations 4] [--popsize 8] [--out benchmarks/results/bench_zeroshot_api.json]
+        [--generations 4] [--popsize 8] [--ensemble-k 3] [--out benchmarks/results/bench_zeroshot_api.json]
 """
 
 from __future__ import annotations
@@ -99,7 +102,7 @@ def run_concurrency(url: str, key: str, c: int, splits: Any, test: Any, args: ar
     import craft_sdk
     from craft_sdk.client import MeteredClient, QueryLedger, ZeroShotAPIClient
     from craft_sdk.tuner.discrete import DiscretePromptSearch, DiscreteSearchConfig
-    from craft_sdk.tuner.templates import score_templates
+    from craft_sdk.tuner.templates import CLIP_SELECTED, ensemble_log_probs, greedy_templates, score_templates
 
     names = list(test.class_names)
     rows = []
@@ -122,6 +125,16 @@ def run_concurrency(url: str, key: str, c: int, splits: Any, test: Any, args: ar
             found = metered.predict(h_test, names, search.mean, category="eval")
         rows.append(ph.row(accuracy=round(float((found.argmax(-1) == test.labels).mean()), 4), prompt=search.mean))
 
+        if c == args.concurrency[-1]:  # the template-ensemble baseline, once
+            bank = list(CLIP_SELECTED)
+            with Phase("select ensemble", client, ledger) as ph:
+                picked = greedy_templates(score_templates(metered, h_train, names, bank), splits.train.labels, args.ensemble_k)
+            chosen = [bank[i] for i in picked]
+            rows.append(ph.row(prompt=" | ".join(chosen)))
+            with Phase("predict ensemble", client, ledger) as ph:
+                ens = ensemble_log_probs(score_templates(metered, h_test, names, chosen, category="eval"))
+            rows.append(ph.row(accuracy=round(float((ens.argmax(-1) == test.labels).mean()), 4), prompt=" | ".join(chosen)))
+
         with Phase("tune pr", client, ledger) as ph:
             adapter = craft_sdk.tune(client, splits.train, mode="pr", budget=args.pr_budget, seed=0, ledger=ledger)
         rows.append(ph.row())
@@ -141,6 +154,7 @@ def main() -> None:
     ap.add_argument("--generations", type=int, default=4)
     ap.add_argument("--popsize", type=int, default=8)
     ap.add_argument("--pr-budget", type=int, default=200)
+    ap.add_argument("--ensemble-k", type=int, default=3)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_zeroshot_api.json")
     args = ap.parse_args()
 
@@ -178,7 +192,8 @@ def main() -> None:
                     "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
         "command": "python benchmarks/bench_zeroshot_api.py " + " ".join(sys.argv[1:]),
         "task": {"data": "demo:digits", "shots": args.shots, "n_train": len(splits.train), "n_test": len(test),
-                 "generations": args.generations, "popsize": args.popsize, "pr_budget": args.pr_budget},
+                 "generations": args.generations, "popsize": args.popsize, "pr_budget": args.pr_budget,
+                 "ensemble_k": args.ensemble_k},
         "identical_across_concurrency": all(np.array_equal(outputs[0], o) for o in outputs),
         "server_billed_queries": billed,
         "client_provider_answers": sum(r["provider_answers"] for r in rows),

@@ -176,6 +176,9 @@ def test_greedy_selection_picks_the_informative_templates() -> None:
     scores = score_templates(metered, metered.upload(images), NAMES, templates)
     assert scores.shape == (5, N, C) and metered.ledger.counts["search"] == 5  # one query per template
     picked = greedy_templates(scores, labels, 2)
-    assert set(picked) <= {1, 3}
+    assert sorted(picked) == [1, 3]  # the two templates holding the hidden word, each once
+    assert sorted(greedy_templates(scores, labels, 5)) == [0, 1, 2, 3, 4]
+    with pytest.raises(ConfigError, match="between 1 and the 5"):
+        greedy_templates(scores, labels, 6)
     ens = ensemble_log_probs(scores[picked])
     assert cross_entropy(ens, labels) < cross_entropy(ensemble_log_probs(scores), labels)

@@ -109,13 +109,14 @@ def _cross_entropy(log_scores: np.ndarray, labels: np.ndarray) -> float:
 def greedy_templates(per_template: np.ndarray, labels: np.ndarray, k: int) -> list[int]:
     """Forward selection of ``k`` templates whose ensemble has the lowest training cross-entropy.
 
-    Each step adds the template (repeats allowed, as in greedy ensemble selection)
-    that most lowers the ensemble's cross-entropy; ties go to the lower index.
+    Each step adds the not yet picked template whose addition gives the ensemble the
+    lowest cross-entropy (so the ensemble costs k queries per image set); ties go to
+    the lower index.
 
     Args:
         per_template: training scores [K, N, C] (logits or log-probabilities).
         labels: int [N].
-        k: templates to pick (1 <= k).
+        k: templates to pick (1 <= k <= K).
 
     Returns:
         indices into the K templates, in the order picked.
@@ -129,12 +130,12 @@ def greedy_templates(per_template: np.ndarray, labels: np.ndarray, k: int) -> li
     y = np.asarray(labels)
     if y.shape != (log_p.shape[1],):
         raise ConfigError(f"labels must be [N] = [{log_p.shape[1]}], got {list(y.shape)}")
-    if k < 1:
-        raise ConfigError(f"k must be >= 1, got {k}")
+    if not 1 <= k <= log_p.shape[0]:
+        raise ConfigError(f"k must be between 1 and the {log_p.shape[0]} templates, got {k}")
     picked: list[int] = []
     total = np.zeros(log_p.shape[1:])
     for step in range(1, k + 1):
-        losses = [_cross_entropy((total + log_p[i]) / step, y) for i in range(log_p.shape[0])]
+        losses = [np.inf if i in picked else _cross_entropy((total + log_p[i]) / step, y) for i in range(log_p.shape[0])]
         best = int(np.argmin(losses))
         picked.append(best)
         total += log_p[best]
