@@ -28,12 +28,12 @@ from typing import Any
 from PIL import Image
 
 from .classifier import CraftClassifier, Predictions
+from .data import IMAGE_SUFFIXES  # one list of image suffixes for datasets and prediction
 from .errors import ConfigError, DataError
 from .images import to_pil
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 ON_ERROR = ("fail", "skip")
 _GLOB_CHARS = frozenset("*?[")
 

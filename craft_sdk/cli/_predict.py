@@ -88,7 +88,7 @@ def predict(
     check_inputs(inputs or [])
     total = None if str(files_from) == "-" else sum(1 for _ in iter_image_paths(inputs or [], files_from))
     if total == 0:
-        raise fail(f"no image files ({', '.join(IMAGE_SUFFIXES[:4])}, ...) found in {' '.join(inputs or [])}")
+        raise fail(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES)[:4])}, ...) found in {' '.join(inputs or [])}")
     root = resolve_adapter_dir(adapter, revision=revision, subfolder=subfolder)  # a Hub miss fails before the model loads
     client = _client(model, pretrained, client_url, api_key_file, workers)
     clf = CraftClassifier.from_pretrained(root, client, config=config)
