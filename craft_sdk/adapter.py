@@ -34,6 +34,9 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 ONNX_FILE = "refiner.onnx"
 FORMAT_VERSION = 1
+# A is regenerated as float64 then float32 (~20 bytes per element at peak): 2**25 elements is ~670 MB,
+# above any open_clip text tower (ViT-bigG, 16 context tokens, D = 1,000 is 2 x 10**7)
+MAX_PROJECTION_ELEMENTS = 2**25
 
 
 @dataclass(frozen=True)
@@ -49,10 +52,17 @@ class PromptSpec:
 
     def __post_init__(self) -> None:
         for name in ("n_ctx", "ctx_dim", "intrinsic_dim"):
-            if getattr(self, name) < 1:
-                raise AdapterError(f"prompt.{name} must be positive, got {getattr(self, name)}")
-        if not (np.isfinite(self.std) and self.std > 0):
-            raise AdapterError(f"prompt.std must be a positive number, got {self.std}")
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise AdapterError(f"prompt.{name} must be a positive integer, got {value!r}")
+        if not (isinstance(self.std, (int, float, np.floating)) and np.isfinite(self.std) and self.std > 0):
+            raise AdapterError(f"prompt.std must be a positive number, got {self.std!r}")
+        size = int(self.n_ctx) * int(self.ctx_dim) * int(self.intrinsic_dim)
+        if size > MAX_PROJECTION_ELEMENTS:
+            raise AdapterError(
+                f"prompt projection n_ctx x ctx_dim x intrinsic_dim = {self.n_ctx} x {self.ctx_dim} x {self.intrinsic_dim} "
+                f"= {size:,} elements exceeds the limit of {MAX_PROJECTION_ELEMENTS:,}; the adapter config is corrupt or hostile"
+            )
 
 
 @dataclass(frozen=True)
@@ -122,6 +132,11 @@ class AdapterConfig:
     def __post_init__(self) -> None:
         if not self.model_id:
             raise AdapterError("adapter model_id is empty")
+        if not isinstance(self.class_names, (list, tuple)) or not all(isinstance(n, str) and n for n in self.class_names):
+            raise AdapterError(
+                f"adapter class_names must be a list of non-empty strings, got {type(self.class_names).__name__} "
+                f"{str(self.class_names)[:60]!r}; write it as a JSON list such as [\"cat\", \"dog\"]"
+            )
         names = tuple(self.class_names)
         object.__setattr__(self, "class_names", names)
         if not names or len(set(names)) != len(names):

@@ -14,7 +14,7 @@ safetensors weights (no torch involved), opset :data:`OPSET`, IR version 8, so
 any ONNX Runtime ≥ 1.14 loads it. torch 2.14's own exporter
 (``torch.onnx.export(Refiner(...), ..., dynamo=True)``, which needs ``onnxscript``,
 in the ``[train]`` extra) also exports the training-time refiner, and its graph
-agrees with this one within 1e-5 (tested); this one is kept because it needs no
+agrees with this one within :data:`RTOL` / :data:`ATOL` (tested); this one is kept because it needs no
 torch, exports in milliseconds instead of ~15 s, and is byte-deterministic.
 
 Metadata properties (``craft_sdk.*``) carry the adapter's fingerprint, class
@@ -50,6 +50,10 @@ META_CLASSES = "craft_sdk.class_names"
 META_MODEL_ID = "craft_sdk.model_id"
 META_INPUT = "craft_sdk.input"
 META_VERSION = "craft_sdk.version"
+# ONNX Runtime, numpy and torch refiners agree within |a - b| <= ATOL + RTOL * |b| (numpy.allclose):
+# float32 rounding on real logits (~100 in size) reaches 2e-5 absolute, ~1e-7 relative
+RTOL = 1e-5
+ATOL = 1e-5
 
 
 def _import_onnx() -> Any:
@@ -203,11 +207,44 @@ class OnnxRefiner:
         inputs = self.session.get_inputs()
         if [i.name for i in inputs] != [INPUT_NAME] or inputs[0].shape[-1] != adapter.n_classes:
             raise AdapterError(f"{self.path} does not take logits [batch, {adapter.n_classes}]; {fix}")
+        self._check_weights(adapter, fix)
+
+    def _check_weights(self, adapter: Adapter, fix: str) -> None:
+        """Refuse a graph whose weights are not the adapter's (a copied fingerprint proves nothing).
+
+        With the ``onnx`` package the initialisers are compared exactly; always, the graph is run on
+        probe logits (fresh random ones each load) and must agree with the numpy refiner.
+        """
+        expected = {k: np.asarray(v, np.float32) for k, v in (adapter.refiner or {}).items()}
+        found = _initializers(self.path)
+        if found is not None and (
+            set(found) != set(expected) or any(not np.array_equal(found[k], expected[k]) for k in expected)
+        ):
+            raise AdapterError(f"{self.path} holds refiner weights that are not its adapter's; {fix}")
+        rng = np.random.default_rng()
+        c = adapter.n_classes
+        probe = np.concatenate([np.zeros((1, c)), 30.0 * np.eye(c), rng.normal(0.0, 30.0, (16, c))]).astype(np.float32)
+        if not np.allclose(self(probe), adapter.refine(probe), rtol=RTOL, atol=ATOL):
+            raise AdapterError(f"{self.path} computes something other than its adapter's refiner; {fix}")
 
     def __call__(self, logits: np.ndarray) -> np.ndarray:
         """Refined logits [N, C] float32 from black-box logits [N, C]."""
         x = np.ascontiguousarray(logits, dtype=np.float32)
         return self.session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+
+
+def _initializers(path: Path) -> dict[str, np.ndarray] | None:
+    """The graph's initialisers by name, or None without the ``onnx`` package (deploy installs)."""
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError:
+        return None
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+        return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    except Exception as exc:  # onnx raises protobuf's untyped errors for odd files
+        raise AdapterError(f"{path} has unreadable initialisers ({exc.__class__.__name__}); re-export it") from None
 
 
 def _session(path: Path, threads: int, fix: str) -> Any:

@@ -210,3 +210,61 @@ def test_projection_is_reproducible() -> None:
     # numpy's PCG64 standard_normal stream is fixed across platforms: pin two values
     assert a.dtype == np.float32 and a.shape == (12, 4)
     np.testing.assert_allclose(projection_matrix(0, 1, 2, 1.0)[0], [0.12573022, -0.13210486], rtol=1e-6)
+
+
+def test_class_names_must_be_a_json_list_of_strings(tmp_path: Path) -> None:
+    make_adapter().save_pretrained(tmp_path / "ad")
+    path = tmp_path / "ad" / CONFIG_FILE
+    for bad in ("abcdefghij", ["cat", 3, "bird"], ["cat", "", "bird"], {"cat": 0}):
+        cfg = json.loads(path.read_text())
+        cfg["class_names"] = bad
+        path.write_text(json.dumps(cfg))
+        with pytest.raises(AdapterError, match="class_names must be a list of non-empty strings") as err:
+            Adapter.from_pretrained(tmp_path / "ad")
+        assert "\n" not in str(err.value)
+
+
+def _hostile_projection_adapter(root: Path, n_ctx: int, ctx_dim: int, intrinsic_dim: int) -> Path:
+    """A small adapter whose config and tensors agree on a huge projection n_ctx x ctx_dim x intrinsic_dim."""
+    make_adapter(refiner=False).save_pretrained(root)
+    cfg = json.loads((root / CONFIG_FILE).read_text())
+    cfg["prompt"].update(n_ctx=n_ctx, ctx_dim=ctx_dim, intrinsic_dim=intrinsic_dim)
+    (root / CONFIG_FILE).write_text(json.dumps(cfg))
+    z = np.zeros(intrinsic_dim)
+    save_file({"z": z, "prompt_offset": np.zeros((n_ctx, ctx_dim), np.float32)}, str(root / WEIGHTS_FILE))
+    return root
+
+
+def test_huge_projection_is_refused_on_load(tmp_path: Path) -> None:
+    import tracemalloc
+
+    root = _hostile_projection_adapter(tmp_path / "ad", 77, 2048, 4096)  # 6.5e8 elements: ~12 GB to regenerate
+    assert (root / WEIGHTS_FILE).stat().st_size < 1_000_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(AdapterError, match="n_ctx x ctx_dim x intrinsic_dim .* exceeds the limit") as err:
+            Adapter.from_pretrained(root)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "\n" not in str(err.value) and peak < 20_000_000
+    with pytest.raises(AdapterError, match="exceeds the limit"):
+        PromptSpec(n_ctx=77, ctx_dim=2048, intrinsic_dim=4096, seed=0, std=0.1)
+    PromptSpec(n_ctx=16, ctx_dim=1280, intrinsic_dim=1000, seed=0, std=0.1)  # the largest real towers still load
+
+
+def test_inspect_regenerates_no_projection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    import craft_sdk.adapter as adapter_mod
+    from craft_sdk.cli import app
+
+    make_adapter().save_pretrained(tmp_path / "ad")
+
+    def forbidden(*args: object) -> None:
+        raise AssertionError("inspect regenerated the projection")
+
+    monkeypatch.setattr(adapter_mod, "projection_matrix", forbidden)
+    res = CliRunner().invoke(app, ["inspect", str(tmp_path / "ad"), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["prompt"]["intrinsic_dim"] == 6

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from craft_sdk import Adapter, AdapterConfig, AdapterError, export_onnx
 from craft_sdk.adapter import ONNX_FILE, RefinerSpec
 from craft_sdk.cli import app
-from craft_sdk.export import META_CLASSES, META_FINGERPRINT, OPSET, OnnxRefiner, build_refiner_model
+from craft_sdk.export import ATOL, META_CLASSES, META_FINGERPRINT, OPSET, RTOL, OnnxRefiner, build_refiner_model
 from craft_sdk.tuner import mlp
 
 onnx = pytest.importorskip("onnx")
@@ -47,7 +47,7 @@ def test_onnx_matches_torch_on_random_logits(tmp_path: Path, layers: int, residu
     rng = np.random.default_rng(1)
     for batch in (1, 7, 300):  # dynamic batch axis
         x = rng.normal(0, 10, (batch, n_classes)).astype(np.float32)
-        np.testing.assert_allclose(ort_refiner(x), torch_refine(adapter, x), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(ort_refiner(x), torch_refine(adapter, x), rtol=RTOL, atol=ATOL)
 
 
 def test_onnx_matches_torch_on_real_logits(tmp_path: Path, tiny_client) -> None:  # type: ignore[no-untyped-def]
@@ -55,8 +55,51 @@ def test_onnx_matches_torch_on_real_logits(tmp_path: Path, tiny_client) -> None:
     logits = tiny_client.predict(random_images(40, seed=3), list(adapter.config.class_names), "a photo of a")
     assert logits.shape == (40, 6) and np.ptp(logits) > 1.0  # real, non-degenerate black-box logits
     ort_refiner = OnnxRefiner(export_onnx(adapter, tmp_path / "r.onnx"), adapter)
-    np.testing.assert_allclose(ort_refiner(logits), torch_refine(adapter, logits), atol=1e-5, rtol=0)
-    np.testing.assert_allclose(adapter.refine(logits), torch_refine(adapter, logits), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(ort_refiner(logits), torch_refine(adapter, logits), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(adapter.refine(logits), torch_refine(adapter, logits), rtol=RTOL, atol=ATOL)
+
+
+def test_agreement_is_relative_on_large_logits(tmp_path: Path) -> None:
+    """Logits of a few hundred (CLIP scale 100 plus an offset the centring removes) are rounded to
+    float32 steps of ~3e-5, so only a relative tolerance can hold: |a - b| <= ATOL + RTOL |b|."""
+    adapter = refiner_adapter(10, 3, hidden=64)
+    rng = np.random.default_rng(4)
+    logits = (250.0 + 100.0 * (0.25 + 0.05 * rng.standard_normal((200, 10)))).astype(np.float32)
+    ort = OnnxRefiner(export_onnx(adapter, tmp_path / "r.onnx"), adapter)(logits)
+    ref = torch_refine(adapter, logits)
+    for got in (ort, adapter.refine(logits)):
+        np.testing.assert_allclose(got, ref, rtol=RTOL, atol=ATOL)
+        assert np.max(np.abs(got - ref) / np.abs(ref)) < 1e-6  # a few float32 ulps
+    assert (RTOL, ATOL) == (1e-5, 1e-5)  # the numbers README.md states
+
+
+def _forged_onnx(tmp_path: Path) -> tuple[Adapter, Path]:
+    """Adapter a, and an ONNX file holding adapter b's weights with a's fingerprint copied into it."""
+    from onnx import helper
+
+    a, b = refiner_adapter(seed=0), refiner_adapter(seed=1)
+    model = build_refiner_model(b)
+    helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, META_FINGERPRINT: a.fingerprint()})
+    forged = tmp_path / "forged.onnx"
+    forged.write_bytes(model.SerializeToString())
+    return a, forged
+
+
+def test_foreign_weights_with_a_copied_fingerprint_are_refused(tmp_path: Path) -> None:
+    a, forged = _forged_onnx(tmp_path)
+    with pytest.raises(AdapterError, match="weights that are not its adapter's.*re-export"):
+        OnnxRefiner(forged, a)
+    OnnxRefiner(export_onnx(a, tmp_path / "a.onnx"), a)  # the genuine export loads
+
+
+def test_foreign_weights_are_refused_without_the_onnx_package(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    import craft_sdk.export as export_mod
+
+    a, forged = _forged_onnx(tmp_path)
+    monkeypatch.setattr(export_mod, "_initializers", lambda path: None)  # a deploy install: onnxruntime only
+    with pytest.raises(AdapterError, match="computes something other than its adapter's refiner"):
+        OnnxRefiner(forged, a)
+    OnnxRefiner(export_onnx(a, tmp_path / "a.onnx"), a)
 
 
 def test_torch_2_14_exporter_agrees_with_our_graph(tmp_path: Path) -> None:
@@ -77,8 +120,8 @@ def test_torch_2_14_exporter_agrees_with_our_graph(tmp_path: Path) -> None:
     logits = np.random.default_rng(2).normal(0, 10, (33, 10)).astype(np.float32)
     theirs = session.run(None, {session.get_inputs()[0].name: logits})[0]
     ours = OnnxRefiner(export_onnx(adapter, tmp_path / "ours.onnx"), adapter)(logits)
-    np.testing.assert_allclose(theirs, ours, atol=1e-5, rtol=0)
-    np.testing.assert_allclose(theirs, torch_refine(adapter, logits), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(theirs, ours, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(theirs, torch_refine(adapter, logits), rtol=RTOL, atol=ATOL)
 
 
 def test_graph_interface_and_metadata(tmp_path: Path) -> None:

@@ -194,7 +194,7 @@ def inspect(
     """Describe an adapter without loading any model."""
     from .. import load_adapter
 
-    adapter = load_adapter(str(adapter_dir))
+    adapter = load_adapter(str(adapter_dir), verify_projection=False)  # describing it regenerates nothing
     cfg = adapter.config
     prov = {k: v for k, v in cfg.provenance.items() if k != "history"}
     files = {p.name: p.stat().st_size for p in sorted(Path(adapter_dir).iterdir()) if p.is_file()}
