@@ -206,7 +206,7 @@ def test_cli_fifo_and_remote_options(adapter_dir: Path, images: Path, tmp_path: 
     assert res.stdout.count("\n") == 2 and res.stdout.startswith(str(images / "c" / "8.jpg") + "\t")
 
 
-def test_ray_data_predictor_on_two_workers(adapter_dir: Path, images: Path) -> None:
+def test_ray_data_predictor_on_two_workers(adapter_dir: Path, images: Path, tmp_path: Path) -> None:
     ray = pytest.importorskip("ray")
     pytest.importorskip("ray.data")
     import sys
@@ -216,9 +216,10 @@ def test_ray_data_predictor_on_two_workers(adapter_dir: Path, images: Path) -> N
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
-        ds = ray.data.from_items([{"path": p} for p in every])
-        out = ds.map_batches(SpyPredictor, fn_constructor_kwargs={"adapter": str(adapter_dir)}, batch_size=3,
-                             compute=ray.data.ActorPoolStrategy(size=2), num_cpus=1).take_all()
+        ds = ray.data.from_items([{"path": p} for p in every], override_num_blocks=10)
+        kwargs = {"adapter": str(adapter_dir), "rendezvous": str(tmp_path)}
+        pool = ray.data.ActorPoolStrategy(size=2, max_tasks_in_flight_per_actor=1)
+        out = ds.map_batches(SpyPredictor, fn_constructor_kwargs=kwargs, batch_size=1, compute=pool, num_cpus=1).take_all()
     finally:
         ray.shutdown()
     assert sorted(r["path"] for r in out) == sorted(every)
@@ -240,14 +241,19 @@ class SpyPredictor(_spy_predictor_base()):  # type: ignore[misc]
 
     loads = 0
 
-    def __init__(self, **kwargs):  # type: ignore[no-untyped-def]
+    def __init__(self, rendezvous: str, **kwargs):  # type: ignore[no-untyped-def]
         import craft_sdk.api
 
-        craft_sdk.api.create_client = lambda *a, **k: Spy()  # type: ignore[assignment]
+        craft_sdk.api.create_client = lambda *a, **k: Spy(delay=0.1)  # type: ignore[assignment]
         type(self).loads += 1
         super().__init__(**kwargs)
+        self.rendezvous = Path(rendezvous)
+        (self.rendezvous / f"worker-{os.getpid()}").touch()
 
     def __call__(self, batch):  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + 60  # hold the first batch until both actors exist, so both get work
+        while len(list(self.rendezvous.glob("worker-*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
         out = super().__call__(batch)
         out["worker"] = np.full(len(out["label"]), os.getpid())
         out["loads"] = np.full(len(out["label"]), type(self).loads)
