@@ -25,9 +25,10 @@ from conftest import CLASS_NAMES, random_images
 
 from craft_sdk import Adapter, BudgetExceededError, ClientError, ConfigError, ImageDataset, TuneConfig, create_client
 from craft_sdk.client import MeteredClient, QueryLedger
-from craft_sdk.client.http import HTTPClient, encode
+from craft_sdk.client.http import HTTPClient
 from craft_sdk.client.zeroshot import TextOnlyClient, ZeroShotAPIClient, hypothesis_template, split_hypothesis
 from craft_sdk.scores import softmax
+from craft_sdk.wire import SAFETENSORS, encode, encode_images
 
 pytest.importorskip("torch")
 pytest.importorskip("fastapi")
@@ -290,10 +291,11 @@ def test_text_only_server_refuses_offsets(model, tiny_client) -> None:  # noqa: 
         caps = c.capabilities()
         assert caps.soft_prompts is False and caps.model_id == tiny_client.capabilities().model_id
         assert np.array_equal(c.predict(imgs, NAMES), tiny_client.predict(imgs, NAMES))  # plain templates still work
-        handle = c._sets[c.upload(imgs).id][1]
-        meta = {"request": json.dumps({"handle": handle, "class_names": NAMES})}
+        auth = {"Authorization": f"Bearer {KEY}"}
+        up = httpx.post(srv.url + "/v1/image-sets", content=encode_images(imgs), headers={**auth, "Content-Type": SAFETENSORS})
+        meta = {"request": json.dumps({"handle": up.json()["handle"], "class_names": NAMES})}
         body = encode({"offsets": np.zeros((4, 32), np.float32)}, meta)
-        r = httpx.post(srv.url + "/v1/predict", content=body, headers={"Authorization": f"Bearer {KEY}"})
+        r = httpx.post(srv.url + "/v1/predict", content=body, headers={**auth, "Content-Type": SAFETENSORS})
         assert r.status_code == 422 and r.json()["error"]["field"] == "offsets" and "text-only" in r.json()["error"]["message"]
         assert c.usage()["used"] == 1  # the refused request was not billed
 
