@@ -60,6 +60,19 @@ def rows_of(result: BatchResult, top_k: int) -> list[dict[str, Any]]:
     return rows
 
 
+def _last_newline_end(f: Any, limit: int, chunk: int) -> int:
+    """Offset just past the last ``\\n`` before ``limit`` in binary file ``f`` (0 when there is none)."""
+    pos = limit
+    while pos > 0:
+        step = min(chunk, pos)
+        pos -= step
+        f.seek(pos)
+        i = f.read(step).rfind(b"\n")
+        if i >= 0:
+            return pos + i + 1
+    return 0
+
+
 class PredictionSink:
     """An append-only JSONL or CSV prediction file that a later run can resume.
 
@@ -98,20 +111,30 @@ class PredictionSink:
             raise DataError(f"cannot resume {self.path}: it was written with different {', '.join(diff)}; use another --output")
 
     def _repair_and_count(self) -> tuple[int, str | None]:
-        data = self.path.read_bytes()
-        end = data.rfind(b"\n") + 1
-        if end < len(data):  # a torn last line from an interrupted write
-            with open(self.path, "r+b") as f:
+        """Cut a torn last line, then count complete rows and read the last one, in constant memory."""
+        chunk = 1 << 20
+        with open(self.path, "r+b") as f:
+            size = f.seek(0, os.SEEK_END)
+            end = _last_newline_end(f, size, chunk)
+            if end < size:  # a torn last line from an interrupted write
                 f.truncate(end)
                 f.flush()
                 os.fsync(f.fileno())
-            data = data[:end]
-        text = data.decode("utf-8")
-        if self.fmt == "jsonl":
-            lines = text.splitlines()
-            return len(lines), (json.loads(lines[-1])["image"] if lines else None)
-        records = list(csv.reader(io.StringIO(text)))[1:]
-        return len(records), (records[-1][0] if records else None)
+        if self.fmt == "csv":
+            count, last = -1, None  # the header is not a row
+            with open(self.path, encoding="utf-8", newline="") as fh:
+                for record in csv.reader(fh):
+                    count, last = count + 1, record
+            return max(count, 0), (last[0] if last is not None and count > 0 else None)
+        count = 0
+        with open(self.path, "rb") as f:
+            while block := f.read(chunk):
+                count += block.count(b"\n")
+            if count == 0:
+                return 0, None
+            start = _last_newline_end(f, end - 1, chunk)
+            f.seek(start)
+            return count, json.loads(f.read(end - start).decode("utf-8"))["image"]
 
     def check_resume_point(self, image: str) -> None:
         """Fail if input number ``done`` is not the image of the last row written (the inputs changed)."""

@@ -284,3 +284,23 @@ def test_streaming_deploy_path_needs_no_torch_sklearn_or_hub(adapter_dir: Path, 
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["10", "3"]
+
+
+def test_sink_repairs_and_counts_in_chunks(tmp_path: Path) -> None:
+    import io
+
+    from craft_sdk.sinks import PredictionSink, _last_newline_end
+
+    data = b'{"image": "a"}\n{"image": "bb"}\n{"image": "ccc"}\n{"image": "to'
+    for chunk in (1, 3, 4, 1 << 20):
+        assert _last_newline_end(io.BytesIO(data), len(data), chunk) == data.rfind(b"\n") + 1
+        assert _last_newline_end(io.BytesIO(data), data.rfind(b"\n"), chunk) == data[:-20].rfind(b"\n") + 1
+    assert _last_newline_end(io.BytesIO(b"no newline"), 10, 3) == 0
+    out = tmp_path / "p.jsonl"
+    PredictionSink(out, "jsonl", 1, {"adapter": "x"}, resume=False).close()
+    out.write_bytes(data)
+    sink = PredictionSink(out, "jsonl", 1, {"adapter": "x"}, resume=True)
+    sink.close()
+    assert (sink.done, sink.last_image) == (3, "ccc") and out.read_bytes() == data[: data.rfind(b"\n") + 1]
+    with pytest.raises(DataError, match="different adapter"):
+        PredictionSink(out, "jsonl", 1, {"adapter": "y"}, resume=True)
