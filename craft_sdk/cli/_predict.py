@@ -98,12 +98,14 @@ def predict(
         sink = PredictionSink(output, infer_format(output, fmt), top_k, meta, resume)
     paths = iter_image_paths(inputs or [], files_from)
     skipped = sink.done if sink is not None else 0
-    if skipped:
-        resume_point = list(islice(paths, skipped))
-        if len(resume_point) < skipped:
-            raise fail(f"{output} has {skipped} rows but there are only {len(resume_point)} inputs; rerun without --resume")
+    if skipped:  # skip the finished inputs without holding them in memory
+        seen, last = 0, ""
+        for path in islice(paths, skipped):
+            seen, last = seen + 1, path
+        if seen < skipped:
+            raise fail(f"{output} has {skipped} rows but there are only {seen} inputs; rerun without --resume")
         assert sink is not None
-        sink.check_resume_point(resume_point[-1])
+        sink.check_resume_point(last)
     collected: list[dict[str, Any]] = []
     n_done, n_errors, t0 = 0, 0, time.perf_counter()
     try:
