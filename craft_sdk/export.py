@@ -7,8 +7,10 @@ The exported graph is the refiner alone, the same math as :mod:`craft_sdk.tuner.
                           refined_logits = logits + h                 (residual adapters)
 
 Input ``logits`` is what the black box returned (log-probabilities when the client
-returns probabilities: take ``log`` before feeding the graph); output
-``refined_logits``. **No softmax is included**: apply one for probabilities. The
+returns probabilities: take ``log`` before feeding the graph); outputs
+``refined_logits`` and ``probabilities`` = softmax(refined_logits / T), T being the
+adapter's calibration temperature (initialiser ``calibration.temperature``; 1 for an
+uncalibrated adapter), the same numbers ``CraftClassifier.predict_proba`` returns. The
 batch axis is dynamic. The graph is built directly with ``onnx.helper`` from the
 safetensors weights (no torch involved), opset :data:`OPSET`, IR version 8, so
 any ONNX Runtime ≥ 1.14 loads it. torch 2.14's own exporter
@@ -45,6 +47,8 @@ OPSET = 17
 IR_VERSION = 8
 INPUT_NAME = "logits"
 OUTPUT_NAME = "refined_logits"
+PROBS_NAME = "probabilities"
+TEMPERATURE_NAME = "calibration.temperature"
 META_FINGERPRINT = "craft_sdk.adapter_fingerprint"
 META_CLASSES = "craft_sdk.class_names"
 META_MODEL_ID = "craft_sdk.model_id"
@@ -113,11 +117,18 @@ def build_refiner_model(adapter: Adapter) -> Any:
             nodes.append(helper.make_node("Add", [INPUT_NAME, last], [OUTPUT_NAME]))
         else:
             nodes.append(helper.make_node("Identity", [last], [OUTPUT_NAME]))
+    temperature = np.asarray([adapter.temperature], np.float32)
+    inits.append(numpy_helper.from_array(temperature, TEMPERATURE_NAME))
+    nodes.append(helper.make_node("Div", [OUTPUT_NAME, TEMPERATURE_NAME], ["scaled_logits"]))
+    nodes.append(helper.make_node("Softmax", ["scaled_logits"], [PROBS_NAME], axis=-1))
     graph = helper.make_graph(
         nodes,
         "craft_refiner",
         [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", c])],
-        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", c])],
+        [
+            helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", c]),
+            helper.make_tensor_value_info(PROBS_NAME, TensorProto.FLOAT, ["batch", c]),
+        ],
         initializer=inits,
     )
     model = helper.make_model(
@@ -125,7 +136,7 @@ def build_refiner_model(adapter: Adapter) -> Any:
         opset_imports=[helper.make_opsetid("", OPSET)],
         producer_name="craft-sdk",
         producer_version=__version__,
-        doc_string="CraFT refiner: black-box logits in, refined logits out (row-mean centred, no softmax).",
+        doc_string="CraFT refiner: black-box logits in; refined logits and calibrated probabilities out.",
     )
     model.ir_version = IR_VERSION
     helper.set_model_props(model, _metadata(adapter))
@@ -216,6 +227,7 @@ class OnnxRefiner:
         probe logits (fresh random ones each load) and must agree with the numpy refiner.
         """
         expected = {k: np.asarray(v, np.float32) for k, v in (adapter.refiner or {}).items()}
+        expected[TEMPERATURE_NAME] = np.asarray([adapter.temperature], np.float32)
         found = _initializers(self.path)
         if found is not None and (
             set(found) != set(expected) or any(not np.array_equal(found[k], expected[k]) for k in expected)
@@ -231,6 +243,11 @@ class OnnxRefiner:
         """Refined logits [N, C] float32 from black-box logits [N, C]."""
         x = np.ascontiguousarray(logits, dtype=np.float32)
         return self.session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities [N, C] (softmax of refined logits / the adapter's temperature)."""
+        x = np.ascontiguousarray(logits, dtype=np.float32)
+        return self.session.run([PROBS_NAME], {INPUT_NAME: x})[0]
 
 
 def _initializers(path: Path) -> dict[str, np.ndarray] | None:

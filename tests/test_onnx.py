@@ -128,13 +128,13 @@ def test_graph_interface_and_metadata(tmp_path: Path) -> None:
     adapter = refiner_adapter()
     model = onnx.load(str(export_onnx(adapter, tmp_path / "r.onnx")))
     assert [(o.domain, o.version) for o in model.opset_import] == [("", OPSET)]
-    (inp,), (out,) = model.graph.input, model.graph.output
-    assert inp.name == "logits" and out.name == "refined_logits"
-    for v in (inp, out):
+    (inp,), (out, probs) = model.graph.input, model.graph.output
+    assert inp.name == "logits" and out.name == "refined_logits" and probs.name == "probabilities"
+    for v in (inp, out, probs):
         dims = v.type.tensor_type.shape.dim
         assert dims[0].dim_param == "batch" and dims[1].dim_value == 6
     ops = [n.op_type for n in model.graph.node]
-    assert ops == ["ReduceMean", "Sub", "Gemm", "Relu", "Gemm", "Relu", "Gemm", "Add"]  # centring, no softmax
+    assert ops == ["ReduceMean", "Sub", "Gemm", "Relu", "Gemm", "Relu", "Gemm", "Add", "Div", "Softmax"]  # centring; calibrated softmax
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta[META_FINGERPRINT] == adapter.fingerprint()
     assert json.loads(meta[META_CLASSES]) == list(adapter.config.class_names)
@@ -207,3 +207,25 @@ def test_cli_export_onnx(tmp_path: Path) -> None:
     assert res.exit_code == 0 and (tmp_path / "x.onnx").is_file()
     res = CliRunner().invoke(app, ["export-onnx", str(tmp_path / "nowhere")])
     assert res.exit_code == 2 and "missing" in res.output
+
+
+@pytest.mark.parametrize("temperature", [None, 0.37, 2.5])
+def test_calibrated_probabilities_agree_across_backends(tmp_path: Path, temperature: float | None) -> None:
+    """predict_proba's numbers: ONNX ``probabilities`` output == numpy softmax(refined / T) == torch."""
+    from dataclasses import replace
+
+    from craft_sdk.adapter import CalibrationSpec
+
+    base = refiner_adapter(6, 3, hidden=32)
+    cal = None if temperature is None else CalibrationSpec(temperature)
+    adapter = Adapter(replace(base.config, calibration=cal), refiner=base.refiner)
+    assert adapter.temperature == (temperature or 1.0)
+    ort = OnnxRefiner(export_onnx(adapter, tmp_path / "r.onnx"), adapter)
+    x = np.random.default_rng(2).normal(0, 10, (50, 6)).astype(np.float32)
+    expected = torch.softmax(torch.from_numpy(torch_refine(adapter, x)) / (temperature or 1.0), -1).numpy()
+    np.testing.assert_allclose(ort.probabilities(x), expected, rtol=RTOL, atol=1e-6)
+    np.testing.assert_allclose(adapter.probabilities(adapter.refine(x)), expected, rtol=RTOL, atol=1e-6)
+    assert np.allclose(ort.probabilities(x).sum(-1), 1.0, atol=1e-5)
+    if temperature is not None:  # a saved adapter keeps its temperature
+        adapter.save_pretrained(tmp_path / "ad")
+        assert Adapter.from_pretrained(tmp_path / "ad").temperature == pytest.approx(temperature)

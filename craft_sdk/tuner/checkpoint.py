@@ -57,6 +57,53 @@ def save_checkpoint(directory: Path, tensors: dict[str, np.ndarray], state: dict
     return final
 
 
+def journal_used(directory: Path) -> int:
+    """Queries billed in ``directory``'s journal (read only; a torn last line was never sent)."""
+    path = directory / LEDGER_FILE
+    if not path.is_file():
+        return 0
+    total = 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            total += int(json.loads(line)["n"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue
+    return total
+
+
+def resume_can_match(ledger_used: int, checkpoint_used: int, planned_total: int, budget: int | None) -> bool:
+    """Whether a resumed run can still end byte-identical to the uninterrupted run.
+
+    The ``ledger_used - checkpoint_used`` queries billed after the last checkpoint were lost at the
+    kill and stay counted; the resumed run redoes that work, so it needs ``planned_total`` (what the
+    uninterrupted run's plan costs in all) plus the lost queries. When the budget cannot pay that,
+    the run stops early and its adapter differs from the uninterrupted one.
+
+    Args:
+        ledger_used: queries in the journal now (checkpointed work + the work lost at the kill).
+        checkpoint_used: queries used at the last checkpoint (its history's last ``queries_used``).
+        planned_total: queries of the whole planned run (baseline + every planned generation).
+        budget: the hard budget (None: unlimited).
+
+    Example:
+        >>> resume_can_match(ledger_used=41, checkpoint_used=35, planned_total=71, budget=80)
+        True
+        >>> resume_can_match(ledger_used=41, checkpoint_used=35, planned_total=71, budget=71)
+        False
+    """
+    lost = max(ledger_used - checkpoint_used, 0)
+    return budget is None or planned_total + lost <= budget
+
+
+def planned_total(config: Any, n_generations: int, has_val: bool) -> int:
+    """Queries the whole plan costs: the baseline and each generation (the tuner's own cost rules)."""
+    from .train import baseline_cost, generation_cost
+
+    if not config.uses_prompt:  # refiner-only rounds reuse the baseline's logits
+        return baseline_cost(config, has_val)
+    return baseline_cost(config, has_val) + sum(generation_cost(config, g, n_generations, has_val) for g in range(1, n_generations + 1))
+
+
 def has_checkpoint(directory: Path) -> bool:
     """Whether ``directory`` holds a checkpoint file."""
     return (directory / CHECKPOINT_FILE).is_file()

@@ -46,7 +46,8 @@ def _candidates(run: Run, spec: selection.RefinerTraining) -> dict[str, dict[str
     zero = run.zero_logits if run.zero_logits is not None else run.last_logits
     assert zero is not None
     bases: dict[str, tuple[np.ndarray, np.ndarray | None]] = {"zero-shot": (zero, None)}
-    if run.config.uses_prompt and run.best.get("z") is not None and int(run.best.get("generation", 0)) > 0:
+    searched = run.config.uses_prompt and not run.prompt_inert and int(run.best.get("generation", 0)) > 0
+    if searched and run.best.get("z") is not None:
         bases["prompt"] = (run.best["logits"], run.best.get("population"))
     out: dict[str, dict[str, Any]] = {}
     for name, (logits, population) in bases.items():

@@ -24,7 +24,7 @@ from . import mlp, selection
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from .projection import GENERATOR, project, projection_matrix
 from .stopping import EarlyStopping
-from .train import Progress, TuneResult, effective_config, generation_cost, plan_generations
+from .train import Progress, TuneResult, baseline_cost, effective_config, generation_cost, plan_generations
 
 if TYPE_CHECKING:
     from .train import Tuner
@@ -83,12 +83,16 @@ class Run:
         self.names = list(train.class_names)
         self.lam, self.beta = self.config.kl_weights(len(self.names))
         self.n_gen = plan_generations(self.config, self.images.paper_val is not None)
+        needed = baseline_cost(self.config, self.images.paper_val is not None)
+        if needed > self.config.budget:
+            raise ConfigError(f"budget {self.config.budget} cannot pay the zero-shot baseline ({needed} queries); raise --budget")
         self.history: list[dict[str, Any]] = []
         self.fitness_rows: list[np.ndarray] = []
         self.metrics: dict[str, Any] = {}
         self.best: dict[str, Any] = {"val": -1.0}  # best snapshot: z, refiner, scored logits, generation
         self.stopping = EarlyStopping(self.config.patience if self.config.robust else None)
         self.stopped: str | None = None
+        self.prompt_inert = False  # the client ignored every offset: no prompt can be deployed
         self.search_handle: Any = None
         self.scored_handle: Any = None
         self.val_handle: Any = None
@@ -252,6 +256,7 @@ class Run:
             return
         spread = max(float(np.ptp(row)) for row in self.fitness_rows[-FLAT_GENERATIONS:])
         if spread <= 1e-9 * (1.0 + abs(float(self.fitness_rows[-1].mean()))):
+            self.prompt_inert = True
             self.stopped = (
                 f"stopped: the prompt search is inert (every candidate scored the same for {FLAT_GENERATIONS} "
                 "generations: the client ignores context offsets); the refiner is kept"

@@ -49,6 +49,7 @@ def checkpoint_payload(run: Run, g: int) -> tuple[dict[str, np.ndarray], dict[st
     if run.config.robust:
         state["stopping"] = run.stopping.state()
         state["stopped"] = run.stopped
+        state["prompt_inert"] = run.prompt_inert
     return tensors, state
 
 
@@ -76,3 +77,4 @@ def restore(run: Run, tensors: dict[str, np.ndarray], state: dict[str, Any]) -> 
     if "stopping" in state:
         run.stopping.load(state["stopping"])
         run.stopped = state.get("stopped")
+        run.prompt_inert = bool(state.get("prompt_inert", False))
