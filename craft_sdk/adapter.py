@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -195,8 +196,15 @@ class Adapter:
     # -------------------------------------------------------------- building
 
     @classmethod
-    def from_result(cls, result: Any) -> Adapter:
-        """Build from a :class:`~craft_sdk.tuner.train.TuneResult`."""
+    def from_result(cls, result: Any, *, seen_images: Sequence[str] | None = None) -> Adapter:
+        """Build from a :class:`~craft_sdk.tuner.train.TuneResult`.
+
+        Args:
+            result: the tuning result.
+            seen_images: digests of every image the run trained or selected on
+                (:func:`craft_sdk.data.seen_fingerprints`); recorded as
+                ``provenance.data.image_fingerprints`` so evaluation can exclude them.
+        """
         tc: TuneConfig = result.config
         caps = result.capabilities
         prompt = None
@@ -212,7 +220,7 @@ class Adapter:
             "queries_used": result.queries["used"],
             "budget": tc.budget,
             "queries": result.queries["counts"],
-            "data": result.data,
+            "data": result.data if seen_images is None else {**result.data, "image_fingerprints": sorted(set(seen_images))},
             "kl_weights": {"lambda": result.kl_weights[0], "beta": result.kl_weights[1]},
             "n_generations": result.n_generations,
             "selected_generation": result.selected_generation,

@@ -53,6 +53,9 @@ def create_client(model: str, pretrained: str | None = _UNSET, *, device: str = 
 
 def load_data(path: str | Path, *, shots: int | None = None, seed: int = 0, val_shots: int = 0, **kwargs: Any) -> DataSplits:
     """Load a dataset from disk, or a shipped demo task as ``"demo:<task>"``."""
+    from .data import check_sizes
+
+    check_sizes(shots, val_shots)
     text = str(path)
     if text.startswith("demo:"):
         from .data import sample_k_shot
@@ -99,8 +102,11 @@ def tune(
     base.update(overrides)
     cfg = TuneConfig.from_dict(base)
     tuner = Tuner(cfg, checkpoint_dir=checkpoint_dir, resume=resume, on_progress=on_progress)
+    from .data import require_classes, seen_fingerprints
+
+    require_classes(train, "the training set")
     result = tuner.fit(client, train, val, ledger=ledger)
-    return Adapter.from_result(result)
+    return Adapter.from_result(result, seen_images=seen_fingerprints(train, val))
 
 
 def check_compatible(adapter: Adapter, client: PredictionClient, allow_model_mismatch: bool = False) -> None:
@@ -133,15 +139,19 @@ def evaluate(
 ) -> dict[str, Any]:
     """Test accuracy of zero-shot and of ``adapter`` (two queries: one per prompt).
 
+    Test images the adapter was tuned or selected on (by the per-image digests its provenance
+    records) are excluded, with a warning.
+
     Returns:
         ``accuracy``, ``ece`` (15-bin expected calibration error of ``predict_proba``),
         ``ece_uncalibrated`` (the same at temperature 1), ``zero_shot_accuracy``, ``n_test``,
-        ``queries_used``.
+        ``n_excluded`` (test images dropped because the adapter saw them), ``queries_used``.
     """
     if tuple(test.class_names) != adapter.config.class_names:
         raise AdapterError(
             f"test classes {list(test.class_names)[:5]}... differ from the adapter's {list(adapter.config.class_names)[:5]}..."
         )
+    test, n_excluded = _exclude_seen(adapter, test)
     check_compatible(adapter, client, allow_model_mismatch)
     ledger = ledger if ledger is not None else QueryLedger()
     metered = MeteredClient(client, ledger)
@@ -160,5 +170,23 @@ def evaluate(
         "ece_uncalibrated": expected_calibration_error(softmax(refined), test.labels),
         "zero_shot_accuracy": float((zero.argmax(-1) == test.labels).mean()),
         "n_test": len(test),
+        "n_excluded": n_excluded,
         "queries_used": ledger.used,
     }
+
+
+def _exclude_seen(adapter: Adapter, test: ImageDataset) -> tuple[ImageDataset, int]:
+    """``test`` without the images the adapter trained or selected on, and how many were dropped."""
+    from .data import exclude_images
+    from .errors import DataError
+
+    seen = (adapter.config.provenance.get("data") or {}).get("image_fingerprints")
+    if not seen:
+        logger.info("the adapter records no image fingerprints: the test set cannot be checked for training images")
+        return test, 0
+    test, n_excluded = exclude_images(test, seen)
+    if n_excluded:
+        logger.warning("excluded %d test image(s) the adapter was tuned or selected on; %d remain", n_excluded, len(test))
+    if len(test) == 0:
+        raise DataError("every test image was used to tune the adapter; evaluate on images it has not seen")
+    return test, n_excluded

@@ -1,7 +1,9 @@
 """Few-shot image datasets: ImageFolder trees, CoOp split files, seeded k-shot sampling.
 
-Everything is decoded and validated up front, so a bad file is reported before a
-single query is spent. Supported layouts:
+Files are listed and their headers checked up front (unreadable files and images over
+:data:`~craft_sdk.images.MAX_PIXELS` are skipped with a warning, before a single query is
+spent); only the images a run uses are decoded: the sampled training and validation
+images at load time, the test images when they are read. Supported layouts:
 
 * ``DATA/train/<class>/*`` and ``DATA/test/<class>/*`` (optionally ``DATA/val/<class>/*``);
 * a single ImageFolder ``DATA/<class>/*``, split per class with a seeded hold-out;
@@ -14,18 +16,52 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import overload
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import DataError
+from .images import MAX_PIXELS, decode_file, header_size, image_digest, read_image, too_large
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"})
+
+
+class LazyImages(Sequence[Image.Image]):
+    """Image files decoded on access, never cached (a test split is read once, when it is scored).
+
+    Args:
+        paths: image files (headers already checked).
+        max_pixels: size limit applied again at decode time.
+    """
+
+    def __init__(self, paths: Sequence[str], max_pixels: int = MAX_PIXELS) -> None:
+        self.paths = tuple(paths)
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @overload
+    def __getitem__(self, i: int) -> Image.Image: ...
+    @overload
+    def __getitem__(self, i: slice) -> LazyImages: ...
+    def __getitem__(self, i: int | slice) -> Image.Image | LazyImages:
+        if isinstance(i, slice):
+            return LazyImages(self.paths[i], self.max_pixels)
+        return read_image(self.paths[i], self.max_pixels)
+
+    def __iter__(self) -> Iterator[Image.Image]:
+        return (read_image(p, self.max_pixels) for p in self.paths)
+
+    def take(self, index: Sequence[int]) -> LazyImages:
+        """The files at ``index``, still undecoded."""
+        return LazyImages([self.paths[int(i)] for i in index], self.max_pixels)
 
 
 @dataclass
@@ -33,13 +69,13 @@ class ImageDataset:
     """Decoded RGB images with integer labels into ``class_names``.
 
     Args:
-        images: RGB PIL images, length N.
+        images: RGB PIL images, length N (or :class:`LazyImages`, decoded when read).
         labels: int64 array [N] of indices into ``class_names``.
         class_names: ordered class names, as used in prompts.
         sources: optional per-image identifiers (file paths), length N or empty.
     """
 
-    images: list[Image.Image]
+    images: Sequence[Image.Image]
     labels: np.ndarray
     class_names: tuple[str, ...]
     sources: tuple[str, ...] = ()
@@ -65,7 +101,7 @@ class ImageDataset:
         """The dataset restricted to ``index`` (same class list)."""
         idx = [int(i) for i in index]
         return ImageDataset(
-            images=[self.images[i] for i in idx],
+            images=self.images.take(idx) if isinstance(self.images, LazyImages) else [self.images[i] for i in idx],
             labels=self.labels[idx] if idx else np.zeros(0, np.int64),
             class_names=self.class_names,
             sources=tuple(self.sources[i] for i in idx) if self.sources else (),
@@ -74,6 +110,16 @@ class ImageDataset:
     def class_counts(self) -> np.ndarray:
         """Images per class, int64 [C]."""
         return np.bincount(self.labels, minlength=len(self.class_names))
+
+    def image_fingerprints(self) -> list[str]:
+        """Per-image short digests (:func:`~craft_sdk.images.image_digest`), in dataset order."""
+        return [image_digest(im) for im in self.images]
+
+    def decoded(self) -> ImageDataset:
+        """The same dataset with every image decoded in memory (a no-op when it already is)."""
+        if not isinstance(self.images, LazyImages):
+            return self
+        return ImageDataset(list(self.images), self.labels, self.class_names, self.sources)
 
     def fingerprint(self) -> str:
         """sha256 over class names, labels and pixels: identifies the exact data."""
@@ -105,30 +151,52 @@ def prompt_name(folder_name: str) -> str:
     return folder_name.replace("_", " ").strip()
 
 
-def _load_image(path: Path) -> Image.Image:
-    with Image.open(path) as im:
-        im.load()
-        return im.convert("RGB")
+def _header_problem(path: Path, max_pixels: int) -> str | None:
+    """Why ``path`` cannot be used, judged from its header alone (no pixel decoded), or None."""
+    try:
+        size = header_size(path)
+    except Image.DecompressionBombError:
+        return "too large: PIL refuses it as a decompression bomb"
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+        return f"unreadable image: {exc.__class__.__name__}"
+    problem = too_large(size, max_pixels)
+    return None if problem is None else f"too large: {problem}"
 
 
 def _read_files(
-    files: Sequence[tuple[Path, int]], class_names: tuple[str, ...], skipped: list[tuple[str, str]]
+    files: Sequence[tuple[Path, int]], class_names: tuple[str, ...], skipped: list[tuple[str, str]],
+    max_pixels: int = MAX_PIXELS,
 ) -> ImageDataset:
-    images: list[Image.Image] = []
+    """The usable files as an undecoded dataset (headers checked; the rest goes to ``skipped``)."""
     labels: list[int] = []
     sources: list[str] = []
     for path, label in files:
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             skipped.append((str(path), "not an image file (suffix)"))
             continue
-        try:
-            images.append(_load_image(path))
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
-            skipped.append((str(path), f"unreadable image: {exc.__class__.__name__}"))
+        problem = _header_problem(path, max_pixels)
+        if problem is not None:
+            skipped.append((str(path), problem))
             continue
         labels.append(label)
         sources.append(str(path))
-    return ImageDataset(images, np.asarray(labels, np.int64), class_names, tuple(sources))
+    return ImageDataset(LazyImages(sources, max_pixels), np.asarray(labels, np.int64), class_names, tuple(sources))
+
+
+def _decode(ds: ImageDataset, skipped: list[tuple[str, str]]) -> tuple[ImageDataset, set[str]]:
+    """(ds with its images decoded, sources that failed to decode; those go to ``skipped``)."""
+    if not isinstance(ds.images, LazyImages):
+        return ds, set()
+    images, failed = [], set()
+    for path in ds.images.paths:
+        try:
+            images.append(decode_file(path, ds.images.max_pixels))
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            skipped.append((path, f"unreadable image: {exc.__class__.__name__}"))
+            failed.add(path)
+    if failed:
+        return ds, failed
+    return ImageDataset(images, ds.labels, ds.class_names, ds.sources), failed
 
 
 def _class_dirs(root: Path) -> list[Path]:
@@ -149,20 +217,24 @@ def _folder_files(root: Path, names: dict[str, int]) -> list[tuple[Path, int]]:
     return files
 
 
-def load_image_folder(root: str | Path, class_folders: Sequence[str] | None = None) -> tuple[ImageDataset, list]:
-    """Read ``root/<class>/*`` into an :class:`ImageDataset`.
+def load_image_folder(
+    root: str | Path, class_folders: Sequence[str] | None = None, max_pixels: int = MAX_PIXELS
+) -> tuple[ImageDataset, list]:
+    """Read ``root/<class>/*`` into an :class:`ImageDataset` whose images are decoded when read.
 
-    Non-image and unreadable files are skipped and returned as ``(path, reason)``.
+    Non-image, unreadable and too-large files (header over ``max_pixels``) are skipped and
+    returned as ``(path, reason)``.
 
     Args:
         root: the ImageFolder root.
         class_folders: folder names to use as classes, in order; default: sorted sub-folders.
+        max_pixels: images with more pixels are skipped without being decoded.
     """
     root = Path(root)
     folders = list(class_folders) if class_folders is not None else [d.name for d in _class_dirs(root)]
     skipped: list[tuple[str, str]] = []
     names = {f: i for i, f in enumerate(folders)}
-    ds = _read_files(_folder_files(root, names), tuple(prompt_name(f) for f in folders), skipped)
+    ds = _read_files(_folder_files(root, names), tuple(prompt_name(f) for f in folders), skipped, max_pixels)
     return ds, skipped
 
 
@@ -171,6 +243,37 @@ def _require_nonempty(ds: ImageDataset, where: str) -> None:
     empty = [ds.class_names[i] for i in np.flatnonzero(counts == 0)]
     if empty:
         raise DataError(f"class(es) {empty} have no readable images in {where}; add images or remove those folders")
+
+
+def seen_fingerprints(train: ImageDataset, val: ImageDataset | None = None) -> list[str]:
+    """Sorted per-image digests of every image a run trains or selects on (train + validation)."""
+    return sorted(set(train.image_fingerprints()) | set(val.image_fingerprints() if val is not None else ()))
+
+
+def exclude_images(ds: ImageDataset, fingerprints: Sequence[str]) -> tuple[ImageDataset, int]:
+    """(``ds`` without the images whose digest is in ``fingerprints``, how many were removed)."""
+    banned = set(fingerprints)
+    if not banned:
+        return ds, 0
+    keep = [i for i, fp in enumerate(ds.image_fingerprints()) if fp not in banned]
+    return (ds, 0) if len(keep) == len(ds) else (ds.subset(keep), len(ds) - len(keep))
+
+
+def check_sizes(shots: int | None, val_shots: int) -> None:
+    """Refuse shot counts that cannot describe a split (one line naming the fix)."""
+    if isinstance(val_shots, bool) or not isinstance(val_shots, (int, np.integer)) or val_shots < 0:
+        raise DataError(f"val_shots must be an integer >= 0 (0 = no validation split), got {val_shots!r}")
+    if shots is not None and (isinstance(shots, bool) or not isinstance(shots, (int, np.integer)) or shots < 1):
+        raise DataError(f"shots must be an integer >= 1 (or None for every image), got {shots!r}")
+
+
+def require_classes(ds: ImageDataset, where: str) -> None:
+    """Refuse a dataset with fewer than two classes: there is nothing to classify."""
+    if len(ds.class_names) < 2:
+        raise DataError(
+            f"{where} has {len(ds.class_names)} class ({', '.join(ds.class_names)}); classification needs at least "
+            "two classes: add another class folder"
+        )
 
 
 def sample_k_shot(ds: ImageDataset, shots: int, seed: int, exclude: np.ndarray | None = None) -> np.ndarray:
@@ -208,7 +311,9 @@ def _holdout(ds: ImageDataset, fraction: float, seed: int) -> tuple[np.ndarray, 
     return np.sort(np.concatenate(train_idx)), np.sort(np.concatenate(test_idx))
 
 
-def _from_split_json(root: Path, split_file: Path, skipped: list[tuple[str, str]]) -> dict[str, ImageDataset]:
+def _from_split_json(
+    root: Path, split_file: Path, skipped: list[tuple[str, str]], max_pixels: int = MAX_PIXELS
+) -> dict[str, ImageDataset]:
     try:
         spec = json.loads(split_file.read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -226,7 +331,7 @@ def _from_split_json(root: Path, split_file: Path, skipped: list[tuple[str, str]
         raise DataError(f"{split_file}: labels must be 0..{n - 1} without gaps")
     class_names = tuple(names[i] for i in range(n))
     return {
-        part: _read_files([(root / r[0], int(r[1])) for r in spec[part]], class_names, skipped)
+        part: _read_files([(root / r[0], int(r[1])) for r in spec[part]], class_names, skipped, max_pixels)
         for part in ("train", "val", "test")
         if spec.get(part)
     }
@@ -240,8 +345,12 @@ def load_dataset(
     val_shots: int = 0,
     holdout: float = 0.5,
     split_file: str | Path | None = None,
+    max_pixels: int = MAX_PIXELS,
 ) -> DataSplits:
     """Load a few-shot task from disk.
+
+    The k shots (and validation shots) are sampled from the files' list first; only they are
+    decoded here. Test images are decoded when read (:class:`LazyImages`).
 
     Args:
         path: a ``train/``+``test/`` tree, a single ImageFolder, or the image root of ``split_file``.
@@ -251,41 +360,61 @@ def load_dataset(
             (disjoint from the k shots); 0 means no validation split.
         holdout: fraction of each class held out as test when ``path`` is a single ImageFolder.
         split_file: a CoOp ``split_zhou_*.json``; image paths are relative to ``path``.
+        max_pixels: images whose header declares more pixels are skipped, never decoded.
 
     Raises:
         DataError: with one line naming the problem and the fix.
     """
+    check_sizes(shots, val_shots)
     root = Path(path)
     if not root.exists():
         raise DataError(f"data path {root} does not exist")
     skipped: list[tuple[str, str]] = []
-    parts = _load_parts(root, split_file, holdout, seed, skipped)
-    train = parts["train"]
-    _require_nonempty(train, f"{root} (train)")
-    val = parts.get("val")
-    if val_shots > 0 and val is None:
-        val_idx = sample_k_shot(train, val_shots, seed + 1)
-        val = train.subset(val_idx)
-        train = train.subset(np.setdiff1d(np.arange(len(train)), val_idx))
-    if shots is not None:
-        train = train.subset(sample_k_shot(train, shots, seed))
+    parts = _load_parts(root, split_file, holdout, seed, skipped, max_pixels)
+    pool = parts["train"]
+    require_classes(pool, f"{root} (train)")
+    while True:  # a sampled file that passed its header check but fails to decode is skipped, then we resample
+        _require_nonempty(pool, f"{root} (train)")
+        train, val = _sample(pool, parts.get("val"), shots, val_shots, seed)
+        train, bad = _decode(train, skipped)
+        val, bad_val = _decode(val, skipped) if val is not None else (None, set())
+        if not bad and not bad_val:
+            break
+        if bad_val and "val" in parts:
+            parts["val"] = parts["val"].subset([i for i, s in enumerate(parts["val"].sources) if s not in bad_val])
+        pool = pool.subset([i for i, s in enumerate(pool.sources) if s not in bad | bad_val])
     if skipped:
         logger.warning("skipped %d file(s) under %s (first: %s: %s)", len(skipped), root, *skipped[0])
     return DataSplits(train=train, val=val, test=parts.get("test"), skipped=skipped)
 
 
+def _sample(
+    pool: ImageDataset, val: ImageDataset | None, shots: int | None, val_shots: int, seed: int
+) -> tuple[ImageDataset, ImageDataset | None]:
+    """(train, val) drawn from the (undecoded) training pool: val shots first, then the k shots."""
+    train = pool
+    if val_shots > 0 and val is None:
+        val_idx = sample_k_shot(pool, val_shots, seed + 1)
+        val = pool.subset(val_idx)
+        train = pool.subset(np.setdiff1d(np.arange(len(pool)), val_idx))
+    if shots is not None:
+        train = train.subset(sample_k_shot(train, shots, seed))
+    return train, val
+
+
 def _load_parts(
-    root: Path, split_file: str | Path | None, holdout: float, seed: int, skipped: list[tuple[str, str]]
+    root: Path, split_file: str | Path | None, holdout: float, seed: int, skipped: list[tuple[str, str]],
+    max_pixels: int = MAX_PIXELS,
 ) -> dict[str, ImageDataset]:
     if split_file is not None:
-        return _from_split_json(root, Path(split_file), skipped)
+        return _from_split_json(root, Path(split_file), skipped, max_pixels)
     if (root / "train").is_dir():
         folders = [d.name for d in _class_dirs(root / "train")]
         parts: dict[str, ImageDataset] = {}
         for part in ("train", "val", "test"):
             if (root / part).is_dir():
                 _check_no_extra_classes(root / part, folders)
-                ds, sk = load_image_folder(root / part, folders)
+                ds, sk = load_image_folder(root / part, folders, max_pixels)
                 skipped += sk
                 parts[part] = ds
         if "test" in parts:
@@ -295,7 +424,7 @@ def _load_parts(
         return parts
     if not 0.0 < holdout < 1.0:
         raise DataError(f"holdout must be in (0, 1), got {holdout}")
-    ds, sk = load_image_folder(root)
+    ds, sk = load_image_folder(root, max_pixels=max_pixels)
     skipped += sk
     _require_nonempty(ds, str(root))
     train_idx, test_idx = _holdout(ds, holdout, seed)

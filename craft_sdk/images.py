@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Union
@@ -13,6 +14,69 @@ from PIL import Image, UnidentifiedImageError
 from .errors import DataError
 
 ImageLike = Union[Image.Image, np.ndarray, str, Path]
+
+# PIL's own warning threshold (~0.25 GiB once decoded to RGB): larger files are refused before any
+# pixel is decoded (a 71 KB PNG can declare 150 Mpx); PIL raises DecompressionBombError at twice it
+MAX_PIXELS = 89_478_485
+_PIL_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def header_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) from an image file's header; no pixel is decoded.
+
+    Raises:
+        OSError, ValueError, SyntaxError, ``PIL.Image.DecompressionBombError``: PIL's own errors.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as im:
+            return im.size
+
+
+def too_large(size: tuple[int, int], max_pixels: int = MAX_PIXELS) -> str | None:
+    """Why an image of ``size`` is refused (over ``max_pixels``), or None."""
+    n = int(size[0]) * int(size[1])
+    if n > max_pixels:
+        return f"{size[0]}x{size[1]} = {n:,} pixels is over the limit of {max_pixels:,}"
+    return None
+
+
+def decode_file(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode an image file to RGB after checking its header size against ``max_pixels``.
+
+    Raises:
+        DataError: too large; PIL's own errors (see :func:`header_size`) when unreadable.
+    """
+    problem = too_large(header_size(path), max_pixels)
+    if problem is not None:
+        raise DataError(f"image {path} is too large ({problem}); downscale it")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+
+
+def read_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """:func:`decode_file` with every failure as a one-line :class:`DataError` naming the file."""
+    try:
+        return decode_file(path, max_pixels)
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError(f"image file {path} does not exist") from None
+    except Image.DecompressionBombError:
+        raise DataError(f"image {path} is too large (PIL refuses it as a decompression bomb); downscale it") from None
+    except _PIL_ERRORS as exc:
+        raise DataError(f"cannot read image {path}: {exc.__class__.__name__}; is it a valid image file?") from None
+
+
+def image_digest(image: Image.Image) -> str:
+    """Short sha256 (16 hex digits) of one image's size and RGB pixels: identifies it across datasets."""
+    im = image if image.mode == "RGB" else image.convert("RGB")
+    h = hashlib.sha256(f"{im.size[0]}x{im.size[1]};".encode())
+    h.update(im.tobytes())
+    return h.hexdigest()[:16]
 
 
 def to_pil(image: ImageLike) -> Image.Image:
@@ -28,14 +92,7 @@ def to_pil(image: ImageLike) -> Image.Image:
     if isinstance(image, Image.Image):
         return image if image.mode == "RGB" else image.convert("RGB")
     if isinstance(image, (str, Path)):
-        try:
-            with Image.open(image) as im:
-                im.load()
-                return im.convert("RGB")
-        except FileNotFoundError:
-            raise DataError(f"image file {image} does not exist") from None
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
-            raise DataError(f"cannot read image {image}: {exc.__class__.__name__}; is it a valid image file?") from None
+        return read_image(image)
     if isinstance(image, np.ndarray):
         return _array_to_pil(image)
     raise DataError(f"unsupported image type {type(image).__name__}; pass a PIL image, a file path or a uint8 array")

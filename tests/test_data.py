@@ -119,3 +119,116 @@ def test_image_inputs() -> None:
         to_pil_list(Image.new("RGB", (2, 2)))  # type: ignore[arg-type]
     with pytest.raises(DataError, match="labels"):
         ImageDataset([Image.new("RGB", (2, 2))], np.array([0, 1]), ("a",))
+
+
+# ------------------------------------------------------------- decode only what is used, size limits
+
+
+def _huge_png(path: Path, width: int, height: int) -> Path:
+    """A valid 1-bit PNG whose header declares width x height, written row by row (a few KB, no big buffer)."""
+    import struct
+    import zlib
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    comp, row = zlib.compressobj(9), b"\x00" * (1 + (width + 7) // 8)
+    idat = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
+
+
+def test_decompression_bomb_is_skipped_not_fatal(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    _write(tmp_path / "train", {"a": 3, "b": 3})
+    bomb = _huge_png(tmp_path / "train" / "a" / "000_bomb.png", 20000, 20000)  # 400 Mpx in a few KB
+    assert bomb.stat().st_size < 200_000
+    with caplog.at_level("WARNING"):
+        s = load_dataset(tmp_path, shots=3)
+    assert s.train.class_counts().tolist() == [3, 3]
+    assert [(Path(p).name, r.split(":")[0]) for p, r in s.skipped] == [("000_bomb.png", "too large")]
+    assert "skipped 1 file(s)" in caplog.text
+    with pytest.raises(DataError, match="too large") as err:  # a path given at predict time: one line, no PIL error
+        to_pil(bomb)
+    assert "\n" not in str(err.value)
+
+
+def test_pixel_limit_is_checked_from_the_header(tmp_path: Path) -> None:
+    _write(tmp_path / "train", {"a": 3, "b": 3})
+    Image.new("RGB", (16, 16)).save(tmp_path / "train" / "b" / "big.png")  # 256 px
+    s = load_dataset(tmp_path, shots=3, max_pixels=100)  # the 8x8 images (64 px) pass
+    assert [(Path(p).name, r) for p, r in s.skipped] == [("big.png", "too large: 16x16 = 256 pixels is over the limit of 100")]
+
+
+def test_only_sampled_images_are_decoded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import craft_sdk.data as data_mod
+
+    _write(tmp_path / "train", {"a": 10, "b": 10})
+    _write(tmp_path / "test", {"a": 5, "b": 5}, seed=1)
+    decoded: list[str] = []
+    real = data_mod.read_image
+    real_decode = data_mod.decode_file
+    monkeypatch.setattr(data_mod, "read_image", lambda path, *a: decoded.append(Path(path).name) or real(path, *a))
+    monkeypatch.setattr(data_mod, "decode_file", lambda path, *a: decoded.append(Path(path).name) or real_decode(path, *a))
+    s = load_dataset(tmp_path, shots=2, val_shots=1, seed=3)
+    assert len(decoded) == 6  # 2 shots + 1 validation image per class; the other 14 training files stay on disk
+    assert sorted(decoded) == sorted(Path(p).name for p in s.train.sources + s.val.sources)
+    assert len(s.test) == 10 and len(decoded) == 6  # the test split is decoded when it is read
+    assert np.asarray(s.test.images[0]).shape == (8, 8, 3) and len(decoded) == 7
+    assert len(s.test.image_fingerprints()) == 10
+
+
+def test_sampled_file_that_fails_to_decode_is_skipped_and_resampled(tmp_path: Path) -> None:
+    _write(tmp_path / "train", {"a": 4, "b": 4})
+    good = (tmp_path / "train" / "a" / "000.png").read_bytes()
+    for name in ("001.png", "002.png"):  # headers fine, pixel data cut off
+        (tmp_path / "train" / "a" / name).write_bytes(good[: len(good) // 2])
+    s = load_dataset(tmp_path, shots=2, seed=0)
+    assert s.train.class_counts().tolist() == [2, 2]
+    cut = {str(tmp_path / "train" / "a" / n) for n in ("001.png", "002.png")}
+    assert not cut & set(s.train.sources)
+    assert s.skipped and all(p in cut and r.startswith("unreadable image: ") for p, r in s.skipped)
+
+
+def test_single_class_and_negative_val_shots_are_refused(tmp_path: Path) -> None:
+    _write(tmp_path / "one" / "train", {"only": 4})
+    with pytest.raises(DataError, match="at least two classes") as err:
+        load_dataset(tmp_path / "one", shots=2)
+    assert "\n" not in str(err.value)
+    _write(tmp_path / "two", {"a": 4, "b": 4})
+    with pytest.raises(DataError, match="val_shots must be an integer >= 0"):
+        load_dataset(tmp_path / "two", shots=1, val_shots=-1)
+    from craft_sdk import load_data
+
+    with pytest.raises(DataError, match="val_shots must be an integer >= 0"):
+        load_data("demo:digits", shots=2, val_shots=-1)
+
+
+@pytest.mark.parametrize("args, match", [(["--val-shots", "-1"], "--val-shots must be >= 0"), (["--shots", "0"], "--shots must be >= 1")])
+def test_cli_tune_refuses_bad_shot_counts_in_one_line(tmp_path: Path, args: list[str], match: str) -> None:
+    from typer.testing import CliRunner
+
+    from craft_sdk.cli import app
+
+    _write(tmp_path, {"a": 4, "b": 4})
+    res = CliRunner().invoke(app, ["tune", str(tmp_path), "--out", str(tmp_path / "out"), *args])
+    assert res.exit_code == 2 and match in res.output
+    assert len([ln for ln in res.output.splitlines() if ln.strip()]) == 1
+    _write(tmp_path / "one", {"only": 4})  # an ImageFolder of one class
+    res = CliRunner().invoke(app, ["tune", str(tmp_path / "one"), "--shots", "1", "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2 and "at least two classes" in res.output
+
+
+def test_image_fingerprints_identify_images_across_loads(tmp_path: Path) -> None:
+    from craft_sdk.data import exclude_images, seen_fingerprints
+
+    _write(tmp_path / "train", {"a": 4, "b": 4})
+    _write(tmp_path / "test", {"a": 3, "b": 3}, seed=1)
+    (tmp_path / "test" / "a" / "leak.png").write_bytes((tmp_path / "train" / "a" / "002.png").read_bytes())
+    s = load_dataset(tmp_path, shots=4)
+    fps = s.train.image_fingerprints()
+    assert len(set(fps)) == 8 and all(len(f) == 16 for f in fps)
+    assert fps == load_dataset(tmp_path, shots=4).train.image_fingerprints()  # stable across loads
+    assert seen_fingerprints(s.train) == sorted(fps)
+    kept, n = exclude_images(s.test, seen_fingerprints(s.train))
+    assert n == 1 and len(kept) == 6 and "leak.png" not in {Path(p).name for p in kept.sources}

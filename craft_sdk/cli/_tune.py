@@ -75,7 +75,13 @@ def tune(
     """Tune a CraFT adapter on DATA through a prediction-only black box."""
     from .. import TuneConfig, load_data
     from ..adapter import Adapter
+    from ..data import require_classes, seen_fingerprints
     from ..tuner.train import Tuner
+
+    if shots < 1:
+        raise fail(f"--shots must be >= 1, got {shots}")
+    if val_shots < 0:
+        raise fail(f"--val-shots must be >= 0 (0 = no validation split), got {val_shots}")
 
     config = TuneConfig(
         mode=mode, budget=budget, seed=seed, template=template, popsize=popsize,
@@ -86,7 +92,9 @@ def tune(
     t0 = time.perf_counter()
     kwargs: dict[str, Any] = {"split_file": split_file} if split_file else {}
     splits = load_data(data, shots=shots, seed=seed, val_shots=val_shots, **kwargs)
+    require_classes(splits.train, str(data))
     client = _client(model, pretrained, api_key_file)
+    resume_matches = _resume_outlook(config, checkpoint_dir, splits.val is not None) if resume else None
     with _progress_bar() as bar:
         task = bar.add_task("tune", total=budget, loss="-", acc="-")
 
@@ -98,7 +106,7 @@ def tune(
             config, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume, on_progress=on_progress
         )
         result = tuner.fit(client, splits.train, splits.val)
-    adapter = Adapter.from_result(result)
+    adapter = Adapter.from_result(result, seen_images=seen_fingerprints(splits.train, splits.val))
     adapter.save_pretrained(out)
     summary = {
         "adapter": str(out),
@@ -119,6 +127,7 @@ def tune(
         "decision": (result.selection or {}).get("reason"),
         "stopped": result.metrics.get("stopped"),
         "temperature": result.temperature,
+        "resume_can_match": resume_matches,
     }
     if summary["deployed"] == "zero-shot" and result.config.mode != "zero-shot":
         err.print(f"[yellow]note:[/] {summary['decision']}")
@@ -152,6 +161,27 @@ def _parse_patience(text: str) -> int | None:
         raise fail(f"--patience must be a positive integer or 'none', got {text!r}") from None
 
 
+def _resume_outlook(config: Any, checkpoint_dir: Path | None, has_val: bool) -> bool | None:
+    """Say on stderr whether resuming can still give the uninterrupted run's result; None: nothing to resume."""
+    from ..tuner.checkpoint import has_checkpoint, journal_used, load_checkpoint, planned_total, resume_can_match
+
+    if checkpoint_dir is None or not has_checkpoint(checkpoint_dir):
+        return None
+    state = load_checkpoint(checkpoint_dir)[1]
+    used, at_checkpoint = journal_used(checkpoint_dir), int(state["history"][-1]["queries_used"])
+    planned = planned_total(config, int(state["n_generations"]), has_val)
+    can = resume_can_match(used, at_checkpoint, planned, config.budget)
+    lost = max(used - at_checkpoint, 0)
+    if can:
+        err.print(f"resume: {lost} queries billed after the last checkpoint stay counted; the budget ({config.budget}) "
+                  "leaves room to redo them, so the result can equal the uninterrupted run's", highlight=False)
+    else:
+        err.print(f"[yellow]resume:[/] {lost} queries billed after the last checkpoint stay counted and the plan needs "
+                  f"{planned}; the budget ({config.budget}) has no room to redo them all, so the run will stop early "
+                  "and its result will differ from the uninterrupted run's", highlight=False)
+    return can
+
+
 @app.command("eval")
 @guarded
 def eval_(
@@ -171,11 +201,16 @@ def eval_(
     adapter = load_adapter(str(adapter_dir))
     seed = adapter.config.provenance.get("seed", 0) if seed is None else seed
     kwargs: dict[str, Any] = {"split_file": split_file} if split_file else {}
-    splits = load_data(data, seed=seed, shots=adapter.config.provenance.get("shots"), **kwargs)
+    prov = adapter.config.provenance
+    n_val = int((prov.get("data") or {}).get("n_val") or 0)  # rebuild the tune's exact split: shots + val shots
+    val_shots = n_val // adapter.n_classes if n_val % adapter.n_classes == 0 else 0
+    splits = load_data(data, seed=seed, shots=prov.get("shots"), val_shots=val_shots, **kwargs)
     if splits.test is None or len(splits.test) == 0:
         raise fail(f"{data} has no test split; use DATA/train + DATA/test, a single ImageFolder, or --split")
     client = _client(model, pretrained, api_key_file)
     res = evaluate(adapter, client, splits.test, allow_model_mismatch=allow_model_mismatch)
+    if res["n_excluded"]:
+        err.print(f"[yellow]note:[/] excluded {res['n_excluded']} test image(s) the adapter was tuned or selected on")
     if as_json:
         emit_json(res)
         return
