@@ -23,8 +23,19 @@ hf_constants = pytest.importorskip("huggingface_hub.constants")
 yaml = pytest.importorskip("yaml")
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ROOT / "adapters" / "digits"
+SOURCE = ROOT / "adapters" / "digits"
 COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped digits adapter with a refiner.onnx exported by this craft-sdk (the shipped one may be stale)."""
+    from craft_sdk.export import export_onnx
+
+    pytest.importorskip("onnx")
+    path = load_adapter(str(SOURCE)).save_pretrained(tmp_path_factory.mktemp("shipped") / "digits")
+    export_onnx(path)
+    return path
 
 
 def _snapshot(cache: Path, repo: str, commit: str, files: dict[str, Path], refs: tuple[str, ...]) -> Path:
@@ -41,12 +52,12 @@ def _snapshot(cache: Path, repo: str, commit: str, files: dict[str, Path], refs:
 
 
 @pytest.fixture()
-def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def hub_cache(shipped: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Two commits of org/digits-adapter: main = the shipped adapter at the root, tag v1 = a variant in a subfolder."""
     cache = tmp_path / "hub"
-    files = {n: SHIPPED / n for n in ("adapter_config.json", "adapter_model.safetensors", ONNX_FILE)}
+    files = {n: shipped / n for n in ("adapter_config.json", "adapter_model.safetensors", ONNX_FILE)}
     _snapshot(cache, "org/digits-adapter", COMMIT_A, files, ("main",))
-    variant = load_adapter(str(SHIPPED))
+    variant = load_adapter(str(shipped))
     assert variant.refiner is not None
     variant.refiner = {k: (v * 0.5 if k.endswith("bias") else v) for k, v in variant.refiner.items()}
     vdir = variant.save_pretrained(tmp_path / "variant")
@@ -59,8 +70,8 @@ def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return cache
 
 
-def test_load_from_hub_cache_offline(hub_cache: Path, tmp_path: Path) -> None:
-    shipped, variant = load_adapter(str(SHIPPED)), load_adapter(str(tmp_path / "variant"))
+def test_load_from_hub_cache_offline(shipped: Path, hub_cache: Path, tmp_path: Path) -> None:
+    shipped, variant = load_adapter(str(shipped)), load_adapter(str(tmp_path / "variant"))
     assert shipped.fingerprint() != variant.fingerprint()
     assert load_adapter("org/digits-adapter").fingerprint() == shipped.fingerprint()
     assert load_adapter("org/digits-adapter", revision=COMMIT_A).fingerprint() == shipped.fingerprint()
@@ -72,20 +83,20 @@ def test_load_from_hub_cache_offline(hub_cache: Path, tmp_path: Path) -> None:
     with pytest.raises(AdapterError, match="org/missing.*HF_HUB_OFFLINE=1"):
         load_adapter("org/missing")
     with pytest.raises(AdapterError, match="revision='v1' applies to Hub repo ids"):
-        load_adapter(str(SHIPPED), revision="v1")
+        load_adapter(str(shipped), revision="v1")
 
 
-def test_classifier_from_hub_uses_the_repo_onnx(hub_cache: Path) -> None:
-    caps = craft_sdk.Capabilities(load_adapter(str(SHIPPED)).config.model_id, n_ctx=4, ctx_dim=96)
+def test_classifier_from_hub_uses_the_repo_onnx(shipped: Path, hub_cache: Path) -> None:
+    caps = craft_sdk.Capabilities(load_adapter(str(shipped)).config.model_id, n_ctx=4, ctx_dim=96)
     client = craft_sdk.CallableClient(lambda ims, names, t, o: np.zeros((len(ims), len(names))) + np.arange(len(names)), caps)
     clf = craft_sdk.CraftClassifier.from_pretrained("org/digits-adapter", client)
-    local = craft_sdk.CraftClassifier.from_pretrained(SHIPPED, client)
+    local = craft_sdk.CraftClassifier.from_pretrained(shipped, client)
     assert clf.refiner_backend_ == "onnx" and clf.classes_.tolist() == local.classes_.tolist()
     ims = [np.zeros((8, 8, 3), np.uint8)] * 3
     np.testing.assert_allclose(clf.predict_proba(ims), local.predict_proba(ims), atol=1e-6)
 
 
-def test_cli_predict_takes_a_hub_id_offline(hub_cache: Path, tmp_path: Path) -> None:
+def test_cli_predict_takes_a_hub_id_offline(shipped: Path, hub_cache: Path, tmp_path: Path) -> None:
     """The real environment variables, in a fresh process: HF_HUB_OFFLINE=1 and HF_HUB_CACHE are honoured."""
     img = tmp_path / "x.png"
     from PIL import Image
@@ -97,22 +108,22 @@ def test_cli_predict_takes_a_hub_id_offline(hub_cache: Path, tmp_path: Path) -> 
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout)
     assert got["adapter"] == "org/digits-adapter" and got["backend"] == "onnx" and got["queries_used"] == 1
-    assert got["predictions"][0]["label"] in load_adapter(str(SHIPPED)).config.class_names
+    assert got["predictions"][0]["label"] in load_adapter(str(shipped)).config.class_names
     bad = subprocess.run([*cmd[:4], "org/missing", *cmd[5:]], capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 2 and "HF_HUB_OFFLINE=1" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
-def test_local_paths_need_no_huggingface_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_local_paths_need_no_huggingface_hub(shipped: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if not installed
-    assert load_adapter(str(SHIPPED)).n_classes == 10
+    assert load_adapter(str(shipped)).n_classes == 10
     with pytest.raises(MissingDependencyError, match=r"pip install 'craft-sdk\[hub\]'"):
         load_adapter("org/digits-adapter")
     with pytest.raises(ImportError):  # MissingDependencyError is an ImportError too
         load_adapter("org/digits-adapter")
 
 
-def test_model_card_front_matter_body_and_runnable_snippet(tmp_path: Path) -> None:
-    adapter = load_adapter(str(SHIPPED))
+def test_model_card_front_matter_body_and_runnable_snippet(shipped: Path, tmp_path: Path) -> None:
+    adapter = load_adapter(str(shipped))
     path = adapter.save_pretrained(tmp_path / "ad", repo_id="org/digits-adapter")
     text = (path / CARD_FILE).read_text()
     assert text.startswith("---\n")
@@ -162,11 +173,11 @@ class FakeApi:
         return type("Info", (), {"commit_url": f"https://hub.invalid/{kw['repo_id']}/commit/1"})()
 
 
-def test_push_to_hub_uploads_a_complete_adapter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_push_to_hub_uploads_a_complete_adapter(shipped: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hf, "HfApi", FakeApi)
     FakeApi.calls = []
-    adapter = load_adapter(str(SHIPPED))
-    url = adapter.push_to_hub("org/digits-adapter", source_dir=SHIPPED, revision="v1", private=True, token="t")
+    adapter = load_adapter(str(shipped))
+    url = adapter.push_to_hub("org/digits-adapter", source_dir=shipped, revision="v1", private=True, token="t")
     assert url == "https://hub.invalid/org/digits-adapter/commit/1"
     assert [c[0] for c in FakeApi.calls] == ["create_repo", "create_branch", "upload_folder"]
     assert FakeApi.calls[0][1]["private"] is True and FakeApi.calls[1][1]["branch"] == "v1"
@@ -174,7 +185,7 @@ def test_push_to_hub_uploads_a_complete_adapter(tmp_path: Path, monkeypatch: pyt
     assert upload["repo_id"] == "org/digits-adapter" and upload["revision"] == "v1"
     files = upload["files"]
     assert sorted(files) == sorted(["adapter_config.json", "adapter_model.safetensors", ONNX_FILE, CARD_FILE])
-    assert files[ONNX_FILE] == (SHIPPED / ONNX_FILE).read_bytes()
+    assert files[ONNX_FILE] == (shipped / ONNX_FILE).read_bytes()
     assert b'from_pretrained("org/digits-adapter", client)' in files[CARD_FILE]
     # what was uploaded loads back as the same adapter
     back = tmp_path / "back"
@@ -187,7 +198,7 @@ def test_push_to_hub_uploads_a_complete_adapter(tmp_path: Path, monkeypatch: pyt
     other.refiner = {k: v * 2 for k, v in (other.refiner or {}).items()}
     FakeApi.calls = []
     with pytest.raises(AdapterError, match="another adapter"):
-        other.push_to_hub("org/digits-adapter", source_dir=SHIPPED)
+        other.push_to_hub("org/digits-adapter", source_dir=shipped)
     assert FakeApi.calls == []
     with pytest.raises(AdapterError, match="org/name"):
         adapter.push_to_hub("not a repo id")
