@@ -185,6 +185,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-predict-") as tmp_name:
         tmp = Path(tmp_name)
         paths = write_images(tmp / "images", args.images)
+        global ADAPTER  # a copy with a refiner.onnx exported by this craft-sdk (a shipped one may predate it)
+        from craft_sdk.export import export_onnx
+
+        ADAPTER = craft_sdk.load_adapter(str(ADAPTER)).save_pretrained(tmp / "adapter")
+        export_onnx(ADAPTER)
         client = craft_sdk.create_client("demo")
         clf = craft_sdk.CraftClassifier.from_pretrained(
             ADAPTER, client, config=craft_sdk.ClassifierConfig(batch_size=args.batch_size))
