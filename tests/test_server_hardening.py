@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from craft_sdk import CallableClient, Capabilities, ClientError, ConfigError
-from craft_sdk.client.http import HTTPClient
+from craft_sdk.client.http import HTTPClient, _RemoteSet
 from craft_sdk.wire import SAFETENSORS, WireError, encode, loads_json, parse, read
 
 pytest.importorskip("fastapi")
@@ -383,7 +383,8 @@ def caps_body(**over: Any) -> bytes:
 @pytest.mark.parametrize(
     "answer, match",
     [
-        ((200, [], caps_body(ctx_dim=100_000)), "ctx_dim must be null or an integer from 1 to 16384"),
+        ((200, [], caps_body(ctx_dim=100_000)), "ctx_dim must be null or an integer from 1 to 8192"),
+        ((200, [], caps_body(n_ctx=200, ctx_dim=8000)), "n_ctx x ctx_dim must be at most 262144"),
         ((200, [], caps_body(n_ctx="4")), "n_ctx must be"),
         ((200, [], caps_body(ctx_rms=float("inf")).replace(b"Infinity", b"1e999")), "ctx_rms must be"),
         ((200, [], caps_body(model_id=["m"])), "model_id must be"),
@@ -414,8 +415,7 @@ def test_hostile_limits_and_logits_are_refused(hostile) -> None:  # noqa: ANN001
     with HTTPClient(srv.url, api_key=ALICE, max_retries=1, backoff=0.01) as c:
         c._caps["a photo of a"], c._limits = CAPS, {}
         with pytest.raises(ClientError, match="corrupt response body") as err:
-            c._sets["fp"] = ([], "h")
-            c._predict_chunk("fp", ["a"], "a photo of a", None)
+            c._predict_chunk(_RemoteSet([], "h"), ["a"], "a photo of a", None)
     assert "\n" not in str(err.value)
 
 

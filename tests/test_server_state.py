@@ -186,37 +186,50 @@ def check_hammer(statuses: list[int], used: int, budget: int, p: int = 3) -> Non
     assert answered > budget - p  # and the budget was actually used up
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "redis"])
-def test_two_processes_share_one_budget_exactly(tiny_model_dir: Path, key_file: Path, tmp_path: Path, backend: str,
-                                                request: pytest.FixtureRequest) -> None:
-    if backend == "sqlite":
-        state = str(tmp_path / "state.db")
-    else:
-        import redis
+def in_process(tiny_client: Any, state: str, budget: int) -> Any:
+    """A server in this test process (a second process next to the subprocess) on the same state."""
+    from craft_sdk.serve import BackgroundServer, ServerConfig, create_app
 
-        state = request.getfixturevalue("redis_url")
-        redis.Redis.from_url(state).flushdb()
-    budget = 100  # 50 requests x 3 queries = 150 > 100
-    servers = [Server(tiny_model_dir, key_file, state, budget) for _ in range(2)]
+    config = ServerConfig(budget_per_key=budget)
+    return BackgroundServer(create_app(tiny_client, {"alice": KEY}, config, open_store(state, budget))).start()
+
+
+def usage(url: str) -> dict[str, Any]:
+    return httpx.get(f"{url}/v1/usage", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()
+
+
+def test_workers_and_another_process_share_one_sqlite_budget_exactly(tiny_model_dir: Path, tiny_client: Any, key_file: Path,
+                                                                     tmp_path: Path) -> None:
+    """``serve --workers 2`` plus this test process, three processes on one SQLite file, hammered past the budget."""
+    budget, state = 100, str(tmp_path / "state.db")  # 50 requests x 3 queries = 150 > 100
+    server = Server(tiny_model_dir, key_file, state, budget, workers=2)
+    local = in_process(tiny_client, state, budget)
     try:
-        statuses = hammer([s.url for s in servers])
-        used = httpx.get(f"{servers[1].url}/v1/usage", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()["used"]
+        statuses = hammer([server.url, local.url])
+        used = usage(server.url)["used"]
+        assert usage(local.url)["used"] == used
     finally:
-        for s in servers:
-            s.stop()
-    check_hammer(statuses, used, budget)
-
-
-def test_workers_share_one_budget_exactly(tiny_model_dir: Path, key_file: Path, tmp_path: Path) -> None:
-    budget = 100
-    server = Server(tiny_model_dir, key_file, str(tmp_path / "state.db"), budget, workers=2)
-    try:
-        statuses = hammer([server.url])
-        used = httpx.get(f"{server.url}/v1/usage", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()["used"]
-    finally:
+        local.stop()
         err = server.stop()
     check_hammer(statuses, used, budget)
     assert err.count("Started server process") == 2, err[-2000:]  # two uvicorn workers served
+
+
+def test_two_processes_share_one_redis_budget_exactly(tiny_model_dir: Path, tiny_client: Any, key_file: Path,
+                                                      redis_url: str) -> None:
+    import redis
+
+    redis.Redis.from_url(redis_url).flushdb()
+    budget = 100
+    server = Server(tiny_model_dir, key_file, redis_url, budget)
+    local = in_process(tiny_client, redis_url, budget)
+    try:
+        statuses = hammer([server.url, local.url])
+        used = usage(server.url)["used"]
+    finally:
+        local.stop()
+        server.stop()
+    check_hammer(statuses, used, budget)
 
 
 def test_sigkill_mid_tune_then_resume_within_the_key_budget(tiny_model_dir: Path, key_file: Path, tmp_path: Path) -> None:
@@ -242,7 +255,7 @@ def test_sigkill_mid_tune_then_resume_within_the_key_budget(tiny_model_dir: Path
         with HTTPClient(server.url, api_key=KEY, **fast) as client, pytest.raises(ClientError, match="connection failed"):
             Tuner(cfg, checkpoint_dir=ckpt, on_progress=kill_at_generation_2).fit(client, train, val)
         journal = sum(json.loads(line)["n"] for line in (ckpt / LEDGER_FILE).read_text().splitlines())
-        server = Server(tiny_model_dir, key_file, state, key_budget, port=port)  # the same state file
+        server = Server(tiny_model_dir, key_file, state, key_budget, port=port)  # restarted on the same state file
         with HTTPClient(server.url, api_key=KEY, **fast) as client:
             assert killed and client.usage()["used"] == journal == killed[0]  # continues from the billed count
             result = Tuner(cfg, checkpoint_dir=ckpt, resume=True).fit(client, train, val)

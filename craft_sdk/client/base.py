@@ -208,10 +208,14 @@ class BaseClient:
         offsets: np.ndarray | None = None,
     ) -> np.ndarray:
         """Scores of ``images`` against ``class_names``; see :class:`PredictionClient`."""
-        names = check_class_names(class_names)
-        caps = self.capabilities(template)
-        batch = check_offsets(offsets, caps)
-        prepared, n = self._resolve(images)
+        try:
+            names = check_class_names(class_names)
+            caps = self.capabilities(template)
+            batch = check_offsets(offsets, caps)
+            prepared, n = self._resolve(images)
+        except ClientError as exc:
+            exc.unbilled = True  # refused before the model was asked anything
+            raise
         p = 1 if batch is None else batch.shape[0]
         out = check_output(self._predict_images(prepared, names, template, batch), p, n, len(names), caps.model_id)
         single = offsets is None or np.ndim(offsets) == 2

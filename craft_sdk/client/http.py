@@ -48,11 +48,9 @@ import math
 import os
 import random
 import socket
-import threading
 import time
 import uuid
-from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import Any, TypeVar
 
@@ -61,8 +59,7 @@ import numpy as np
 from PIL import Image
 
 from .._version import __version__
-from ..errors import BudgetExceededError, ClientError, ConfigError, UnknownHandleError
-from ..images import ImageLike, images_fingerprint, to_pil_list
+from ..errors import BudgetExceededError, ClientError, ConfigError
 from ..wire import (  # noqa: F401  (re-exported: the codec used to live here)
     API,
     CHECKSUM_HEADER,
@@ -79,15 +76,7 @@ from ..wire import (  # noqa: F401  (re-exported: the codec used to live here)
     read,
     sha256_hex,
 )
-from .base import (
-    DEFAULT_TEMPLATE,
-    Capabilities,
-    Images,
-    ImageSetHandle,
-    check_class_names,
-    check_offsets,
-    check_output,
-)
+from .base import DEFAULT_TEMPLATE, BaseClient, Capabilities, Images, ImageSetHandle
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +84,9 @@ RETRY_STATUSES = (429, 500, 502, 503, 504)
 T = TypeVar("T")
 
 # Sane bounds on what a server may advertise: beyond them the answer is refused, not allocated.
-MAX_N_CTX = 1024
-MAX_CTX_DIM = 16384
+MAX_N_CTX = 256
+MAX_CTX_DIM = 8192
+MAX_CTX_ELEMENTS = 1 << 18  # n_ctx x ctx_dim: the tuner's projection is [intrinsic_dim, n_ctx x ctx_dim]
 MAX_MODEL_ID_CHARS = 256
 LIMIT_FIELDS = ("max_body_bytes", "max_images", "max_image_side", "max_classes", "max_class_name_chars",
                 "max_template_chars", "max_population", "max_answer_bytes", "max_prompts")
@@ -162,8 +152,19 @@ class _HandleGone(Exception):
     """The server no longer holds the image set (evicted or restarted)."""
 
 
-class HTTPClient:
+class _RemoteSet:
+    """What the client caches per image set: the images (to upload again) and the server's current handle."""
+
+    def __init__(self, images: list[Image.Image], server_id: str | None) -> None:
+        self.images = images
+        self.server_id = server_id
+
+
+class HTTPClient(BaseClient):
     """A prediction-only black box behind a ``craft-sdk serve`` endpoint.
+
+    A :class:`~craft_sdk.client.base.BaseClient`: its handle cache (``cache_size`` image sets) and
+    input checks are the base class's; what it prepares per image set is an upload to the server.
 
     Args:
         url: base URL of the server, e.g. ``"http://127.0.0.1:8765"``.
@@ -212,10 +213,9 @@ class HTTPClient:
             transport=transport,
             limits=httpx.Limits(max_connections=max(c.max_concurrency, 1) + 1),
         )
+        super().__init__(c.cache_size)
         self._caps: dict[str, Capabilities] = {}
         self._limits: dict[str, Any] | None = None
-        self._sets: OrderedDict[str, tuple[list[Image.Image], str | None]] = OrderedDict()
-        self._lock = threading.Lock()
         self._jitter = random.Random()
 
     # ------------------------------------------------------------------ plumbing
@@ -317,21 +317,14 @@ class HTTPClient:
             self._limits = {k: v for k, v in data.items() if k in LIMIT_FIELDS and _is_int(v) and v >= 1}
         return self._limits
 
-    def upload(self, images: Sequence[ImageLike]) -> ImageSetHandle:
-        """Send ``images`` once; the server caches their features. Not billed."""
-        pil = to_pil_list(images)
-        fp = images_fingerprint(pil)
-        with self._lock:
-            known = self._sets.get(fp)
-            if known is not None and known[1] is not None:
-                self._sets.move_to_end(fp)
-                return ImageSetHandle(fp, len(pil))
-        server_id = self._send_images(pil)
-        with self._lock:
-            self._sets[fp] = (pil, server_id)
-            while len(self._sets) > self.config.cache_size:
-                self._sets.popitem(last=False)
-        return ImageSetHandle(fp, len(pil))
+    def _prepare(self, images: list[Image.Image]) -> _RemoteSet:
+        """Upload ``images`` once (not billed); the base class caches the result under their fingerprint."""
+        return _RemoteSet(images, self._send_images(images))
+
+    def _resolve(self, images: Images) -> tuple[Any, int]:
+        if not isinstance(images, ImageSetHandle):  # raw images: upload through the cache, not once per call
+            images = self.upload(images)
+        return super()._resolve(images)
 
     def _send_images(self, pil: list[Image.Image]) -> str:
         limits = self.limits()
@@ -354,17 +347,6 @@ class HTTPClient:
             raise ClientError(f"{self.url} answered an upload with an unexpected body; is it a craft-sdk server?")
         return handle
 
-    def _server_handle(self, images: Images) -> tuple[str, int]:
-        """(fingerprint, n) of an image set the client can re-upload."""
-        if isinstance(images, ImageSetHandle):
-            with self._lock:
-                if images.id not in self._sets:
-                    raise UnknownHandleError(f"unknown or evicted image-set handle {images.id[:12]}; upload the images again", unbilled=True)
-                self._sets.move_to_end(images.id)
-            return images.id, images.n_images
-        handle = self.upload(images)
-        return handle.id, handle.n_images
-
     def _step(self, p: int, n: int, c: int) -> int:
         """Candidates per request: the whole population unless ``max_batch`` or a server limit needs a split."""
         limits = self.limits()
@@ -385,65 +367,42 @@ class HTTPClient:
             logger.info("splitting %d candidates into requests of %d to fit the server's limits (results may differ in the last bits)", p, step)
         return step
 
-    def predict(
-        self,
-        images: Images,
-        class_names: Sequence[str],
-        template: str = DEFAULT_TEMPLATE,
-        offsets: np.ndarray | None = None,
-    ) -> np.ndarray:
-        """Logits [N, C] (no or [n_ctx, d] offsets) or [P, N, C] (offsets [P, n_ctx, d]), float32.
-
-        A population is one request unless ``max_batch`` or the server's published limits
-        (``max_population``, ``max_answer_bytes``, ``max_prompts``) need it split.
-        """
+    def _predict_images(self, prepared: _RemoteSet, class_names: list[str], template: str, offsets: np.ndarray | None) -> np.ndarray:
+        """Scores [P, N, C]: one request per population unless ``max_batch`` or the server's published limits
+        (``max_population``, ``max_answer_bytes``, ``max_prompts``) need it split."""
+        p = 1 if offsets is None else offsets.shape[0]
+        step = self._step(p, len(prepared.images), len(class_names))
+        if offsets is None or p <= step:
+            return self._predict_chunk(prepared, class_names, template, offsets)
+        chunks = [offsets[i : i + step] for i in range(0, p, step)]
+        with concurrent.futures.ThreadPoolExecutor(self.config.max_concurrency) as pool:
+            outs = list(pool.map(lambda ch: self._predict_chunk(prepared, class_names, template, ch), chunks))
         try:
-            names = check_class_names(class_names)
-            caps = self.capabilities(template)
-            batch = check_offsets(offsets, caps)
-        except ClientError as exc:
-            exc.unbilled = True  # refused before sending
-            raise
-        fp, n = self._server_handle(images)
-        single = offsets is None or np.ndim(offsets) == 2
-        p = 1 if batch is None else batch.shape[0]
-        step = self._step(p, n, len(names))
-        chunks: list[np.ndarray | None] = [batch] if batch is None or p <= step else [batch[i : i + step] for i in range(0, p, step)]
-        if len(chunks) == 1:
-            outs = [self._predict_chunk(fp, names, template, chunks[0])]
-        else:
-            with concurrent.futures.ThreadPoolExecutor(self.config.max_concurrency) as pool:
-                outs = list(pool.map(lambda ch: self._predict_chunk(fp, names, template, ch), chunks))
-        try:
-            out = check_output(np.concatenate(outs), p, n, len(names), caps.model_id)
+            return np.concatenate(outs)
         except ValueError as exc:
             raise ClientError(f"{self.url} answered logits that do not fit together: {_one_line(str(exc), 160)}") from None
-        return out[0] if single else out
 
-    def _predict_chunk(self, fp: str, names: list[str], template: str, offsets: np.ndarray | None) -> np.ndarray:
-        """Scores [P, N, C] for one request; one idempotency key across its retries and re-uploads."""
+    def _predict_chunk(self, remote: _RemoteSet, names: list[str], template: str, offsets: np.ndarray | None) -> np.ndarray:
+        """Scores [P, N, C] for one request; one idempotency key across its retries, a new one after a re-upload."""
         tensors = {} if offsets is None else {"offsets": np.ascontiguousarray(offsets, dtype=np.float32)}
         for _ in range(3):
             idem = uuid.uuid4().hex  # one key for all retries of this request; a new one after a 404
             with self._lock:
-                entry = self._sets.get(fp)
-            if entry is None:
-                raise UnknownHandleError("the image set was evicted from the client cache; upload the images again", unbilled=True)
-            pil, server_id = entry
+                server_id = remote.server_id
             if server_id is None:
-                server_id = self._send_images(pil)
+                server_id = self._send_images(remote.images)
                 with self._lock:
-                    self._sets[fp] = (pil, server_id)
+                    remote.server_id = server_id
             request = {"handle": server_id, "class_names": names, "template": template, "logits_dtype": self.config.logits_dtype}
             body = encode(tensors, {"request": json.dumps(request)})
             headers = {"Content-Type": SAFETENSORS, IDEMPOTENCY_HEADER: idem}
             try:
                 logits = self._call("POST /predict", functools.partial(self._http.post, "/predict", content=body, headers=headers), _logits)
             except _HandleGone:
-                logger.info("server no longer holds image set %s; uploading it again", fp[:12])
+                logger.info("server no longer holds an image set of %d images; uploading it again", len(remote.images))
                 with self._lock:
-                    if fp in self._sets:
-                        self._sets[fp] = (pil, None)
+                    if remote.server_id == server_id:
+                        remote.server_id = None
                 continue
             return logits if logits.ndim == 3 else logits[None]
         raise ClientError(f"{self.url} keeps forgetting uploaded image sets; raise the server's cache size", unbilled=True)
@@ -488,6 +447,8 @@ def _capabilities(data: Any, url: str) -> Capabilities:
         v = data.get(name)
         if v is not None and not (_is_int(v) and 1 <= v <= bound):
             raise bad(f"{name} must be null or an integer from 1 to {bound}")
+    if _is_int(data.get("n_ctx")) and _is_int(data.get("ctx_dim")) and data["n_ctx"] * data["ctx_dim"] > MAX_CTX_ELEMENTS:
+        raise bad(f"n_ctx x ctx_dim must be at most {MAX_CTX_ELEMENTS}")
     for name in ("ctx_rms", "logit_scale"):
         v = data.get(name)
         if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 < v <= 1e6):

@@ -16,9 +16,9 @@ is :mod:`craft_sdk.serve.api_v1`, and a second API shape is one more module with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
-import time
 import uuid
 import weakref
 from collections.abc import Callable, Sequence
@@ -84,8 +84,13 @@ class ServerState:
         self.scheduler = FairScheduler()
         self.pending = 0
         self.secret = store.secret()
+        self.stopped = threading.Event()
         store.beat(self.owner)
         _start_beating(self)
+
+    def close(self) -> None:
+        """Stop renewing this process's lease (the app shut down)."""
+        self.stopped.set()
 
     async def run(self, key: str, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a model call in a worker thread when ``key``'s turn comes (round-robin between keys); 429 when too many wait."""
@@ -114,14 +119,14 @@ class ServerState:
 def _start_beating(state: ServerState) -> None:
     """Renew the process's lease in the store while the state lives (a daemon thread)."""
     ref, store, owner, period = weakref.ref(state), state.store, state.owner, max(0.5, state.config.lease_s / 4)
+    stopped = state.stopped
 
     def beat() -> None:
-        while ref() is not None:
-            time.sleep(period)
+        while ref() is not None and not stopped.wait(period):
             try:
                 store.beat(owner)
-            except Exception:  # a store hiccup must not kill the thread; the lease just ages
-                logger.warning("could not renew this server's lease in the state store", exc_info=True)
+            except Exception as exc:  # a store hiccup must not kill the thread; the lease just ages
+                logger.warning("could not renew this server's lease in the state store: %s", checks.first_line(exc))
 
     threading.Thread(target=beat, name="craft-lease", daemon=True).start()
 
@@ -162,7 +167,16 @@ def create_app(
     fastapi = _import_fastapi()
     config = config or ServerConfig()
     state = ServerState(client, validate_keys(api_keys), config, store or MemoryStore(config.budget_per_key, config.lease_s))
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> Any:
+        if state.stopped.is_set():  # served again after a shutdown: renew the lease again
+            state.stopped.clear()
+            _start_beating(state)
+        yield
+        state.close()
+
     app = fastapi.FastAPI(
+        lifespan=lifespan,
         title="craft-sdk prediction server",
         version=__version__,
         description="Prediction-only black box for CraFT; wire format: docs/wire-format.md.",
