@@ -39,6 +39,7 @@ from ._fileio import write_bytes_atomic
 from ._version import __version__
 from .adapter import ONNX_FILE, Adapter
 from .errors import AdapterError
+from .scores import softmax
 from .tuner import mlp
 
 logger = logging.getLogger(__name__)
@@ -227,8 +228,10 @@ class OnnxRefiner:
         probe logits (fresh random ones each load) and must agree with the numpy refiner.
         """
         expected = {k: np.asarray(v, np.float32) for k, v in (adapter.refiner or {}).items()}
-        expected[TEMPERATURE_NAME] = np.asarray([adapter.temperature], np.float32)
         found = _initializers(self.path)
+        self.has_probabilities = PROBS_NAME in [o.name for o in self.session.get_outputs()]
+        if self.has_probabilities or adapter.temperature != 1.0:  # graphs exported before calibration have neither
+            expected[TEMPERATURE_NAME] = np.asarray([adapter.temperature], np.float32)
         if found is not None and (
             set(found) != set(expected) or any(not np.array_equal(found[k], expected[k]) for k in expected)
         ):
@@ -247,6 +250,8 @@ class OnnxRefiner:
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         """Calibrated probabilities [N, C] (softmax of refined logits / the adapter's temperature)."""
         x = np.ascontiguousarray(logits, dtype=np.float32)
+        if not self.has_probabilities:  # a graph exported before calibration (temperature 1, checked at load)
+            return softmax(self(x))
         return self.session.run([PROBS_NAME], {INPUT_NAME: x})[0]
 
 

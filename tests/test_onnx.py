@@ -229,3 +229,26 @@ def test_calibrated_probabilities_agree_across_backends(tmp_path: Path, temperat
     if temperature is not None:  # a saved adapter keeps its temperature
         adapter.save_pretrained(tmp_path / "ad")
         assert Adapter.from_pretrained(tmp_path / "ad").temperature == pytest.approx(temperature)
+
+
+def test_a_graph_exported_before_calibration_still_loads(tmp_path: Path) -> None:
+    """refiner.onnx files written before the probabilities output existed keep working at temperature 1."""
+    from dataclasses import replace
+
+    from craft_sdk.adapter import CalibrationSpec
+
+    adapter = refiner_adapter(6, 2, hidden=16)
+    model = build_refiner_model(adapter)
+    del model.graph.node[-2:]  # Div, Softmax
+    del model.graph.output[-1]
+    keep = [i for i in model.graph.initializer if i.name != "calibration.temperature"]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    path = tmp_path / "old.onnx"
+    path.write_bytes(model.SerializeToString())
+    old = OnnxRefiner(path, adapter)
+    x = np.random.default_rng(3).normal(0, 5, (7, 6)).astype(np.float32)
+    np.testing.assert_allclose(old.probabilities(x), adapter.probabilities(adapter.refine(x)), rtol=RTOL, atol=1e-6)
+    calibrated = Adapter(replace(adapter.config, calibration=CalibrationSpec(2.0)), refiner=adapter.refiner)
+    with pytest.raises(AdapterError):  # the fingerprint differs anyway; a calibrated adapter needs a fresh export
+        OnnxRefiner(path, calibrated)

@@ -53,6 +53,12 @@ def demo(
     typer.echo("")
     err.print(table)
     typer.echo(f"queries used: {report.queries_used} / {report.budget} (training)  +{report.eval_queries} evaluation")
+    if report.stopped:
+        typer.echo(report.stopped)
+    if report.decision:
+        typer.echo(f"deployed: {report.decision}")
+    if report.ece is not None:
+        typer.echo(f"calibration: temperature {report.temperature:.2f}, test ECE {report.ece_uncalibrated:.3f} -> {report.ece:.3f}")
     typer.echo(f"wall time: {report.wall_time_s:.1f} s   test images: {report.n_test}")
     typer.echo("held-out predictions (CraftClassifier, ONNX refiner):")
     for s in report.samples[:8]:

@@ -52,6 +52,12 @@ class DemoReport:
     report_png: str
     curve: list[dict[str, float]] = field(default_factory=list)
     samples: list[dict[str, Any]] = field(default_factory=list)
+    deployed: str | None = None
+    decision: str | None = None
+    stopped: str | None = None
+    temperature: float = 1.0
+    ece: float | None = None
+    ece_uncalibrated: float | None = None
 
 
 def _observer(client: Any, test: ImageDataset, template: str, every: int, sink: list[dict[str, float]]) -> Callable[..., None]:
@@ -144,6 +150,9 @@ def run_demo(
         queries_used=result.queries["used"], budget=budget,
         eval_queries=observe.ledger.used + clf.ledger.used,  # type: ignore[attr-defined]
         wall_time_s=0.0, adapter_dir=str(adapter_dir), report_png=str(out / "report.png"), curve=curve, samples=samples,
+        deployed=(result.selection or {}).get("deployed"), decision=(result.selection or {}).get("reason"),
+        stopped=result.metrics.get("stopped"), temperature=adapter.temperature,
+        ece=scores.get("ece"), ece_uncalibrated=scores.get("ece_uncalibrated"),
     )
     _plot(report, splits.test, picks)
     report.wall_time_s = round(time.perf_counter() - t0, 2)
@@ -163,6 +172,12 @@ def _plot(report: DemoReport, test: ImageDataset, picks: np.ndarray) -> None:
     ax.plot(q, [c["test_accuracy"] for c in report.curve], "o-", label=f"{report.mode} (test)")
     ax.plot(q, [c["train_accuracy"] for c in report.curve], "--", alpha=0.6, label=f"{report.mode} (train)")
     ax.axhline(report.zero_shot_accuracy, color="gray", ls=":", label="zero-shot (test)")
+    ax.plot([report.queries_used], [report.accuracy], "*", ms=14, color="C3", label=f"deployed: {report.deployed or report.mode}")
+    if report.stopped:
+        ax.axvline(report.queries_used, color="C3", ls="--", alpha=0.5)
+        why = report.stopped.removeprefix("stopped: ")
+        ax.text(report.queries_used, 0.03, f" stopped at {report.queries_used:,} of {report.budget:,} queries:\n {why}",
+                fontsize=7, color="C3", ha="left" if report.queries_used < 0.6 * report.budget else "right")
     ax.set_xlabel("queries used")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
