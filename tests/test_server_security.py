@@ -273,3 +273,14 @@ def test_api_key_file(tmp_path: Path) -> None:
         load_api_keys(tmp_path / "missing")
     with pytest.raises(ConfigError, match="max_classes"):
         ServerConfig(max_classes=0)
+
+
+def test_openapi_documents_the_api(server) -> None:  # noqa: ANN001
+    with http(server, None) as c:
+        doc = c.get("/openapi.json").json()
+        assert c.get("/docs").status_code == 404 and httpx.get(f"{server.url}/docs").status_code == 404
+    paths = doc["paths"]
+    assert {"/v1/health", "/v1/limits", "/v1/usage", "/v1/capabilities", "/v1/image-sets", "/v1/predict"} <= set(paths)
+    assert SAFETENSORS in paths["/v1/predict"]["post"]["requestBody"]["content"]
+    assert doc["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    assert paths["/v1/predict"]["post"]["security"] == [{"HTTPBearer": []}] and "security" not in paths["/v1/health"]["get"]
