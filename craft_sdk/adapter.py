@@ -437,3 +437,22 @@ def _validate_refiner(spec: RefinerSpec, weights: dict[str, np.ndarray], n_class
         _check_finite(f"refiner.{i}", w)
         _check_finite(f"refiner.{i}.bias", b)
 
+
+def check_compatible(adapter: Adapter, client: Any, allow_model_mismatch: bool = False) -> None:
+    """Raise :class:`AdapterError` when ``client`` cannot serve ``adapter``."""
+    caps = client.capabilities(adapter.config.template)
+    if caps.model_id != adapter.config.model_id and not allow_model_mismatch:
+        raise AdapterError(
+            f"adapter was tuned on {adapter.config.model_id} but the client serves {caps.model_id}; "
+            "use the same model (or allow_model_mismatch=True / --allow-model-mismatch)"
+        )
+    spec = adapter.config.prompt
+    if spec is not None:
+        if not caps.soft_prompts:
+            raise AdapterError(f"adapter has a learned prompt but {caps.model_id} is text-only (no context offsets)")
+        if (caps.n_ctx, caps.ctx_dim) != (spec.n_ctx, spec.ctx_dim):
+            raise AdapterError(
+                f"adapter prompt is [{spec.n_ctx}, {spec.ctx_dim}] but the client expects [{caps.n_ctx}, {caps.ctx_dim}]"
+            )
+    if caps.output != adapter.config.output:
+        raise AdapterError(f"adapter expects {adapter.config.output} but the client returns {caps.output}")

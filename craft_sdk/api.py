@@ -9,12 +9,12 @@ from typing import Any
 
 import numpy as np
 
-from .adapter import Adapter
+from .adapter import Adapter, check_compatible
 from .client.base import PredictionClient
 from .client.ledger import MeteredClient, QueryLedger
 from .data import DataSplits, ImageDataset, load_dataset
 from .errors import AdapterError
-from .scores import softmax
+from .scores import as_log_scores, softmax
 from .tuner.config import TuneConfig
 
 logger = logging.getLogger(__name__)
@@ -109,26 +109,6 @@ def tune(
     return Adapter.from_result(result, seen_images=seen_fingerprints(train, val))
 
 
-def check_compatible(adapter: Adapter, client: PredictionClient, allow_model_mismatch: bool = False) -> None:
-    """Raise :class:`AdapterError` when ``client`` cannot serve ``adapter``."""
-    caps = client.capabilities(adapter.config.template)
-    if caps.model_id != adapter.config.model_id and not allow_model_mismatch:
-        raise AdapterError(
-            f"adapter was tuned on {adapter.config.model_id} but the client serves {caps.model_id}; "
-            "use the same model (or allow_model_mismatch=True / --allow-model-mismatch)"
-        )
-    spec = adapter.config.prompt
-    if spec is not None:
-        if not caps.soft_prompts:
-            raise AdapterError(f"adapter has a learned prompt but {caps.model_id} is text-only (no context offsets)")
-        if (caps.n_ctx, caps.ctx_dim) != (spec.n_ctx, spec.ctx_dim):
-            raise AdapterError(
-                f"adapter prompt is [{spec.n_ctx}, {spec.ctx_dim}] but the client expects [{caps.n_ctx}, {caps.ctx_dim}]"
-            )
-    if caps.output != adapter.config.output:
-        raise AdapterError(f"adapter expects {adapter.config.output} but the client returns {caps.output}")
-
-
 def evaluate(
     adapter: Adapter,
     client: PredictionClient,
@@ -159,8 +139,7 @@ def evaluate(
     names, template = list(test.class_names), adapter.config.template
     zero = metered.predict(handle, names, template, None, category="eval")
     raw = zero if adapter.offset is None else metered.predict(handle, names, template, adapter.offset, category="eval")
-    if adapter.config.output == "probs":
-        zero, raw = np.log(np.clip(zero, 1e-12, None)), np.log(np.clip(raw, 1e-12, None))
+    zero, raw = as_log_scores(zero, adapter.config.output), as_log_scores(raw, adapter.config.output)
     refined = adapter.refine(raw)
     from .tuner.selection import expected_calibration_error
 

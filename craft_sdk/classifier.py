@@ -21,8 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .adapter import ONNX_FILE, Adapter
-from .api import check_compatible
+from .adapter import ONNX_FILE, Adapter, check_compatible
 from .client.base import PredictionClient
 from .client.ledger import MeteredClient, QueryLedger
 from .errors import AdapterError, ConfigError, DataError, NotFittedError
@@ -300,8 +299,9 @@ class CraftClassifier:
         Example:
             >>> clf = CraftClassifier(client, mode="pg", budget=2000).fit(paths, labels)  # doctest: +SKIP
         """
-        from .api import tune
         from .data import ImageDataset, sample_k_shot
+        from .tuner.config import TuneConfig
+        from .tuner.train import Tuner
 
         labels = np.asarray(y)
         if labels.ndim != 1 or len(labels) != _n_images(X):
@@ -326,8 +326,8 @@ class CraftClassifier:
         if clash:
             raise ConfigError(f"tune_options sets {clash}; pass them as CraftClassifier arguments instead")
         val = dataset(val_idx) if len(val_idx) else None
-        adapter = tune(self.client, dataset(train_idx), val, ledger=self.ledger,
-                       mode=self.mode, budget=self.budget, seed=self.seed, **options)
+        config = TuneConfig.from_dict({**options, "mode": self.mode, "budget": self.budget, "seed": self.seed})
+        adapter = Adapter.from_result(Tuner(config).fit(self.client, dataset(train_idx), val, ledger=self.ledger))
         self._learn(adapter, None, classes)
         return self
 

@@ -34,6 +34,7 @@ from craft_sdk import (
     load_data,
     tune,
 )
+from craft_sdk.scores import as_log_scores
 
 from .spec import RunSpec
 
@@ -77,7 +78,7 @@ class _TestProbe:
         self, client: PredictionClient, test: ImageDataset, template: str, eval_at: Sequence[int], ledger: QueryLedger
     ) -> None:
         self.metered = MeteredClient(client, ledger)
-        self.log_probs = client.capabilities(template).output == "probs"
+        self.output = client.capabilities(template).output
         self.test = test
         self.template = template
         self.pending = sorted(eval_at)
@@ -93,8 +94,7 @@ class _TestProbe:
             self.handle = self.metered.upload(self.test.images)
         names = list(self.test.class_names)
         scores = self.metered.predict(self.handle, names, self.template, progress.offset, category="eval")
-        if self.log_probs:
-            scores = np.log(np.clip(scores, 1e-12, None)).astype(np.float32)
+        scores = as_log_scores(scores, self.output)
         if progress.refine is not None:
             scores = progress.refine(scores)
         acc = float((np.asarray(scores).argmax(-1) == self.test.labels).mean())

@@ -97,7 +97,7 @@ def resume_can_match(ledger_used: int, checkpoint_used: int, planned_total: int,
 
 def planned_total(config: Any, n_generations: int, has_val: bool) -> int:
     """Queries the whole plan costs: the baseline and each generation (the tuner's own cost rules)."""
-    from .train import baseline_cost, generation_cost
+    from .plan import baseline_cost, generation_cost
 
     if not config.uses_prompt:  # refiner-only rounds reuse the baseline's logits
         return baseline_cost(config, has_val)

@@ -22,9 +22,10 @@ from ..errors import BudgetExceededError, ConfigError, CraftError
 from ..scores import as_log_scores
 from . import mlp, selection
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from .plan import baseline_cost, effective_config, generation_cost, plan_generations
 from .projection import GENERATOR, project, projection_matrix
+from .result import Progress, TuneResult
 from .stopping import EarlyStopping
-from .train import Progress, TuneResult, baseline_cost, effective_config, generation_cost, plan_generations
 
 if TYPE_CHECKING:
     from .train import Tuner
