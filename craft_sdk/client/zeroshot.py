@@ -33,8 +33,6 @@ import json
 import math
 import threading
 import uuid
-from collections import OrderedDict
-from collections.abc import Sequence
 from dataclasses import fields, replace
 from typing import Any
 from urllib.parse import urlsplit
@@ -44,19 +42,9 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ClientError, ConfigError
-from ..images import ImageLike, images_fingerprint, to_pil_list
-from .base import (
-    DEFAULT_TEMPLATE,
-    BaseClient,
-    Capabilities,
-    Images,
-    ImageSetHandle,
-    PredictionClient,
-    check_class_names,
-    check_offsets,
-    check_output,
-)
-from .http import IDEMPOTENCY_HEADER, HTTPClient, HTTPClientConfig, WireError
+from ..wire import IDEMPOTENCY_HEADER, WireError
+from .base import DEFAULT_TEMPLATE, BaseClient, Capabilities, PredictionClient
+from .http import HTTPClient, HTTPClientConfig
 
 PLACEHOLDER = "{}"
 
@@ -99,7 +87,7 @@ def encode_image(image: Image.Image) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-class ZeroShotAPIClient:
+class ZeroShotAPIClient(BaseClient):
     """A text-only black box behind a hosted zero-shot image classification endpoint.
 
     Args:
@@ -110,6 +98,11 @@ class ZeroShotAPIClient:
             ``cache_size`` (encoded image sets kept) as an :class:`~craft_sdk.client.http.HTTPClientConfig`;
             keyword ``overrides`` replace its fields.
         transport: optional httpx transport (tests).
+
+    ``predict`` returns probabilities [N, C] and raises :class:`~craft_sdk.errors.ClientError` for
+    offsets (text only) or a request that failed after its retries (the first such failure stops
+    the prediction's other requests), :class:`~craft_sdk.errors.BudgetExceededError` when the
+    provider reports the key's budget spent (never retried).
 
     Example:
         >>> client = ZeroShotAPIClient("http://127.0.0.1:8765/v1/zero-shot/demo", api_key="...")  # doctest: +SKIP
@@ -140,9 +133,8 @@ class ZeroShotAPIClient:
         # the HTTP client owns transport, retries, backoff and error mapping; this class owns the shape
         self._wire = HTTPClient(f"{parts.scheme}://{parts.netloc}", api_key, config=replace(base, **overrides), transport=transport)
         self.config = self._wire.config
+        super().__init__(self.config.cache_size)  # the handle cache holds each image set's encoded images
         self._caps = Capabilities(model_id or f"zeroshot-api:{url}", output="probs")
-        self._sets: OrderedDict[str, list[str]] = OrderedDict()
-        self._lock = threading.Lock()
         self._sent = 0
         self._answered = 0
         self._pool = concurrent.futures.ThreadPoolExecutor(self.config.max_concurrency, thread_name_prefix="zeroshot")
@@ -166,45 +158,19 @@ class ZeroShotAPIClient:
         hypothesis_template(template)
         return self._caps
 
-    def upload(self, images: Sequence[ImageLike]) -> ImageSetHandle:
-        """Encode ``images`` once (kept locally; the API has no uploads). Not billed, no request."""
-        pil = to_pil_list(images)
-        fp = images_fingerprint(pil)
-        with self._lock:
-            if fp in self._sets:
-                self._sets.move_to_end(fp)
-                return ImageSetHandle(fp, len(pil))
-        encoded = [encode_image(im) for im in pil]
-        with self._lock:
-            self._sets[fp] = encoded
-            while len(self._sets) > self.config.cache_size:
-                self._sets.popitem(last=False)
-        return ImageSetHandle(fp, len(pil))
+    def _prepare(self, images: list[Image.Image]) -> list[str]:
+        """Each image encoded once (the API has no uploads: ``upload`` sends nothing and costs nothing)."""
+        return [encode_image(im) for im in images]
 
-    def predict(
-        self,
-        images: Images,
-        class_names: Sequence[str],
-        template: str = DEFAULT_TEMPLATE,
-        offsets: np.ndarray | None = None,
-    ) -> np.ndarray:
-        """Probabilities [N, C] in ``class_names`` order: N requests, ``max_concurrency`` at a time.
+    def _predict_images(self, prepared: list[str], class_names: list[str], template: str, offsets: np.ndarray | None) -> np.ndarray:
+        """Probabilities [1, N, C] in class order: N requests, ``max_concurrency`` at a time.
 
-        Raises:
-            ClientError: ``offsets`` were given (text only), or a request failed after its retries.
-            BudgetExceededError: the provider reports the key's budget spent (never retried).
+        ``offsets`` is None here: :meth:`BaseClient.predict` refused any against these text-only
+        capabilities (and marked that refusal unbilled, as every input error).
         """
-        try:
-            names = check_class_names(class_names)
-            caps = self.capabilities(template)
-            check_offsets(offsets, caps)  # refuses any offset: this black box is text only
-            encoded = self._encoded(images)
-            hypothesis = hypothesis_template(template)
-        except ClientError as exc:
-            exc.unbilled = True  # refused before anything was sent
-            raise
+        hypothesis = hypothesis_template(template)
         batch = _Batch()
-        futures = [self._pool.submit(self._classify, b64, names, hypothesis, batch) for b64 in encoded]
+        futures = [self._pool.submit(self._classify, b64, class_names, hypothesis, batch) for b64 in prepared]
         try:
             rows = [f.result() for f in futures]
         except BaseException as exc:
@@ -219,16 +185,7 @@ class ZeroShotAPIClient:
             if isinstance(cause, ClientError):
                 cause.unbilled = not batch.maybe_billed  # any request answered (or maybe computed): the query stays charged
             raise cause from None
-        return check_output(np.stack(rows), 1, len(encoded), len(names), caps.model_id)[0]
-
-    def _encoded(self, images: Images) -> list[str]:
-        if isinstance(images, ImageSetHandle):
-            with self._lock:
-                if images.id not in self._sets:
-                    raise ClientError(f"unknown or evicted image-set handle {images.id[:12]}; upload the images again")
-                self._sets.move_to_end(images.id)
-                return self._sets[images.id]
-        return [encode_image(im) for im in to_pil_list(images)]
+        return np.stack(rows)[None]
 
     def _classify(self, b64: str, names: list[str], hypothesis: str, batch: _Batch) -> np.ndarray:
         """Scores [C] of one image; one idempotency key across the retries of this request."""
