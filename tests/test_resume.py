@@ -234,55 +234,68 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint(tiny_client, task, t
 
 SCRIPT = """
 import sys, time
+from pathlib import Path
 import numpy as np
 sys.path.insert(0, {tests!r})
-from test_resume import CFG, make_task
+import craft_sdk
+# the parent compares this run's checkpoint with its own runs: both must execute the same craft_sdk
+assert craft_sdk.__file__ == {package!r}, f"child imports {{craft_sdk.__file__}}, parent {package!r}"
+from test_resume import CFG, KILL_AT, make_task
 from craft_sdk.client.openclip import OpenCLIPClient
 from craft_sdk.tuner.train import Tuner
 
 client = OpenCLIPClient("local-dir:" + sys.argv[1])
+marker = Path(sys.argv[3])
 
-class Slow:  # a slow black box: the kill lands while a population is being scored
+class Blocking:  # a black box that hangs inside the KILL_AT-th population call: the kill lands there, always
+    calls = 0
     def capabilities(self, template="a photo of a"):
         return client.capabilities(template)
     def upload(self, images):
         return client.upload(images)
     def predict(self, images, names, template="a photo of a", offsets=None):
         if offsets is not None and np.ndim(offsets) == 3:
-            time.sleep(0.2)
+            Blocking.calls += 1
+            if Blocking.calls == KILL_AT:  # billed (journalled) already: these queries are lost at the kill
+                marker.write_text("in flight")
+                time.sleep(3600)
         return client.predict(images, names, template, offsets)
 
 train, val = make_task()
-Tuner(CFG, checkpoint_dir=sys.argv[2]).fit(Slow(), train, val)
+Tuner(CFG, checkpoint_dir=sys.argv[2]).fit(Blocking(), train, val)
 print("finished")
 """
+KILL_AT = 5  # the population call of generation 5: generation 4 is checkpointed, its P queries are billed
 
 
 def test_sigkill_mid_run_then_resume(tiny_client, task, tiny_model_dir: Path, tmp_path: Path) -> None:  # noqa: ANN001
+    import craft_sdk
+
     train, val = task
     ref_result = Tuner(CFG).fit(tiny_client, train, val)
     ref = save(ref_result, tmp_path / "ref")
-    ckpt = tmp_path / "ckpt"
+    ckpt, marker = tmp_path / "ckpt", tmp_path / "in-flight"
     script = tmp_path / "tune.py"
-    script.write_text(SCRIPT.format(tests=str(TESTS)))
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    proc = subprocess.Popen([sys.executable, str(script), str(tiny_model_dir), str(ckpt)], env=env,
+    script.write_text(SCRIPT.format(tests=str(TESTS), package=craft_sdk.__file__))
+    package_root = str(Path(craft_sdk.__file__).resolve().parent.parent)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "PYTHONPATH": os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, str(script), str(tiny_model_dir), str(ckpt), str(marker)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    # journal: baseline (refine, validation) = 2 lines; generations 1-4 add 2, 2, 3 (validation), 2 lines;
-    # line 12 is the search charge of generation 5, written just before its (slow) population call
-    deadline = time.monotonic() + 120
-    journal = ckpt / LEDGER_FILE
-    while not (journal.exists() and len(journal.read_text().splitlines()) >= 12):
+    # the child writes the marker inside generation 5's population call, after the ledger journalled its
+    # charge, and then blocks: the kill lands at that instant however slowly either process is scheduled
+    deadline = time.monotonic() + 600
+    while not marker.exists():
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
         assert time.monotonic() < deadline, "the tune did not progress"
-        time.sleep(0.005)
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
     used_at_kill = journal_used(ckpt)
     state = load_checkpoint(ckpt)[1]
     lost = used_at_kill - state["history"][-1]["queries_used"]
-    assert state["generation"] >= 4 and 0 < lost <= P + 2  # at most the generation in flight
+    assert state["generation"] == KILL_AT - 1 and lost == P  # exactly the candidates of the generation in flight
     resumed = Tuner(CFG, checkpoint_dir=ckpt, resume=True).fit(tiny_client, train, val)
     assert journal_used(ckpt) == resumed.queries["used"] == ref_result.queries["used"] + lost
     assert_same_adapter(ref, save(resumed, tmp_path / "resumed"), extra_queries=lost)
@@ -319,3 +332,46 @@ def test_cli_checkpoint_every_resume_and_refusal(tiny_model_dir: Path, tmp_path:
     assert resumed.exit_code == 0, resumed.output
     assert_same_adapter(out1, out2)  # a finished run resumes to the same adapter, spending nothing
     assert journal_used(ckpt) == summary["queries_used"]
+
+
+def test_resume_can_match_is_the_budget_rule() -> None:
+    from craft_sdk.tuner.checkpoint import planned_total, resume_can_match
+
+    cfg = TuneConfig(**{**CFG.to_dict(), "budget": 71, "max_generations": None, "protocol": "paper"})
+    assert planned_total(cfg, 10, has_val=False) == 71  # 1 + 10 x (P + 1): the whole budget
+    assert not resume_can_match(ledger_used=41, checkpoint_used=35, planned_total=71, budget=71)  # 6 lost, no slack
+    assert resume_can_match(ledger_used=35, checkpoint_used=35, planned_total=71, budget=71)  # nothing lost
+    assert resume_can_match(ledger_used=41, checkpoint_used=35, planned_total=71, budget=77)
+    assert resume_can_match(ledger_used=41, checkpoint_used=35, planned_total=71, budget=None)
+    assert planned_total(CFG, 12, has_val=True) == 1 + 12 * (P + 1) + (0 if CFG.robust else 4)
+
+
+@pytest.mark.parametrize("budget, can", [(60, False), (63, True)])
+def test_cli_resume_says_whether_the_result_can_equal_the_uninterrupted_run(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, budget: int, can: bool
+) -> None:
+    from typer.testing import CliRunner
+
+    import craft_sdk.cli._tune as tune_cli
+    from craft_sdk.cli import app
+
+    root = tmp_path / "data"
+    for k, cls in enumerate(("annual_crop", "forest", "river")):
+        (root / cls).mkdir(parents=True)
+        for i, im in enumerate(random_images(8, seed=30 + k)):
+            im.save(root / cls / f"{i}.png")
+    ckpt = tmp_path / "ckpt"
+    base = ["tune", str(root), "--model", f"local-dir:{tiny_model_dir}", "--shots", "3", "--budget", str(budget),
+            "--popsize", str(P), "--intrinsic-dim", "8", "--protocol", "paper", "--checkpoint-dir", str(ckpt), "--json"]
+    real = tune_cli._client
+    monkeypatch.setattr(tune_cli, "_client", lambda *a: CrashingClient(real(*a), crash_at=3))  # killed in generation 3
+    runner = CliRunner()
+    assert runner.invoke(app, [*base, "--out", str(tmp_path / "a")]).exit_code != 0
+    monkeypatch.setattr(tune_cli, "_client", real)
+    resumed = runner.invoke(app, [*base, "--resume", "--out", str(tmp_path / "a")])
+    assert resumed.exit_code == 0, resumed.output
+    summary = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert summary["resume_can_match"] is can  # 8 generations = 57 queries planned; 6 lost: 63 fits 63, not 60
+    assert ("the result can equal the uninterrupted run's" in resumed.stderr) is can
+    assert ("will differ from the uninterrupted run's" in resumed.stderr) is not can
+    assert summary["queries_used"] <= budget
