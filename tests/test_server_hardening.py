@@ -241,6 +241,22 @@ def test_one_keys_uploads_never_evict_anothers(server) -> None:  # noqa: ANN001
         assert c.post("/predict", content=body).status_code == 200
 
 
+def test_another_keys_traffic_never_makes_a_retry_billed_twice() -> None:
+    """Bob's requests push Alice's answer out of the (shared, bounded) answer cache; her retry is still not billed."""
+    srv = start(ServerConfig(idempotency_entries=2))
+    try:
+        bodies = {k: encode({}, {"request": json.dumps({"handle": upload(srv, k), "class_names": ["a", "b"]})}) for k in (ALICE, BOB)}
+        with http(srv, ALICE) as alice, http(srv, BOB) as bob:
+            first = alice.post("/predict", content=bodies[ALICE], headers={"Idempotency-Key": "alice-1"})
+            for i in range(5):
+                assert bob.post("/predict", content=bodies[BOB], headers={"Idempotency-Key": f"bob-{i}"}).status_code == 200
+            retry = alice.post("/predict", content=bodies[ALICE], headers={"Idempotency-Key": "alice-1"})
+            assert alice.get("/usage").json()["used"] == 1
+        assert retry.status_code == 200 and retry.headers["Idempotent-Replayed"] == "true" and retry.content == first.content
+    finally:
+        srv.stop()
+
+
 def test_no_cross_key_deduplication() -> None:
     """The same images uploaded by two keys are prepared twice: upload time reveals nothing about other keys."""
     model = CountingClient()
