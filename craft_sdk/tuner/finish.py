@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 def finish_paper(run: Run) -> dict[str, Any]:
     """TuneResult fields of a paper-protocol run."""
     use_best = run.config.selection == "best-val" and "generation" in run.best
-    z = run.best["z"] if use_best else (run.z if run.projection is not None else None)
+    z = run.best["z"] if use_best else (run.point if run.prompts is not None else None)
     refiner = run.best["refiner"] if use_best else (run.refiner.model.numpy_weights() if run.refiner else None)
     selected = run.best["generation"] if use_best else (run.history[-1]["generation"] if run.history else 0)
     last = run.history[-1] if run.history else {}

@@ -23,7 +23,8 @@ from ..scores import as_log_scores
 from . import mlp, selection
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from .plan import baseline_cost, effective_config, generation_cost, plan_generations
-from .projection import GENERATOR, project, projection_matrix
+from .projection import GENERATOR
+from .prompts import create_prompt_space
 from .result import Progress, TuneResult
 from .stopping import EarlyStopping
 
@@ -102,7 +103,8 @@ class Run:
         self.last_val_logits: np.ndarray | None = None  # paper protocol: the last validation logits
         self.population: np.ndarray | None = None  # the last generation's candidates' logits
         self._data: dict[str, Any] | None = None
-        self.search, self.projection, self.projection_std, self.z = self._setup_prompt()
+        self.prompts = create_prompt_space(self.config, self.caps)
+        self.point: Any = self.prompts.zero() if self.prompts is not None else None  # the CMA-ES mean (deployable)
         self.refiner = self._setup_refiner()
         if self.config.robust and self.images.check is None and self.n_gen > 0:
             self.n_gen = 0  # nothing could tell a searched prompt from zero-shot: do not spend the budget
@@ -110,23 +112,6 @@ class Run:
             logger.warning("%s; zero-shot behaviour is deployed (use --protocol paper to search anyway)", self.stopped)
 
     # ---------------------------------------------------------------- setup
-
-    def _setup_prompt(self) -> tuple[Any, np.ndarray | None, float | None, np.ndarray | None]:
-        c = self.config
-        if not c.uses_prompt:
-            return None, None, None, None
-        from .search import PromptSearch
-
-        if self.caps.n_ctx is None or self.caps.ctx_dim is None:
-            raise ConfigError(f"model {self.caps.model_id} reports soft prompts but no n_ctx/ctx_dim")
-        if c.projection_std is not None:
-            std = c.projection_std
-        elif self.caps.ctx_rms is not None and self.caps.ctx_rms > 0:
-            std = c.prompt_scale * self.caps.ctx_rms / math.sqrt(c.intrinsic_dim)
-        else:
-            raise ConfigError(f"model {self.caps.model_id} does not report ctx_rms; set projection_std explicitly")
-        a = projection_matrix(c.seed, self.caps.n_ctx * self.caps.ctx_dim, c.intrinsic_dim, std)
-        return PromptSearch(c.intrinsic_dim, c.popsize, c.sigma0, c.seed, c.bound), a, std, np.zeros(c.intrinsic_dim)
 
     def _setup_refiner(self) -> Any:
         c = self.config
@@ -137,13 +122,15 @@ class Run:
         weights = mlp.init_weights(len(self.names), c.refiner_hidden, c.refiner_layers, c.residual, c.seed)
         return RefinerTrainer(weights, c.residual, c.lr, c.weight_decay, c.batch_size, c.seed + 1)
 
-    def _offsets(self, z: np.ndarray | None) -> np.ndarray | None:
-        if self.projection is None or z is None:
-            return None
-        return project(self.projection, z, self.caps.n_ctx, self.caps.ctx_dim)  # type: ignore[arg-type]
+    def _offsets(self, point: Any) -> np.ndarray | None:
+        return self.prompts.offsets(point) if self.prompts is not None else None
 
-    def _query(self, handle: Any, z: np.ndarray | None, category: str) -> np.ndarray:
-        out = self.client.predict(handle, self.names, self.config.template, self._offsets(z), category=category)
+    def _query(self, handle: Any, point: Any, category: str) -> np.ndarray:
+        """Log-scores [N, C] of one point (zero-shot without a prompt space), or [P, N, C] of a population."""
+        if self.prompts is None or point is None:
+            out = self.client.predict(handle, self.names, self.config.template, None, category=category)
+        else:
+            out = self.prompts.score(self.client, handle, self.names, point, category)
         return as_log_scores(out, self.caps.output)
 
     def _scores(self, logits: np.ndarray) -> np.ndarray:
@@ -194,7 +181,7 @@ class Run:
             )
 
     def _baseline(self) -> int:
-        z0 = None if self.projection is None else np.zeros(self.config.intrinsic_dim)
+        z0 = None if self.prompts is None else self.prompts.zero()
         logits = self._query(self.scored_handle, z0, "refine")
         self.zero_logits = self.last_logits = logits
         n = self.images.n_search
@@ -215,20 +202,21 @@ class Run:
     def _generation(self, g: int) -> None:
         from .refiner import fitness
 
-        z = self.search.ask()
-        population = self._query(self.search_handle, z, "search")
+        assert self.prompts is not None
+        candidates = self.prompts.search.ask()
+        population = self._query(self.search_handle, candidates, "search")
         fit = fitness(population, self.images.y, self.refiner.model if self.refiner is not None else None, self.lam)
-        self.search.tell(z, fit)
+        self.prompts.search.tell(candidates, fit)
         self.fitness_rows.append(fit)
         if self.config.refiner_data == "population" and self.config.robust:
             self.population = population
-        self.z = self.search.mean
-        mean_logits = self._query(self.scored_handle, self.z, "refine")
+        self.point = self.prompts.search.mean
+        mean_logits = self._query(self.scored_handle, self.point, "refine")
         loss = self._fit_refiner(mean_logits, self.config.refiner_epochs)
         acc = _accuracy(self._scores(mean_logits[: self.images.n_search]), self.images.y)
         val_acc = None
         if self.val_handle is not None and (g % self.config.val_every == 0 or g == self.n_gen):
-            self.last_val_logits = self._query(self.val_handle, self.z, "validation")
+            self.last_val_logits = self._query(self.val_handle, self.point, "validation")
             val_acc = _accuracy(self._scores(self.last_val_logits), self.images.paper_val.labels)  # type: ignore[union-attr]
             self._consider(g, val_acc)
         if self.images.check is not None:
@@ -243,7 +231,8 @@ class Run:
         check = self._scores(scored_logits[self.images.n_search :])
         acc = _accuracy(check, self.images.y_check)
         if self.stopping.update(g, acc, selection.log_loss(check, self.images.y_check)):
-            self.best = {"val": acc, "generation": g, "z": None if self.z is None else np.array(self.z, copy=True),
+            point = None if self.prompts is None else self.prompts.copy(self.point)
+            self.best = {"val": acc, "generation": g, "z": point,
                          "logits": np.array(scored_logits, copy=True),
                          "population": None if self.population is None else np.array(self.population, copy=True)}
         if g > 0 and self.stopping.should_stop(g):
@@ -295,7 +284,7 @@ class Run:
             self.best = {
                 "val": val_acc,
                 "generation": g,
-                "z": None if self.projection is None else np.array(self.z, copy=True),
+                "z": None if self.prompts is None else self.prompts.copy(self.point),
                 "refiner": None if self.refiner is None else self.refiner.model.numpy_weights(),
             }
 
@@ -309,14 +298,14 @@ class Run:
         if fit is not None:
             rec["best_fitness"] = round(float(fit.min()), 6)
             rec["mean_fitness"] = round(float(fit.mean()), 6)
-            rec["sigma"] = round(self.search.sigma, 6) if self.search is not None else None
+            rec["sigma"] = round(self.prompts.search.sigma, 6) if self.prompts is not None else None
         if val_acc is not None:
             rec["val_accuracy"] = round(val_acc, 6)
         self.history.append(rec)
         if self.tuner.on_progress is not None:
             budget = self.ledger.budget if self.ledger.budget is not None else self.config.budget
             self.tuner.on_progress(
-                Progress(g, self.n_gen, self.ledger.used, budget, loss, acc, val_acc, self._offsets(self.z), self._scores)
+                Progress(g, self.n_gen, self.ledger.used, budget, loss, acc, val_acc, self._offsets(self.point), self._scores)
             )
 
     # ------------------------------------------------------------ checkpoint
@@ -369,15 +358,13 @@ class Run:
         from .finish import finish_paper, finish_robust
 
         parts = finish_robust(self) if self.config.robust else finish_paper(self)
-        z = parts.pop("z")
+        point = parts.pop("z")
+        prompt = self.prompts.result(point) if self.prompts is not None else {"z": None, "offset": None, "projection_std": None}
         return TuneResult(
             config=self.config,
             requested_mode=self.requested.mode,
             capabilities=self.caps,
             class_names=tuple(self.names),
-            z=None if z is None else np.asarray(z, np.float64),
-            offset=None if z is None else self._offsets(np.asarray(z, np.float64)),
-            projection_std=self.projection_std,
             kl_weights=(self.lam, self.beta),
             history=self.history,
             queries=self.ledger.to_dict(),
@@ -386,5 +373,6 @@ class Run:
             n_generations=self.n_gen,
             wall_time_s=time.perf_counter() - self.started,
             extras={"projection_generator": GENERATOR},
+            **prompt,
             **parts,
         )

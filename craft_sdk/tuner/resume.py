@@ -27,7 +27,7 @@ def checkpoint_payload(run: Run, g: int) -> tuple[dict[str, np.ndarray], dict[st
         "last.val_logits": run.last_val_logits,
         "last.population": run.population,
         "zero.logits": run.zero_logits if run.config.robust else None,
-        "best.z": run.best.get("z"),
+        "best.z": None if run.best.get("z") is None else run.prompts.encode(run.best["z"]),  # type: ignore[union-attr]
         "best.logits": run.best.get("logits"),
         "best.population": run.best.get("population"),
     }
@@ -43,7 +43,7 @@ def checkpoint_payload(run: Run, g: int) -> tuple[dict[str, np.ndarray], dict[st
         "history": run.history,
         "metrics": run.metrics,
         "best": {k: v for k, v in run.best.items() if k in ("val", "generation")},
-        "ask_digests": run.search.ask_digests if run.search is not None else [],
+        "ask_digests": run.prompts.search.ask_digests if run.prompts is not None else [],
         "refiner": run.refiner.state_json() if run.refiner is not None else None,
     }
     if run.config.robust:
@@ -57,10 +57,10 @@ def restore(run: Run, tensors: dict[str, np.ndarray], state: dict[str, Any]) -> 
     """Put a checkpoint's tensors and state back into ``run`` (the search is replayed, not unpickled)."""
     run.n_gen = int(state["n_generations"])
     run.history, run.metrics = state["history"], state["metrics"]
-    if "search.fitness" in tensors and run.search is not None:
-        run.search.replay(tensors["search.fitness"], state["ask_digests"])
+    if "search.fitness" in tensors and run.prompts is not None:
+        run.prompts.search.replay(tensors["search.fitness"], state["ask_digests"])
         run.fitness_rows = list(tensors["search.fitness"])
-        run.z = run.search.mean
+        run.point = run.prompts.search.mean
     if run.refiner is not None:
         run.refiner.load_state({k[6:]: v for k, v in tensors.items() if k.startswith("state.")}, state["refiner"])
     run.last_logits = tensors["last.logits"]
@@ -69,7 +69,7 @@ def restore(run: Run, tensors: dict[str, np.ndarray], state: dict[str, Any]) -> 
     run.zero_logits = tensors.get("zero.logits")
     run.best = dict(state["best"])
     if "generation" in run.best:
-        run.best["z"] = tensors.get("best.z")
+        run.best["z"] = run.prompts.decode(tensors["best.z"]) if "best.z" in tensors and run.prompts is not None else None
         ref = {k[5:]: v for k, v in tensors.items() if k.startswith("best.refiner.")}
         run.best["refiner"] = ref or None
         run.best["logits"] = tensors.get("best.logits")
