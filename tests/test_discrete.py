@@ -3,6 +3,8 @@ by a plain ask/tell loop through a metered text-only client; controls with shuff
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -24,20 +26,27 @@ NAMES = [f"c{i}" for i in range(C)]
 GENERATIONS = 70
 
 
-def planted_client(margin: float = 2.0) -> tuple[CallableClient, list[Image.Image], np.ndarray]:
+def planted_client(margin: float = 2.0, crash_at: int | None = None, jitter: float = 0.0) -> tuple[CallableClient, list[Image.Image], np.ndarray]:
     """A text-only black box whose logits favour the true class by ``margin`` only if the context holds HIDDEN.
 
     Image k is a 2x2 picture whose red channel encodes its label and green channel its index (for fixed noise).
+    ``jitter``: every context also shifts the class logits a little (a real model is never blind to a word).
     """
     labels = np.arange(N) % C
     images = [Image.new("RGB", (2, 2), (int(y) * 40, k, 0)) for k, y in enumerate(labels)]
     noise = np.random.default_rng(0).normal(0, 1, (N, C))
 
+    calls = [0]
+
     def fn(ims: list[Image.Image], names: list[str], template: str, offsets: object) -> np.ndarray:
         assert offsets is None
+        calls[0] += 1
+        if calls[0] == crash_at:
+            raise KeyboardInterrupt("simulated crash")
         red_green = np.array([im.getpixel((0, 0))[:2] for im in ims])
         y, k = red_green[:, 0] // 40, red_green[:, 1]
         logits = noise[k].copy()
+        logits += jitter * np.random.default_rng(zlib.crc32(template.encode())).normal(size=logits.shape[1])
         if HIDDEN in template.split():
             logits[np.arange(len(ims)), y] += margin
         return logits
@@ -182,3 +191,46 @@ def test_greedy_selection_picks_the_informative_templates() -> None:
         greedy_templates(scores, labels, 6)
     ens = ensemble_log_probs(scores[picked])
     assert cross_entropy(ens, labels) < cross_entropy(ensemble_log_probs(scores), labels)
+
+
+# ------------------------------------------------------------------------- the tuner's loop
+
+
+def test_tuner_searches_the_template_words_of_a_text_only_client(tmp_path) -> None:  # noqa: ANN001
+    """pg through the tuner (the discrete prompt space): the learned template is the adapter's; resume is exact."""
+    pytest.importorskip("torch")
+    from craft_sdk import Adapter, ImageDataset, TuneConfig
+    from craft_sdk.tuner.train import Tuner
+
+    client, images, labels = planted_client(jitter=0.02)
+    train = ImageDataset(images, labels, tuple(NAMES))
+    cfg = TuneConfig(mode="pg", protocol="paper", popsize=20, budget=1 + 72 * 21, max_generations=70, seed=0)  # slack: a resume redoes the generation lost
+    result = Tuner(cfg).fit(client, train)
+    adapter = Adapter.from_result(result)
+    assert result.config.mode == "pg" and adapter.config.prompt is None and adapter.offset is None
+    assert HIDDEN in adapter.config.template.split(), adapter.config.template
+    assert result.queries["counts"]["search"] == 70 * 20 and result.queries["used"] <= cfg.budget
+    zero = client.predict(images, NAMES, "a photo of a").argmax(-1)
+    tuned = client.predict(images, NAMES, adapter.config.template).argmax(-1)
+    assert (tuned == labels).mean() > (zero == labels).mean() + 0.2
+
+    ckpt = tmp_path / "ckpt"
+    crashing, _, _ = planted_client(crash_at=700, jitter=0.02)
+    with pytest.raises(KeyboardInterrupt):
+        Tuner(cfg, checkpoint_dir=ckpt).fit(crashing, train)
+    resumed = Tuner(cfg, checkpoint_dir=ckpt, resume=True).fit(planted_client(jitter=0.02)[0], train)
+    assert resumed.config.template == result.config.template
+    assert [h.get("best_fitness") for h in resumed.history] == [h.get("best_fitness") for h in result.history]
+
+
+def test_craft_on_a_text_only_client_keeps_the_refiner_and_the_words() -> None:
+    pytest.importorskip("torch")
+    from craft_sdk import Adapter, ImageDataset, TuneConfig
+    from craft_sdk.tuner.train import Tuner
+
+    client, images, labels = planted_client(jitter=0.02)
+    result = Tuner(TuneConfig(mode="craft", popsize=8, budget=200, seed=1, refiner_hidden=16)).fit(client, ImageDataset(images, labels, tuple(NAMES)))
+    adapter = Adapter.from_result(result)
+    assert result.config.mode == "craft" and adapter.config.prompt is None
+    assert len(adapter.config.template.split()) == 4 and all(w in VOCABULARY for w in adapter.config.template.split())
+    assert any("sigma" in h for h in result.history)  # the loop records the search's spread (entropy)

@@ -141,7 +141,7 @@ def test_validation_selection_never_sees_test(tiny_client, planted) -> None:  # 
     assert r.data["val_fingerprint"] == val.fingerprint()
 
 
-def test_text_only_client_falls_back_to_refiner(caplog: pytest.LogCaptureFixture) -> None:
+def test_text_only_client_searches_words_not_offsets(caplog: pytest.LogCaptureFixture) -> None:
     rng = np.random.default_rng(0)
     proto = rng.normal(size=(3, 5))
 
@@ -154,10 +154,10 @@ def test_text_only_client_falls_back_to_refiner(caplog: pytest.LogCaptureFixture
     labels = np.asarray([int(np.asarray(im)[0, 0, 0] > 127) for im in imgs])
     ds = ImageDataset(imgs, labels, ("dark", "light"))
     with caplog.at_level("WARNING"):
-        r = Tuner(TuneConfig(mode="craft", budget=50, refiner_hidden=16)).fit(client, ds)
-    assert r.config.mode == "pr" and r.requested_mode == "craft" and "falls back" in caplog.text
-    with pytest.raises(ConfigError, match="text-only"):
-        Tuner(TuneConfig(mode="pg", budget=50)).fit(client, ds)
+        r = Tuner(TuneConfig(mode="craft", budget=50, popsize=4, refiner_hidden=16)).fit(client, ds)
+    # the discrete prompt space (tuner/discrete.py): no offsets; this client ignores the words, so the search is inert
+    assert r.config.mode == "craft" and r.z is None and r.offset is None and "inert" in caplog.text
+    assert Tuner(TuneConfig(mode="pg", budget=50, popsize=4)).fit(client, ds).config.template == "a photo of a"
 
 
 def test_probability_clients_are_tuned_on_log_probs() -> None:

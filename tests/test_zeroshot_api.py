@@ -121,11 +121,12 @@ def test_create_client_and_a_text_only_tune(server, tiny_client) -> None:  # noq
     assert isinstance(zs, ZeroShotAPIClient)
     before = used(server.app)
     cfg = TuneConfig(mode="craft", budget=40, seed=0, popsize=4, refiner_hidden=16)
-    result = Tuner(cfg).fit(zs, train)  # text-only: craft falls back to the refiner alone
+    result = Tuner(cfg).fit(zs, train)  # text-only: craft searches the template's words (tuner/discrete.py)
     zs.close()
     adapter = Adapter.from_result(result)
-    assert result.config.mode == "pr" and adapter.config.model_id == "tiny-zs" and adapter.config.output == "probs"
-    assert used(server.app) - before == result.queries["used"] * len(train) == zs.provider_requests
+    assert result.config.mode == "craft" and adapter.config.prompt is None and result.queries["counts"]["search"] > 0
+    assert adapter.config.model_id == "tiny-zs" and adapter.config.output == "probs"
+    assert used(server.app) - before == zs.provider_requests == zs.provider_answers  # every request billed once
 
 
 # ----------------------------------------------------------------------------------------- faults

@@ -198,6 +198,11 @@ class DiscretePromptSearch:
         p = self.probabilities
         return float(-(p * np.log(np.clip(p, 1e-300, None))).sum(1).mean())
 
+    @property
+    def sigma(self) -> float:
+        """The search's spread, as the tuner's history records it: :attr:`entropy`."""
+        return self.entropy
+
     def render(self, word_ids: Sequence[int] | np.ndarray) -> str:
         """The context string of one candidate (word indices [n_slots])."""
         return " ".join(self.vocabulary[int(j)] for j in word_ids)
@@ -243,3 +248,55 @@ class DiscretePromptSearch:
                     "vocabulary, configuration or numpy build; resume with the ones that wrote it"
                 )
             self.tell(candidates, row)
+
+
+class DiscretePrompts:
+    """The prompt space of a text-only client: contexts of words, searched by :class:`DiscretePromptSearch`.
+
+    The tuner's loop (:mod:`craft_sdk.tuner.loop`) uses it exactly as the continuous space
+    (:class:`~craft_sdk.tuner.prompts.ContinuousPrompts`): a point is a context string, the zero
+    point is the configured template (zero-shot), a population of P contexts costs P queries
+    (one call each), the same fitness (CE + λ KL) drives ``tell``, and checkpoints store the
+    fitness rows (replayed on resume) and points as word indices. The deployed point becomes the
+    adapter's ``template``; there is no offset.
+
+    Args:
+        config: the run's configuration (template, popsize, seed).
+        caps: the client's capabilities (text only).
+    """
+
+    kind = "discrete"
+
+    def __init__(self, config: Any, caps: Any) -> None:
+        self.config = config
+        self.search = DiscretePromptSearch.from_template(config.template, popsize=config.popsize, seed=config.seed)
+        self._index = {w: j for j, w in enumerate(self.search.vocabulary)}
+
+    def zero(self) -> str:
+        return " ".join(self.config.template.split())
+
+    def offsets(self, point: Any) -> None:
+        return None
+
+    def score(self, client: Any, handle: Any, names: list[str], points: Any, category: str) -> np.ndarray:
+        """Scores [P, N, C] for a list of contexts (P calls, one query each), [N, C] for one context."""
+        if isinstance(points, str):
+            return np.asarray(client.predict(handle, names, points, None, category=category))
+        return np.stack([np.asarray(client.predict(handle, names, t, None, category=category)) for t in points])
+
+    def score_one(self, client: Any, handle: Any, names: list[str], point: str, category: str) -> np.ndarray:
+        return self.score(client, handle, names, point, category)
+
+    def encode(self, point: str) -> np.ndarray:
+        """Word indices int64 [n_slots] (every word of a point is in the vocabulary)."""
+        return np.asarray([self._index[w] for w in point.split()], np.int64)
+
+    def decode(self, tensor: np.ndarray) -> str:
+        return self.search.render(np.asarray(tensor, np.int64))
+
+    def copy(self, point: str) -> str:
+        return point
+
+    def result(self, point: str | None) -> dict[str, Any]:
+        """No offset; ``template``: the context to deploy (the configured one when nothing was searched)."""
+        return {"z": None, "offset": None, "projection_std": None, "template": self.zero() if point is None else point}

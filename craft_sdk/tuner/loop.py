@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -360,8 +361,9 @@ class Run:
         parts = finish_robust(self) if self.config.robust else finish_paper(self)
         point = parts.pop("z")
         prompt = self.prompts.result(point) if self.prompts is not None else {"z": None, "offset": None, "projection_std": None}
+        template = prompt.pop("template", self.config.template)  # a text prompt space deploys a learned template
         return TuneResult(
-            config=self.config,
+            config=self.config if template == self.config.template else replace(self.config, template=template),
             requested_mode=self.requested.mode,
             capabilities=self.caps,
             class_names=tuple(self.names),

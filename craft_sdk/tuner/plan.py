@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 
 from ..client.base import Capabilities
-from ..errors import ConfigError
 from .config import TuneConfig
 
 logger = logging.getLogger(__name__)
@@ -45,10 +43,8 @@ def plan_generations(config: TuneConfig, has_val: bool) -> int:
 
 
 def effective_config(config: TuneConfig, caps: Capabilities) -> TuneConfig:
-    """The config a client can run: a text-only client cannot search soft prompts."""
+    """The config a client can run: every mode runs on every client (a text-only client's prompt
+    space is the template's words instead of offsets: :func:`~craft_sdk.tuner.prompts.create_prompt_space`)."""
     if config.uses_prompt and not caps.soft_prompts:
-        if config.mode == "pg":
-            raise ConfigError(f"model {caps.model_id} is text-only: mode 'pg' needs soft prompts; use --mode pr")
-        logger.warning("model %s is text-only: mode %r falls back to 'pr' (refiner only)", caps.model_id, config.mode)
-        return replace(config, mode="pr")
+        logger.info("model %s is text-only: mode %r searches the template's words", caps.model_id, config.mode)
     return config

@@ -86,8 +86,13 @@ class ContinuousPrompts:
         return {"z": z, "offset": self.offsets(z), "projection_std": self.std}
 
 
-def create_prompt_space(config: TuneConfig, caps: Capabilities) -> ContinuousPrompts | None:
-    """The prompt space a run searches: None when the mode searches no prompt."""
+def create_prompt_space(config: TuneConfig, caps: Capabilities) -> Any:
+    """The prompt space a run searches: None when the mode searches no prompt; the template's words
+    (:class:`~craft_sdk.tuner.discrete.DiscretePrompts`) for a text-only client."""
     if not config.uses_prompt:
         return None
+    if not caps.soft_prompts:
+        from .discrete import DiscretePrompts
+
+        return DiscretePrompts(config, caps)
     return ContinuousPrompts(config, caps)
