@@ -343,7 +343,8 @@ def test_resume_can_match_is_the_budget_rule() -> None:
     assert resume_can_match(ledger_used=35, checkpoint_used=35, planned_total=71, budget=71)  # nothing lost
     assert resume_can_match(ledger_used=41, checkpoint_used=35, planned_total=71, budget=77)
     assert resume_can_match(ledger_used=41, checkpoint_used=35, planned_total=71, budget=None)
-    assert planned_total(CFG, 12, has_val=True) == 1 + 12 * (P + 1) + (0 if CFG.robust else 4)
+    # paper protocol: the baseline and generations 3, 6, 9, 12 also score the validation set
+    assert planned_total(CFG, 12, has_val=True) == 1 + 12 * (P + 1) + (0 if CFG.robust else 1 + 4)
 
 
 @pytest.mark.parametrize("budget, can", [(60, False), (63, True)])
