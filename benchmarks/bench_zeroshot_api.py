@@ -6,14 +6,15 @@ one request per image). For each client concurrency (``--concurrency``, default 
 
 * ``predict``: zero-shot probabilities of ``--test-images`` test images of the demo digits task
   (1 query, N requests);
-* ``tune discrete``: a plain ask/tell loop of :class:`~craft_sdk.tuner.discrete.DiscretePromptSearch`
-  (``--generations`` x ``--popsize`` candidate contexts scored on the ``--shots``-shot training
-  set, fitness = cross-entropy), then the found context scored on the test images;
+* ``tune craft``: ``craft_sdk.tune(mode="craft")`` on the ``--shots``-shot training set: the
+  tuner's discrete prompt space (a text-only client: :class:`~craft_sdk.tuner.discrete.DiscretePrompts`,
+  ``--generations`` x ``--popsize`` candidate contexts) with the refiner, robust protocol; then
+  ``craft_sdk.evaluate`` of the adapter (its learned template and refiner) on the test images;
 * ``select ensemble`` / ``predict ensemble`` (at the last concurrency only): greedy forward selection
   of ``--ensemble-k`` of CLIP's selected templates on the training set, then their log-probability
   average on the test images (K queries per image set);
-* ``tune pr``: ``craft_sdk.tune(mode="pr")`` (the refiner on the zero-shot prompt; the tuner's
-  text-only path) and ``craft_sdk.evaluate`` of the adapter on the test images;
+* ``tune pr``: ``craft_sdk.tune(mode="pr")`` (the refiner on the zero-shot prompt, no search)
+  and ``craft_sdk.evaluate`` of the adapter on the test images;
 
 and reports per phase: queries (the ledger's unit: one prompt scored on one image set),
 provider requests (HTTP requests sent, what a hosted service bills), wall time and requests/s.
@@ -22,7 +23,7 @@ exactly the requests answered (``GET /v1/usage``).
 
 Usage:
     python benchmarks/bench_zeroshot_api.py [--concurrency 1 8 32] [--shots 4] [--test-images 300]
-        [--generations 4] [--popsize 8] [--ensemble-k 3] [--out benchmarks/results/bench_zeroshot_api.json]
+        [--generations 4] [--popsize 8] [--craft-budget 200] [--ensemble-k 3] [--out benchmarks/results/bench_zeroshot_api.json]
 """
 
 from __future__ import annotations
@@ -71,12 +72,6 @@ def start_server(port: int, key_file: Path, cwd: Path) -> subprocess.Popen:
     raise RuntimeError("server did not come up")
 
 
-def cross_entropy(log_scores: np.ndarray, labels: np.ndarray) -> float:
-    m = log_scores.max(-1, keepdims=True)
-    log_z = m[..., 0] + np.log(np.exp(log_scores - m).sum(-1))
-    return float((log_z - np.take_along_axis(log_scores, labels[:, None], -1)[:, 0]).mean())
-
-
 class Phase:
     """Queries, provider requests and wall time of one phase (deltas of the ledger and the client's counters)."""
 
@@ -101,7 +96,6 @@ class Phase:
 def run_concurrency(url: str, key: str, c: int, splits: Any, test: Any, args: argparse.Namespace) -> tuple[list[dict[str, Any]], np.ndarray]:
     import craft_sdk
     from craft_sdk.client import MeteredClient, QueryLedger, ZeroShotAPIClient
-    from craft_sdk.tuner.discrete import DiscretePromptSearch, DiscreteSearchConfig
     from craft_sdk.tuner.templates import CLIP_SELECTED, ensemble_log_probs, greedy_templates, score_templates
 
     names = list(test.class_names)
@@ -114,16 +108,14 @@ def run_concurrency(url: str, key: str, c: int, splits: Any, test: Any, args: ar
             probs = metered.predict(h_test, names, "a photo of a", category="eval")
         rows.append(ph.row(accuracy=round(float((probs.argmax(-1) == test.labels).mean()), 4), prompt="a photo of a"))
 
-        search = DiscretePromptSearch(DiscreteSearchConfig(popsize=args.popsize), seed=0)
-        with Phase("tune discrete", client, ledger) as ph:
-            for _ in range(args.generations):
-                contexts = search.ask()
-                scores = score_templates(metered, h_train, names, contexts, category="search")
-                search.tell(contexts, [cross_entropy(s, splits.train.labels) for s in scores])
-        rows.append(ph.row(prompt=search.mean))
-        with Phase("predict discrete", client, ledger) as ph:
-            found = metered.predict(h_test, names, search.mean, category="eval")
-        rows.append(ph.row(accuracy=round(float((found.argmax(-1) == test.labels).mean()), 4), prompt=search.mean))
+        with Phase("tune craft", client, ledger) as ph:  # the tuner's discrete prompt space + the refiner
+            crafted = craft_sdk.tune(client, splits.train, mode="craft", budget=args.craft_budget, popsize=args.popsize,
+                                     max_generations=args.generations, seed=0, ledger=ledger)
+        rows.append(ph.row(prompt=crafted.config.template))
+        with Phase("eval craft", client, ledger) as ph:
+            res = craft_sdk.evaluate(crafted, client, test, ledger=ledger)
+        rows.append(ph.row(accuracy=round(res["accuracy"], 4), zero_shot_accuracy=round(res["zero_shot_accuracy"], 4),
+                           prompt=crafted.config.template))
 
         if c == args.concurrency[-1]:  # the template-ensemble baseline, once
             bank = list(CLIP_SELECTED)
@@ -154,6 +146,7 @@ def main() -> None:
     ap.add_argument("--generations", type=int, default=4)
     ap.add_argument("--popsize", type=int, default=8)
     ap.add_argument("--pr-budget", type=int, default=200)
+    ap.add_argument("--craft-budget", type=int, default=200)
     ap.add_argument("--ensemble-k", type=int, default=3)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_zeroshot_api.json")
     args = ap.parse_args()
@@ -193,6 +186,7 @@ def main() -> None:
         "command": "python benchmarks/bench_zeroshot_api.py " + " ".join(sys.argv[1:]),
         "task": {"data": "demo:digits", "shots": args.shots, "n_train": len(splits.train), "n_test": len(test),
                  "generations": args.generations, "popsize": args.popsize, "pr_budget": args.pr_budget,
+                 "craft_budget": args.craft_budget,
                  "ensemble_k": args.ensemble_k},
         "identical_across_concurrency": all(np.array_equal(outputs[0], o) for o in outputs),
         "server_billed_queries": billed,
