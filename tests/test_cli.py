@@ -50,7 +50,9 @@ def test_tune_eval_inspect(folder: Path, tiny_model_dir: Path, tmp_path: Path) -
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
     ev = json.loads(run("eval", str(out), str(folder), "--model", model, "--json").stdout)
     assert {"accuracy", "zero_shot_accuracy", "n_test", "queries_used"} <= set(ev)
-    assert ev["n_test"] == 15 and ev["queries_used"] == 2 and 0.0 <= ev["accuracy"] <= 1.0
+    has_prompt = json.loads((out / "adapter_config.json").read_text())["prompt"] is not None
+    assert summary["deployed"] in ("zero-shot", "prompt", "prompt+refiner", "refiner") and has_prompt == ("prompt" in summary["deployed"])
+    assert ev["n_test"] == 15 and ev["queries_used"] == (2 if has_prompt else 1) and 0.0 <= ev["accuracy"] <= 1.0
     code = (
         "import sys; sys.modules['torch'] = None\n"
         "from craft_sdk.cli import app\n"
@@ -73,7 +75,7 @@ def test_tune_refiner_options_reach_the_adapter(folder: Path, tiny_model_dir: Pa
     out = tmp_path / "lin"
     run("tune", str(folder), "--model", f"local-dir:{tiny_model_dir}", "--shots", "2", "--budget", "40",
         "--popsize", "4", "--intrinsic-dim", "8", "--refiner-layers", "1", "--no-residual", "--lam", "0.05",
-        "--beta", "0.02", "--lr", "0.01", "--out", str(out), "--json")
+        "--beta", "0.02", "--lr", "0.01", "--protocol", "paper", "--out", str(out), "--json")
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["refiner"]["layers"] == 1 and cfg["refiner"]["residual"] is False
     assert cfg["provenance"]["kl_weights"] == {"lambda": 0.05, "beta": 0.02}

@@ -21,13 +21,15 @@ from craft_sdk.tuner.checkpoint import CHECKPOINT_FILE, LEDGER_FILE, load_checkp
 
 pytest.importorskip("torch")
 pytest.importorskip("cma")
-import craft_sdk.tuner.train as train_mod  # noqa: E402
+import craft_sdk.tuner.loop as loop_mod  # noqa: E402
 from craft_sdk.tuner.train import Tuner  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 P = 6
 # max_generations leaves budget slack, so a resumed run can redo the generation lost at a crash
-CFG = TuneConfig(mode="craft", budget=400, seed=5, intrinsic_dim=16, popsize=P, refiner_hidden=32, val_every=3, max_generations=12)
+# the paper protocol (validation queries every val_every generations); the robust protocol resumes in test_robust.py and below
+CFG = TuneConfig(mode="craft", budget=400, seed=5, intrinsic_dim=16, popsize=P, refiner_hidden=32, val_every=3, max_generations=12,
+                 protocol="paper")
 
 
 def make_task() -> tuple[ImageDataset, ImageDataset]:
@@ -136,13 +138,16 @@ def test_torn_journal_line_is_isolated(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- in-process resumes
 
 
-@pytest.mark.parametrize("mode, every, crash_after", [("craft", 1, 5), ("craft", 3, 2), ("pg", 1, 4), ("pg+pr", 2, 3), ("pr", 1, 1)])
-def test_resume_after_checkpoint_is_byte_identical(tiny_client, task, tmp_path: Path, monkeypatch, mode: str, every: int, crash_after: int) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("mode, every, crash_after, protocol", [
+    ("craft", 1, 5, "paper"), ("craft", 3, 2, "paper"), ("pg", 1, 4, "paper"), ("pg+pr", 2, 3, "paper"), ("pr", 1, 1, "paper"),
+    ("craft", 1, 4, "robust"), ("pr", 1, 1, "robust"),
+])
+def test_resume_after_checkpoint_is_byte_identical(tiny_client, task, tmp_path: Path, monkeypatch, mode: str, every: int, crash_after: int, protocol: str) -> None:  # noqa: ANN001
     train, val = task
-    cfg = TuneConfig(**{**CFG.to_dict(), "mode": mode})
+    cfg = TuneConfig(**{**CFG.to_dict(), "mode": mode, "protocol": protocol})
     ref = save(Tuner(cfg).fit(tiny_client, train, val), tmp_path / "ref")
     saves = []
-    real = train_mod.save_checkpoint
+    real = loop_mod.save_checkpoint
 
     def crashing_save(*args: Any) -> Any:
         out = real(*args)
@@ -152,10 +157,10 @@ def test_resume_after_checkpoint_is_byte_identical(tiny_client, task, tmp_path: 
         return out
 
     ckpt = tmp_path / "ckpt"
-    monkeypatch.setattr(train_mod, "save_checkpoint", crashing_save)
+    monkeypatch.setattr(loop_mod, "save_checkpoint", crashing_save)
     with pytest.raises(Crash):
         Tuner(cfg, checkpoint_dir=ckpt, checkpoint_every=every).fit(tiny_client, train, val)
-    monkeypatch.setattr(train_mod, "save_checkpoint", real)
+    monkeypatch.setattr(loop_mod, "save_checkpoint", real)
     if mode != "pr":
         assert saves[-1] == (crash_after - 1) * every  # generation 0, then every `every`
     resumed = Tuner(cfg, checkpoint_dir=ckpt, checkpoint_every=every, resume=True).fit(tiny_client, train, val)

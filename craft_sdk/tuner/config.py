@@ -79,7 +79,8 @@ class TuneConfig:
         projection_std: absolute std of A; overrides ``prompt_scale`` when set.
         bound: box bound on each z coordinate (None: unbounded).
         refiner_hidden: hidden width of the refiner MLP.
-        refiner_layers: linear layers in the refiner (1 = linear map, 3 = paper's MLP).
+        refiner_layers: linear layers in the refiner (1 = linear map, 3 = paper's MLP); the robust protocol
+            chooses between a linear map and this depth by cross-validation.
         residual: refined = logits + g(logits) when True, g(logits) when False.
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.

@@ -36,8 +36,9 @@ def finish_paper(run: Run) -> dict[str, Any]:
 
 
 def _training_spec(run: Run) -> selection.RefinerTraining:
-    c = run.config
-    return selection.RefinerTraining(c.refiner_hidden, c.lr, c.weight_decay, c.batch_size, run.beta, c.seed)
+    c = run.config  # candidates: a linear map and the configured MLP depth
+    layers = tuple(sorted({1, c.refiner_layers}))
+    return selection.RefinerTraining(c.refiner_hidden, c.lr, c.weight_decay, c.batch_size, run.beta, c.seed, layers, residual=c.residual)
 
 
 def _candidates(run: Run, spec: selection.RefinerTraining) -> dict[str, dict[str, Any]]:
@@ -60,7 +61,7 @@ def _candidates(run: Run, spec: selection.RefinerTraining) -> dict[str, dict[str
         if choice is None:
             continue
         weights = selection.train_refiner(spec, choice, logits[:n], y, population)
-        refined_check = _refine(weights, logits[n:])
+        refined_check = _refine(weights, logits[n:], spec.residual)
         key = "refiner" if name == "zero-shot" else "prompt+refiner"
         out[key] = {"check": refined_check, "held": np.concatenate([oof, refined_check]),
                     "held_y": np.concatenate([y, y_check]), "logits": logits, "choice": choice, "population": population}
@@ -78,10 +79,10 @@ def _evidence(run: Run, candidates: dict[str, dict[str, Any]]) -> dict[str, tupl
     return evidence
 
 
-def _refine(weights: dict[str, np.ndarray], logits: np.ndarray) -> np.ndarray:
+def _refine(weights: dict[str, np.ndarray], logits: np.ndarray, residual: bool = True) -> np.ndarray:
     from . import mlp
 
-    return mlp.forward(weights, logits, True)
+    return mlp.forward(weights, logits, residual)
 
 
 def finish_robust(run: Run) -> dict[str, Any]:
@@ -100,7 +101,7 @@ def finish_robust(run: Run) -> dict[str, Any]:
     selected = int(run.best.get("generation", 0)) if uses_prompt else 0
     train_scores = chosen["logits"][: run.images.n_search]
     if refiner is not None:
-        train_scores = _refine(refiner, train_scores)
+        train_scores = _refine(refiner, train_scores, spec.residual)
     run.metrics["train_accuracy"] = selection.accuracy(train_scores, run.images.y)
     run.metrics["val_accuracy"] = estimates[option]["accuracy"] if len(run.images.y_check) else None
     run.metrics["deployed"] = option

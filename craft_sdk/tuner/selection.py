@@ -183,6 +183,7 @@ class RefinerTraining:
     seed: int
     architectures: tuple[int, ...] = (1, 3)
     epoch_grid: tuple[int, ...] = EPOCH_GRID
+    residual: bool = True
 
 
 def _train_and_score(
@@ -193,8 +194,8 @@ def _train_and_score(
     from .refiner import RefinerTrainer
 
     n_classes = train_x.shape[-1]
-    weights = mlp.init_weights(n_classes, spec.hidden, layers, True, spec.seed + fold_seed)
-    trainer = RefinerTrainer(weights, True, spec.lr, spec.weight_decay, spec.batch_size, spec.seed + 1 + fold_seed)
+    weights = mlp.init_weights(n_classes, spec.hidden, layers, spec.residual, spec.seed + fold_seed)
+    trainer = RefinerTrainer(weights, spec.residual, spec.lr, spec.weight_decay, spec.batch_size, spec.seed + 1 + fold_seed)
     outputs: list[list[np.ndarray]] = []
     done = 0
     for epochs in spec.epoch_grid:
@@ -257,8 +258,8 @@ def train_refiner(
     if extra is not None:
         x = np.concatenate([x, extra.reshape(-1, logits.shape[-1])])
         y = np.concatenate([y, np.tile(labels[: extra.shape[1]], extra.shape[0])])
-    weights = mlp.init_weights(logits.shape[-1], spec.hidden, choice.layers, True, spec.seed)
-    trainer = RefinerTrainer(weights, True, spec.lr, spec.weight_decay, spec.batch_size, spec.seed + 1)
+    weights = mlp.init_weights(logits.shape[-1], spec.hidden, choice.layers, spec.residual, spec.seed)
+    trainer = RefinerTrainer(weights, spec.residual, spec.lr, spec.weight_decay, spec.batch_size, spec.seed + 1)
     trainer.train(x, y, spec.beta, choice.epochs)
     return trainer.model.numpy_weights()
 
