@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "craft_sdk"
 # most specific prefix wins
 LAYERS: dict[str, int] = {
     # 0: foundations shared by every layer (errors, file and score helpers, images, datasets, wire codec)
-    "craft_sdk.errors": 0, "craft_sdk._version": 0, "craft_sdk._fileio": 0, "craft_sdk.scores": 0,
+    "craft_sdk.errors": 0, "craft_sdk._version": 0, "craft_sdk._fileio": 0, "craft_sdk._lru": 0, "craft_sdk.scores": 0,
     "craft_sdk.images": 0, "craft_sdk.data": 0, "craft_sdk.wire": 0,
     "craft_sdk.demo": 0, "craft_sdk.demo.tasks": 0, "craft_sdk.demo.synth": 0,  # shipped data
     "craft_sdk.client": 1,  # the only door to the model

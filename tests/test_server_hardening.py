@@ -25,7 +25,8 @@ from craft_sdk.wire import SAFETENSORS, WireError, encode, loads_json, parse, re
 
 pytest.importorskip("fastapi")
 from craft_sdk.serve import BackgroundServer, ServerConfig, create_app, load_api_keys  # noqa: E402
-from craft_sdk.serve.state import LRU, FairScheduler  # noqa: E402
+from craft_sdk._lru import LRU  # noqa: E402
+from craft_sdk.serve.state import FairScheduler  # noqa: E402
 
 ALICE, BOB = secrets.token_hex(16), secrets.token_hex(16)
 N_CTX, DIM = 4, 8

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, Union, runtime_checkable
@@ -22,6 +21,7 @@ from typing import Any, Literal, Protocol, Union, runtime_checkable
 import numpy as np
 from PIL import Image
 
+from .._lru import LRU
 from ..errors import ClientError, ConfigError, UnknownHandleError
 from ..images import ImageLike, images_fingerprint, to_pil_list
 
@@ -158,8 +158,7 @@ class BaseClient:
     def __init__(self, cache_size: int = 8) -> None:
         if cache_size < 1:
             raise ConfigError(f"cache_size must be >= 1, got {cache_size}")
-        self._cache: OrderedDict[str, Any] = OrderedDict()
-        self._cache_size = cache_size
+        self._cache: LRU[str, tuple[Any, int]] = LRU(cache_size)
         self._lock = threading.Lock()
 
     def capabilities(self, template: str = DEFAULT_TEMPLATE) -> Capabilities:
@@ -179,24 +178,16 @@ class BaseClient:
         """Prepare ``images`` once; later calls may pass the returned handle."""
         pil = to_pil_list(images)
         key = images_fingerprint(pil)
-        with self._lock:
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return ImageSetHandle(key, len(pil))
-        prepared = self._prepare(pil)
-        with self._lock:
-            self._cache[key] = (prepared, len(pil))
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+        if self._cache.get(key) is None:
+            self._cache.put(key, (self._prepare(pil), len(pil)))
         return ImageSetHandle(key, len(pil))
 
     def _resolve(self, images: Images) -> tuple[Any, int]:
         if isinstance(images, ImageSetHandle):
-            with self._lock:
-                if images.id not in self._cache:
-                    raise UnknownHandleError(f"unknown or evicted image-set handle {images.id[:12]}; upload the images again")
-                self._cache.move_to_end(images.id)
-                return self._cache[images.id]
+            kept = self._cache.get(images.id)
+            if kept is None:
+                raise UnknownHandleError(f"unknown or evicted image-set handle {images.id[:12]}; upload the images again")
+            return kept
         pil = to_pil_list(images)
         return self._prepare(pil), len(pil)
 

@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import math
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .._lru import LRU
 from ..errors import ClientError, ConfigError
 from .base import DEFAULT_TEMPLATE, BaseClient, Capabilities
 
@@ -248,7 +248,7 @@ class OpenCLIPClient(BaseClient):
         self.max_tokens = max_tokens
         self.mode = self._pick_mode(mode)
         self._auto = mode == "auto"
-        self._prompt_cache: OrderedDict[tuple[Any, ...], _Prompts] = OrderedDict()
+        self._prompt_cache: LRU[tuple[Any, ...], _Prompts] = LRU(16)
 
     def _load(self, r: _Resolved, device: str, seed: int) -> tuple[Any, Any, Any]:
         open_clip, torch = _import_open_clip()
@@ -339,9 +339,9 @@ class OpenCLIPClient(BaseClient):
 
     def _prompts(self, class_names: list[str], template: str) -> _Prompts:
         key = (tuple(class_names), template)
-        if key in self._prompt_cache:
-            self._prompt_cache.move_to_end(key)
-            return self._prompt_cache[key]
+        cached = self._prompt_cache.get(key)
+        if cached is not None:
+            return cached
         torch = self._torch
         n_ctx, _ = self._context(template)
         tokens = self.tokenizer([f"{template} {name}." for name in class_names]).to(self.device)
@@ -358,9 +358,7 @@ class OpenCLIPClient(BaseClient):
             idx = torch.as_tensor(np.flatnonzero(eot - n_ctx == s), device=self.device)
             buckets.append((idx, int(s)))
         prompts = _Prompts(tokens, eot, n_ctx, buckets)
-        self._prompt_cache[key] = prompts
-        if len(self._prompt_cache) > 16:
-            self._prompt_cache.popitem(last=False)
+        self._prompt_cache.put(key, prompts)
         return prompts
 
     def encode_text(self, class_names: list[str], template: str = DEFAULT_TEMPLATE, offsets: np.ndarray | None = None) -> Any:

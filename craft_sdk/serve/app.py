@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from .._lru import LRU
 from .._version import __version__
 from ..client.base import BaseClient, PredictionClient, check_offsets
 from ..errors import ConfigError, CraftError
@@ -33,7 +34,7 @@ from ..wire import API
 from . import checks
 from .checks import Problem
 from .config import ServerConfig, validate_keys
-from .state import LRU, CachedResponse, FairScheduler, KeyedSets, KeyRing
+from .state import CachedResponse, FairScheduler, KeyedSets, KeyRing
 from .store import MemoryStore, Store
 
 logger = logging.getLogger(__name__)

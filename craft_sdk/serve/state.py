@@ -8,10 +8,9 @@ import hmac
 import threading
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any
 
-K = TypeVar("K")
-V = TypeVar("V")
+from .._lru import LRU
 
 
 class KeyRing:
@@ -35,50 +34,6 @@ class KeyRing:
             if hmac.compare_digest(digest, expected):
                 found = name
         return found
-
-
-class LRU(Generic[K, V]):
-    """A thread-safe least-recently-used map bounded by entries and (optionally) total size."""
-
-    def __init__(self, max_entries: int, max_size: int | None = None) -> None:
-        self.max_entries = max_entries
-        self.max_size = max_size
-        self._data: OrderedDict[K, tuple[V, int]] = OrderedDict()
-        self._size = 0
-        self._lock = threading.Lock()
-
-    def get(self, key: K) -> V | None:
-        with self._lock:
-            item = self._data.get(key)
-            if item is None:
-                return None
-            self._data.move_to_end(key)
-            return item[0]
-
-    def put(self, key: K, value: V, size: int = 0) -> None:
-        with self._lock:
-            if key in self._data:
-                self._size -= self._data.pop(key)[1]
-            if self.max_size is not None and size > self.max_size:
-                return  # never kept: one entry may not exceed the whole bound
-            self._data[key] = (value, size)
-            self._size += size
-            while len(self._data) > self.max_entries or (self.max_size is not None and self._size > self.max_size):
-                self._size -= self._data.popitem(last=False)[1][1]
-
-    def pop(self, key: K) -> None:
-        with self._lock:
-            item = self._data.pop(key, None)
-            if item is not None:
-                self._size -= item[1]
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-    @property
-    def size(self) -> int:
-        """Total size of the entries kept."""
-        return self._size
 
 
 @dataclass
