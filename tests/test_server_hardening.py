@@ -24,8 +24,8 @@ from craft_sdk.client.http import HTTPClient, _RemoteSet
 from craft_sdk.wire import SAFETENSORS, WireError, encode, loads_json, parse, read
 
 pytest.importorskip("fastapi")
-from craft_sdk.serve import BackgroundServer, ServerConfig, create_app, load_api_keys  # noqa: E402
 from craft_sdk._lru import LRU  # noqa: E402
+from craft_sdk.serve import BackgroundServer, ServerConfig, create_app, load_api_keys  # noqa: E402
 from craft_sdk.serve.state import FairScheduler  # noqa: E402
 
 ALICE, BOB = secrets.token_hex(16), secrets.token_hex(16)
