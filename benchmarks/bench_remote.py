@@ -153,8 +153,9 @@ def main() -> None:
 
     from PIL import Image
 
-    from craft_sdk.client.http import HTTPClient, encode_images
+    from craft_sdk.client.http import HTTPClient
     from craft_sdk.client.openclip import OpenCLIPClient
+    from craft_sdk.wire import encode_images
 
     load_before = os.getloadavg()
     key = secrets.token_hex(24)

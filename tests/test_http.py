@@ -18,7 +18,8 @@ import pytest
 from conftest import CLASS_NAMES, random_images
 
 from craft_sdk import Adapter, ClientError, ConfigError, ImageDataset, TuneConfig, create_client
-from craft_sdk.client.http import HTTPClient, encode, parse, read
+from craft_sdk.client.http import HTTPClient
+from craft_sdk.wire import encode, parse, read
 
 pytest.importorskip("torch")
 pytest.importorskip("fastapi")

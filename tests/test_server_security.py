@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from craft_sdk import BudgetExceededError, CallableClient, Capabilities, ClientError, ConfigError
-from craft_sdk.client.http import CHECKSUM_HEADER, SAFETENSORS, HTTPClient, encode, parse, read, sha256_hex
+from craft_sdk.client.http import HTTPClient
+from craft_sdk.wire import CHECKSUM_HEADER, SAFETENSORS, encode, parse, read, sha256_hex
 
 pytest.importorskip("fastapi")
 from craft_sdk.serve import BackgroundServer, ServerConfig, create_app, load_api_keys  # noqa: E402

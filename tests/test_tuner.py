@@ -14,9 +14,10 @@ from craft_sdk import Adapter, CallableClient, Capabilities, ConfigError, ImageD
 
 pytest.importorskip("torch")
 pytest.importorskip("cma")
+from craft_sdk.tuner.plan import plan_generations  # noqa: E402
 from craft_sdk.tuner.projection import project, projection_matrix  # noqa: E402
 from craft_sdk.tuner.search import PromptSearch  # noqa: E402
-from craft_sdk.tuner.train import Tuner, plan_generations  # noqa: E402
+from craft_sdk.tuner.train import Tuner  # noqa: E402
 
 
 def block_images(n: int, seed: int) -> list[Image.Image]:
@@ -114,12 +115,16 @@ def test_kl_weights_default_and_modes() -> None:
 
 def test_budget_is_a_hard_ceiling_even_with_validation(tiny_client, planted) -> None:  # noqa: ANN001
     train, test = planted
-    for budget in (60, 97, 333):
-        cfg = TuneConfig(budget=budget, seed=0, intrinsic_dim=8, popsize=5, refiner_hidden=16, val_every=3)
+    for budget in (60, 97, 333):  # the paper protocol spends the plan; it pays validation queries
+        cfg = TuneConfig(budget=budget, seed=0, intrinsic_dim=8, popsize=5, refiner_hidden=16, val_every=3, protocol="paper")
         r = Tuner(cfg).fit(tiny_client, train, val=test)
         assert r.queries["used"] <= budget
         assert r.queries["used"] > budget - (5 + 3)  # the plan uses what it can
         assert r.queries["counts"]["validation"] >= 1
+    for budget in (60, 97, 333):  # the robust protocol: the validation images ride along, never above the budget
+        cfg = TuneConfig(budget=budget, seed=0, intrinsic_dim=8, popsize=5, refiner_hidden=16, patience=None)
+        r = Tuner(cfg).fit(tiny_client, train, val=test)
+        assert budget - (5 + 1) < r.queries["used"] <= budget and r.queries["counts"]["validation"] == 0
     assert plan_generations(TuneConfig(budget=8000), has_val=False) == 195
 
 
@@ -133,12 +138,15 @@ def test_external_ledger_ceiling_stops_run_cleanly(tiny_client, planted) -> None
 def test_validation_selection_never_sees_test(tiny_client, planted) -> None:  # noqa: ANN001
     train, test = planted
     val = ImageDataset(test.images[:30], test.labels[:30], test.class_names)
-    cfg = TuneConfig(budget=300, seed=2, intrinsic_dim=16, popsize=8, refiner_hidden=32, val_every=5)
+    cfg = TuneConfig(budget=300, seed=2, intrinsic_dim=16, popsize=8, refiner_hidden=32, val_every=5, protocol="paper")
     r = Tuner(cfg).fit(tiny_client, train, val=val)
     vals = [h["val_accuracy"] for h in r.history if "val_accuracy" in h]
     assert r.metrics["val_accuracy"] == pytest.approx(max(vals))
     assert r.selected_generation in [h["generation"] for h in r.history if "val_accuracy" in h]
     assert r.data["val_fingerprint"] == val.fingerprint()
+    robust = Tuner(TuneConfig(**{**cfg.to_dict(), "protocol": "robust"})).fit(tiny_client, train, val=val)
+    assert robust.selection is not None and robust.selection["n_check"] == len(val)  # the validation set is the check set
+    assert robust.data["val_fingerprint"] == val.fingerprint() and robust.data["n_search"] == len(train)
 
 
 def test_text_only_client_searches_words_not_offsets(caplog: pytest.LogCaptureFixture) -> None:

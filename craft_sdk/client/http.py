@@ -60,14 +60,11 @@ from PIL import Image
 
 from .._version import __version__
 from ..errors import BudgetExceededError, ClientError, ConfigError
-from ..wire import (  # noqa: F401  (re-exported: the codec used to live here)
+from ..wire import (
     API,
     CHECKSUM_HEADER,
-    DTYPES,
     IDEMPOTENCY_HEADER,
-    MAX_HEADER_BYTES,
     SAFETENSORS,
-    TensorEntry,
     WireError,
     encode,
     encode_images,

@@ -114,7 +114,8 @@ def run_demo(
     from ..classifier import CraftClassifier
     from ..client.openclip import OpenCLIPClient
     from ..export import export_onnx
-    from ..tuner.train import Tuner, plan_generations
+    from ..tuner.plan import plan_generations
+    from ..tuner.train import Tuner
 
     t0 = time.perf_counter()
     out = Path(out)
