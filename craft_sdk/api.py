@@ -51,6 +51,21 @@ def create_client(model: str, pretrained: str | None = _UNSET, *, device: str = 
     return OpenCLIPClient(model, pretrained, device=device, **kwargs)
 
 
+def pretrained_kwargs(pretrained: str | None) -> dict[str, Any]:
+    """:func:`create_client`'s keyword for a user-given pretrained value (CLI option, sweep file).
+
+    None (not given) passes nothing, so the model name decides; ``"none"`` (any case) asks for
+    random weights; anything else is a tag or ``.safetensors`` file.
+
+    Example:
+        >>> pretrained_kwargs("none"), pretrained_kwargs(None), pretrained_kwargs("openai")
+        ({'pretrained': None}, {}, {'pretrained': 'openai'})
+    """
+    if pretrained is None:
+        return {}
+    return {"pretrained": None if pretrained.lower() == "none" else pretrained}
+
+
 def load_data(path: str | Path, *, shots: int | None = None, seed: int = 0, val_shots: int = 0, **kwargs: Any) -> DataSplits:
     """Load a dataset from disk, or a shipped demo task as ``"demo:<task>"``."""
     from .data import check_sizes

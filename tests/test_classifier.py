@@ -280,6 +280,6 @@ def test_cli_predict_fails_on_unreadable_input(adapter_dir: Path, tiny_model_dir
     model = ["--model", f"local-dir:{tiny_model_dir}"]
     for args, needle in (([str(good), str(bad)], "broken.png"), ([str(tmp_path / "gone.png")], "gone.png")):
         res = CliRunner().invoke(app, ["predict", str(adapter_dir), *args, *model])
-        assert res.exit_code == 2 and needle in res.output, res.output
+        assert res.exit_code == 1 and needle in res.output, res.output  # a data error: runtime
     res = CliRunner().invoke(app, ["predict", str(adapter_dir), str(good), "--client", "http://x", *model])
-    assert res.exit_code == 2 and "not both" in res.output
+    assert res.exit_code == 2 and "not both" in res.output  # a bad option combination: usage

@@ -8,9 +8,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import numpy as np
 import pytest
+import typer
 from PIL import Image
+from typer.testing import CliRunner
+
+from craft_sdk.api import pretrained_kwargs
+from craft_sdk.cli import app
+from craft_sdk.cli._app import exit_code, guarded
+from craft_sdk.errors import AdapterError, BudgetExceededError, ConfigError, DataError
 
 pytest.importorskip("torch")
 
@@ -81,26 +89,26 @@ def test_tune_refiner_options_reach_the_adapter(folder: Path, tiny_model_dir: Pa
     assert cfg["provenance"]["kl_weights"] == {"lambda": 0.05, "beta": 0.02}
     bad = run("tune", str(folder), "--model", f"local-dir:{tiny_model_dir}", "--lam", "-1", "--out", str(tmp_path / "x"),
               check=False)
-    assert bad.returncode != 0 and "lam must be" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "lam must be" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize(
-    "args, message",
-    [
-        (["tune", "/no/such/data"], "does not exist"),
-        (["tune", "{folder}", "--shots", "50", "--model", "{model}"], "lower --shots"),
-        (["tune", "{folder}", "--shots", "2", "--model", "ViT-B-32"], "pretrained=None"),
-        (["tune", "{folder}", "--shots", "2", "--model", "{model}", "--mode", "bbt"], "mode must be one of"),
-        (["tune", "{folder}", "--shots", "2", "--model", "{model}", "--budget", "0"], "budget must be"),
-        (["eval", "/no/adapter", "{folder}"], "missing"),
-        (["inspect", "{folder}"], "missing"),
+    "args, message, code",
+    [  # exit 2: a bad option value or combination (usage); exit 1: anything else (data, adapter, client...)
+        (["tune", "/no/such/data"], "does not exist", 1),
+        (["tune", "{folder}", "--shots", "50", "--model", "{model}"], "lower --shots", 1),
+        (["tune", "{folder}", "--shots", "2", "--model", "ViT-B-32"], "pretrained=None", 2),
+        (["tune", "{folder}", "--shots", "2", "--model", "{model}", "--mode", "bbt"], "mode must be one of", 2),
+        (["tune", "{folder}", "--shots", "2", "--model", "{model}", "--budget", "0"], "budget must be", 2),
+        (["eval", "/no/adapter", "{folder}"], "missing", 1),
+        (["inspect", "{folder}"], "missing", 1),
     ],
 )
-def test_errors_are_one_line_without_traceback(folder: Path, tiny_model_dir: Path, args: list[str], message: str) -> None:
+def test_errors_are_one_line_without_traceback(folder: Path, tiny_model_dir: Path, args: list[str], message: str, code: int) -> None:
     filled = [a.format(folder=folder, model=f"local-dir:{tiny_model_dir}") for a in args]
     res = run(*filled, check=False)
-    assert res.returncode != 0
+    assert res.returncode == code, res.stderr
     assert "Traceback" not in res.stderr
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], res.stderr
@@ -109,3 +117,60 @@ def test_errors_are_one_line_without_traceback(folder: Path, tiny_model_dir: Pat
 def test_resume_needs_checkpoint_dir(folder: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
     res = run("tune", str(folder), "--model", f"local-dir:{tiny_model_dir}", "--shots", "2", "--resume", "--out", str(tmp_path / "x"), check=False)
     assert res.returncode == 2 and "checkpoint_dir" in res.stderr
+
+
+@pytest.mark.parametrize(
+    "exc, code",
+    [
+        (ConfigError("bad option"), 2),
+        (click.BadParameter("bad value"), 2),
+        (click.UsageError("bad combination"), 2),
+        (DataError("no images"), 1),
+        (AdapterError("missing"), 1),
+        (BudgetExceededError("spent"), 1),
+        (OSError("disk full"), 1),
+    ],
+)
+def test_guarded_exit_codes(exc: Exception, code: int) -> None:
+    @guarded
+    def command() -> None:
+        raise exc
+
+    with pytest.raises(typer.Exit) as info:
+        command()
+    assert info.value.exit_code == code == exit_code(exc)
+
+
+def test_pretrained_none_is_parsed_once() -> None:
+    assert pretrained_kwargs(None) == {}  # not given: the model name decides
+    assert pretrained_kwargs("none") == pretrained_kwargs("None") == {"pretrained": None}
+    assert pretrained_kwargs("laion2b_s34b_b79k") == {"pretrained": "laion2b_s34b_b79k"}
+
+
+def test_every_command_that_prints_results_takes_json() -> None:
+    root = typer.main.get_command(app)
+    commands: dict[str, click.Command] = {}
+    for name, cmd in root.commands.items():  # type: ignore[attr-defined]
+        subs = getattr(cmd, "commands", None)
+        commands.update({f"{name} {s}": c for s, c in subs.items()} if subs else {name: cmd})
+    lacking = sorted(name for name, cmd in commands.items() if not any("--json" in p.opts for p in cmd.params))
+    assert lacking == ["serve"]  # a long-running server, not a command that prints results
+
+
+def test_demo_list_json() -> None:
+    from craft_sdk.demo import demo_task_info, list_demo_tasks
+
+    res = CliRunner().invoke(app, ["demo", "--list", "--json"])
+    assert res.exit_code == 0, res.output
+    tasks = json.loads(res.stdout)["tasks"]
+    assert [t["name"] for t in tasks] == list(list_demo_tasks())
+    digits = demo_task_info("digits")
+    assert tasks[0]["n_classes"] == len(tasks[0]["class_names"]) and {"name": "digits", "license": digits.license}.items() <= next(
+        t for t in tasks if t["name"] == "digits").items()
+    text = CliRunner().invoke(app, ["demo", "--list"])
+    assert text.exit_code == 0 and text.stdout.splitlines()[0].startswith(tasks[0]["name"])
+
+
+def test_unknown_demo_task_is_a_usage_error() -> None:
+    res = CliRunner().invoke(app, ["demo", "--task", "nope", "--out", "unused"])
+    assert res.exit_code == 2 and "unknown demo task 'nope'" in res.output and "tuning" not in res.output

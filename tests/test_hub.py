@@ -110,7 +110,7 @@ def test_cli_predict_takes_a_hub_id_offline(shipped: Path, hub_cache: Path, tmp_
     assert got["adapter"] == "org/digits-adapter" and got["backend"] == "onnx" and got["queries_used"] == 1
     assert got["predictions"][0]["label"] in load_adapter(str(shipped)).config.class_names
     bad = subprocess.run([*cmd[:4], "org/missing", *cmd[5:]], capture_output=True, text=True, env=env, timeout=300)
-    assert bad.returncode == 2 and "HF_HUB_OFFLINE=1" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    assert bad.returncode == 1 and "HF_HUB_OFFLINE=1" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
 def test_local_paths_need_no_huggingface_hub(shipped: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -282,6 +282,7 @@ def test_serve_keys_lists_tops_up_and_resets(tmp_path: Path, key_file: Path) -> 
     assert json.loads(res.stdout) == {"alice": {"used": 20, "budget": 50, "remaining": 30, "uploads": 0}}
     assert json.loads(run(app, ["serve-keys", "top-up", "alice", "25", "--state", str(state)]).stdout)["alice"]["remaining"] == 55
     assert json.loads(run(app, ["serve-keys", "reset", "alice", "--state", str(state)]).stdout)["alice"]["used"] == 0
+    assert json.loads(run(app, ["serve-keys", "reset", "alice", "--state", str(state), "--json"]).stdout)["alice"]["used"] == 0
     assert json.loads(run(app, ["serve-keys", "set-budget", "alice", "default", "--state", str(state)]).stdout)["alice"]["budget"] == 50
     bad = run(app, ["serve-keys", "list"])
     assert bad.exit_code != 0 and "--state" in bad.output and len(bad.output.strip().splitlines()) == 1

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import click
 import typer
 from rich.console import Console
 
@@ -24,6 +25,8 @@ app = typer.Typer(
 err = Console(stderr=True)
 _state: dict[str, bool] = {"debug": False}
 F = TypeVar("F", bound=Callable[..., Any])
+USAGE_ERROR = 2  # a bad option value or combination (Click's own code for usage errors)
+RUNTIME_ERROR = 1  # anything else: data, adapter, client, budget...
 
 
 def _version(value: bool) -> None:
@@ -46,16 +49,23 @@ def _main(
     )
 
 
-def fail(message: str, code: int = 2) -> typer.Exit:
-    """Print a one-line error and return the Exit to raise."""
+def fail(message: str, code: int = USAGE_ERROR) -> typer.Exit:
+    """Print a one-line error and return the Exit to raise (default: a usage error, exit 2)."""
     from rich.markup import escape
 
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
+def exit_code(exc: BaseException) -> int:
+    """The exit status of a handled error: 2 for a usage error (bad option value or combination), 1 otherwise."""
+    from ..errors import ConfigError
+
+    return USAGE_ERROR if isinstance(exc, (ConfigError, click.UsageError)) else RUNTIME_ERROR
+
+
 def guarded(fn: F) -> F:
-    """Turn any exception into a one-line error and a non-zero exit (``--debug`` re-raises)."""
+    """Turn any exception into a one-line error and a non-zero exit (:func:`exit_code`; ``--debug`` re-raises)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -73,7 +83,7 @@ def guarded(fn: F) -> F:
             msg = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
             if not isinstance(exc, CraftError):
                 msg = f"{exc.__class__.__name__}: {msg} (run with --debug for the traceback)"
-            raise fail(msg) from None
+            raise fail(msg, exit_code(exc)) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -84,10 +94,10 @@ def emit_json(obj: Any) -> None:
 
 
 def parse_pretrained(model: str, pretrained: str | None) -> dict[str, Any]:
-    """``--pretrained none`` asks for random weights; omitted means 'whatever the model name implies'."""
-    if pretrained is None:
-        return {}
-    return {"pretrained": None if pretrained.lower() == "none" else pretrained}
+    """Kept for ``_tune.py`` until it calls :func:`craft_sdk.api.pretrained_kwargs` itself."""
+    from ..api import pretrained_kwargs
+
+    return pretrained_kwargs(pretrained)
 
 
 def main() -> None:

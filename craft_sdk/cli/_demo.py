@@ -9,7 +9,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ._app import app, emit_json, err, guarded
+from ._app import app, emit_json, err, fail, guarded
 
 
 @app.command()
@@ -28,11 +28,21 @@ def demo(
     from ..demo import demo_task_info, list_demo_tasks
 
     if list_tasks:
-        for name in list_demo_tasks():
-            info = demo_task_info(name)
-            typer.echo(f"{name:20s} {len(info.class_names):3d} classes  {info.description}")
+        infos = [demo_task_info(name) for name in list_demo_tasks()]
+        if as_json:
+            emit_json({"tasks": [{"name": i.name, "n_classes": len(i.class_names), "class_names": list(i.class_names),
+                                  "description": i.description, "source": i.source, "license": i.license} for i in infos]})
+            return
+        for info in infos:
+            typer.echo(f"{info.name:20s} {len(info.class_names):3d} classes  {info.description}")
         return
     from ..demo.runner import run_demo
+    from ..errors import DataError
+
+    try:
+        demo_task_info(task)
+    except DataError as exc:  # an unknown --task is a bad option value: a usage error
+        raise fail(str(exc)) from None
 
     with Progress(TextColumn("[bold]tuning"), BarColumn(), MofNCompleteColumn(), TextColumn("queries"),
                   TextColumn("train acc {task.fields[acc]}"), TimeElapsedColumn(), console=err) as bar:

@@ -10,13 +10,14 @@ from typing import Any
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ._app import app, emit_json, err, fail, guarded, parse_pretrained
+from ._app import RUNTIME_ERROR, app, emit_json, err, fail, guarded
 
 MODEL_HELP = "demo, an open_clip name, local-dir:/path, or the http(s):// URL of a craft-sdk server (default: demo)"
 
 
 def _client(model: str | None, pretrained: str | None, url: str | None, api_key_file: Path | None, concurrency: int) -> Any:
     from .. import create_client
+    from ..api import pretrained_kwargs
 
     if url is not None and model is not None:
         raise fail("pass either --client URL or --model, not both")
@@ -30,7 +31,7 @@ def _client(model: str | None, pretrained: str | None, url: str | None, api_key_
         return create_client(target, **kwargs)
     if url is not None:
         raise fail(f"--client must be an http(s):// URL, got {url!r}; use --model for local models")
-    return create_client(target, **parse_pretrained(target, pretrained))
+    return create_client(target, **pretrained_kwargs(pretrained))
 
 
 def _progress() -> Progress:
@@ -88,7 +89,7 @@ def predict(
     check_inputs(inputs or [])
     total = None if str(files_from) == "-" else sum(1 for _ in iter_image_paths(inputs or [], files_from))
     if total == 0:
-        raise fail(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES)[:4])}, ...) found in {' '.join(inputs or [])}")
+        raise fail(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES)[:4])}, ...) found in {' '.join(inputs or [])}", RUNTIME_ERROR)
     root = resolve_adapter_dir(adapter, revision=revision, subfolder=subfolder)  # a Hub miss fails before the model loads
     client = _client(model, pretrained, client_url, api_key_file, workers)
     clf = CraftClassifier.from_pretrained(root, client, config=config)
@@ -103,7 +104,7 @@ def predict(
         for path in islice(paths, skipped):
             seen, last = seen + 1, path
         if seen < skipped:
-            raise fail(f"{output} has {skipped} rows but there are only {seen} inputs; rerun without --resume")
+            raise fail(f"{output} has {skipped} rows but there are only {seen} inputs; rerun without --resume", RUNTIME_ERROR)
         assert sink is not None
         sink.check_resume_point(last)
     collected: list[dict[str, Any]] = []

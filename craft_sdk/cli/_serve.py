@@ -10,9 +10,8 @@ from typing import Any
 
 import typer
 
-from ._app import app, emit_json, err, guarded, parse_pretrained
+from ._app import app, emit_json, err, fail, guarded
 from ._tune import MODEL_HELP, PRETRAINED_HELP
-
 
 SPEC_ENV = "CRAFT_SERVE_SPEC"
 STATE_HELP = ("where meters, budgets and idempotency records persist: a SQLite file (default: API_KEY_FILE.state.db), "
@@ -62,17 +61,18 @@ def serve(
     text_only: bool = typer.Option(False, "--text-only", help="refuse context offsets (a text-only provider); /v1/zero-shot/* still answers"),
 ) -> None:
     """Serve MODEL as a prediction-only HTTP service (logits only, metered per API key, meters persisted)."""
+    from ..api import pretrained_kwargs
     from ..serve import ServerConfig, load_api_keys, open_store, run_server
     from ..serve.runner import check_port
 
     if model.startswith(("http://", "https://")):
-        raise ValueError("serve a local model (demo, an open_clip name or local-dir:), not another server")
+        raise fail("serve a local model (demo, an open_clip name or local-dir:), not another server")
     check_port(port)  # everything cheap is checked before the model loads
     if workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {workers}")
+        raise fail(f"--workers must be >= 1, got {workers}")
     keys = load_api_keys(api_key_file)
     config = ServerConfig(budget_per_key=budget_per_key, max_body_bytes=max_body_mb << 20, max_image_sets=cache_size)
-    spec = {"model": model, "pretrained": parse_pretrained(model, pretrained), "device": device, "text_only": text_only,
+    spec = {"model": model, "pretrained": pretrained_kwargs(pretrained), "device": device, "text_only": text_only,
             "api_key_file": str(api_key_file), "config": asdict(config), "state": state or default_state(api_key_file)}
     open_store(spec["state"], config.budget_per_key, config.lease_s).close()  # a bad --state fails now, in one line
     where = "memory (lost on restart)" if spec["state"] == "memory" else spec["state"].rpartition("@")[2]
@@ -91,21 +91,28 @@ keys_app = typer.Typer(help="Meters of a server's API keys: list usage, top up, 
 app.add_typer(keys_app, name="serve-keys")
 
 
+def _echo_usage(store: Any, name: str) -> None:
+    """What a key command prints, with or without --json: one JSON object, the key's usage."""
+    typer.echo(json.dumps({name: store.usage(name)}))
+
+
 def _open(state: str | None, api_key_file: Path | None) -> Any:
     from ..serve import open_store
 
     if state is None and api_key_file is None:
-        raise ValueError("name the server's state with --state, or its --api-key-file (the state then lies beside it)")
+        raise fail("name the server's state with --state, or its --api-key-file (the state then lies beside it)")
     return open_store(state or default_state(api_key_file), keep_default=True)  # type: ignore[arg-type]
 
 
 STATE_OPT = typer.Option(None, "--state", help="the server's --state (SQLite file or redis:// URL)")
 KEYS_OPT = typer.Option(None, "--api-key-file", help="the server's key file (its default state lies beside it)")
+JSON_OPT = typer.Option(False, "--json", help="print one JSON object on stdout")
+JSON_ALWAYS_OPT = typer.Option(False, "--json", help="print one JSON object on stdout (this command's output either way)")
 
 
 @keys_app.command("list")
 @guarded
-def keys_list(state: str | None = STATE_OPT, api_key_file: Path | None = KEYS_OPT, as_json: bool = typer.Option(False, "--json")) -> None:
+def keys_list(state: str | None = STATE_OPT, api_key_file: Path | None = KEYS_OPT, as_json: bool = JSON_OPT) -> None:
     """Every key's used queries, budget and remaining queries."""
     store = _open(state, api_key_file)
     names = set(store.keys())
@@ -125,30 +132,34 @@ def keys_list(state: str | None = STATE_OPT, api_key_file: Path | None = KEYS_OP
 
 @keys_app.command("top-up")
 @guarded
-def keys_top_up(name: str, queries: int, state: str | None = STATE_OPT, api_key_file: Path | None = KEYS_OPT) -> None:
+def keys_top_up(
+    name: str, queries: int, state: str | None = STATE_OPT, api_key_file: Path | None = KEYS_OPT, as_json: bool = JSON_ALWAYS_OPT
+) -> None:
     """Raise key NAME's budget by QUERIES."""
     if queries < 1:
-        raise ValueError(f"QUERIES must be >= 1, got {queries}")
+        raise fail(f"QUERIES must be >= 1, got {queries}")
     store = _open(state, api_key_file)
     store.top_up(name, queries)
-    typer.echo(json.dumps({name: store.usage(name)}))
+    _echo_usage(store, name)
 
 
 @keys_app.command("set-budget")
 @guarded
-def keys_set_budget(name: str, budget: str, state: str | None = STATE_OPT, api_key_file: Path | None = KEYS_OPT) -> None:
+def keys_set_budget(
+    name: str, budget: str, state: str | None = STATE_OPT, api_key_file: Path | None = KEYS_OPT, as_json: bool = JSON_ALWAYS_OPT
+) -> None:
     """Give key NAME a budget of its own (BUDGET queries, or 'default' for the server's --budget-per-key)."""
     if budget != "default" and not budget.isdigit():
-        raise ValueError(f"BUDGET must be a number of queries or 'default', got {budget!r}")
+        raise fail(f"BUDGET must be a number of queries or 'default', got {budget!r}")
     store = _open(state, api_key_file)
     store.set_budget(name, None if budget == "default" else int(budget))
-    typer.echo(json.dumps({name: store.usage(name)}))
+    _echo_usage(store, name)
 
 
 @keys_app.command("reset")
 @guarded
-def keys_reset(name: str, state: str | None = STATE_OPT, api_key_file: Path | None = KEYS_OPT) -> None:
+def keys_reset(name: str, state: str | None = STATE_OPT, api_key_file: Path | None = KEYS_OPT, as_json: bool = JSON_ALWAYS_OPT) -> None:
     """Set key NAME's used queries back to 0."""
     store = _open(state, api_key_file)
     store.reset(name)
-    typer.echo(json.dumps({name: store.usage(name)}))
+    _echo_usage(store, name)

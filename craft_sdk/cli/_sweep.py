@@ -9,7 +9,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ._app import app, emit_json, err, fail, guarded
+from ._app import RUNTIME_ERROR, app, emit_json, err, fail, guarded
 
 
 def _dry_run(spec: Any, out: Path, as_json: bool) -> None:
@@ -122,5 +122,5 @@ def sweep(
         raise fail(
             f"{len(result.failed)} of {n_runs} runs failed (first: {first_id}: {first_msg}); "
             f"see {out / 'failures.json'}; rerun the same command to retry them",
-            code=1,
+            code=RUNTIME_ERROR,
         )

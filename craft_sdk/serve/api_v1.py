@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
 
 from .._version import __version__
+from ..client.base import DEFAULT_TEMPLATE
 from ..errors import CraftError, UnknownHandleError
 from ..images import images_fingerprint
 from ..wire import API, CHECKSUM_HEADER, IDEMPOTENCY_HEADER, SAFETENSORS, encode, sha256_hex
@@ -75,7 +76,7 @@ def register(router: APIRouter, state: ServerState) -> None:
         return state.store.usage(key)
 
     @router.get("/capabilities", summary="What the model does for a context template")
-    async def capabilities(template: str = "a photo of a", key: str = Depends(authenticate)) -> dict[str, Any]:
+    async def capabilities(template: str = DEFAULT_TEMPLATE, key: str = Depends(authenticate)) -> dict[str, Any]:
         checks.check_template(template, state.config)
         caps = await state.capabilities(key, template)
         return {k: getattr(caps, k) for k in ("model_id", "n_ctx", "ctx_dim", "output", "ctx_rms", "logit_scale")}
@@ -162,7 +163,7 @@ async def _job(state: ServerState, key: str, body: bytes) -> _Job:
     entries, meta = checks.parse_body(body)
     req = checks.request_json(meta)
     names = checks.check_names(req.get("class_names"), cfg)
-    template = req.get("template", "a photo of a")
+    template = req.get("template", DEFAULT_TEMPLATE)
     checks.check_template(template, cfg)
     dtype = req.get("logits_dtype", "float32")
     if dtype not in ("float32", "float16"):

@@ -34,6 +34,7 @@ from craft_sdk import (
     load_data,
     tune,
 )
+from craft_sdk.api import pretrained_kwargs
 from craft_sdk.scores import as_log_scores
 
 from .spec import RunSpec
@@ -64,10 +65,7 @@ def get_client(model: str, pretrained: str | None) -> PredictionClient:
     """A client for ``model``, created once per process and reused by later runs."""
     key = (model, pretrained)
     if key not in _CLIENTS:
-        if pretrained is None:
-            _CLIENTS[key] = create_client(model)
-        else:
-            _CLIENTS[key] = create_client(model, None if pretrained.lower() == "none" else pretrained)
+        _CLIENTS[key] = create_client(model, **pretrained_kwargs(pretrained))
     return _CLIENTS[key]
 
 
