@@ -221,3 +221,15 @@ def test_serve_command_runs_a_real_server(tiny_model_dir: Path, tmp_path: Path) 
     text = err.decode()  # uvicorn shuts down gracefully, then re-raises SIGTERM (exit -15)
     assert proc.returncode in (0, -signal.SIGTERM) and "Shutting down" in text and KEY not in text
     assert "serving open_clip/local-dir/tiny-clip" in text
+
+
+def test_client_config_is_shared_by_http_clients() -> None:
+    from craft_sdk.client.http import HTTPClientConfig, client_config
+
+    eight = HTTPClientConfig(max_concurrency=8)
+    assert client_config(None, {}, "X", eight) == eight  # a client's own default
+    assert client_config(HTTPClientConfig(max_concurrency=2), {}, "X", eight).max_concurrency == 2  # the caller's config wins
+    assert client_config(None, {"max_concurrency": 3}, "X", eight).max_concurrency == 3  # and keyword overrides win over both
+    assert client_config(None, {}, "X") == HTTPClientConfig()
+    with pytest.raises(ConfigError, match=r"unknown ZeroShotAPIClient option\(s\) \['nope'\]"):
+        client_config(None, {"nope": 1}, "ZeroShotAPIClient")

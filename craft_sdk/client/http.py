@@ -149,6 +149,17 @@ class _HandleGone(Exception):
     """The server no longer holds the image set (evicted or restarted)."""
 
 
+def client_config(
+    config: HTTPClientConfig | None, overrides: dict[str, Any], who: str, default: HTTPClientConfig | None = None
+) -> HTTPClientConfig:
+    """``config`` (or ``default``) with keyword ``overrides``; an unknown option is refused naming ``who``."""
+    known = {f.name for f in fields(HTTPClientConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(f"unknown {who} option(s) {unknown}; valid: {sorted(known)}")
+    return replace(config or default or HTTPClientConfig(), **overrides)
+
+
 class _RemoteSet:
     """What the client caches per image set: the images (to upload again) and the server's current handle."""
 
@@ -184,11 +195,7 @@ class HTTPClient(BaseClient):
         transport: httpx.BaseTransport | None = None,
         **overrides: Any,
     ) -> None:
-        known = {f.name for f in fields(HTTPClientConfig)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ConfigError(f"unknown HTTPClient option(s) {unknown}; valid: {sorted(known)}")
-        self.config = replace(config or HTTPClientConfig(), **overrides)
+        self.config = client_config(config, overrides, "HTTPClient")
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"url must start with http:// or https://, got {url!r}")
         self.url = url.rstrip("/")

@@ -9,8 +9,9 @@ import hashlib
 import hmac
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request, Response, Security
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 _IDEM_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-")
 _GONE = "unknown or evicted image-set handle; upload the images again"
+J = TypeVar("J")
 
 
 @dataclass
@@ -101,8 +103,7 @@ def register(router: APIRouter, state: ServerState) -> None:
     async def predict(request: Request, key: str = Depends(authenticate)) -> Any:
         body = await _read_body(request, state.config)
         idem = request.headers.get(IDEMPOTENCY_HEADER)
-        if idem is not None and not (1 <= len(idem) <= 128 and set(idem) <= _IDEM_CHARS):
-            raise Problem(422, "invalid", "Idempotency-Key must be 1-128 characters of [A-Za-z0-9._:-]", IDEMPOTENCY_HEADER)
+        check_idempotency_key(idem)
         return await _answer(state, key, idem, body)
 
 
@@ -111,6 +112,34 @@ def register(router: APIRouter, state: ServerState) -> None:
 
 async def _answer(state: ServerState, key: str, idem: str | None, body: bytes) -> Any:
     """Answer a prediction once per idempotency key: replays are never billed, duplicates in flight wait."""
+
+    def refusal(used: Any, budget: Any, job: _Job) -> str:
+        return (f"the query budget of this API key is spent ({used} of {budget} used, {job.queries} more requested); "
+                "ask the model owner for more")
+
+    return await answer_once(
+        state, key, idem, body, job=lambda: _job(state, key, body), queries=lambda job: job.queries,
+        compute=lambda job, digest: _compute(state, key, job, digest), respond=_respond, refusal=refusal,
+    )
+
+
+async def answer_once(
+    state: ServerState,
+    key: str,
+    idem: str | None,
+    body: bytes,
+    *,
+    job: Callable[[], Awaitable[J]],
+    queries: Callable[[J], int],
+    compute: Callable[[J, str], Awaitable[CachedResponse]],
+    respond: Callable[[CachedResponse, bool], Any],
+    refusal: Callable[[Any, Any, J], str],
+) -> Any:
+    """The idempotent, metered answer of every billed route: validate (``job``), charge ``queries`` in the
+    store, ``compute``, remember the answer under ``(key, idem)``; a replay is answered from memory (or the
+    store) and never billed twice, a duplicate in flight waits for the first, a failure refunds the charge.
+    ``refusal(used, budget, job)`` is the 429 message when the key's budget is spent.
+    """
     digest = sha256_hex(body)
     slot = (key, idem or "")
     while idem is not None:
@@ -118,7 +147,7 @@ async def _answer(state: ServerState, key: str, idem: str | None, body: bytes) -
         if cached is not None:
             if cached.digest != digest:
                 raise Problem(422, "idempotency_key_reused", "this Idempotency-Key was used for a different request", IDEMPOTENCY_HEADER)
-            return _respond(cached, replayed=True)
+            return respond(cached, True)
         event = state.inflight.get(slot)
         if event is None:
             break
@@ -127,22 +156,22 @@ async def _answer(state: ServerState, key: str, idem: str | None, body: bytes) -
     if idem is not None:
         state.inflight[slot] = event
     try:
-        job = await _job(state, key, body)
-        begin = state.store.begin(key, idem, digest, job.queries, state.owner)
+        todo = await job()
+        cost = queries(todo)
+        begin = state.store.begin(key, idem, digest, cost, state.owner)
         if begin.status == "mismatch":
             raise Problem(422, "idempotency_key_reused", "this Idempotency-Key was used for a different request", IDEMPOTENCY_HEADER)
         if begin.status == "pending":
             raise Problem(503, "in_progress", "this request is being computed by another server process; retry", headers={"Retry-After": "1"})
         if begin.status == "refused":
             u = state.store.usage(key)
-            raise Problem(429, "budget_exceeded", f"the query budget of this API key is spent ({u['used']} of {u['budget']} used, "
-                          f"{job.queries} more requested); ask the model owner for more")
+            raise Problem(429, "budget_exceeded", refusal(u["used"], u["budget"], todo))
         billed = begin.status in ("charged", "takeover")  # takeover: charged by a process that died computing it
         try:
-            resp = await _compute(state, key, job, digest)
+            resp = await compute(todo, digest)
         except BaseException:
             if billed:
-                state.store.abort(key, idem, job.queries)
+                state.store.abort(key, idem, cost)
             raise
         if idem is not None:
             if begin.status == "replay" and begin.digest != resp.digest:
@@ -150,11 +179,17 @@ async def _answer(state: ServerState, key: str, idem: str | None, body: bytes) -
             if billed:
                 state.store.finish(key, idem, resp.digest)
             state.answers.put(slot, resp, len(resp.body))
-        return _respond(resp, replayed=begin.status == "replay")
+        return respond(resp, begin.status == "replay")
     finally:
         if idem is not None:
             state.inflight.pop(slot, None)
         event.set()
+
+
+def check_idempotency_key(idem: str | None) -> None:
+    """Refuse an ``Idempotency-Key`` header that is not 1-128 characters of [A-Za-z0-9._:-] (422)."""
+    if idem is not None and not (1 <= len(idem) <= 128 and set(idem) <= _IDEM_CHARS):
+        raise Problem(422, "invalid", "Idempotency-Key must be 1-128 characters of [A-Za-z0-9._:-]", IDEMPOTENCY_HEADER)
 
 
 async def _job(state: ServerState, key: str, body: bytes) -> _Job:
