@@ -117,11 +117,11 @@ def tune(
     base.update(overrides)
     cfg = TuneConfig.from_dict(base)
     tuner = Tuner(cfg, checkpoint_dir=checkpoint_dir, resume=resume, on_progress=on_progress)
-    from .data import require_classes, seen_fingerprints
+    from .data import require_classes
 
     require_classes(train, "the training set")
     result = tuner.fit(client, train, val, ledger=ledger)
-    return Adapter.from_result(result, seen_images=seen_fingerprints(train, val))
+    return Adapter.from_result(result)  # the result records every trained/selected-on image's digest
 
 
 def evaluate(

@@ -281,3 +281,17 @@ def test_paper_protocol_reproduces_the_previous_default_byte_for_byte() -> None:
         assert got == case["tensors"], case
         checked += 1
     assert checked == 5
+
+
+def test_adapters_record_every_image_they_saw_whatever_the_entry_point(planted_bias) -> None:  # noqa: ANN001
+    """Issue 11 item 2: the tuner itself records per-image digests (Tuner, api.tune, CraftClassifier.fit, demo)."""
+    from craft_sdk.data import seen_fingerprints
+    from craft_sdk.errors import DataError
+
+    box, train, test = planted_bias
+    val = ImageDataset(test.images[:12], test.labels[:12], CLASSES)
+    result = Tuner(TuneConfig(mode="pr", budget=5, **SMALL)).fit(box.client(), train, val)
+    assert Adapter.from_result(result).config.provenance["data"]["image_fingerprints"] == seen_fingerprints(train, val)
+    single = ImageDataset(train.images[:4], np.zeros(4, np.int64), CLASSES)
+    with pytest.raises(DataError, match="single class"):
+        Tuner(TuneConfig(mode="pr", budget=5, **SMALL)).fit(box.client(), single)

@@ -75,7 +75,7 @@ def tune(
     """Tune a CraFT adapter on DATA through a prediction-only black box."""
     from .. import TuneConfig, load_data
     from ..adapter import Adapter
-    from ..data import require_classes, seen_fingerprints
+    from ..data import require_classes
     from ..tuner.train import Tuner
 
     if shots < 1:
@@ -106,7 +106,7 @@ def tune(
             config, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume, on_progress=on_progress
         )
         result = tuner.fit(client, splits.train, splits.val)
-    adapter = Adapter.from_result(result, seen_images=seen_fingerprints(splits.train, splits.val))
+    adapter = Adapter.from_result(result)
     adapter.save_pretrained(out)
     summary = {
         "adapter": str(out),

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..client.base import PredictionClient
 from ..client.ledger import MeteredClient, QueryLedger
-from ..data import ImageDataset
+from ..data import ImageDataset, seen_fingerprints
 from ..errors import BudgetExceededError, ConfigError, CraftError
 from ..scores import as_log_scores
 from . import mlp, selection
@@ -349,6 +349,8 @@ class Run:
                 "shots": int(counts.min()) if counts.min() == counts.max() else None,
                 "val_fingerprint": self.val.fingerprint() if self.val is not None else None,
                 "n_val": len(self.val) if self.val is not None else 0,
+                # what `craft-sdk eval` / evaluate() must never score (issue 11): every trained or selected-on image
+                "image_fingerprints": seen_fingerprints(self.train, self.val),
             }
             if self.config.robust:
                 self._data["n_search"] = self.images.n_search

@@ -35,7 +35,7 @@ from pathlib import Path
 from ..client.base import PredictionClient
 from ..client.ledger import QueryLedger
 from ..data import ImageDataset
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from .checkpoint import LEDGER_FILE
 from .config import TuneConfig
 from .loop import Run
@@ -92,6 +92,8 @@ class Tuner:
             raise ConfigError("validation and training sets must have the same class list")
         if len(train) == 0:
             raise ConfigError("the training set is empty")
+        if len(set(train.labels.tolist())) < 2:
+            raise DataError("the training set has a single class; a classifier needs at least two classes")
         if self.checkpoint_dir is not None:
             self._check_checkpoint_dir()
             if ledger is None:
