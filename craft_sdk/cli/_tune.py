@@ -19,7 +19,7 @@ PRETRAINED_HELP = "pretrained tag or .safetensors file for open_clip names; 'non
 def _client(model: str, pretrained: str | None, api_key_file: Path | None = None) -> Any:
     from .. import create_client
 
-    if model.startswith(("http://", "https://")):
+    if model.startswith(("http://", "https://", "zeroshot+http://", "zeroshot+https://")):
         kwargs: dict[str, Any] = {}
         if api_key_file is not None:
             kwargs["api_key"] = api_key_file.read_text().strip()
@@ -238,6 +238,7 @@ def inspect(
         "classes": list(cfg.class_names),
         "n_classes": len(cfg.class_names),
         "template": cfg.template,
+        "calibration": None if cfg.calibration is None else vars(cfg.calibration),
         "prompt": None if cfg.prompt is None else vars(cfg.prompt),
         "refiner": None if cfg.refiner is None else vars(cfg.refiner),
         "format_version": cfg.format_version,
@@ -254,6 +255,12 @@ def inspect(
     typer.echo(f"  classes    {len(cfg.class_names)}: {', '.join(cfg.class_names[:8])}{' ...' if len(cfg.class_names) > 8 else ''}")
     typer.echo(f"  mode       {prov.get('mode')}  seed {prov.get('seed')}  shots {prov.get('shots')}")
     typer.echo(f"  queries    {prov.get('queries_used')} of {prov.get('budget')}")
+    typer.echo(f"  template   {cfg.template!r}")
     typer.echo(f"  prompt     {'none' if cfg.prompt is None else f'{cfg.prompt.n_ctx}x{cfg.prompt.ctx_dim} offset from z[{cfg.prompt.intrinsic_dim}]'}")
+    selection = prov.get("selection") or {}
+    if selection:
+        typer.echo(f"  deployed   {selection.get('reason', selection.get('deployed'))}")
+    if cfg.calibration is not None:
+        typer.echo(f"  calibrated temperature {cfg.calibration.temperature:.3f}")
     typer.echo(f"  refiner    {'none' if cfg.refiner is None else f'{cfg.refiner.layers}-layer MLP, hidden {cfg.refiner.hidden}, residual={cfg.refiner.residual}'}")
     typer.echo(f"  files      {', '.join(f'{k} ({v / 1024:.1f} KiB)' for k, v in files.items())}")

@@ -250,7 +250,7 @@ class Run:
             self.prompt_inert = True
             self.stopped = (
                 f"stopped: the prompt search is inert (every candidate scored the same for {FLAT_GENERATIONS} "
-                "generations: the client ignores context offsets); the refiner is kept"
+                "generations: the client ignores the prompt); the refiner is kept"
             )
             logger.warning("%s", self.stopped)
 
