@@ -160,11 +160,11 @@ def test_cli_output_resumes_without_repaying(adapter_dir: Path, images: Path, tm
     assert code == 0 and json.loads(stdout)["queries_used"] == 4  # 10 images, batches of 3
     # an interrupted run: the service fails on the third call; two batches are on disk
     code, _, stderr = run([*common, "--output", str(out)], Spy(fail_on_call=3), monkeypatch)
-    assert code == 2 and "the service went away" in stderr
+    assert code == 1 and "the service went away" in stderr
     with open(out, "a") as f:
         f.write('{"image": "torn' if fmt == "jsonl" else "/torn/line.png,gre")  # a torn last line
     code, _, stderr = run([*common, "--output", str(out)], Spy(), monkeypatch)
-    assert code == 2 and "exists; pass --resume" in stderr
+    assert code == 1 and "exists; pass --resume" in stderr
     client = Spy()
     code, stdout, _ = run([*common, "--output", str(out), "--resume"], client, monkeypatch)
     summary = json.loads(stdout)
@@ -180,16 +180,16 @@ def test_cli_output_resumes_without_repaying(adapter_dir: Path, images: Path, tm
     # resuming with changed inputs or another adapter is refused
     code, _, stderr = run([str(adapter_dir), str(images / "c"), "--output", str(out), "--resume", "--top-k", "2"],
                           Spy(), monkeypatch)
-    assert code == 2 and "rows but there are only 2 inputs" in stderr
+    assert code == 1 and "rows but there are only 2 inputs" in stderr
     code, _, stderr = run([*common, "--output", str(out), "--resume", "--top-k", "3"], Spy(), monkeypatch)
-    assert code == 2 and "different top_k" in stderr
+    assert code == 1 and "different top_k" in stderr
 
 
 def test_cli_fifo_and_remote_options(adapter_dir: Path, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fifo = tmp_path / "in.png"
     os.mkfifo(fifo)
     code, _, stderr = run([str(adapter_dir), str(fifo)], Spy(), monkeypatch)
-    assert code == 2 and "is not a regular file" in stderr and len(stderr.strip().splitlines()) == 1
+    assert code == 1 and "is not a regular file" in stderr and len(stderr.strip().splitlines()) == 1
     seen: dict = {}
 
     def fake_create(model: str, **kwargs: object) -> Spy:
