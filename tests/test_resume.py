@@ -17,7 +17,8 @@ import pytest
 from conftest import CLASS_NAMES, random_images
 
 from craft_sdk import Adapter, CraftError, ImageDataset, TuneConfig
-from craft_sdk.tuner.checkpoint import CHECKPOINT_FILE, LEDGER_FILE, load_checkpoint, repair_journal, save_checkpoint
+from craft_sdk.client.ledger import repair_journal
+from craft_sdk.tuner.checkpoint import CHECKPOINT_FILE, LEDGER_FILE, load_checkpoint, save_checkpoint
 
 pytest.importorskip("torch")
 pytest.importorskip("cma")

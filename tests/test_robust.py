@@ -17,7 +17,8 @@ from craft_sdk import Adapter, CallableClient, Capabilities, ImageDataset, Query
 pytest.importorskip("torch")
 pytest.importorskip("cma")
 from craft_sdk.tuner import selection  # noqa: E402
-from craft_sdk.tuner.train import Tuner, baseline_cost, generation_cost, plan_generations  # noqa: E402
+from craft_sdk.tuner.plan import baseline_cost, generation_cost, plan_generations  # noqa: E402
+from craft_sdk.tuner.train import Tuner  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CLASSES = ("cat", "dog", "car", "tree", "boat", "lamp")
@@ -199,6 +200,7 @@ def test_temperature_recovers_a_planted_overconfidence() -> None:
     probs = np.exp(logits * 3.0 / t) / np.exp(logits * 3.0 / t).sum(-1, keepdims=True)
     raw = np.exp(logits * 3.0) / np.exp(logits * 3.0).sum(-1, keepdims=True)
     assert selection.expected_calibration_error(probs, labels) < 0.03 < selection.expected_calibration_error(raw, labels)
+    assert selection.fit_temperature(logits[:19] * 3.0, labels[:19]) == 1.0  # too few held-out predictions to fit
 
 
 def test_decision_needs_a_gain_beyond_noise() -> None:
@@ -295,3 +297,12 @@ def test_adapters_record_every_image_they_saw_whatever_the_entry_point(planted_b
     single = ImageDataset(train.images[:4], np.zeros(4, np.int64), CLASSES)
     with pytest.raises(DataError, match="single class"):
         Tuner(TuneConfig(mode="pr", budget=5, **SMALL)).fit(box.client(), single)
+
+
+def test_no_held_out_image_is_a_clean_zero_shot_decision() -> None:
+    """Empty evidence (e.g. one image per class and fewer than 4 classes) decides zero-shot, JSON-safe."""
+    empty = np.zeros((0, 3), np.float32)
+    y = np.zeros(0, np.int64)
+    opt, reason, est = selection.decide({"zero-shot": (empty, empty, y), "prompt": (empty, empty, y)}, 1.645)
+    assert opt == "zero-shot" and "no held-out images" in reason
+    json.dumps(est, allow_nan=False)

@@ -93,13 +93,6 @@ def emit_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, sort_keys=True) + "\n")
 
 
-def parse_pretrained(model: str, pretrained: str | None) -> dict[str, Any]:
-    """Kept for ``_tune.py`` until it calls :func:`craft_sdk.api.pretrained_kwargs` itself."""
-    from ..api import pretrained_kwargs
-
-    return pretrained_kwargs(pretrained)
-
-
 def main() -> None:
     """Console-script entry point."""
     app()

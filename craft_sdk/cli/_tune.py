@@ -10,7 +10,8 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ._app import app, emit_json, err, fail, guarded, parse_pretrained
+from ..client.base import DEFAULT_TEMPLATE
+from ._app import RUNTIME_ERROR, app, emit_json, err, fail, guarded
 
 MODEL_HELP = "demo, an open_clip name (ViT-B-32, RN50), local-dir:/path, or http(s)://server"
 PRETRAINED_HELP = "pretrained tag or .safetensors file for open_clip names; 'none' = random weights"
@@ -18,13 +19,14 @@ PRETRAINED_HELP = "pretrained tag or .safetensors file for open_clip names; 'non
 
 def _client(model: str, pretrained: str | None, api_key_file: Path | None = None) -> Any:
     from .. import create_client
+    from ..api import pretrained_kwargs
 
     if model.startswith(("http://", "https://", "zeroshot+http://", "zeroshot+https://")):
         kwargs: dict[str, Any] = {}
         if api_key_file is not None:
             kwargs["api_key"] = api_key_file.read_text().strip()
         return create_client(model, **kwargs)
-    return create_client(model, **parse_pretrained(model, pretrained))
+    return create_client(model, **pretrained_kwargs(pretrained))
 
 
 def _progress_bar() -> Progress:
@@ -53,7 +55,7 @@ def tune(
     out: Path = typer.Option(Path("craft-adapter"), "--out", "-o", help="adapter directory to write"),
     val_shots: int = typer.Option(0, help="images per class held out of training for model selection"),
     split_file: Path | None = typer.Option(None, "--split", help="CoOp split_zhou_*.json (paths relative to DATA)"),
-    template: str = typer.Option("a photo of a", help="context template the prompt offset modifies"),
+    template: str = typer.Option(DEFAULT_TEMPLATE, help="context template the prompt offset modifies"),
     popsize: int = typer.Option(40, help="CMA-ES population size"),
     intrinsic_dim: int = typer.Option(512, help="dimension of the prompt search space"),
     prompt_scale: float = typer.Option(1.0, help="offset scale relative to the context-embedding RMS"),
@@ -206,7 +208,7 @@ def eval_(
     val_shots = n_val // adapter.n_classes if n_val % adapter.n_classes == 0 else 0
     splits = load_data(data, seed=seed, shots=prov.get("shots"), val_shots=val_shots, **kwargs)
     if splits.test is None or len(splits.test) == 0:
-        raise fail(f"{data} has no test split; use DATA/train + DATA/test, a single ImageFolder, or --split")
+        raise fail(f"{data} has no test split; use DATA/train + DATA/test, a single ImageFolder, or --split", RUNTIME_ERROR)
     client = _client(model, pretrained, api_key_file)
     res = evaluate(adapter, client, splits.test, allow_model_mismatch=allow_model_mismatch)
     if res["n_excluded"]:

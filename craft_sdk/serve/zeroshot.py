@@ -18,7 +18,6 @@ billing again. Imported when an app is created (needs fastapi).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import io
@@ -32,18 +31,19 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
 from PIL import Image
 
+from ..client.base import DEFAULT_TEMPLATE
 from ..client.zeroshot import split_hypothesis
 from ..errors import ClientError, CraftError
 from ..scores import softmax
 from ..wire import CHECKSUM_HEADER, IDEMPOTENCY_HEADER, WireError, loads_json, sha256_hex
 from . import checks
-from .api_v1 import _IDEM_CHARS, _read_body
+from .api_v1 import _read_body, answer_once, check_idempotency_key
 from .app import ServerState
 from .checks import Problem
 from .state import CachedResponse
 
 PATH = "/zero-shot/{name:path}"
-DEFAULT_HYPOTHESIS = "a photo of a {}."
+DEFAULT_HYPOTHESIS = f"{DEFAULT_TEMPLATE} {{}}."
 _SLOT = "zero-shot\0"  # idempotency slots apart from /v1/predict's (a NUL is never in a client's key)
 
 
@@ -72,55 +72,20 @@ def register(router: APIRouter, state: ServerState) -> None:
     async def zero_shot(name: str, request: Request, key: str = Depends(authenticate)) -> Any:
         body = await _read_body(request, state.config)
         idem = request.headers.get(IDEMPOTENCY_HEADER)
-        if idem is not None and not (1 <= len(idem) <= 128 and set(idem) <= _IDEM_CHARS):
-            raise Problem(422, "invalid", "Idempotency-Key must be 1-128 characters of [A-Za-z0-9._:-]", IDEMPOTENCY_HEADER)
+        check_idempotency_key(idem)
         return await _answer(state, key, None if idem is None else _SLOT + idem, body)
 
 
 async def _answer(state: ServerState, key: str, idem: str | None, body: bytes) -> Any:
-    """Answer once per idempotency key (the store protocol of api_v1): replays are never billed, duplicates wait."""
-    digest = sha256_hex(body)
-    slot = (key, idem or "")
-    while idem is not None:
-        cached = state.answers.get(slot)
-        if cached is not None:
-            if cached.digest != digest:
-                raise Problem(422, "idempotency_key_reused", "this Idempotency-Key was used for a different request", IDEMPOTENCY_HEADER)
-            return _respond(cached, replayed=True)
-        event = state.inflight.get(slot)
-        if event is None:
-            break
-        await event.wait()
-    event = asyncio.Event()
-    if idem is not None:
-        state.inflight[slot] = event
-    try:
-        job = await _job(state, key, body)
-        begin = state.store.begin(key, idem, digest, 1, state.owner)
-        if begin.status == "mismatch":
-            raise Problem(422, "idempotency_key_reused", "this Idempotency-Key was used for a different request", IDEMPOTENCY_HEADER)
-        if begin.status == "pending":
-            raise Problem(503, "in_progress", "this request is being computed by another server process; retry", headers={"Retry-After": "1"})
-        if begin.status == "refused":
-            u = state.store.usage(key)
-            raise Problem(429, "budget_exceeded", f"the query budget of this API key is spent ({u['used']} of {u['budget']} used); "
-                          "ask the model owner for more")
-        billed = begin.status in ("charged", "takeover")
-        try:
-            resp = await _compute(state, key, job, digest)
-        except BaseException:
-            if billed:
-                state.store.abort(key, idem, 1)
-            raise
-        if idem is not None:
-            if billed:
-                state.store.finish(key, idem, resp.digest)
-            state.answers.put(slot, resp, len(resp.body))
-        return _respond(resp, replayed=begin.status == "replay")
-    finally:
-        if idem is not None:
-            state.inflight.pop(slot, None)
-        event.set()
+    """Answer once per idempotency key (api_v1's store protocol): replays are never billed, duplicates wait."""
+
+    def refusal(used: Any, budget: Any, job: _Job) -> str:
+        return f"the query budget of this API key is spent ({used} of {budget} used); ask the model owner for more"
+
+    return await answer_once(
+        state, key, idem, body, job=lambda: _job(state, key, body), queries=lambda job: 1,
+        compute=lambda job, digest: _compute(state, key, job, digest), respond=_respond, refusal=refusal,
+    )
 
 
 async def _job(state: ServerState, key: str, body: bytes) -> _Job:

@@ -31,7 +31,6 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from ..client.ledger import repair_journal  # noqa: F401  (re-exported: the ledger repairs its own journal)
 from ..errors import CraftError
 
 CHECKPOINT_FILE = "checkpoint.safetensors"

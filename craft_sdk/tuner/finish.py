@@ -75,7 +75,7 @@ def _evidence(run: Run, candidates: dict[str, dict[str, Any]]) -> dict[str, tupl
     evidence = {k: (v["check"], zero[n:], y_check) for k, v in candidates.items()}
     if "refiner" in candidates:  # zero-shot logits were fitted to nothing: its out-of-fold predictions count too
         ref = candidates["refiner"]
-        evidence["refiner"] = (ref["held"], np.concatenate([zero[:n], zero[n:]]), ref["held_y"])
+        evidence["refiner"] = (ref["held"], zero, ref["held_y"])
     return evidence
 
 

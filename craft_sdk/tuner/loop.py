@@ -332,7 +332,7 @@ class Run:
 
     def _check_same_run(self, state: dict[str, Any]) -> None:
         if state["config"] != self.requested.to_dict():
-            raise CraftError("the checkpoint was written with a different configuration; resume with the same options")
+            raise ConfigError("the checkpoint was written with a different configuration; resume with the same options")
         if state["model_id"] != self.caps.model_id:
             raise CraftError(f"the checkpoint is for model {state['model_id']}, not {self.caps.model_id}")
         if state["data"]["train_fingerprint"] != self.data_info()["train_fingerprint"]:

@@ -137,9 +137,13 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float((np.asarray(logits).argmax(-1) == labels).mean()) if len(labels) else float("nan")
 
 
+MIN_CALIBRATION = 20  # held-out predictions below which a fitted temperature is noise: keep 1.0
+
+
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """The temperature minimising NLL on held-out (logits, labels); 1.0 when there are none."""
-    if len(labels) == 0:
+    """The temperature minimising NLL on held-out (logits, labels); 1.0 with fewer than
+    :data:`MIN_CALIBRATION` of them (a temperature fitted on 3 images can be anything)."""
+    if len(labels) < MIN_CALIBRATION:
         return 1.0
     grid = np.exp(np.linspace(np.log(0.05), np.log(20.0), 121))
     losses = [log_loss(logits, labels, t) for t in grid]
@@ -267,12 +271,14 @@ def train_refiner(
 # ---------------------------------------------------------------- decision
 
 
-def _estimate(logits: np.ndarray, labels: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+def _estimate(logits: np.ndarray, labels: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
     """Accuracy, log-loss and the paired gain over ``reference`` with its McNemar standard error
     sqrt(b + c) / n (b, c: images only this / only the reference gets right)."""
     correct = logits.argmax(-1) == labels
     ref = reference.argmax(-1) == labels
     b, c, n = int((correct & ~ref).sum()), int((ref & ~correct).sum()), len(labels)
+    if n == 0:  # nothing held out: no evidence either way
+        return {"accuracy": None, "log_loss": None, "gain": 0.0, "gain_se": None, "n": 0}  # JSON-safe (adapter config)
     return {
         "accuracy": float(correct.mean()),
         "log_loss": log_loss(logits, labels),

@@ -39,10 +39,9 @@ from ..errors import ConfigError, DataError
 from .checkpoint import LEDGER_FILE
 from .config import TuneConfig
 from .loop import Run
-from .plan import baseline_cost, effective_config, generation_cost, plan_generations
 from .result import Progress, TuneResult
 
-__all__ = ["Progress", "TuneResult", "Tuner", "baseline_cost", "effective_config", "generation_cost", "plan_generations"]
+__all__ = ["Progress", "TuneResult", "Tuner"]
 
 logger = logging.getLogger(__name__)
 
