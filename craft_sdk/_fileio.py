@@ -14,11 +14,12 @@ def umask() -> int:
     return mask
 
 
-def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+def write_bytes_atomic(path: str | Path, data: bytes, *, sync_dir: bool = False) -> Path:
     """Write ``data`` to ``path`` via a fsynced temporary file in the same folder and a rename.
 
     Readers never see a torn file; a failure leaves no temporary behind. An existing file keeps
-    its mode; a new one gets ``0o666 & ~umask`` (``mkstemp`` alone would leave 0600).
+    its mode; a new one gets ``0o666 & ~umask`` (``mkstemp`` alone would leave 0600). With
+    ``sync_dir`` the folder is fsynced after the rename, so the new name survives a power cut.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -34,4 +35,10 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if sync_dir:
+        fd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     return target

@@ -23,14 +23,14 @@ generation it cannot afford, with a warning, and never exceeds the budget.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 
+from .._fileio import write_bytes_atomic
 from ..errors import CraftError
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
@@ -39,21 +39,10 @@ FORMAT = "craft-sdk-checkpoint/1"
 
 
 def save_checkpoint(directory: Path, tensors: dict[str, np.ndarray], state: dict[str, Any]) -> Path:
-    """Atomically write ``directory/checkpoint.safetensors``."""
-    directory.mkdir(parents=True, exist_ok=True)
-    final = directory / CHECKPOINT_FILE
-    tmp = directory / f".{CHECKPOINT_FILE}.tmp"
+    """Atomically write ``directory/checkpoint.safetensors`` (fsynced temp file, rename, fsynced folder)."""
     payload = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    save_file(payload, str(tmp), metadata={"format": FORMAT, "state": json.dumps(state, sort_keys=True)})
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return final
+    data = save(payload, metadata={"format": FORMAT, "state": json.dumps(state, sort_keys=True)})
+    return write_bytes_atomic(directory / CHECKPOINT_FILE, data, sync_dir=True)
 
 
 def journal_used(directory: Path) -> int:
