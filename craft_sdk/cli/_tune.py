@@ -10,7 +10,6 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..client.base import DEFAULT_TEMPLATE
 from ._app import RUNTIME_ERROR, app, emit_json, err, fail, guarded
 
 MODEL_HELP = "demo, an open_clip name (ViT-B-32, RN50), local-dir:/path, or http(s)://server"
@@ -42,55 +41,34 @@ def _progress_bar() -> Progress:
     )
 
 
-@app.command()
-@guarded
-def tune(
+def _tune_command(
     data: str = typer.Argument(..., help="ImageFolder (DATA/train, DATA/test or DATA/<class>), or demo:<task>"),
     model: str = typer.Option("demo", "--model", "-m", help=MODEL_HELP),
     pretrained: str | None = typer.Option(None, "--pretrained", "-p", help=PRETRAINED_HELP),
     shots: int = typer.Option(16, help="training images per class (seeded sample)"),
-    budget: int = typer.Option(8000, help="hard ceiling on black-box queries for the whole run"),
-    seed: int = typer.Option(0, help="seed of sampling, projection, CMA-ES and refiner"),
-    mode: str = typer.Option("craft", help="zero-shot | pg | pr | pg+pr | craft"),
     out: Path = typer.Option(Path("craft-adapter"), "--out", "-o", help="adapter directory to write"),
     val_shots: int = typer.Option(0, help="images per class held out of training for model selection"),
     split_file: Path | None = typer.Option(None, "--split", help="CoOp split_zhou_*.json (paths relative to DATA)"),
-    template: str = typer.Option(DEFAULT_TEMPLATE, help="context template the prompt offset modifies"),
-    popsize: int = typer.Option(40, help="CMA-ES population size"),
-    intrinsic_dim: int = typer.Option(512, help="dimension of the prompt search space"),
-    prompt_scale: float = typer.Option(1.0, help="offset scale relative to the context-embedding RMS"),
-    sigma0: float = typer.Option(1.0, help="initial CMA-ES step size"),
-    refiner_layers: int = typer.Option(3, help="refiner linear layers (1 = linear map; fewer classes/shots often favour 1)"),
-    refiner_hidden: int = typer.Option(512, help="refiner hidden width"),
-    residual: bool = typer.Option(True, "--residual/--no-residual", help="refiner adds its output to the logits"),
-    lam: float | None = typer.Option(None, help="weight of KL(refined || raw) in the prompt fitness (default 0.1 / classes)"),
-    beta: float | None = typer.Option(None, help="weight of KL(raw || refined) in the refiner loss (default 0.1 / classes)"),
-    lr: float = typer.Option(1e-3, help="refiner AdamW learning rate"),
-    protocol: str = typer.Option("robust", help="robust (held-out selection, early stopping, calibration, never worse than zero-shot beyond noise) | paper (the paper's exact loop)"),
-    patience: str = typer.Option("20", help="robust protocol: stop after N generations without a held-out gain; 'none' spends the whole budget"),
     checkpoint_dir: Path | None = typer.Option(None, help="write a resumable checkpoint (and the query journal) here"),
     checkpoint_every: int = typer.Option(1, help="generations between checkpoints"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --checkpoint-dir (same data, model and options)"),
     api_key_file: Path | None = typer.Option(None, help="file holding the API key for an http(s) model"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
+    **options: Any,
 ) -> None:
-    """Tune a CraFT adapter on DATA through a prediction-only black box."""
-    from .. import TuneConfig, load_data
+    """Tune a CraFT adapter on DATA through a prediction-only black box (every TuneConfig field is an option)."""
+    from .. import load_data
     from ..adapter import Adapter
     from ..data import require_classes
     from ..tuner.train import Tuner
+    from ._options import config_from
 
     if shots < 1:
         raise fail(f"--shots must be >= 1, got {shots}")
     if val_shots < 0:
         raise fail(f"--val-shots must be >= 0 (0 = no validation split), got {val_shots}")
-
-    config = TuneConfig(
-        mode=mode, budget=budget, seed=seed, template=template, popsize=popsize,
-        intrinsic_dim=intrinsic_dim, prompt_scale=prompt_scale, sigma0=sigma0, refiner_layers=refiner_layers,
-        refiner_hidden=refiner_hidden, residual=residual, lam=lam, beta=beta, lr=lr,
-        protocol=protocol, patience=_parse_patience(patience),
-    )
+    config = config_from(options)
+    budget, seed = config.budget, config.seed
     t0 = time.perf_counter()
     kwargs: dict[str, Any] = {"split_file": split_file} if split_file else {}
     splits = load_data(data, shots=shots, seed=seed, val_shots=val_shots, **kwargs)
@@ -154,13 +132,19 @@ def tune(
     typer.echo(f"adapter written to {out}")
 
 
-def _parse_patience(text: str) -> int | None:
-    if text.strip().lower() in ("none", "off", "0"):
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise fail(f"--patience must be a positive integer or 'none', got {text!r}") from None
+def _register_tune() -> None:
+    """``tune``'s signature: its own options, then one option per TuneConfig field (cli/_options.py)."""
+    import inspect
+
+    from ._options import config_parameters
+
+    own = [p for p in inspect.signature(_tune_command).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    command = guarded(_tune_command)
+    command.__signature__ = inspect.Signature([*own, *config_parameters()])  # type: ignore[attr-defined]
+    app.command("tune")(command)
+
+
+_register_tune()
 
 
 def _resume_outlook(config: Any, checkpoint_dir: Path | None, has_val: bool) -> bool | None:
