@@ -177,13 +177,14 @@ def _plot(report: DemoReport, test: ImageDataset, picks: np.ndarray) -> None:
     if report.stopped:
         ax.axvline(report.queries_used, color="C3", ls="--", alpha=0.5)
         why = report.stopped.removeprefix("stopped: ")
-        ax.text(report.queries_used, 0.03, f" stopped at {report.queries_used:,} of {report.budget:,} queries:\n {why}",
-                fontsize=7, color="C3", ha="left" if report.queries_used < 0.6 * report.budget else "right")
+        ax.text(report.queries_used, 0.05, f" stopped at {report.queries_used:,} of {report.budget:,} queries:\n {why}",
+                fontsize=7, color="C3", ha="left" if report.queries_used < 0.5 * report.budget else "right")
+    ax.set_xlim(0, report.budget * 1.02)  # the whole budget: what an early stop left unspent is visible
     ax.set_xlabel("queries used")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
     ax.set_title(f"{report.task}: {report.shots} shots, seed {report.seed}")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper right", fontsize=8)
     for k, (i, s) in enumerate(zip(picks, report.samples)):
         sub = fig.add_axes((0.5 + (k % 4) * 0.125, 0.7 - (k // 4) * 0.22, 0.1, 0.17))
         sub.imshow(np.asarray(test.images[int(i)]))
