@@ -15,7 +15,7 @@ from craft_sdk import ConfigError
 from craft_sdk.sweep import RunSpec, SweepSpec, budget_for_shots, checkpoint_curves, load_spec, run_sweep, summarize
 
 FOLDER_CLASSES = ("forest", "river", "sea_or_lake")
-FAST = {"popsize": 4, "intrinsic_dim": 8, "refiner_hidden": 16}
+FAST = {"popsize": 4, "intrinsic_dim": 8, "refiner_hidden": 16, "protocol": "paper"}  # sweep mechanics: the paper protocol deploys the last generation
 
 
 @pytest.fixture(scope="module")
