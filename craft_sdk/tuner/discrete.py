@@ -240,14 +240,10 @@ class DiscretePromptSearch:
 
     def replay(self, fitness_history: np.ndarray, digests: list[str] | None = None) -> None:
         """Re-run recorded generations (fitness [G, popsize]) without querying anything."""
-        for g, row in enumerate(np.asarray(fitness_history, dtype=np.float64)):
-            candidates = self.ask()
-            if digests is not None and g < len(digests) and digests[g] != self.ask_digests[-1]:
-                raise CraftError(
-                    f"checkpoint replay diverged at generation {g + 1}: the checkpoint was written with another "
-                    "vocabulary, configuration or numpy build; resume with the ones that wrote it"
-                )
-            self.tell(candidates, row)
+        from .search import replay
+
+        why = "the checkpoint was written with another vocabulary, configuration or numpy build; resume with the ones that wrote it"
+        replay(self, fitness_history, digests, why)
 
 
 class DiscretePrompts:

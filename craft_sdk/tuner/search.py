@@ -118,11 +118,17 @@ class PromptSearch:
 
     def replay(self, fitness_history: np.ndarray, digests: list[str] | None = None) -> None:
         """Re-run recorded generations (fitness [G, popsize]) without querying anything."""
-        for g, row in enumerate(np.asarray(fitness_history, dtype=np.float64)):
-            z = self.ask()
-            if digests is not None and g < len(digests) and digests[g] != self.ask_digests[-1]:
-                raise CraftError(
-                    f"checkpoint replay diverged at generation {g + 1}: this numpy/cma build samples differently; "
-                    "resume with the versions that wrote the checkpoint"
-                )
-            self.tell(z, row)
+        replay(self, fitness_history, digests, "this numpy/cma build samples differently; resume with the versions that wrote the checkpoint")
+
+
+def replay(search: Any, fitness_history: np.ndarray, digests: list[str] | None, why: str) -> None:
+    """Rebuild an ask/tell search's state by re-asking and re-telling recorded fitness rows.
+
+    Each re-asked population's digest must equal the recorded one (``digests``), else the run
+    that wrote the checkpoint sampled differently and :class:`CraftError` says ``why``.
+    """
+    for g, row in enumerate(np.asarray(fitness_history, dtype=np.float64)):
+        candidates = search.ask()
+        if digests is not None and g < len(digests) and digests[g] != search.ask_digests[-1]:
+            raise CraftError(f"checkpoint replay diverged at generation {g + 1}: {why}")
+        search.tell(candidates, row)
