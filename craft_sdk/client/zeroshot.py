@@ -33,7 +33,6 @@ import json
 import math
 import threading
 import uuid
-from dataclasses import fields, replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -44,7 +43,7 @@ from PIL import Image
 from ..errors import ClientError, ConfigError
 from ..wire import IDEMPOTENCY_HEADER, WireError
 from .base import DEFAULT_TEMPLATE, BaseClient, Capabilities, PredictionClient
-from .http import HTTPClient, HTTPClientConfig
+from .http import HTTPClient, HTTPClientConfig, client_config
 
 PLACEHOLDER = "{}"
 
@@ -121,17 +120,13 @@ class ZeroShotAPIClient(BaseClient):
         transport: httpx.BaseTransport | None = None,
         **overrides: Any,
     ) -> None:
-        known = {f.name for f in fields(HTTPClientConfig)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ConfigError(f"unknown ZeroShotAPIClient option(s) {unknown}; valid: {sorted(known)}")
-        base = config or HTTPClientConfig(max_concurrency=8)
+        wire_config = client_config(config, overrides, "ZeroShotAPIClient", HTTPClientConfig(max_concurrency=8))
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ConfigError(f"url must be an http(s) endpoint such as http://host:port/path, got {url!r}")
         self.url = url
         # the HTTP client owns transport, retries, backoff and error mapping; this class owns the shape
-        self._wire = HTTPClient(f"{parts.scheme}://{parts.netloc}", api_key, config=replace(base, **overrides), transport=transport)
+        self._wire = HTTPClient(f"{parts.scheme}://{parts.netloc}", api_key, config=wire_config, transport=transport)
         self.config = self._wire.config
         super().__init__(self.config.cache_size)  # the handle cache holds each image set's encoded images
         self._caps = Capabilities(model_id or f"zeroshot-api:{url}", output="probs")
