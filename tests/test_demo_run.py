@@ -27,7 +27,8 @@ def test_run_demo_writes_everything(tiny_model_dir: Path, tmp_path: Path) -> Non
     assert report.n_test == 1637 and 0.0 <= report.accuracy <= 1.0
     # observation queries are counted apart from the training budget: one per curve point, 2 for the
     # final evaluation, one per CraftClassifier batch
-    assert report.eval_queries == len(report.curve) + 2 + 1
+    has_prompt = json.loads((out / "adapter" / "adapter_config.json").read_text())["prompt"] is not None
+    assert report.eval_queries == len(report.curve) + (2 if has_prompt else 1) + 1  # curve + evaluate() + one predict batch
     assert [c["generation"] for c in report.curve][0] == 0 and report.curve[-1]["generation"] == seen[-1].generation
     assert len(report.samples) == 16
     assert {s["true"] for s in report.samples} <= {"zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"}

@@ -134,7 +134,8 @@ def test_model_card_front_matter_body_and_runnable_snippet(shipped: Path, tmp_pa
     prov = adapter.config.provenance
     assert f"{prov['queries_used']} of a budget of {prov['budget']}" in text
     assert "`zero`, `one`" in text and "## Limitations" in text
-    assert f"the training shots ({prov['data']['n_train']} images; optimistic) | 51.2% | 100.0% |" in text
+    zs, tr = prov["metrics"]["zero_shot_train_accuracy"], prov["metrics"]["train_accuracy"]
+    assert f"the training shots ({prov['data']['n_train']} images; optimistic) | {100 * zs:.1f}% | {100 * tr:.1f}% |" in text
     assert 'from_pretrained("org/digits-adapter", client)' in text
     # the card's three lines run as written (pointed at the local copy)
     snippet = text.split("```python\n")[1].split("```")[0].replace("org/digits-adapter", str(path))
