@@ -76,7 +76,7 @@ def table(robust: list[dict], paper: dict, full: list[dict], population: list[di
                 full_rows = [r for (t, s), rs in full_cells.items() if s == shots for r in rs]
                 full_vals = _seed_means(full_rows) if len(full_rows) == len(rows) else []
                 pop_rows = [r for (t, s), rs in pop_cells.items() if s == shots for r in rs]
-                pop_vals = _seed_means(pop_rows) if len(pop_rows) == len(rows) else []
+                pop_vals = _seed_means(pop_rows) if len({r["task"] for r in pop_rows}) == len(tasks) else []
             else:
                 rows = cells.get((task, shots), [])
                 acc = [r["test_accuracy"] for r in rows]
@@ -96,7 +96,7 @@ def table(robust: list[dict], paper: dict, full: list[dict], population: list[di
             lines.append(
                 f"| {name} | {shots} | {mean_std(zero)} | {mean_std(paper_vals)} | **{mean_std(acc)}** | "
                 f"{statistics.median(used):,.0f} ({100 * statistics.median(frac):.0f} %) | {deployed} | "
-                f"{mean_std(full_vals)} | {mean_std(pop_vals)} | {ece_text} |"
+                f"{_with_n(full_vals, len(acc))} | {_with_n(pop_vals, len(acc))} | {ece_text} |"
             )
             out["cells"].append({
                 "task": task, "shots": shots, "zero_shot": _m(zero), "paper": _m(paper_vals), "robust": _m(acc),
@@ -107,6 +107,11 @@ def table(robust: list[dict], paper: dict, full: list[dict], population: list[di
     all_frac = [r["queries_used"] / r["budget"] for r in robust]
     out["median_budget_fraction_all_runs"] = statistics.median(all_frac)
     return "\n".join(lines) + "\n", out
+
+
+def _with_n(values: list[float], n: int) -> str:
+    """mean ± std, saying how many runs when fewer than the row's (e.g. a one-seed comparison)."""
+    return mean_std(values) if len(values) in (0, n) else f"{mean_std(values)} (n={len(values)})"
 
 
 def _seed_means(rows: list[dict[str, Any]]) -> list[float]:
