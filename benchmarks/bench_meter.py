@@ -30,7 +30,6 @@ import os
 import platform
 import secrets
 import shutil
-import socket
 import statistics
 import subprocess
 import tempfile
@@ -40,14 +39,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _loopback import free_port  # noqa: E402  (benchmarks/ is the script's folder)
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_redis(workdir: Path) -> tuple[Any, str] | None:

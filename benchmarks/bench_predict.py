@@ -25,8 +25,6 @@ import json
 import os
 import platform
 import secrets
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _loopback import free_port, start_server  # noqa: E402  (benchmarks/ is the script's folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 ADAPTER = ROOT / "adapters" / "digits"
@@ -73,30 +72,6 @@ def row(n: int, wall: float, seconds: dict[str, float], queries: int, labels: li
             **{f"{k}_ms_per_image": round(1000 * v / n, 3) for k, v in seconds.items()}, "labels": labels}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(port: int, key_file: Path) -> subprocess.Popen:
-    import httpx
-
-    cmd = [sys.executable, "-m", "craft_sdk.cli", "serve", "--model", "demo", "--port", str(port),
-           "--api-key-file", str(key_file), "--cache-size", "64"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            time.sleep(0.5)
-    raise RuntimeError("server did not come up")
-
-
 def bench_http(paths: list[str], batch_size: int, levels: list[int], tmp: Path) -> dict[str, Any]:
     from craft_sdk import ClassifierConfig, CraftClassifier, QueryLedger
     from craft_sdk.client.http import HTTPClient
@@ -106,7 +81,7 @@ def bench_http(paths: list[str], batch_size: int, levels: list[int], tmp: Path) 
     out = {}
     for c in levels:  # a fresh server per level: its feature cache must not carry over between levels
         port = free_port()
-        server = start_server(port, tmp / "keys.txt")
+        server = start_server(port, tmp / "keys.txt", ["--model", "demo", "--cache-size", "64"], ROOT)
         try:
             client = HTTPClient(f"http://127.0.0.1:{port}", api_key=key, max_concurrency=c)
             clf = CraftClassifier.from_pretrained(ADAPTER, client, config=ClassifierConfig(batch_size=batch_size))

@@ -31,7 +31,6 @@ import secrets
 import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +39,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+from _loopback import free_port, start_server  # noqa: E402  (benchmarks/ is the script's folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("cat", "dog", "car", "tree", "river", "house", "bird", "boat", "road", "cloud")
@@ -68,28 +68,6 @@ class CountingTransport(httpx.HTTPTransport):
 
 def class_names(n: int) -> list[str]:
     return [f"{WORDS[i % len(WORDS)]} number {i}" for i in range(n)]
-
-
-def start_server(port: int, key_file: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "craft_sdk.cli", "serve", "--model", "ViT-B-32", "--pretrained", "none",
-           "--port", str(port), "--api-key-file", str(key_file)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            time.sleep(0.5)
-    raise RuntimeError("server did not come up")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def timed(fn: Any) -> tuple[float, Any]:
@@ -163,7 +141,7 @@ def main() -> None:
         key_file = Path(tmp) / "keys"
         key_file.write_text(key + "\n")
         port = free_port()
-        server = start_server(port, key_file)
+        server = start_server(port, key_file, ["--model", "ViT-B-32", "--pretrained", "none"], ROOT)
         try:
             local = OpenCLIPClient("ViT-B-32", pretrained=None)
             caps = local.capabilities()

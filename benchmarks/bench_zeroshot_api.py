@@ -35,41 +35,16 @@ import os
 import platform
 import secrets
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
+from _loopback import free_port, start_server  # noqa: E402  (benchmarks/ is the script's folder)
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(port: int, key_file: Path, cwd: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "craft_sdk.cli", "serve", "--model", "demo", "--text-only",
-           "--port", str(port), "--api-key-file", str(key_file)]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=cwd, env=env)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            time.sleep(0.5)
-    raise RuntimeError("server did not come up")
 
 
 class Phase:
@@ -164,7 +139,7 @@ def main() -> None:
         key_file = Path(tmp) / "keys"
         key_file.write_text(key + "\n")
         port = free_port()
-        server = start_server(port, key_file, Path(tmp))
+        server = start_server(port, key_file, ["--model", "demo", "--text-only"], Path(tmp))
         try:
             base = f"http://127.0.0.1:{port}"
             for c in args.concurrency:
