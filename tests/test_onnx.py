@@ -252,3 +252,18 @@ def test_a_graph_exported_before_calibration_still_loads(tmp_path: Path) -> None
     calibrated = Adapter(replace(adapter.config, calibration=CalibrationSpec(2.0)), refiner=adapter.refiner)
     with pytest.raises(AdapterError):  # the fingerprint differs anyway; a calibrated adapter needs a fresh export
         OnnxRefiner(path, calibrated)
+
+
+def test_load_check_never_refuses_a_true_export_on_random_probes(tmp_path: Path) -> None:
+    """OnnxRefiner's load-time probe compares row-scaled: the shipped digits refiner passes 300 random
+    probe batches (entry-wise allclose refused ~6 % of them: the hub test flaked), a foreign one never does."""
+    from craft_sdk.export import refiners_agree
+
+    adapter = Adapter.from_pretrained(Path(__file__).resolve().parents[1] / "adapters" / "digits")
+    ort = OnnxRefiner(export_onnx(adapter, tmp_path / "r.onnx"), adapter)
+    foreign = refiner_adapter(adapter.n_classes, 3, hidden=32, seed=9)
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        x = rng.normal(0.0, 30.0, (16, adapter.n_classes)).astype(np.float32)
+        assert refiners_agree(ort(x), adapter.refine(x))
+        assert not refiners_agree(foreign.refine(x), adapter.refine(x))
