@@ -3,11 +3,9 @@ result, or stops with a clear error and a resumable checkpoint; never a silent w
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import secrets
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import CLASS_NAMES, random_images
+from faultinject import FaultInjector
 
 from craft_sdk import Adapter, ClientError, ImageDataset, TuneConfig
 from craft_sdk.client.http import HTTPClient
@@ -29,63 +28,6 @@ KEY = secrets.token_hex(16)
 P = 6
 CFG = TuneConfig(mode="craft", budget=300, seed=4, intrinsic_dim=16, popsize=P, refiner_hidden=32, val_every=4, max_generations=8)
 FAST = dict(backoff=0.02, max_backoff=0.5, max_retries=8, timeout=1.0)
-
-
-class FaultInjector:
-    """ASGI middleware in front of the real app: the n-th ``/v1/predict`` request suffers ``faults[n]``.
-
-    ``500``/``429``: answered without reaching the app. ``slow``: held past the client's timeout, then
-    passed on. ``lost``: computed and billed, then answered 500. ``truncate``: computed, then the
-    connection drops mid-body. ``short``: computed, then half the body under a matching Content-Length
-    (with or without the checksum header). ``die``: the server goes down (``on_die``) mid-request.
-    """
-
-    def __init__(self, app: Any, faults: dict[int, str], on_die: Any = None, slow_s: float = 2.0) -> None:
-        self.app, self.faults, self.on_die, self.slow_s = app, dict(faults), on_die, slow_s
-        self.n, self.fired = 0, []
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] != "/v1/predict":
-            return await self.app(scope, receive, send)
-        self.n += 1
-        fault = self.faults.get(self.n)
-        if fault is None:
-            return await self.app(scope, receive, send)
-        self.fired.append(fault)
-        if fault in ("500", "429"):
-            return await _reply(send, int(fault), {"error": {"code": "rate_limited" if fault == "429" else "internal"}})
-        if fault == "slow":
-            await asyncio.sleep(self.slow_s)
-            return await self.app(scope, receive, send)
-        if fault == "die":
-            threading.Thread(target=self.on_die, daemon=True).start()
-            await asyncio.sleep(30)  # never answers: cancelled by the shutdown
-            return
-        sent: list[dict] = []
-
-        async def capture(message: dict) -> None:
-            sent.append(message)
-
-        await self.app(scope, receive, capture)  # the real computation, billed
-        start, body = sent[0], b"".join(m.get("body", b"") for m in sent[1:])
-        if fault == "lost":
-            return await _reply(send, 500, {"error": {"code": "internal"}})
-        headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
-        if fault == "truncate":
-            await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body[: len(body) // 2], "more_body": True})
-            return  # the server closes the connection: the body never completes
-        if fault == "short-nosum":
-            headers = [(k, v) for k, v in headers if k.lower() != b"x-craft-body-sha256"]
-        await send({**start, "headers": [*headers, (b"content-length", str(len(body) // 2).encode())]})
-        await send({"type": "http.response.body", "body": body[: len(body) // 2]})
-
-
-async def _reply(send: Any, status: int, obj: dict) -> None:
-    body = json.dumps(obj).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"retry-after", b"0")]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ the fault matrix of test_faults.py (500, 429, timeouts, truncated bodies, a rest
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import json
@@ -13,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ import httpx
 import numpy as np
 import pytest
 from conftest import CLASS_NAMES, random_images
+from faultinject import FaultInjector
 
 from craft_sdk import Adapter, BudgetExceededError, ClientError, ConfigError, ImageDataset, TuneConfig, create_client
 from craft_sdk.client import MeteredClient, QueryLedger
@@ -132,55 +131,9 @@ def test_create_client_and_a_text_only_tune(server, tiny_client) -> None:  # noq
 # ----------------------------------------------------------------------------------------- faults
 
 
-class ZeroShotFaults:
-    """ASGI middleware: the n-th zero-shot request suffers ``faults[n]`` (as test_faults.FaultInjector)."""
-
-    def __init__(self, app: Any, faults: dict[int, str], on_die: Any = None, slow_s: float = 1.5) -> None:
-        self.app, self.faults, self.on_die, self.slow_s = app, dict(faults), on_die, slow_s
-        self.n, self.fired = 0, []
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/zero-shot/"):
-            return await self.app(scope, receive, send)
-        self.n += 1
-        fault = self.faults.get(self.n)
-        if fault is None:
-            return await self.app(scope, receive, send)
-        self.fired.append(fault)
-        if fault in ("500", "429", "503"):
-            return await _reply(send, int(fault), {"error": {"code": "rate_limited" if fault == "429" else "internal"}})
-        if fault == "slow":
-            await asyncio.sleep(self.slow_s)
-            return await self.app(scope, receive, send)
-        if fault == "die":
-            threading.Thread(target=self.on_die, daemon=True).start()
-            await asyncio.sleep(30)  # never answers: cancelled by the shutdown
-            return
-        sent: list[dict] = []
-
-        async def capture(message: dict) -> None:
-            sent.append(message)
-
-        await self.app(scope, receive, capture)  # the real computation, billed
-        start, body = sent[0], b"".join(m.get("body", b"") for m in sent[1:])
-        if fault == "lost":
-            return await _reply(send, 500, {"error": {"code": "internal"}})
-        headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
-        if fault == "truncate":
-            await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body[: len(body) // 2], "more_body": True})
-            return
-        if fault == "short-nosum":
-            headers = [(k, v) for k, v in headers if k.lower() != b"x-craft-body-sha256"]
-        await send({**start, "headers": [*headers, (b"content-length", str(len(body) // 2).encode())]})
-        await send({"type": "http.response.body", "body": body[: len(body) // 2]})
-
-
-async def _reply(send: Any, status: int, obj: dict) -> None:
-    body = json.dumps(obj).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"retry-after", b"0")]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+def ZeroShotFaults(app: Any, faults: dict[int, str], on_die: Any = None, slow_s: float = 1.5) -> FaultInjector:  # noqa: N802
+    """The shared fault injector (tests/faultinject.py) in front of the zero-shot route."""
+    return FaultInjector(app, faults, on_die=on_die, slow_s=slow_s, path="/v1/zero-shot/")
 
 
 @pytest.mark.parametrize("concurrency", [1, 4])
