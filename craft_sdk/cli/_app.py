@@ -9,7 +9,6 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import click
 import typer
 from rich.console import Console
 
@@ -57,11 +56,16 @@ def fail(message: str, code: int = USAGE_ERROR) -> typer.Exit:
     return typer.Exit(code)
 
 
+# click's UsageError, found through typer: typer vendors click in some releases and depends on it in
+# others, and the base install must not need click itself
+_UsageError: type[BaseException] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
 def exit_code(exc: BaseException) -> int:
     """The exit status of a handled error: 2 for a usage error (bad option value or combination), 1 otherwise."""
     from ..errors import ConfigError
 
-    return USAGE_ERROR if isinstance(exc, (ConfigError, click.UsageError)) else RUNTIME_ERROR
+    return USAGE_ERROR if isinstance(exc, (ConfigError, _UsageError)) else RUNTIME_ERROR
 
 
 def guarded(fn: F) -> F:
