@@ -65,3 +65,22 @@ async def reply(send: Any, status: int, obj: dict) -> None:
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"retry-after", b"0")]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+def restarting_server(make_app: Any) -> tuple[Any, list[Any], Any]:
+    """(server, apps, die_and_restart): ``die_and_restart`` stops the server and starts it again on a fresh
+    ``make_app()`` (lost handles, idempotency cache and meters), as a fault injector's ``on_die``."""
+    import time
+
+    from craft_sdk.serve import BackgroundServer
+
+    apps = [make_app()]
+    srv = BackgroundServer(None)
+
+    def die_and_restart() -> None:
+        srv.stop()
+        time.sleep(0.3)
+        apps.append(make_app())
+        srv.start(apps[-1])
+
+    return srv, apps, die_and_restart

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import CLASS_NAMES, random_images
-from faultinject import FaultInjector
+from faultinject import FaultInjector, restarting_server
 
 from craft_sdk import Adapter, ClientError, ImageDataset, TuneConfig
 from craft_sdk.client.http import HTTPClient
@@ -76,14 +76,7 @@ def test_tune_through_every_transient_fault_gives_the_same_adapter(model, task, 
 
 def test_server_dies_and_comes_back_empty(model, task, reference, tmp_path: Path) -> None:  # noqa: ANN001
     """A restart loses handles, idempotency cache and meters: the client uploads again and carries on."""
-    apps = [create_app(model, {"alice": KEY})]
-    srv = BackgroundServer(None)
-
-    def die_and_restart() -> None:
-        srv.stop()
-        time.sleep(0.3)
-        apps.append(create_app(model, {"alice": KEY}))
-        srv.start(apps[-1])
+    srv, apps, die_and_restart = restarting_server(lambda: create_app(model, {"alice": KEY}))
 
     srv.start(FaultInjector(apps[0], {10: "die"}, on_die=die_and_restart))
     try:

@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 import pytest
 from conftest import CLASS_NAMES, random_images
-from faultinject import FaultInjector
+from faultinject import FaultInjector, restarting_server
 
 from craft_sdk import Adapter, BudgetExceededError, ClientError, ConfigError, ImageDataset, TuneConfig, create_client
 from craft_sdk.client import MeteredClient, QueryLedger
@@ -176,14 +176,7 @@ def test_tune_through_faults_gives_the_same_adapter(model, tmp_path: Path) -> No
 def test_server_restart_mid_prediction(model, tiny_client) -> None:  # noqa: ANN001
     """A restart loses the idempotency cache and meters: the request cut off is retried on the new server."""
     imgs = random_images(8, seed=41)
-    apps = [create_app(model, {"alice": KEY})]
-    srv = BackgroundServer(None)
-
-    def die_and_restart() -> None:
-        srv.stop()
-        time.sleep(0.3)
-        apps.append(create_app(model, {"alice": KEY}))
-        srv.start(apps[-1])
+    srv, apps, die_and_restart = restarting_server(lambda: create_app(model, {"alice": KEY}))
 
     srv.start(ZeroShotFaults(apps[0], {4: "die"}, on_die=die_and_restart))
     try:
