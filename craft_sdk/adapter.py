@@ -24,7 +24,7 @@ import numpy as np
 from ._fileio import umask
 from ._version import __version__
 from .errors import AdapterError
-from .scores import softmax
+from .scores import as_log_scores, softmax
 from .tuner import mlp
 from .tuner.config import TuneConfig
 from .tuner.projection import GENERATOR, project, projection_matrix
@@ -38,11 +38,14 @@ FORMAT_VERSION = 1
 # A is regenerated as float64 then float32 (~20 bytes per element at peak): 2**25 elements is ~670 MB,
 # above any open_clip text tower (ViT-bigG, 16 context tokens, D = 1,000 is 2 x 10**7)
 MAX_PROJECTION_ELEMENTS = 2**25
+MAX_PROMPT_CHARS = 1000
+MAX_ENSEMBLE = 100
 
 
 @dataclass(frozen=True)
 class PromptSpec:
-    """How the prompt offset was produced: p = p0 + A z, A ~ N(0, std²) from ``seed``."""
+    """A continuous prompt (``kind: continuous``): p = p0 + A z, A ~ N(0, std²) from ``seed``, added to the
+    template's context-token embeddings (the ``z`` and ``prompt_offset`` tensors)."""
 
     n_ctx: int
     ctx_dim: int
@@ -50,8 +53,11 @@ class PromptSpec:
     seed: int
     std: float
     generator: str = GENERATOR
+    kind: str = "continuous"
 
     def __post_init__(self) -> None:
+        if self.kind != "continuous":
+            raise AdapterError(f"PromptSpec is the continuous prompt; got kind {self.kind!r}")
         for name in ("n_ctx", "ctx_dim", "intrinsic_dim"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
@@ -64,6 +70,96 @@ class PromptSpec:
                 f"prompt projection n_ctx x ctx_dim x intrinsic_dim = {self.n_ctx} x {self.ctx_dim} x {self.intrinsic_dim} "
                 f"= {size:,} elements exceeds the limit of {MAX_PROJECTION_ELEMENTS:,}; the adapter config is corrupt or hostile"
             )
+
+    def describe(self) -> str:
+        return f"continuous: {self.n_ctx}x{self.ctx_dim} context offset from z[{self.intrinsic_dim}]"
+
+
+@dataclass(frozen=True)
+class DiscretePromptSpec:
+    """A discrete prompt (``kind: discrete``): context words found for a text-only black box.
+
+    ``text`` is sent as the template on every call (it equals the adapter's ``template``);
+    there are no prompt tensors. ``initial`` is the context the search started from.
+    """
+
+    text: str
+    initial: str
+    n_slots: int
+    vocabulary_size: int
+    kind: str = "discrete"
+
+    def __post_init__(self) -> None:
+        if self.kind != "discrete":
+            raise AdapterError(f"DiscretePromptSpec is the discrete prompt; got kind {self.kind!r}")
+        for name in ("text", "initial"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip() or "{" in value or "}" in value or len(value) > MAX_PROMPT_CHARS:
+                raise AdapterError(f"prompt.{name} must be a non-empty context of at most {MAX_PROMPT_CHARS} characters without braces, got {str(value)[:60]!r}")
+        for name in ("n_slots", "vocabulary_size"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise AdapterError(f"prompt.{name} must be a positive integer, got {value!r}")
+
+    def describe(self) -> str:
+        return f"discrete: {self.text!r} (searched from {self.initial!r}, {self.n_slots} words over {self.vocabulary_size})"
+
+
+@dataclass(frozen=True)
+class EnsemblePromptSpec:
+    """A template ensemble (``kind: ensemble``): the log-probabilities of ``texts`` averaged.
+
+    Every prediction costs one query per context; the adapter's ``template`` is ``texts[0]``.
+    ``bank`` names where the contexts were picked from (``ensemble`` mode's ``template_bank``);
+    ``initial`` is the template zero-shot is measured with.
+    """
+
+    texts: tuple[str, ...]
+    initial: str = "a photo of a"
+    bank: str = "given"
+    kind: str = "ensemble"
+
+    def __post_init__(self) -> None:
+        if self.kind != "ensemble":
+            raise AdapterError(f"EnsemblePromptSpec is the ensemble prompt; got kind {self.kind!r}")
+        if not isinstance(self.texts, (list, tuple)) or not 1 <= len(self.texts) <= MAX_ENSEMBLE:
+            raise AdapterError(f"prompt.texts must be a list of 1 to {MAX_ENSEMBLE} contexts, got {str(self.texts)[:60]!r}")
+        object.__setattr__(self, "texts", tuple(self.texts))
+        for text in self.texts:
+            if not isinstance(text, str) or not text.strip() or "{" in text or "}" in text or len(text) > MAX_PROMPT_CHARS:
+                raise AdapterError(f"prompt.texts entries must be non-empty contexts without braces, got {str(text)[:60]!r}")
+        if len(set(self.texts)) != len(self.texts):
+            raise AdapterError("prompt.texts has duplicates; the config is corrupt")
+        if not isinstance(self.initial, str) or not self.initial.strip() or "{" in self.initial or "}" in self.initial:
+            raise AdapterError(f"prompt.initial must be a non-empty context without braces, got {str(self.initial)[:60]!r}")
+
+    def describe(self) -> str:
+        shown = ", ".join(repr(t) for t in self.texts[:4]) + (" ..." if len(self.texts) > 4 else "")
+        return f"ensemble of {len(self.texts)} contexts from {self.bank} ({len(self.texts)} queries per image set): {shown}"
+
+
+AnyPromptSpec = PromptSpec | DiscretePromptSpec | EnsemblePromptSpec
+PROMPT_KINDS: dict[str, Any] = {"continuous": PromptSpec, "discrete": DiscretePromptSpec, "ensemble": EnsemblePromptSpec}
+
+
+def describe_prompt(spec: AnyPromptSpec | None) -> str:
+    """One line on an adapter's prompt, for ``inspect`` and the model card.
+
+    Example:
+        >>> describe_prompt(DiscretePromptSpec("a sketch of a", "a photo of a", 4, 300))
+        "discrete: 'a sketch of a' (searched from 'a photo of a', 4 words over 300)"
+    """
+    return "none (the template as given)" if spec is None else spec.describe()
+
+
+def _prompt_from_dict(data: Any) -> AnyPromptSpec:
+    if not isinstance(data, dict):
+        raise AdapterError(f"adapter prompt must be a JSON object, got {type(data).__name__}")
+    kind = data.get("kind", "continuous")  # adapters written before discrete prompts name no kind
+    spec = PROMPT_KINDS.get(kind) if isinstance(kind, str) else None
+    if spec is None:
+        raise AdapterError(f"unknown prompt.kind {kind!r}; this craft-sdk {__version__} reads {sorted(PROMPT_KINDS)}: upgrade craft-sdk")
+    return spec(**data)
 
 
 @dataclass(frozen=True)
@@ -109,7 +205,9 @@ class AdapterConfig:
         class_names: ordered class names (output columns).
         template: the context template the offset modifies.
         output: ``"logits"`` or ``"probs"``: what the client returns.
-        prompt: the prompt spec, or None (no prompt: send no offset).
+        prompt: the learned prompt, or None (the template as given, no offset): a
+            :class:`PromptSpec` (``kind: continuous``, an offset) or a :class:`DiscretePromptSpec`
+            (``kind: discrete``, words; then ``template`` is its text).
         refiner: the refiner spec, or None (identity).
         logit_scale: the black box's logit scale when it reports one.
         calibration: temperature scaling for probabilities, or None (temperature 1).
@@ -121,7 +219,7 @@ class AdapterConfig:
     class_names: tuple[str, ...]
     template: str
     output: str = "logits"
-    prompt: PromptSpec | None = None
+    prompt: AnyPromptSpec | None = None
     refiner: RefinerSpec | None = None
     logit_scale: float | None = None
     calibration: CalibrationSpec | None = None
@@ -166,7 +264,7 @@ class AdapterConfig:
         kwargs = {k: v for k, v in data.items() if k in known}
         try:
             if kwargs.get("prompt") is not None:
-                kwargs["prompt"] = PromptSpec(**kwargs["prompt"])
+                kwargs["prompt"] = _prompt_from_dict(kwargs["prompt"])
             if kwargs.get("refiner") is not None:
                 kwargs["refiner"] = RefinerSpec(**kwargs["refiner"])
             if kwargs.get("calibration") is not None:
@@ -207,9 +305,13 @@ class Adapter:
         """
         tc: TuneConfig = result.config
         caps = result.capabilities
-        prompt = None
+        prompt: AnyPromptSpec | None = None
         if result.z is not None:
             prompt = PromptSpec(caps.n_ctx, caps.ctx_dim, tc.intrinsic_dim, tc.seed, float(result.projection_std))
+        elif result.text_prompt is not None:  # learned words (tc.template is their text) or a template ensemble
+            spec = dict(result.text_prompt)
+            kind = spec.pop("kind")
+            prompt = DiscretePromptSpec(text=tc.template, **spec) if kind == "discrete" else EnsemblePromptSpec(**spec)
         layers, hidden = result.refiner_shape or (tc.refiner_layers, tc.refiner_hidden)
         refiner = RefinerSpec(layers, hidden, tc.residual) if result.refiner is not None else None
         provenance = {
@@ -265,6 +367,36 @@ class Adapter:
     def probabilities(self, refined_logits: np.ndarray) -> np.ndarray:
         """Calibrated class probabilities [..., C] from refined logits: softmax(refined / T)."""
         return softmax(refined_logits, self.temperature)
+
+    @property
+    def zero_shot_template(self) -> str:
+        """The template zero-shot behaviour uses: the one a text prompt was searched or picked from."""
+        spec = self.config.prompt
+        return spec.initial if isinstance(spec, (DiscretePromptSpec, EnsemblePromptSpec)) else self.config.template
+
+    @property
+    def contexts(self) -> tuple[str, ...]:
+        """The contexts each prediction sends: the ensemble's, else the one template."""
+        spec = self.config.prompt
+        return spec.texts if isinstance(spec, EnsemblePromptSpec) else (self.config.template,)
+
+    def raw_scores(self, client: Any, images: Any, *, category: str = "predict") -> np.ndarray:
+        """The black box's log-scores [N, C] as this adapter asks for them: the template with the
+        prompt offset (one query), or the average of an ensemble's log-probabilities (one query per
+        context). ``client`` is a :class:`~craft_sdk.client.ledger.MeteredClient` (charged ``category``)
+        or any client; ``images`` are images or an uploaded handle."""
+        from .client.ledger import MeteredClient
+
+        names = list(self.config.class_names)
+        kwargs = {"category": category} if isinstance(client, MeteredClient) else {}
+        contexts = self.contexts
+        if len(contexts) == 1:
+            return as_log_scores(client.predict(images, names, contexts[0], self.offset, **kwargs), self.config.output)
+        from .tuner.templates import ensemble_log_probs
+
+        handle = client.upload(images) if isinstance(images, (list, tuple)) else images
+        rows = [as_log_scores(client.predict(handle, names, t, None, **kwargs), self.config.output) for t in contexts]
+        return ensemble_log_probs(np.stack(rows))
 
     def tensors(self) -> dict[str, np.ndarray]:
         """All tensors by their on-disk names."""
@@ -359,7 +491,7 @@ class Adapter:
     def verify_projection(self, rtol: float = 1e-5) -> None:
         """Check that A z regenerated from the recorded seed equals the stored offset."""
         spec = self.config.prompt
-        if spec is None or self.z is None or self.offset is None:
+        if not isinstance(spec, PromptSpec) or self.z is None or self.offset is None:
             return
         if spec.generator != GENERATOR:
             raise AdapterError(f"unknown projection generator {spec.generator!r}; cannot verify the prompt offset")
@@ -404,9 +536,14 @@ def _check_finite(name: str, arr: np.ndarray) -> None:
 
 def _validate(adapter: Adapter) -> None:
     cfg = adapter.config
-    if (cfg.prompt is None) != (adapter.z is None) or (adapter.z is None) != (adapter.offset is None):
-        raise AdapterError("adapter config and tensors disagree on whether there is a prompt (z, prompt_offset)")
-    if cfg.prompt is not None:
+    if isinstance(cfg.prompt, DiscretePromptSpec) and cfg.template != cfg.prompt.text:
+        raise AdapterError(f"adapter template {cfg.template!r} differs from its discrete prompt's text {cfg.prompt.text!r}; the config is corrupt")
+    if isinstance(cfg.prompt, EnsemblePromptSpec) and cfg.template != cfg.prompt.texts[0]:
+        raise AdapterError(f"adapter template {cfg.template!r} is not its ensemble's first context {cfg.prompt.texts[0]!r}; the config is corrupt")
+    continuous = isinstance(cfg.prompt, PromptSpec)
+    if continuous != (adapter.z is not None) or (adapter.z is None) != (adapter.offset is None):
+        raise AdapterError("adapter config and tensors disagree on whether there is a prompt offset (z, prompt_offset)")
+    if isinstance(cfg.prompt, PromptSpec):
         assert adapter.z is not None and adapter.offset is not None
         if adapter.z.shape != (cfg.prompt.intrinsic_dim,):
             raise AdapterError(f"z has shape {list(adapter.z.shape)}, config says [{cfg.prompt.intrinsic_dim}]")
@@ -447,7 +584,7 @@ def check_compatible(adapter: Adapter, client: Any, allow_model_mismatch: bool =
             "use the same model (or allow_model_mismatch=True / --allow-model-mismatch)"
         )
     spec = adapter.config.prompt
-    if spec is not None:
+    if isinstance(spec, PromptSpec):  # a discrete prompt is text: every client takes it
         if not caps.soft_prompts:
             raise AdapterError(f"adapter has a learned prompt but {caps.model_id} is text-only (no context offsets)")
         if (caps.n_ctx, caps.ctx_dim) != (spec.n_ctx, spec.ctx_dim):

@@ -28,7 +28,9 @@ def create_client(model: str, pretrained: str | None = _UNSET, *, device: str = 
     Args:
         model: ``"demo"``, an open_clip name (``"ViT-B-32"``), ``"local-dir:/path"``, or
             the URL of a craft-sdk prediction server (``"http://host:port"``), or a hosted
-            zero-shot classification endpoint (``"zeroshot+http://host:port/path"``, text only).
+            zero-shot classification endpoint (``"zeroshot+http://host:port/path"``, text only);
+            ``"text-only:<model>"`` wraps any of these in a text-only view (offsets refused: what a
+            hosted service allows, e.g. ``"text-only:demo"``).
         pretrained: tag or ``.safetensors`` file for open_clip names; None = random weights.
         device: torch device for local models.
         **kwargs: passed to the client class.
@@ -36,6 +38,10 @@ def create_client(model: str, pretrained: str | None = _UNSET, *, device: str = 
     Example:
         >>> client = create_client("demo")  # doctest: +SKIP
     """
+    if model.startswith("text-only:"):
+        from .client.zeroshot import TextOnlyClient
+
+        return TextOnlyClient(create_client(model[len("text-only:") :], pretrained, device=device, **kwargs))
     if model.startswith(("zeroshot+http://", "zeroshot+https://")):
         from .client.zeroshot import ZeroShotAPIClient
 
@@ -151,10 +157,10 @@ def evaluate(
     ledger = ledger if ledger is not None else QueryLedger()
     metered = MeteredClient(client, ledger)
     handle = metered.upload(test.images)
-    names, template = list(test.class_names), adapter.config.template
-    zero = metered.predict(handle, names, template, None, category="eval")
-    raw = zero if adapter.offset is None else metered.predict(handle, names, template, adapter.offset, category="eval")
-    zero, raw = as_log_scores(zero, adapter.config.output), as_log_scores(raw, adapter.config.output)
+    zero_template = adapter.zero_shot_template
+    zero = as_log_scores(metered.predict(handle, list(test.class_names), zero_template, None, category="eval"), adapter.config.output)
+    same = adapter.offset is None and adapter.contexts == (zero_template,)  # the adapter sends what zero-shot sends
+    raw = zero if same else adapter.raw_scores(metered, handle, category="eval")
     refined = adapter.refine(raw)
     from .tuner.selection import expected_calibration_error
 

@@ -84,7 +84,7 @@ def render_model_card(adapter: Any, *, repo_id: str | None = None, evaluation: d
         f"- classes ({len(names)}): {shown}",
         f"- prompt template: `{cfg.template} <class name>.`",
         f"- mode: `{mode}`, {prov.get('shots', '?')} shots per class, seed {prov.get('seed', '?')}",
-        f"- prompt: {'none' if cfg.prompt is None else f'{cfg.prompt.n_ctx}x{cfg.prompt.ctx_dim} context offset'}; "
+        f"- prompt: {'none' if cfg.prompt is None else cfg.prompt.describe()}; "
         f"refiner: {'none' if cfg.refiner is None else f'{cfg.refiner.layers}-layer MLP (hidden {cfg.refiner.hidden})'}",
         f"- queries used to tune: {prov.get('queries_used', '?')} of a budget of {prov.get('budget', '?')}",
         "",

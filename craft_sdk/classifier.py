@@ -379,13 +379,13 @@ class CraftClassifier:
         adapter = self._check_fitted()
         if isinstance(X, (str, Path, Image.Image)) or (isinstance(X, np.ndarray) and X.ndim < 4):
             raise DataError("expected a sequence of images, got a single image; wrap it in a list")
-        names, template, bs = list(adapter.config.class_names), adapter.config.template, self._runtime.batch_size
+        bs = self._runtime.batch_size
         metered = MeteredClient(self.client, self.ledger)
         raws, refined, seconds = [], [], {"black_box": 0.0, "refiner": 0.0}
         for start in range(0, len(X), bs):
             batch = to_pil_list(X[start : start + bs])
             t0 = time.perf_counter()
-            raw = as_log_scores(metered.predict(batch, names, template, adapter.offset, category="predict"), adapter.config.output)
+            raw = adapter.raw_scores(metered, batch, category="predict")  # one query per context sent
             t1 = time.perf_counter()
             refined.append(self.refiner_(raw))
             seconds["black_box"] += t1 - t0

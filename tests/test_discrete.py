@@ -207,7 +207,9 @@ def test_tuner_searches_the_template_words_of_a_text_only_client(tmp_path) -> No
     cfg = TuneConfig(mode="pg", protocol="paper", popsize=20, budget=1 + 72 * 21, max_generations=70, seed=0)  # slack: a resume redoes the generation lost
     result = Tuner(cfg).fit(client, train)
     adapter = Adapter.from_result(result)
-    assert result.config.mode == "pg" and adapter.config.prompt is None and adapter.offset is None
+    spec = adapter.config.prompt
+    assert result.config.mode == "pg" and spec is not None and spec.kind == "discrete" and adapter.offset is None
+    assert spec.text == adapter.config.template and spec.initial == "a photo of a" and spec.n_slots == 4
     assert HIDDEN in adapter.config.template.split(), adapter.config.template
     assert result.queries["counts"]["search"] == 70 * 20 and result.queries["used"] <= cfg.budget
     zero = client.predict(images, NAMES, "a photo of a").argmax(-1)
@@ -231,6 +233,7 @@ def test_craft_on_a_text_only_client_keeps_the_refiner_and_the_words() -> None:
     client, images, labels = planted_client(jitter=0.02)
     result = Tuner(TuneConfig(mode="craft", popsize=8, budget=200, seed=1, refiner_hidden=16)).fit(client, ImageDataset(images, labels, tuple(NAMES)))
     adapter = Adapter.from_result(result)
-    assert result.config.mode == "craft" and adapter.config.prompt is None
+    spec = adapter.config.prompt  # robust protocol: the words are deployed only when they beat zero-shot
+    assert result.config.mode == "craft" and (spec is None or (spec.kind == "discrete" and spec.text == adapter.config.template))
     assert len(adapter.config.template.split()) == 4 and all(w in VOCABULARY for w in adapter.config.template.split())
     assert any("sigma" in h for h in result.history)  # the loop records the search's spread (entropy)

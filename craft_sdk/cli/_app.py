@@ -92,6 +92,27 @@ def guarded(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+REMOTE = ("http://", "https://", "zeroshot+http://", "zeroshot+https://")
+
+
+def open_client(model: str, pretrained: str | None, api_key_file: Any = None, **remote: Any) -> Any:
+    """The client of a ``--model`` value: a local model (``--pretrained`` applies), a server URL
+    (``--api-key-file`` and ``remote`` keywords apply) or ``text-only:<either>``."""
+    from .. import create_client
+    from ..api import pretrained_kwargs
+    from ..client.zeroshot import TextOnlyClient
+
+    if model.startswith("text-only:"):
+        return TextOnlyClient(open_client(model[len("text-only:") :], pretrained, api_key_file, **remote))
+    if not model.startswith(REMOTE):
+        return create_client(model, **pretrained_kwargs(pretrained))
+    if pretrained is not None:
+        raise fail("--pretrained applies to local models, not to a server URL")
+    if api_key_file is not None:
+        remote["api_key"] = api_key_file.read_text().strip()
+    return create_client(model, **remote)
+
+
 def emit_json(obj: Any) -> None:
     """One JSON object on stdout."""
     sys.stdout.write(json.dumps(obj, sort_keys=True) + "\n")

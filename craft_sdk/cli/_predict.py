@@ -10,28 +10,17 @@ from typing import Any
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ._app import RUNTIME_ERROR, app, emit_json, err, fail, guarded
+from ._app import REMOTE, RUNTIME_ERROR, app, emit_json, err, fail, guarded, open_client
 
-MODEL_HELP = "demo, an open_clip name, local-dir:/path, or the http(s):// URL of a craft-sdk server (default: demo)"
+MODEL_HELP = "demo, an open_clip name, local-dir:/path, the http(s):// URL of a craft-sdk server, zeroshot+http(s)://endpoint, or text-only:<any of these> (default: demo)"
 
 
 def _client(model: str | None, pretrained: str | None, url: str | None, api_key_file: Path | None, concurrency: int) -> Any:
-    from .. import create_client
-    from ..api import pretrained_kwargs
-
     if url is not None and model is not None:
         raise fail("pass either --client URL or --model, not both")
-    target = url or model or "demo"
-    if target.startswith(("http://", "https://")):
-        if pretrained is not None:
-            raise fail("--pretrained applies to local models, not to a server URL")
-        kwargs: dict[str, Any] = {"max_concurrency": concurrency}
-        if api_key_file is not None:
-            kwargs["api_key"] = api_key_file.read_text().strip()
-        return create_client(target, **kwargs)
-    if url is not None:
+    if url is not None and not url.startswith(REMOTE):
         raise fail(f"--client must be an http(s):// URL, got {url!r}; use --model for local models")
-    return create_client(target, **pretrained_kwargs(pretrained))
+    return open_client(url or model or "demo", pretrained, api_key_file, max_concurrency=concurrency)
 
 
 def _progress() -> Progress:

@@ -10,22 +10,14 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ._app import RUNTIME_ERROR, app, emit_json, err, fail, guarded
+from ._app import RUNTIME_ERROR, app, emit_json, err, fail, guarded, open_client
 
-MODEL_HELP = "demo, an open_clip name (ViT-B-32, RN50), local-dir:/path, or http(s)://server"
+MODEL_HELP = "demo, an open_clip name (ViT-B-32, RN50), local-dir:/path, http(s)://server, zeroshot+http(s)://endpoint, or text-only:<any of these>"
 PRETRAINED_HELP = "pretrained tag or .safetensors file for open_clip names; 'none' = random weights"
 
 
 def _client(model: str, pretrained: str | None, api_key_file: Path | None = None) -> Any:
-    from .. import create_client
-    from ..api import pretrained_kwargs
-
-    if model.startswith(("http://", "https://", "zeroshot+http://", "zeroshot+https://")):
-        kwargs: dict[str, Any] = {}
-        if api_key_file is not None:
-            kwargs["api_key"] = api_key_file.read_text().strip()
-        return create_client(model, **kwargs)
-    return create_client(model, **pretrained_kwargs(pretrained))
+    return open_client(model, pretrained, api_key_file)
 
 
 def _progress_bar() -> Progress:
@@ -214,6 +206,7 @@ def inspect(
 ) -> None:
     """Describe an adapter without loading any model."""
     from .. import load_adapter
+    from ..adapter import describe_prompt
 
     adapter = load_adapter(str(adapter_dir), verify_projection=False)  # describing it regenerates nothing
     cfg = adapter.config
@@ -242,7 +235,7 @@ def inspect(
     typer.echo(f"  mode       {prov.get('mode')}  seed {prov.get('seed')}  shots {prov.get('shots')}")
     typer.echo(f"  queries    {prov.get('queries_used')} of {prov.get('budget')}")
     typer.echo(f"  template   {cfg.template!r}")
-    typer.echo(f"  prompt     {'none' if cfg.prompt is None else f'{cfg.prompt.n_ctx}x{cfg.prompt.ctx_dim} offset from z[{cfg.prompt.intrinsic_dim}]'}")
+    typer.echo(f"  prompt     {describe_prompt(cfg.prompt)}")
     selection = prov.get("selection") or {}
     if selection:
         typer.echo(f"  deployed   {selection.get('reason', selection.get('deployed'))}")

@@ -91,7 +91,8 @@ class _TestProbe:
         if self.handle is None:
             self.handle = self.metered.upload(self.test.images)
         names = list(self.test.class_names)
-        scores = self.metered.predict(self.handle, names, self.template, progress.offset, category="eval")
+        template = progress.template or self.template  # a text-only search scores its current words
+        scores = self.metered.predict(self.handle, names, template, progress.offset, category="eval")
         scores = as_log_scores(scores, self.output)
         if progress.refine is not None:
             scores = progress.refine(scores)

@@ -24,6 +24,8 @@ patience                    20           ours: generations without held-out gain
 cv_folds                    5            ours: refiner selection folds
 z_noise                     1.645        ours: one-sided 95 % noise threshold
 refiner_data                mean         ours (``population``: measured, see BENCHMARKS)
+ensemble_k                  4            ours: templates an ``ensemble`` keeps
+template_bank               clip-imagenet  CLIP's ImageNet contexts (``ensemble`` mode)
 ==========================  ===========  ==============================================
 
 Two protocols. ``paper`` is the paper's (and official code's) loop exactly: the
@@ -56,7 +58,7 @@ from typing import Any
 from ..client.base import DEFAULT_TEMPLATE
 from ..errors import ConfigError
 
-MODES = ("zero-shot", "pg", "pr", "pg+pr", "craft")
+MODES = ("zero-shot", "pg", "pr", "pg+pr", "craft", "ensemble")
 SELECTIONS = ("last", "best-val")
 PROTOCOLS = ("robust", "paper")
 REFINER_DATA = ("mean", "population")
@@ -68,7 +70,9 @@ class TuneConfig:
 
     Args:
         mode: ``zero-shot``, ``pg`` (prompt generation only, = BBT), ``pr`` (refiner only),
-            ``pg+pr`` (alternated, no consistency losses) or ``craft`` (collaborative, default).
+            ``pg+pr`` (alternated, no consistency losses), ``craft`` (collaborative, default) or
+            ``ensemble`` (a template ensemble: ``ensemble_k`` contexts of ``template_bank`` picked by
+            greedy forward selection, their log-probabilities averaged; no search, no refiner).
         budget: hard ceiling on queries for the whole run (search + refiner + validation).
         seed: seed of the projection, CMA-ES, refiner init and mini-batch order.
         template: context template whose tokens the prompt offset modifies.
@@ -103,6 +107,11 @@ class TuneConfig:
             exceeds this many paired standard errors.
         refiner_data: robust protocol: train the refiner on the mean's logits (``mean``) or
             also on every candidate's logits of the generation (``population``).
+        ensemble_k: ``ensemble`` mode: contexts to keep by greedy selection (each costs one query per
+            image set at prediction time); 0 keeps the whole bank (a fixed ensemble).
+        template_bank: ``ensemble`` mode: the candidate contexts: ``clip-imagenet`` (CLIP's 41
+            ImageNet contexts), ``clip-selected`` (the 6 CLIP selected) or a UTF-8 file with one
+            context per line.
     """
 
     mode: str = "craft"
@@ -133,6 +142,8 @@ class TuneConfig:
     cv_folds: int = 5
     z_noise: float = 1.645
     refiner_data: str = "mean"
+    ensemble_k: int = 4
+    template_bank: str = "clip-imagenet"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -172,6 +183,10 @@ class TuneConfig:
             raise ConfigError(f"cv_folds must be an integer >= 2, got {self.cv_folds!r}")
         if not (isinstance(self.z_noise, (int, float)) and math.isfinite(self.z_noise) and self.z_noise >= 0):
             raise ConfigError(f"z_noise must be a non-negative number, got {self.z_noise!r}")
+        if not isinstance(self.ensemble_k, int) or isinstance(self.ensemble_k, bool) or self.ensemble_k < 0:
+            raise ConfigError(f"ensemble_k must be a non-negative integer (0: the whole bank), got {self.ensemble_k!r}")
+        if not isinstance(self.template_bank, str) or not self.template_bank.strip():
+            raise ConfigError("template_bank must be 'clip-imagenet', 'clip-selected' or a file with one context per line")
         if not self.template.strip():
             raise ConfigError("template must be a non-empty context such as 'a photo of a'")
 

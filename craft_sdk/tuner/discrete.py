@@ -294,5 +294,9 @@ class DiscretePrompts:
         return point
 
     def result(self, point: str | None) -> dict[str, Any]:
-        """No offset; ``template``: the context to deploy (the configured one when nothing was searched)."""
-        return {"z": None, "offset": None, "projection_std": None, "template": self.zero() if point is None else point}
+        """No offset; ``template``: the context to deploy (the configured one when no prompt is deployed);
+        ``text_prompt``: what the adapter's discrete prompt spec records (None when no prompt is deployed)."""
+        out: dict[str, Any] = {"z": None, "offset": None, "projection_std": None, "template": self.zero() if point is None else point}
+        if point is not None:
+            out["text_prompt"] = {"kind": "discrete", "initial": self.zero(), "n_slots": self.search.n_slots, "vocabulary_size": len(self.search.vocabulary)}
+        return out

@@ -32,7 +32,8 @@ def finish_paper(run: Run) -> dict[str, Any]:
     )
     if use_best:
         run.metrics["val_accuracy"] = run.best["val"]
-    return {"z": z, "refiner": refiner, "selected_generation": int(selected)}
+    texts = run.ensemble["texts"] if run.ensemble is not None else None
+    return {"z": z, "refiner": refiner, "selected_generation": int(selected), "texts": texts}
 
 
 def _training_spec(run: Run) -> selection.RefinerTraining:
@@ -50,6 +51,8 @@ def _candidates(run: Run, spec: selection.RefinerTraining) -> dict[str, dict[str
     searched = run.config.uses_prompt and not run.prompt_inert and int(run.best.get("generation", 0)) > 0
     if searched and run.best.get("z") is not None:
         bases["prompt"] = (run.best["logits"], run.best.get("population"))
+    if run.ensemble is not None:  # ensemble mode: the picked contexts play the prompt's part
+        bases["prompt"] = (run.ensemble["logits"], None)
     out: dict[str, dict[str, Any]] = {}
     for name, (logits, population) in bases.items():
         held = logits if name == "zero-shot" else logits[n:]  # zero-shot fitted nothing: every image is held out
@@ -109,6 +112,7 @@ def finish_robust(run: Run) -> dict[str, Any]:
     shape = (chosen["choice"].layers, chosen["choice"].hidden) if chosen["choice"] is not None else None
     return {
         "z": run.best["z"] if uses_prompt else None,
+        "texts": run.ensemble["texts"] if uses_prompt and run.ensemble is not None else None,
         "refiner": refiner,
         "selected_generation": selected,
         "refiner_shape": shape,

@@ -87,8 +87,15 @@ class Run:
         self.lam, self.beta = self.config.kl_weights(len(self.names))
         self.n_gen = plan_generations(self.config, self.images.paper_val is not None)
         needed = baseline_cost(self.config, self.images.paper_val is not None)
+        self.bank: tuple[str, ...] = ()  # ensemble mode: the candidate contexts, one query each
+        if self.config.mode == "ensemble":
+            from .ensemble import load_bank
+
+            self.bank = load_bank(self.config.template_bank)
+            needed += len(self.bank)
         if needed > self.config.budget:
-            raise ConfigError(f"budget {self.config.budget} cannot pay the zero-shot baseline ({needed} queries); raise --budget")
+            what = f"the zero-shot baseline and {len(self.bank)} ensemble contexts" if self.bank else "the zero-shot baseline"
+            raise ConfigError(f"budget {self.config.budget} cannot pay {what} ({needed} queries); raise --budget")
         self.history: list[dict[str, Any]] = []
         self.fitness_rows: list[np.ndarray] = []
         self.metrics: dict[str, Any] = {}
@@ -103,6 +110,7 @@ class Run:
         self.last_logits: np.ndarray | None = None  # the current mean's logits on the scored images
         self.last_val_logits: np.ndarray | None = None  # paper protocol: the last validation logits
         self.population: np.ndarray | None = None  # the last generation's candidates' logits
+        self.ensemble: dict[str, Any] | None = None  # ensemble mode: the picked contexts and their logits
         self._data: dict[str, Any] | None = None
         self.prompts = create_prompt_space(self.config, self.caps)
         self.point: Any = self.prompts.zero() if self.prompts is not None else None  # the CMA-ES mean (deployable)
@@ -154,6 +162,8 @@ class Run:
                         break
                     self._check_affordable(g)
                     self._generation(g)
+            elif self.config.mode == "ensemble":
+                self._ensemble()
             elif self.refiner is not None and start == 0 and not self.config.robust:
                 self._train_fixed_prompt()
         except BudgetExceededError as exc:
@@ -226,6 +236,17 @@ class Run:
         self._check_inert(g)
         if g % self.tuner.checkpoint_every == 0 or g == self.n_gen or self.stopped is not None:
             self._checkpoint(g)
+
+    def _ensemble(self) -> None:
+        """``ensemble`` mode: score the bank, pick the contexts (:mod:`craft_sdk.tuner.ensemble`); generation 1."""
+        from .ensemble import select_ensemble
+
+        self.ensemble = select_ensemble(self)
+        logits, n = self.ensemble["logits"], self.images.n_search
+        acc = _accuracy(logits[:n], self.images.y)
+        val_acc = _accuracy(logits[n:], self.images.y_check) if self.images.check is not None else None
+        self.best = {"val": acc if val_acc is None else val_acc, "generation": 1, "z": None, "refiner": None, "logits": logits, "population": None}
+        self._record(1, float("nan"), acc, val_acc, None)
 
     def _check_progress(self, g: int, scored_logits: np.ndarray) -> float:
         """Robust protocol: score the current model on the check images (free) and apply the stopping rule."""
@@ -306,7 +327,8 @@ class Run:
         if self.tuner.on_progress is not None:
             budget = self.ledger.budget if self.ledger.budget is not None else self.config.budget
             self.tuner.on_progress(
-                Progress(g, self.n_gen, self.ledger.used, budget, loss, acc, val_acc, self._offsets(self.point), self._scores)
+                Progress(g, self.n_gen, self.ledger.used, budget, loss, acc, val_acc, self._offsets(self.point), self._scores,
+                         self.point if isinstance(self.point, str) else None)
             )
 
     # ------------------------------------------------------------ checkpoint
@@ -361,8 +383,10 @@ class Run:
         from .finish import finish_paper, finish_robust
 
         parts = finish_robust(self) if self.config.robust else finish_paper(self)
-        point = parts.pop("z")
+        point, texts = parts.pop("z"), parts.pop("texts", None)
         prompt = self.prompts.result(point) if self.prompts is not None else {"z": None, "offset": None, "projection_std": None}
+        if texts is not None and self.ensemble is not None:  # a deployed ensemble: its first context is the template
+            prompt.update(template=texts[0], text_prompt={"kind": "ensemble", "texts": list(texts), "initial": self.config.template, "bank": self.ensemble["bank"]})
         template = prompt.pop("template", self.config.template)  # a text prompt space deploys a learned template
         return TuneResult(
             config=self.config if template == self.config.template else replace(self.config, template=template),

@@ -27,6 +27,8 @@ def plan_generations(config: TuneConfig, has_val: bool) -> int:
     """The most generations whose total cost (:func:`baseline_cost` + :func:`generation_cost` of
     each) fits the budget. ``pr`` (paper protocol) plans refiner rounds of P + 1 queries' worth,
     the official code's schedule; the robust ``pr`` needs no generation."""
+    if config.mode == "ensemble":
+        return 0  # no generation: the bank is scored once (craft_sdk.tuner.ensemble)
     if not config.uses_prompt:
         return 0 if config.robust else max((config.budget - baseline_cost(config, has_val)) // (config.popsize + 1), 0)
     cap = config.max_generations if config.max_generations is not None else config.budget

@@ -32,6 +32,7 @@ class Progress:
     val_accuracy: float | None = None
     offset: np.ndarray | None = None
     refine: Callable[[np.ndarray], np.ndarray] | None = None
+    template: str | None = None  # a text-only search's current context (None: the configured template)
 
 
 @dataclass
@@ -40,7 +41,9 @@ class TuneResult:
 
     ``refiner_shape`` is (layers, hidden) of ``refiner`` when selection chose it (robust
     protocol), else None (the config's). ``selection`` is the robust decision record;
-    ``temperature`` the calibration temperature (None: uncalibrated).
+    ``temperature`` the calibration temperature (None: uncalibrated). ``text_prompt``
+    describes a deployed discrete prompt (``initial``, ``n_slots``, ``vocabulary_size``; its text
+    is ``config.template``), None otherwise.
     """
 
     config: TuneConfig
@@ -63,3 +66,4 @@ class TuneResult:
     refiner_shape: tuple[int, int] | None = None
     selection: dict[str, Any] | None = None
     temperature: float | None = None
+    text_prompt: dict[str, Any] | None = None

@@ -1,0 +1,83 @@
+"""The ``ensemble`` mode: a template ensemble picked from a bank, a baseline that needs no search.
+
+Every context of the bank (:data:`~craft_sdk.tuner.templates.CLIP_IMAGENET_CONTEXTS` by default)
+is scored once on the run's scored images (one query each; the robust protocol's check
+images ride along), ``ensemble_k`` of them are picked by greedy forward selection on the
+search images (:func:`~craft_sdk.tuner.templates.greedy_templates`), and their
+log-probabilities are averaged (:func:`~craft_sdk.tuner.templates.ensemble_log_probs`).
+The robust protocol then deploys the ensemble only when it beats zero-shot on the check
+images beyond noise, like any other behaviour (:mod:`craft_sdk.tuner.finish`). A deployed
+ensemble costs ``k`` queries per image set at prediction time.
+
+A resumed ensemble run scores the bank again (the ledger pays it again; it is the run's
+only cost after the zero-shot baseline).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import BudgetExceededError, ConfigError
+from .templates import CLIP_IMAGENET_CONTEXTS, CLIP_SELECTED, ensemble_log_probs, greedy_templates, score_templates
+
+if TYPE_CHECKING:
+    from .loop import Run
+
+logger = logging.getLogger(__name__)
+
+BANKS: dict[str, tuple[str, ...]] = {"clip-imagenet": CLIP_IMAGENET_CONTEXTS, "clip-selected": CLIP_SELECTED}
+MAX_BANK = 1000
+
+
+def load_bank(name: str) -> tuple[str, ...]:
+    """The contexts of a named bank, or of a UTF-8 file with one context per line (blank lines skipped).
+
+    Raises:
+        ConfigError: unknown name, unreadable file, a context with braces, duplicates, or an empty bank.
+
+    Example:
+        >>> len(load_bank("clip-selected"))
+        6
+    """
+    if name in BANKS:
+        return BANKS[name]
+    path = Path(name)
+    if not path.is_file():
+        raise ConfigError(f"template_bank {name!r} is neither {' nor '.join(BANKS)} nor a file; pass a file with one context per line")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read template_bank {name}: {exc}; pass a UTF-8 text file") from None
+    contexts = [" ".join(line.split()) for line in lines if line.strip()]
+    bad = [c for c in contexts if "{" in c or "}" in c]
+    if bad:
+        raise ConfigError(f"template_bank context {bad[0]!r} has braces; write the text before the class name, e.g. 'a sketch of a'")
+    if not contexts or len(contexts) > MAX_BANK or len(set(contexts)) != len(contexts):
+        raise ConfigError(f"template_bank {name} must hold 1 to {MAX_BANK} distinct contexts, got {len(contexts)} ({len(set(contexts))} distinct)")
+    return tuple(contexts)
+
+
+def select_ensemble(run: Run) -> dict[str, Any]:
+    """Score the bank (one query per context), pick ``ensemble_k`` contexts greedily on the search
+    images; returns ``{"texts", "logits"}`` (the ensemble's log-probabilities on the scored images)."""
+    c = run.config
+    bank = load_bank(c.template_bank)
+    k = len(bank) if c.ensemble_k == 0 else c.ensemble_k
+    if k > len(bank):
+        raise ConfigError(f"ensemble_k {k} exceeds the {len(bank)} contexts of template_bank {c.template_bank!r}; lower --ensemble-k")
+    if not run.ledger.can_afford(len(bank)):
+        raise BudgetExceededError(
+            f"the ensemble scores {len(bank)} contexts ({len(bank)} queries) but {run.ledger.remaining} of the budget remain; "
+            "raise --budget or use a smaller --template-bank"
+        )
+    scores = score_templates(run.client, run.scored_handle, run.names, bank, category="search")
+    n = run.images.n_search
+    picked = greedy_templates(scores[:, :n], run.images.y, k)
+    texts = tuple(bank[i] for i in picked)
+    logits = ensemble_log_probs(scores[picked])
+    logger.info("ensemble of %d of %d contexts: %s", k, len(bank), list(texts))
+    return {"texts": texts, "logits": np.asarray(logits), "bank": c.template_bank, "bank_size": len(bank)}
