@@ -410,7 +410,7 @@ class Adapter:
 
     def fingerprint(self) -> str:
         """sha256 over the canonical config JSON and the tensors: identifies the adapter."""
-        h = hashlib.sha256(_config_bytes(self.config))
+        h = hashlib.sha256(_config_bytes(self.config, canonical=True))
         for name, value in sorted(self.tensors().items()):
             h.update(name.encode())
             h.update(value.tobytes())
@@ -511,8 +511,14 @@ def _default_permissions(directory: Path) -> None:
         os.chmod(f, 0o666 & ~mask)
 
 
-def _config_bytes(config: AdapterConfig) -> bytes:
-    return (json.dumps(config.to_dict(), indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
+def _config_bytes(config: AdapterConfig, canonical: bool = False) -> bytes:
+    """The config file's bytes; ``canonical``: what the fingerprint hashes, where a continuous prompt
+    names no kind, so adapters fingerprinted before ``prompt.kind`` existed (and the refiner.onnx
+    exported from them) keep their fingerprint."""
+    data = config.to_dict()
+    if canonical and isinstance(config.prompt, PromptSpec):
+        data["prompt"] = {k: v for k, v in data["prompt"].items() if k != "kind"}
+    return (json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
 
 
 def _swap_in(tmp: Path, target: Path) -> None:

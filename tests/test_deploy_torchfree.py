@@ -28,6 +28,9 @@ FIXTURES = HERE / "fixtures"
 ADAPTER_DIR = FIXTURES / "deploy_adapter"
 EXPECTED = load_file(str(FIXTURES / "deploy_expected.safetensors"))
 CAPS = Capabilities("fixture/pixel-stats-v1", n_ctx=2, ctx_dim=4)
+TEXT_DIR = FIXTURES / "text_adapter"
+TEXT_EXPECTED = load_file(str(FIXTURES / "text_expected.safetensors"))
+TEXT_CAPS = Capabilities("fixture/pixel-stats-text-v1")  # text only: offsets refused
 
 
 def pixel_stats(images: list[Image.Image], names: list[str], template: str, offsets: np.ndarray | None) -> np.ndarray:
@@ -90,6 +93,57 @@ def test_classifier_with_callable_client(backend: str) -> None:
     assert list(clf.classes_) == ["cat", "dog", "bird", "fish"]
 
 
+def text_stats(images: list[Image.Image], names: list[str], template: str, offsets: np.ndarray | None) -> np.ndarray:
+    """A text-only toy black box: pixel_stats shifted by the words of the context."""
+    assert offsets is None
+    words = np.array([sum(map(ord, w)) % 11 for w in template.split()], np.float32)
+    return pixel_stats(images, names, template, None) + 0.1 * words.sum() * np.arange(len(names), dtype=np.float32)
+
+
+class TextSpy(CallableClient):
+    def __init__(self) -> None:
+        super().__init__(text_stats, TEXT_CAPS)
+        self.sent: list[tuple[str, object]] = []
+
+    def predict(self, images, class_names, template="a photo of a", offsets=None):  # type: ignore[no-untyped-def]
+        self.sent.append((template, offsets))
+        return super().predict(images, class_names, template, offsets)
+
+
+def test_text_adapter_sends_its_words_through_onnx() -> None:
+    """A discrete-prompt adapter (prompt.kind: discrete) deploys like any other: the learned words on every call."""
+    adapter = load_adapter(str(TEXT_DIR))
+    assert adapter.config.prompt is not None and adapter.config.prompt.kind == "discrete" and adapter.offset is None
+    np.testing.assert_allclose(OnnxRefiner(TEXT_DIR / ONNX_FILE, adapter)(TEXT_EXPECTED["logits"]), TEXT_EXPECTED["refined"], atol=1e-5, rtol=0)
+    client, ledger = TextSpy(), QueryLedger(budget=10)
+    clf = CraftClassifier.from_pretrained(TEXT_DIR, client, config=ClassifierConfig(batch_size=4), ledger=ledger)
+    assert clf.refiner_backend_ == "onnx"
+    ims = images(6, seed=2)
+    out = clf.predict_all(ims)
+    assert [t for t, _ in client.sent] == [adapter.config.prompt.text] * 2 and all(o is None for _, o in client.sent)
+    raw = text_stats([Image.fromarray(a) for a in ims], list(clf.classes_), adapter.config.template, None)
+    np.testing.assert_allclose(out.logits, mlp.forward(adapter.refiner, raw, residual=True), atol=1e-5, rtol=0)
+    z = out.logits / 1.7  # the adapter's calibration temperature
+    np.testing.assert_allclose(out.probs, np.exp(z - z.max(-1, keepdims=True)) / np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True), atol=1e-6)
+    assert ledger.used == 2
+
+
+def test_ensemble_adapter_deploys_without_torch(tmp_path: Path) -> None:
+    from craft_sdk import Adapter, AdapterConfig
+    from craft_sdk.adapter import EnsemblePromptSpec
+    from craft_sdk.tuner.templates import ensemble_log_probs
+
+    texts = ("a sketch of a", "itap of a")
+    cfg = AdapterConfig(TEXT_CAPS.model_id, ("cat", "dog", "bird", "fish"), texts[0], prompt=EnsemblePromptSpec(texts, bank="clip-imagenet"))
+    Adapter(cfg).save_pretrained(tmp_path / "ens")
+    client, ledger = TextSpy(), QueryLedger(budget=10)
+    out = CraftClassifier.from_pretrained(tmp_path / "ens", client, ledger=ledger).predict_all(images(5))
+    assert [t for t, _ in client.sent] == list(texts) and ledger.used == 2
+    pil = [Image.fromarray(a) for a in images(5)]
+    expected = ensemble_log_probs(np.stack([text_stats(pil, list(cfg.class_names), t, None) for t in texts]))
+    np.testing.assert_allclose(out.raw_logits, expected, atol=1e-5)
+
+
 def test_import_does_not_pull_torch_or_runtimes() -> None:
     code = (
         "import sys\n"
@@ -110,6 +164,7 @@ def test_deploy_runs_with_torch_blocked() -> None:
         "import test_deploy_torchfree as t\n"
         "t.test_onnx_and_numpy_match_committed_torch_outputs()\n"
         "t.test_classifier_with_callable_client('auto')\n"
+        "t.test_text_adapter_sends_its_words_through_onnx()\n"
         "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code, str(HERE)], capture_output=True, text=True, cwd=HERE)

@@ -61,14 +61,20 @@ def load_bank(name: str) -> tuple[str, ...]:
     return tuple(contexts)
 
 
+def ensemble_bank(config: Any) -> tuple[str, ...]:
+    """The bank an ``ensemble`` run scores, checked against ``ensemble_k`` (before any query)."""
+    bank = load_bank(config.template_bank)
+    if config.ensemble_k > len(bank):
+        raise ConfigError(f"ensemble_k {config.ensemble_k} exceeds the {len(bank)} contexts of template_bank {config.template_bank!r}; lower --ensemble-k")
+    return bank
+
+
 def select_ensemble(run: Run) -> dict[str, Any]:
     """Score the bank (one query per context), pick ``ensemble_k`` contexts greedily on the search
     images; returns ``{"texts", "logits"}`` (the ensemble's log-probabilities on the scored images)."""
     c = run.config
-    bank = load_bank(c.template_bank)
+    bank = run.bank
     k = len(bank) if c.ensemble_k == 0 else c.ensemble_k
-    if k > len(bank):
-        raise ConfigError(f"ensemble_k {k} exceeds the {len(bank)} contexts of template_bank {c.template_bank!r}; lower --ensemble-k")
     if not run.ledger.can_afford(len(bank)):
         raise BudgetExceededError(
             f"the ensemble scores {len(bank)} contexts ({len(bank)} queries) but {run.ledger.remaining} of the budget remain; "

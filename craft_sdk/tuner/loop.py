@@ -89,9 +89,9 @@ class Run:
         needed = baseline_cost(self.config, self.images.paper_val is not None)
         self.bank: tuple[str, ...] = ()  # ensemble mode: the candidate contexts, one query each
         if self.config.mode == "ensemble":
-            from .ensemble import load_bank
+            from .ensemble import ensemble_bank
 
-            self.bank = load_bank(self.config.template_bank)
+            self.bank = ensemble_bank(self.config)
             needed += len(self.bank)
         if needed > self.config.budget:
             what = f"the zero-shot baseline and {len(self.bank)} ensemble contexts" if self.bank else "the zero-shot baseline"
