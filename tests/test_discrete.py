@@ -237,3 +237,71 @@ def test_craft_on_a_text_only_client_keeps_the_refiner_and_the_words() -> None:
     assert result.config.mode == "craft" and (spec is None or (spec.kind == "discrete" and spec.text == adapter.config.template))
     assert len(adapter.config.template.split()) == 4 and all(w in VOCABULARY for w in adapter.config.template.split())
     assert any("sigma" in h for h in result.history)  # the loop records the search's spread (entropy)
+
+
+# ------------------------------------------------------------------------- options
+
+
+def test_a_vocabulary_file_and_word_lr_reach_the_search(tmp_path) -> None:  # noqa: ANN001
+    """--vocabulary FILE: the search draws only those words (plus the template's); the adapter records the size."""
+    pytest.importorskip("torch")
+    from craft_sdk import Adapter, ImageDataset, TuneConfig
+    from craft_sdk.tuner.train import Tuner
+
+    words = ["sketch", "drawing", "blurry", "toy", "plastic", "bright"]
+    vocab = tmp_path / "words.txt"
+    vocab.write_text("\n".join(words) + "\n\n")
+    client, images, labels = planted_client(jitter=0.02)
+    cfg = TuneConfig(mode="pg", protocol="paper", popsize=10, budget=1 + 30 * 11, seed=0, vocabulary=str(vocab), word_lr=3.0)
+    adapter = Adapter.from_result(Tuner(cfg).fit(client, ImageDataset(images, labels, tuple(NAMES))))
+    spec = adapter.config.prompt
+    assert spec is not None and spec.vocabulary_size == len(words) + len({"a", "photo", "of"})
+    assert HIDDEN in adapter.config.template.split() and set(adapter.config.template.split()) <= set(words) | {"a", "photo", "of"}
+    assert adapter.config.hyperparameters["word_lr"] == 3.0
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [("two words\nok\n", "is not one word"), ("same\nsame\n", "at least two distinct words"), (None, "cannot read vocabulary")],
+)
+def test_bad_vocabularies_are_one_line_config_errors(tmp_path, content: str | None, message: str) -> None:  # noqa: ANN001
+    from craft_sdk.tuner.discrete import load_vocabulary
+
+    path = tmp_path / "v.txt"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_vocabulary(str(path))
+    assert "\n" not in str(info.value)
+
+
+def test_word_lr_must_be_positive() -> None:
+    from craft_sdk import TuneConfig
+
+    with pytest.raises(ConfigError, match="word_lr must be a positive finite number"):
+        TuneConfig(word_lr=0.0)
+
+
+def test_a_checkpoint_from_before_new_options_still_resumes(tmp_path) -> None:  # noqa: ANN001
+    """Options added after a checkpoint was written take their defaults when it is resumed."""
+    pytest.importorskip("torch")
+    from craft_sdk import ImageDataset, TuneConfig
+    from craft_sdk.tuner.checkpoint import load_checkpoint, save_checkpoint
+    from craft_sdk.tuner.train import Tuner
+
+    client, images, labels = planted_client(jitter=0.02)
+    train = ImageDataset(images, labels, tuple(NAMES))
+    cfg = TuneConfig(mode="pg", protocol="paper", popsize=10, budget=1 + 12 * 11, max_generations=10, seed=0)
+    full = Tuner(cfg).fit(client, train)
+    crashing, _, _ = planted_client(crash_at=60, jitter=0.02)
+    with pytest.raises(KeyboardInterrupt):
+        Tuner(cfg, checkpoint_dir=tmp_path).fit(crashing, train)
+    tensors, state = load_checkpoint(tmp_path)
+    for key in ("vocabulary", "word_lr", "ensemble_k", "template_bank"):
+        del state["config"][key]
+    save_checkpoint(tmp_path, tensors, state)
+    resumed = Tuner(cfg, checkpoint_dir=tmp_path, resume=True).fit(planted_client(jitter=0.02)[0], train)
+    assert resumed.config.template == full.config.template
+    changed = TuneConfig(**{**cfg.to_dict(), "word_lr": 1.0})
+    with pytest.raises(ConfigError, match="different configuration"):
+        Tuner(changed, checkpoint_dir=tmp_path, resume=True).fit(planted_client(jitter=0.02)[0], train)

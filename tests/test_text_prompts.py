@@ -18,7 +18,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from craft_sdk import Adapter, AdapterConfig, AdapterError, ConfigError, CraftClassifier, ImageDataset, QueryLedger, load_adapter
+from craft_sdk import (
+    Adapter,
+    AdapterConfig,
+    AdapterError,
+    ConfigError,
+    CraftClassifier,
+    ImageDataset,
+    QueryLedger,
+    load_adapter,
+)
 from craft_sdk.adapter import CONFIG_FILE, DiscretePromptSpec, EnsemblePromptSpec, PromptSpec, RefinerSpec
 from craft_sdk.client import CallableClient, Capabilities
 from craft_sdk.tuner import mlp

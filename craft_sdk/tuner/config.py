@@ -26,6 +26,8 @@ z_noise                     1.645        ours: one-sided 95 % noise threshold
 refiner_data                mean         ours (``population``: measured, see BENCHMARKS)
 ensemble_k                  4            ours: templates an ``ensemble`` keeps
 template_bank               clip-imagenet  CLIP's ImageNet contexts (``ensemble`` mode)
+vocabulary                  default      ours: words of a text-only client's search
+word_lr                     2.0          ours (BDPL's step is task-specific)
 ==========================  ===========  ==============================================
 
 Two protocols. ``paper`` is the paper's (and official code's) loop exactly: the
@@ -112,6 +114,10 @@ class TuneConfig:
         template_bank: ``ensemble`` mode: the candidate contexts: ``clip-imagenet`` (CLIP's 41
             ImageNet contexts), ``clip-selected`` (the 6 CLIP selected) or a UTF-8 file with one
             context per line.
+        vocabulary: text-only clients: the words the context search may use: ``default`` (CLIP's
+            template words and ~200 common words) or a UTF-8 file with one word per line (the
+            template's own words are always added).
+        word_lr: text-only clients: the word search's step on its per-slot word logits.
     """
 
     mode: str = "craft"
@@ -144,6 +150,8 @@ class TuneConfig:
     refiner_data: str = "mean"
     ensemble_k: int = 4
     template_bank: str = "clip-imagenet"
+    vocabulary: str = "default"
+    word_lr: float = 2.0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -159,7 +167,9 @@ class TuneConfig:
             raise ConfigError(f"popsize must be >= 2 for CMA-ES, got {self.popsize}")
         if self.refiner_epochs < 0:
             raise ConfigError(f"refiner_epochs must be >= 0, got {self.refiner_epochs}")
-        for name in ("sigma0", "prompt_scale", "lr"):
+        if not isinstance(self.vocabulary, str) or not self.vocabulary.strip():
+            raise ConfigError("vocabulary must be 'default' or a file with one word per line")
+        for name in ("sigma0", "prompt_scale", "lr", "word_lr"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be a positive finite number, got {value!r}")

@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -74,6 +75,31 @@ def _default_vocabulary() -> tuple[str, ...]:
 
 
 VOCABULARY: tuple[str, ...] = _default_vocabulary()
+
+
+def load_vocabulary(name: str) -> tuple[str, ...]:
+    """:data:`VOCABULARY` for ``"default"``, else the words of a UTF-8 file, one per line (blank lines skipped).
+
+    Raises:
+        ConfigError: the file is missing or unreadable, or a line is not one word.
+
+    Example:
+        >>> load_vocabulary("default") == VOCABULARY
+        True
+    """
+    if name == "default":
+        return VOCABULARY
+    try:
+        lines = Path(name).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read vocabulary {name!r} ({exc.__class__.__name__}); pass 'default' or a UTF-8 file with one word per line") from None
+    words = [line.strip() for line in lines if line.strip()]
+    bad = [w for w in words if " " in w or "\t" in w or "{" in w or "}" in w]
+    if bad:
+        raise ConfigError(f"vocabulary {name}: {bad[0]!r} is not one word; write one word per line, without braces")
+    if len(set(words)) < 2:
+        raise ConfigError(f"vocabulary {name} must hold at least two distinct words, got {len(set(words))}")
+    return tuple(dict.fromkeys(words))
 
 
 @dataclass(frozen=True)
@@ -265,7 +291,9 @@ class DiscretePrompts:
 
     def __init__(self, config: Any, caps: Any) -> None:
         self.config = config
-        self.search = DiscretePromptSearch.from_template(config.template, popsize=config.popsize, seed=config.seed)
+        self.search = DiscretePromptSearch.from_template(
+            config.template, popsize=config.popsize, seed=config.seed, vocabulary=load_vocabulary(config.vocabulary), lr=config.word_lr
+        )
         self._index = {w: j for j, w in enumerate(self.search.vocabulary)}
 
     def zero(self) -> str:

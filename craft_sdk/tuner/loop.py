@@ -353,7 +353,8 @@ class Run:
         return int(state["generation"])
 
     def _check_same_run(self, state: dict[str, Any]) -> None:
-        if state["config"] != self.requested.to_dict():
+        saved = {**type(self.requested)().to_dict(), **state["config"]}  # options added since take their defaults
+        if saved != self.requested.to_dict():
             raise ConfigError("the checkpoint was written with a different configuration; resume with the same options")
         if state["model_id"] != self.caps.model_id:
             raise CraftError(f"the checkpoint is for model {state['model_id']}, not {self.caps.model_id}")
