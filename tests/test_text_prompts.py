@@ -224,7 +224,7 @@ def test_ensemble_mode_pays_the_bank_once_and_picks_the_rewarded_context(protoco
     assert spec.texts[0] == "a sketch of a" and adapter.config.template == "a sketch of a"  # the only context that says 'sketch'
     assert adapter.config.provenance["mode"] == "ensemble" and adapter.offset is None and adapter.refiner is None
     if protocol == "robust":
-        assert adapter.config.provenance["selection"]["deployed"] == "prompt"
+        assert adapter.config.provenance["selection"]["deployed"] == "ensemble"
 
 
 def test_ensemble_falls_back_to_zero_shot_when_no_context_helps(tmp_path: Path) -> None:

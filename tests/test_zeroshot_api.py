@@ -123,9 +123,31 @@ def test_create_client_and_a_text_only_tune(server, tiny_client) -> None:  # noq
     result = Tuner(cfg).fit(zs, train)  # text-only: craft searches the template's words (tuner/discrete.py)
     zs.close()
     adapter = Adapter.from_result(result)
-    assert result.config.mode == "craft" and adapter.config.prompt is None and result.queries["counts"]["search"] > 0
+    spec = adapter.config.prompt  # learned words are deployed only when they beat zero-shot on the check images
+    assert result.config.mode == "craft" and (spec is None or spec.kind == "discrete") and result.queries["counts"]["search"] > 0
     assert adapter.config.model_id == "tiny-zs" and adapter.config.output == "probs"
     assert used(server.app) - before == zs.provider_requests == zs.provider_answers  # every request billed once
+
+
+def test_a_template_ensemble_over_the_zero_shot_api(server) -> None:  # noqa: ANN001
+    """``--mode ensemble`` through the hosted shape: 1 + 6 queries to tune (one request per image each), then every
+    prediction sends the k picked contexts; the server bills exactly the requests the client sent."""
+    from craft_sdk import CraftClassifier, tune
+
+    imgs = random_images(12, seed=23)
+    train = ImageDataset(imgs, np.arange(12) % len(NAMES), CLASS_NAMES)
+    zs = create_client("zeroshot+" + server.url + ROUTE, api_key=KEY, model_id="tiny-zs", **FAST)
+    before = used(server.app)
+    adapter = tune(zs, train, mode="ensemble", protocol="paper", template_bank="clip-selected", ensemble_k=2, seed=0)
+    spec = adapter.config.prompt
+    assert spec is not None and spec.kind == "ensemble" and len(spec.texts) == 2 and adapter.config.provenance["queries_used"] == 7
+    assert zs.provider_requests == 7 * 12
+    ledger = QueryLedger()
+    test = random_images(5, seed=24)
+    probs = CraftClassifier.from_adapter(adapter, zs, ledger=ledger).predict_proba(test)
+    assert ledger.used == 2 and zs.provider_requests == 7 * 12 + 2 * 5 and probs.shape == (5, len(NAMES))
+    assert used(server.app) - before == zs.provider_requests == zs.provider_answers
+    zs.close()
 
 
 # ----------------------------------------------------------------------------------------- faults

@@ -51,8 +51,8 @@ def _candidates(run: Run, spec: selection.RefinerTraining) -> dict[str, dict[str
     searched = run.config.uses_prompt and not run.prompt_inert and int(run.best.get("generation", 0)) > 0
     if searched and run.best.get("z") is not None:
         bases["prompt"] = (run.best["logits"], run.best.get("population"))
-    if run.ensemble is not None:  # ensemble mode: the picked contexts play the prompt's part
-        bases["prompt"] = (run.ensemble["logits"], None)
+    if run.ensemble is not None:  # ensemble mode: the picked contexts, judged like a prompt
+        bases["ensemble"] = (run.ensemble["logits"], None)
     out: dict[str, dict[str, Any]] = {}
     for name, (logits, population) in bases.items():
         held = logits if name == "zero-shot" else logits[n:]  # zero-shot fitted nothing: every image is held out
@@ -100,7 +100,7 @@ def finish_robust(run: Run) -> dict[str, Any]:
         refiner = selection.train_refiner(spec, chosen["choice"], chosen["logits"], y_all, chosen.get("population"))
     temperature = selection.fit_temperature(chosen["held"], chosen["held_y"])
     decision = selection.Decision(option, reason, estimates, len(run.images.y_check), chosen["choice"], temperature)
-    uses_prompt = option in ("prompt", "prompt+refiner")
+    uses_prompt = option in ("prompt", "prompt+refiner", "ensemble")
     selected = int(run.best.get("generation", 0)) if uses_prompt else 0
     train_scores = chosen["logits"][: run.images.n_search]
     if refiner is not None:

@@ -38,7 +38,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-OPTIONS = ("zero-shot", "prompt", "prompt+refiner", "refiner")
+OPTIONS = ("zero-shot", "prompt", "ensemble", "prompt+refiner", "refiner")
 EPOCH_GRID = (5, 10, 20, 40, 80, 160, 320)
 
 
