@@ -42,3 +42,22 @@ def write_bytes_atomic(path: str | Path, data: bytes, *, sync_dir: bool = False)
         finally:
             os.close(fd)
     return target
+
+
+def read_lines(path: str | Path, what: str, max_bytes: int = 1 << 20) -> list[str]:
+    """The non-blank lines of a small UTF-8 text file, whitespace-normalised.
+
+    Raises:
+        ConfigError: the file is missing, larger than ``max_bytes``, or not UTF-8 text (``what`` names it).
+    """
+    from .errors import ConfigError
+
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        if not p.is_file() or size > max_bytes:
+            raise ConfigError(f"{what} {str(path)!r} must be a text file of at most {max_bytes:,} bytes, one entry per line")
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {what} {str(path)!r} ({exc.__class__.__name__}); pass a UTF-8 text file, one entry per line") from None
+    return [" ".join(line.split()) for line in text.splitlines() if line.strip()]

@@ -259,6 +259,12 @@ def test_bank_files_with_braces_or_duplicates_are_refused(tmp_path: Path) -> Non
         load_bank(str(tmp_path / "a.txt"))
     with pytest.raises(ConfigError, match="distinct contexts"):
         load_bank(str(tmp_path / "b.txt"))
+    (tmp_path / "c.txt").write_text("a photo of\n" * 200_000)  # 2.2 MB: refused before it is read
+    with pytest.raises(ConfigError, match="at most 1,048,576 bytes"):
+        load_bank(str(tmp_path / "c.txt"))
+    (tmp_path / "d.txt").write_bytes(b"\xff\xfe bad")
+    with pytest.raises(ConfigError, match="pass a UTF-8 text file"):
+        load_bank(str(tmp_path / "d.txt"))
 
 
 # --------------------------------------------------------------------------- the command line

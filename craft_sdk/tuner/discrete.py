@@ -39,11 +39,11 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .._fileio import read_lines
 from ..errors import ConfigError, CraftError
 from .templates import CLIP_IMAGENET_CONTEXTS
 
@@ -89,12 +89,8 @@ def load_vocabulary(name: str) -> tuple[str, ...]:
     """
     if name == "default":
         return VOCABULARY
-    try:
-        lines = Path(name).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read vocabulary {name!r} ({exc.__class__.__name__}); pass 'default' or a UTF-8 file with one word per line") from None
-    words = [line.strip() for line in lines if line.strip()]
-    bad = [w for w in words if " " in w or "\t" in w or "{" in w or "}" in w]
+    words = read_lines(name, "vocabulary")
+    bad = [w for w in words if " " in w or "{" in w or "}" in w]
     if bad:
         raise ConfigError(f"vocabulary {name}: {bad[0]!r} is not one word; write one word per line, without braces")
     if len(set(words)) < 2:

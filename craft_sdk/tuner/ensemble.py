@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .._fileio import read_lines
 from ..errors import BudgetExceededError, ConfigError
 from .templates import CLIP_IMAGENET_CONTEXTS, CLIP_SELECTED, ensemble_log_probs, greedy_templates, score_templates
 
@@ -45,14 +46,9 @@ def load_bank(name: str) -> tuple[str, ...]:
     """
     if name in BANKS:
         return BANKS[name]
-    path = Path(name)
-    if not path.is_file():
+    if not Path(name).is_file():
         raise ConfigError(f"template_bank {name!r} is neither {' nor '.join(BANKS)} nor a file; pass a file with one context per line")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read template_bank {name}: {exc}; pass a UTF-8 text file") from None
-    contexts = [" ".join(line.split()) for line in lines if line.strip()]
+    contexts = read_lines(name, "template_bank")
     bad = [c for c in contexts if "{" in c or "}" in c]
     if bad:
         raise ConfigError(f"template_bank context {bad[0]!r} has braces; write the text before the class name, e.g. 'a sketch of a'")
