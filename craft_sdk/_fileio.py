@@ -53,11 +53,14 @@ def read_lines(path: str | Path, what: str, max_bytes: int = 1 << 20) -> list[st
     from .errors import ConfigError
 
     p = Path(path)
+    why = f"cannot read {what} {str(path)!r}"
+    if not p.is_file():
+        raise ConfigError(f"{what} {str(path)!r} is not a file; pass a UTF-8 text file, one entry per line")
     try:
-        size = p.stat().st_size
-        if not p.is_file() or size > max_bytes:
-            raise ConfigError(f"{what} {str(path)!r} must be a text file of at most {max_bytes:,} bytes, one entry per line")
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read {what} {str(path)!r} ({exc.__class__.__name__}); pass a UTF-8 text file, one entry per line") from None
+        too_big = p.stat().st_size > max_bytes
+        text = "" if too_big else p.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first entry
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # ValueError: a NUL in the path
+        raise ConfigError(f"{why} ({exc.__class__.__name__}); pass a UTF-8 text file, one entry per line") from None
+    if too_big:
+        raise ConfigError(f"{what} {str(path)!r} is over {max_bytes:,} bytes; pass a text file of at most that, one entry per line")
     return [" ".join(line.split()) for line in text.splitlines() if line.strip()]

@@ -23,10 +23,10 @@ import numpy as np
 
 from ._fileio import umask
 from ._version import __version__
-from .errors import AdapterError
+from .errors import AdapterError, BudgetExceededError
 from .scores import as_log_scores, softmax
 from .tuner import mlp
-from .tuner.config import TuneConfig
+from .tuner.config import MAX_CONTEXT_CHARS, MAX_ENSEMBLE, TuneConfig
 from .tuner.projection import GENERATOR, project, projection_matrix
 
 logger = logging.getLogger(__name__)
@@ -38,8 +38,7 @@ FORMAT_VERSION = 1
 # A is regenerated as float64 then float32 (~20 bytes per element at peak): 2**25 elements is ~670 MB,
 # above any open_clip text tower (ViT-bigG, 16 context tokens, D = 1,000 is 2 x 10**7)
 MAX_PROJECTION_ELEMENTS = 2**25
-MAX_PROMPT_CHARS = 1000
-MAX_ENSEMBLE = 100
+MAX_PROMPT_CHARS = MAX_CONTEXT_CHARS
 
 
 @dataclass(frozen=True)
@@ -132,6 +131,8 @@ class EnsemblePromptSpec:
             raise AdapterError("prompt.texts has duplicates; the config is corrupt")
         if not isinstance(self.initial, str) or not self.initial.strip() or "{" in self.initial or "}" in self.initial:
             raise AdapterError(f"prompt.initial must be a non-empty context without braces, got {str(self.initial)[:60]!r}")
+        if not isinstance(self.bank, str) or len(self.bank) > MAX_PROMPT_CHARS:
+            raise AdapterError(f"prompt.bank must be a short string naming where the contexts came from, got {str(self.bank)[:60]!r}")
 
     def describe(self) -> str:
         shown = ", ".join(repr(t) for t in self.texts[:4]) + (" ..." if len(self.texts) > 4 else "")
@@ -248,6 +249,8 @@ class AdapterConfig:
         d["class_names"] = list(self.class_names)
         if d["calibration"] is None:  # adapters written before calibration existed keep their bytes
             del d["calibration"]
+        if isinstance(self.prompt, PromptSpec):  # no kind = continuous: earlier craft-sdk 0.x versions still read it
+            del d["prompt"]["kind"]
         return d
 
     @classmethod
@@ -394,6 +397,12 @@ class Adapter:
             return as_log_scores(client.predict(images, names, contexts[0], self.offset, **kwargs), self.config.output)
         from .tuner.templates import ensemble_log_probs
 
+        ledger = getattr(client, "ledger", None)
+        if ledger is not None and not ledger.can_afford(len(contexts)):  # all contexts or none: no half-paid prediction
+            raise BudgetExceededError(
+                f"query budget exhausted: this ensemble sends {len(contexts)} contexts ({len(contexts)} queries) but "
+                f"{ledger.remaining} remain; raise the budget"
+            )
         handle = client.upload(images) if isinstance(images, (list, tuple)) else images
         rows = [as_log_scores(client.predict(handle, names, t, None, **kwargs), self.config.output) for t in contexts]
         return ensemble_log_probs(np.stack(rows))
@@ -410,7 +419,7 @@ class Adapter:
 
     def fingerprint(self) -> str:
         """sha256 over the canonical config JSON and the tensors: identifies the adapter."""
-        h = hashlib.sha256(_config_bytes(self.config, canonical=True))
+        h = hashlib.sha256(_config_bytes(self.config))
         for name, value in sorted(self.tensors().items()):
             h.update(name.encode())
             h.update(value.tobytes())
@@ -511,13 +520,10 @@ def _default_permissions(directory: Path) -> None:
         os.chmod(f, 0o666 & ~mask)
 
 
-def _config_bytes(config: AdapterConfig, canonical: bool = False) -> bytes:
-    """The config file's bytes; ``canonical``: what the fingerprint hashes, where a continuous prompt
-    names no kind, so adapters fingerprinted before ``prompt.kind`` existed (and the refiner.onnx
-    exported from them) keep their fingerprint."""
+def _config_bytes(config: AdapterConfig) -> bytes:
+    """The config file's bytes, also what the fingerprint hashes (a continuous prompt names no kind,
+    so adapters and refiner.onnx files from before ``prompt.kind`` keep their fingerprint)."""
     data = config.to_dict()
-    if canonical and isinstance(config.prompt, PromptSpec):
-        data["prompt"] = {k: v for k, v in data["prompt"].items() if k != "kind"}
     return (json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
 
 

@@ -41,7 +41,8 @@ def create_client(model: str, pretrained: str | None = _UNSET, *, device: str = 
     if model.startswith("text-only:"):
         from .client.zeroshot import TextOnlyClient
 
-        return TextOnlyClient(create_client(model[len("text-only:") :], pretrained, device=device, **kwargs))
+        inner = create_client(model[len("text-only:") :], pretrained, device=device, **kwargs)
+        return TextOnlyClient(inner, **({"cache_size": kwargs["cache_size"]} if "cache_size" in kwargs else {}))
     if model.startswith(("zeroshot+http://", "zeroshot+https://")):
         from .client.zeroshot import ZeroShotAPIClient
 

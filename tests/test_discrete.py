@@ -262,7 +262,7 @@ def test_a_vocabulary_file_and_word_lr_reach_the_search(tmp_path) -> None:  # no
 
 @pytest.mark.parametrize(
     "content, message",
-    [("two words\nok\n", "is not one word"), ("same\nsame\n", "at least two distinct words"), (None, "cannot read vocabulary")],
+    [("two words\nok\n", "is not one word"), ("same\nsame\n", "at least two distinct words"), (None, "vocabulary .* is not a file")],
 )
 def test_bad_vocabularies_are_one_line_config_errors(tmp_path, content: str | None, message: str) -> None:  # noqa: ANN001
     from craft_sdk.tuner.discrete import load_vocabulary

@@ -112,8 +112,10 @@ def test_continuous_prompts_say_so_and_kindless_configs_load_as_continuous(tmp_p
     assert "kind" not in json.loads((HERE / "fixtures" / "deploy_adapter" / CONFIG_FILE).read_text())["prompt"]
     assert isinstance(old.config.prompt, PromptSpec) and old.config.prompt.kind == "continuous"
     old.save_pretrained(tmp_path / "re")
-    assert json.loads((tmp_path / "re" / CONFIG_FILE).read_text())["prompt"]["kind"] == "continuous"
-    # the fingerprint ignores the default kind: refiner.onnx files exported before it existed stay valid
+    # a continuous prompt is written without a kind: earlier craft-sdk versions read it, and the fingerprint
+    # (so the refiner.onnx exported from it) is unchanged
+    assert "kind" not in json.loads((tmp_path / "re" / CONFIG_FILE).read_text())["prompt"]
+    assert (tmp_path / "re" / CONFIG_FILE).read_bytes() == (HERE / "fixtures" / "deploy_adapter" / CONFIG_FILE).read_bytes()
     assert load_adapter(str(tmp_path / "re")).fingerprint() == old.fingerprint()
     from craft_sdk.export import OnnxRefiner
 
@@ -141,6 +143,8 @@ def _write(tmp_path: Path, adapter: Adapter, edit) -> Path:  # noqa: ANN001
         (ensemble_adapter, lambda d: d["prompt"].update(texts=[]), "1 to 100 contexts"),
         (ensemble_adapter, lambda d: d.update(template="art of a"), "is not its ensemble's first context"),
         (ensemble_adapter, lambda d: d["prompt"].update(bogus=1), "adapter config is malformed"),
+        (ensemble_adapter, lambda d: d["prompt"].update(bank=float("nan")), "prompt.bank must be a short string"),
+        (ensemble_adapter, lambda d: d["prompt"].update(bank={"a": 1}), "prompt.bank must be a short string"),
     ],
 )
 def test_malformed_text_prompts_are_one_line_errors(tmp_path: Path, make, edit, message: str) -> None:  # noqa: ANN001
@@ -185,6 +189,16 @@ def test_an_ensemble_costs_one_query_per_context_and_averages_their_log_probabil
     expected = ensemble_log_probs(np.stack([text_box(ims, list(NAMES), t, None) for t in texts]))
     np.testing.assert_allclose(out.raw_logits, expected, atol=1e-5)
     np.testing.assert_allclose(out.probs.sum(-1), 1.0, atol=1e-6)
+
+
+def test_an_ensemble_prediction_is_paid_in_full_or_not_at_all() -> None:
+    from craft_sdk import BudgetExceededError
+    from craft_sdk.client import MeteredClient
+
+    client, ledger = Spy(), QueryLedger(budget=2)
+    with pytest.raises(BudgetExceededError, match="sends 3 contexts"):
+        ensemble_adapter().raw_scores(MeteredClient(client, ledger), pictures(4)[0])
+    assert ledger.used == 0 and client.sent == []
 
 
 def test_evaluate_measures_zero_shot_with_the_initial_template() -> None:
@@ -236,10 +250,35 @@ def test_ensemble_falls_back_to_zero_shot_when_no_context_helps(tmp_path: Path) 
     assert adapter.config.provenance["selection"]["deployed"] == "zero-shot"
 
 
+def test_a_resumed_ensemble_keeps_its_contexts_and_pays_nothing_again(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from craft_sdk import tune
+
+    ims, labels = pictures(48)
+    train = ImageDataset(ims, labels, NAMES)
+    first = tune(Spy(), train, mode="ensemble", ensemble_k=2, checkpoint_dir=tmp_path, seed=0)
+    client, ledger = Spy(), QueryLedger(budget=1000)
+    again = tune(client, train, mode="ensemble", ensemble_k=2, checkpoint_dir=tmp_path, resume=True, seed=0, ledger=ledger)
+    assert client.sent == [] and again.config.prompt == first.config.prompt and again.config.prompt is not None
+
+
+def test_a_robust_ensemble_without_check_images_spends_nothing_on_the_bank() -> None:
+    pytest.importorskip("torch")
+    from craft_sdk import tune
+
+    ims, labels = pictures(3)  # one image per class: nothing can be held out
+    ledger = QueryLedger(budget=1000)
+    adapter = tune(Spy(), ImageDataset(ims, labels, NAMES), mode="ensemble", ledger=ledger, seed=0)
+    assert ledger.used == 1 and adapter.config.prompt is None
+
+
 @pytest.mark.parametrize(
     "options, message",
     [
         ({"budget": 20}, "cannot pay the zero-shot baseline and 41 ensemble contexts"),
+        ({"ensemble_k": 101}, "ensemble_k must be at most 100"),
+        ({"template": "a {} of"}, "without braces"),
+        ({"template": "word " * 300}, "at most 1000 characters"),
         ({"template_bank": "no-such-bank"}, "neither clip-imagenet nor clip-selected nor a file"),
         ({"template_bank": "clip-selected", "ensemble_k": 7}, "ensemble_k 7 exceeds the 6 contexts"),
         ({"ensemble_k": -1}, "ensemble_k must be a non-negative integer"),
@@ -260,8 +299,21 @@ def test_bank_files_with_braces_or_duplicates_are_refused(tmp_path: Path) -> Non
     with pytest.raises(ConfigError, match="distinct contexts"):
         load_bank(str(tmp_path / "b.txt"))
     (tmp_path / "c.txt").write_text("a photo of\n" * 200_000)  # 2.2 MB: refused before it is read
-    with pytest.raises(ConfigError, match="at most 1,048,576 bytes"):
+    with pytest.raises(ConfigError, match="is over 1,048,576 bytes"):
         load_bank(str(tmp_path / "c.txt"))
+    (tmp_path / "e.txt").write_text("a " * 600 + "\n")
+    with pytest.raises(ConfigError, match="over 1000 characters"):
+        load_bank(str(tmp_path / "e.txt"))
+    (tmp_path / "f.txt").write_text("\n".join(f"context number {i} of a" for i in range(150)))
+    assert len(load_bank(str(tmp_path / "f.txt"))) == 150
+    with pytest.raises(ConfigError, match="over the 100 an adapter may send"):
+        _tune(template_bank=str(tmp_path / "f.txt"), ensemble_k=0)
+    (tmp_path / "g.txt").write_bytes("\ufeffa photo of the\nart of a\n".encode())
+    assert load_bank(str(tmp_path / "g.txt")) == ("a photo of the", "art of a")  # the byte-order mark is dropped
+    with pytest.raises(ConfigError, match="template_bank .a.x00b. is not a file"):
+        from craft_sdk._fileio import read_lines
+
+        read_lines("a\0b", "template_bank")
     (tmp_path / "d.txt").write_bytes(b"\xff\xfe bad")
     with pytest.raises(ConfigError, match="pass a UTF-8 text file"):
         load_bank(str(tmp_path / "d.txt"))

@@ -72,7 +72,8 @@ def predict(
         raise fail("name images, directories or glob patterns, or pass --files-from LIST")
     if resume and output is None:
         raise fail("--resume continues an --output file; pass --output")
-    remote = (client_url or model or "").startswith(("http://", "https://"))
+    target = client_url or model or ""
+    remote = target.removeprefix("text-only:").startswith(REMOTE)
     workers = concurrency or (4 if remote else 1)
     config = ClassifierConfig(batch_size=batch_size, backend=backend, allow_model_mismatch=allow_model_mismatch)
     check_inputs(inputs or [])

@@ -36,6 +36,7 @@ from craft_sdk import (
 )
 from craft_sdk.api import pretrained_kwargs
 from craft_sdk.scores import as_log_scores
+from craft_sdk.tuner.templates import ensemble_log_probs
 
 from .spec import RunSpec
 
@@ -91,9 +92,9 @@ class _TestProbe:
         if self.handle is None:
             self.handle = self.metered.upload(self.test.images)
         names = list(self.test.class_names)
-        template = progress.template or self.template  # a text-only search scores its current words
-        scores = self.metered.predict(self.handle, names, template, progress.offset, category="eval")
-        scores = as_log_scores(scores, self.output)
+        contexts = progress.contexts or (self.template,)  # a text search's words, an ensemble's contexts
+        rows = [as_log_scores(self.metered.predict(self.handle, names, t, progress.offset, category="eval"), self.output) for t in contexts]
+        scores = rows[0] if len(rows) == 1 else ensemble_log_probs(np.stack(rows))
         if progress.refine is not None:
             scores = progress.refine(scores)
         acc = float((np.asarray(scores).argmax(-1) == self.test.labels).mean())

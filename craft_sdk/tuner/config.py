@@ -64,6 +64,8 @@ MODES = ("zero-shot", "pg", "pr", "pg+pr", "craft", "ensemble")
 SELECTIONS = ("last", "best-val")
 PROTOCOLS = ("robust", "paper")
 REFINER_DATA = ("mean", "population")
+MAX_CONTEXT_CHARS = 1000  # a template / context; the adapter format's limit too
+MAX_ENSEMBLE = 100  # contexts an ensemble adapter may send per prediction
 
 
 @dataclass(frozen=True)
@@ -197,8 +199,12 @@ class TuneConfig:
             raise ConfigError(f"ensemble_k must be a non-negative integer (0: the whole bank), got {self.ensemble_k!r}")
         if not isinstance(self.template_bank, str) or not self.template_bank.strip():
             raise ConfigError("template_bank must be 'clip-imagenet', 'clip-selected' or a file with one context per line")
-        if not self.template.strip():
+        if not isinstance(self.template, str) or not self.template.strip():
             raise ConfigError("template must be a non-empty context such as 'a photo of a'")
+        if len(self.template) > MAX_CONTEXT_CHARS or "{" in self.template or "}" in self.template:
+            raise ConfigError(f"template must be the text before the class name, at most {MAX_CONTEXT_CHARS} characters and without braces, e.g. 'a photo of a'")
+        if self.ensemble_k > MAX_ENSEMBLE:
+            raise ConfigError(f"ensemble_k must be at most {MAX_ENSEMBLE} (each context is one query per prediction), got {self.ensemble_k}")
 
     @property
     def uses_prompt(self) -> bool:

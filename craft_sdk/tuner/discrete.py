@@ -45,6 +45,7 @@ import numpy as np
 
 from .._fileio import read_lines
 from ..errors import ConfigError, CraftError
+from .config import MAX_CONTEXT_CHARS
 from .templates import CLIP_IMAGENET_CONTEXTS
 
 _COMMON = """
@@ -290,6 +291,12 @@ class DiscretePrompts:
         self.search = DiscretePromptSearch.from_template(
             config.template, popsize=config.popsize, seed=config.seed, vocabulary=load_vocabulary(config.vocabulary), lr=config.word_lr
         )
+        longest = max(len(w) for w in self.search.vocabulary)
+        if self.search.n_slots * (longest + 1) > MAX_CONTEXT_CHARS:
+            raise ConfigError(
+                f"{self.search.n_slots} words of up to {longest} characters can exceed the {MAX_CONTEXT_CHARS}-character "
+                "context an adapter stores; use a shorter template or shorter words"
+            )
         self._index = {w: j for j, w in enumerate(self.search.vocabulary)}
 
     def zero(self) -> str:

@@ -23,6 +23,7 @@ import numpy as np
 
 from .._fileio import read_lines
 from ..errors import BudgetExceededError, ConfigError
+from .config import MAX_CONTEXT_CHARS, MAX_ENSEMBLE
 from .templates import CLIP_IMAGENET_CONTEXTS, CLIP_SELECTED, ensemble_log_probs, greedy_templates, score_templates
 
 if TYPE_CHECKING:
@@ -49,9 +50,12 @@ def load_bank(name: str) -> tuple[str, ...]:
     if not Path(name).is_file():
         raise ConfigError(f"template_bank {name!r} is neither {' nor '.join(BANKS)} nor a file; pass a file with one context per line")
     contexts = read_lines(name, "template_bank")
-    bad = [c for c in contexts if "{" in c or "}" in c]
+    bad = [c for c in contexts if "{" in c or "}" in c or len(c) > MAX_CONTEXT_CHARS]
     if bad:
-        raise ConfigError(f"template_bank context {bad[0]!r} has braces; write the text before the class name, e.g. 'a sketch of a'")
+        raise ConfigError(
+            f"template_bank context {bad[0][:60]!r} has braces or over {MAX_CONTEXT_CHARS} characters; "
+            "write the text before the class name, e.g. 'a sketch of a'"
+        )
     if not contexts or len(contexts) > MAX_BANK or len(set(contexts)) != len(contexts):
         raise ConfigError(f"template_bank {name} must hold 1 to {MAX_BANK} distinct contexts, got {len(contexts)} ({len(set(contexts))} distinct)")
     return tuple(contexts)
@@ -62,6 +66,8 @@ def ensemble_bank(config: Any) -> tuple[str, ...]:
     bank = load_bank(config.template_bank)
     if config.ensemble_k > len(bank):
         raise ConfigError(f"ensemble_k {config.ensemble_k} exceeds the {len(bank)} contexts of template_bank {config.template_bank!r}; lower --ensemble-k")
+    if config.ensemble_k == 0 and len(bank) > MAX_ENSEMBLE:
+        raise ConfigError(f"ensemble_k 0 keeps all {len(bank)} contexts, over the {MAX_ENSEMBLE} an adapter may send per prediction; set --ensemble-k")
     return bank
 
 

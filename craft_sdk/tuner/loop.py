@@ -115,8 +115,8 @@ class Run:
         self.prompts = create_prompt_space(self.config, self.caps)
         self.point: Any = self.prompts.zero() if self.prompts is not None else None  # the CMA-ES mean (deployable)
         self.refiner = self._setup_refiner()
-        if self.config.robust and self.images.check is None and self.n_gen > 0:
-            self.n_gen = 0  # nothing could tell a searched prompt from zero-shot: do not spend the budget
+        if self.config.robust and self.images.check is None and (self.n_gen > 0 or self.bank):
+            self.n_gen = 0  # nothing could tell a searched prompt (or an ensemble) from zero-shot: do not spend the budget
             self.stopped = "stopped: too few training images to hold any out, so no gain could be verified"
             logger.warning("%s; zero-shot behaviour is deployed (use --protocol paper to search anyway)", self.stopped)
 
@@ -162,7 +162,7 @@ class Run:
                         break
                     self._check_affordable(g)
                     self._generation(g)
-            elif self.config.mode == "ensemble":
+            elif self.config.mode == "ensemble" and self.ensemble is None and self.stopped is None:
                 self._ensemble()
             elif self.refiner is not None and start == 0 and not self.config.robust:
                 self._train_fixed_prompt()
@@ -247,6 +247,7 @@ class Run:
         val_acc = _accuracy(logits[n:], self.images.y_check) if self.images.check is not None else None
         self.best = {"val": acc if val_acc is None else val_acc, "generation": 1, "z": None, "refiner": None, "logits": logits, "population": None}
         self._record(1, float("nan"), acc, val_acc, None)
+        self._checkpoint(1)  # a resumed run keeps the picked contexts instead of paying for the bank again
 
     def _check_progress(self, g: int, scored_logits: np.ndarray) -> float:
         """Robust protocol: score the current model on the check images (free) and apply the stopping rule."""
@@ -327,9 +328,13 @@ class Run:
         if self.tuner.on_progress is not None:
             budget = self.ledger.budget if self.ledger.budget is not None else self.config.budget
             self.tuner.on_progress(
-                Progress(g, self.n_gen, self.ledger.used, budget, loss, acc, val_acc, self._offsets(self.point), self._scores,
-                         self.point if isinstance(self.point, str) else None)
+                Progress(g, self.n_gen, self.ledger.used, budget, loss, acc, val_acc, self._offsets(self.point), self._scores, self._contexts())
             )
+
+    def _contexts(self) -> tuple[str, ...] | None:
+        if self.ensemble is not None:
+            return tuple(self.ensemble["texts"])
+        return (self.point,) if isinstance(self.point, str) else None
 
     # ------------------------------------------------------------ checkpoint
 

@@ -32,7 +32,7 @@ class Progress:
     val_accuracy: float | None = None
     offset: np.ndarray | None = None
     refine: Callable[[np.ndarray], np.ndarray] | None = None
-    template: str | None = None  # a text-only search's current context (None: the configured template)
+    contexts: tuple[str, ...] | None = None  # the text the current model sends: a text search's words, an ensemble's contexts (None: the template)
 
 
 @dataclass

@@ -46,6 +46,8 @@ def checkpoint_payload(run: Run, g: int) -> tuple[dict[str, np.ndarray], dict[st
         "ask_digests": run.prompts.search.ask_digests if run.prompts is not None else [],
         "refiner": run.refiner.state_json() if run.refiner is not None else None,
     }
+    if run.ensemble is not None:  # its logits are the best snapshot's
+        state["ensemble"] = {k: list(v) if k == "texts" else v for k, v in run.ensemble.items() if k != "logits"}
     if run.config.robust:
         state["stopping"] = run.stopping.state()
         state["stopped"] = run.stopped
@@ -74,6 +76,8 @@ def restore(run: Run, tensors: dict[str, np.ndarray], state: dict[str, Any]) -> 
         run.best["refiner"] = ref or None
         run.best["logits"] = tensors.get("best.logits")
         run.best["population"] = tensors.get("best.population")
+    if "ensemble" in state:
+        run.ensemble = {**state["ensemble"], "texts": tuple(state["ensemble"]["texts"]), "logits": tensors["best.logits"]}
     if "stopping" in state:
         run.stopping.load(state["stopping"])
         run.stopped = state.get("stopped")
