@@ -24,7 +24,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_every_example_is_covered() -> None:
-    covered = {"quickstart_adapter.py", "make_shipped_adapters.py", "make_digits_asset.py", "pretrain_demo_vlm.py"}
+    covered = {"quickstart_adapter.py", "make_shipped_adapters.py", "make_digits_asset.py", "pretrain_demo_vlm.py", "text_only_api.py"}
     assert {p.name for p in EXAMPLES.glob("*.py")} == covered
 
 
@@ -34,6 +34,19 @@ def test_quickstart_adapter() -> None:
     assert len(lines) == 8 and "queries used: 1" in out.stdout
     correct = sum(line.split()[1] == line.split()[-1] for line in lines)
     assert correct >= 5  # the shipped digits adapter is ~80% accurate
+
+
+def test_text_only_api() -> None:
+    """The text-only example: three adapters of the three behaviours, none below zero-shot, each saved and reloaded."""
+    out = run(str(EXAMPLES / "text_only_api.py"), "--test-images", "300")
+    rows = {line.split()[0]: line.split() for line in out.stdout.splitlines() if line.split() and line.split()[0] in ("ensemble", "pg", "craft")}
+    assert set(rows) == {"ensemble", "pg", "craft"}, out.stdout
+    for mode, row in rows.items():
+        acc, zero = float(row[-3]), float(row[-1].strip(")"))
+        assert acc >= zero - 0.01, (mode, row)
+        assert row[4] in ("none", "ensemble", "discrete")
+    assert int(rows["ensemble"][rows["ensemble"].index("queries") + 1]) == 42  # 1 + CLIP's 41 contexts
+    assert float(rows["craft"][-3]) > float(rows["craft"][-1].strip(")")) + 0.15  # the refiner's gain on digits
 
 
 def test_make_shipped_adapters_smoke(tmp_path: Path) -> None:
