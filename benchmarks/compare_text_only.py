@@ -73,7 +73,7 @@ def table(rows: list[dict[str, Any]], cont: dict[str, list[float]]) -> tuple[str
         mean = statistics.mean(pct(c) for c in cells) if all(cells) else float("nan")
         q = [x for t in TASKS for x in queries.get((key, t), [])]
         lines.append(f"| {key} | " + " | ".join(cell(c) for c in cells) + f" | {mean:.1f} | {statistics.median(q) if q else '–'} |")
-        summary[key] = {"per_task": {t: round(pct(c), 2) for t, c in zip(TASKS, cells) if c}, "mean": round(mean, 2)}
+        summary[key] = {"per_task": {t: round(pct(c), 1) for t, c in zip(TASKS, cells) if c}, "mean": round(mean, 1)}
     return "\n".join(lines), summary
 
 
