@@ -23,10 +23,11 @@ import numpy as np
 
 from ._fileio import umask
 from ._version import __version__
+from .client.base import DEFAULT_TEMPLATE
 from .errors import AdapterError, BudgetExceededError
 from .scores import as_log_scores, softmax
 from .tuner import mlp
-from .tuner.config import MAX_CONTEXT_CHARS, MAX_ENSEMBLE, TuneConfig
+from .tuner.config import MAX_CONTEXT_CHARS, MAX_ENSEMBLE, TuneConfig, context_problem
 from .tuner.projection import GENERATOR, project, projection_matrix
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,6 @@ FORMAT_VERSION = 1
 # A is regenerated as float64 then float32 (~20 bytes per element at peak): 2**25 elements is ~670 MB,
 # above any open_clip text tower (ViT-bigG, 16 context tokens, D = 1,000 is 2 x 10**7)
 MAX_PROJECTION_ELEMENTS = 2**25
-MAX_PROMPT_CHARS = MAX_CONTEXT_CHARS
 
 
 @dataclass(frozen=True)
@@ -91,10 +91,7 @@ class DiscretePromptSpec:
     def __post_init__(self) -> None:
         if self.kind != "discrete":
             raise AdapterError(f"DiscretePromptSpec is the discrete prompt; got kind {self.kind!r}")
-        for name in ("text", "initial"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or not value.strip() or "{" in value or "}" in value or len(value) > MAX_PROMPT_CHARS:
-                raise AdapterError(f"prompt.{name} must be a non-empty context of at most {MAX_PROMPT_CHARS} characters without braces, got {str(value)[:60]!r}")
+        _check_contexts({"text": self.text, "initial": self.initial})
         for name in ("n_slots", "vocabulary_size"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
@@ -114,7 +111,7 @@ class EnsemblePromptSpec:
     """
 
     texts: tuple[str, ...]
-    initial: str = "a photo of a"
+    initial: str = DEFAULT_TEMPLATE
     bank: str = "given"
     kind: str = "ensemble"
 
@@ -124,19 +121,21 @@ class EnsemblePromptSpec:
         if not isinstance(self.texts, (list, tuple)) or not 1 <= len(self.texts) <= MAX_ENSEMBLE:
             raise AdapterError(f"prompt.texts must be a list of 1 to {MAX_ENSEMBLE} contexts, got {str(self.texts)[:60]!r}")
         object.__setattr__(self, "texts", tuple(self.texts))
-        for text in self.texts:
-            if not isinstance(text, str) or not text.strip() or "{" in text or "}" in text or len(text) > MAX_PROMPT_CHARS:
-                raise AdapterError(f"prompt.texts entries must be non-empty contexts without braces, got {str(text)[:60]!r}")
+        _check_contexts({**{f"texts[{i}]": t for i, t in enumerate(self.texts)}, "initial": self.initial})
         if len(set(self.texts)) != len(self.texts):
             raise AdapterError("prompt.texts has duplicates; the config is corrupt")
-        if not isinstance(self.initial, str) or not self.initial.strip() or "{" in self.initial or "}" in self.initial:
-            raise AdapterError(f"prompt.initial must be a non-empty context without braces, got {str(self.initial)[:60]!r}")
-        if not isinstance(self.bank, str) or len(self.bank) > MAX_PROMPT_CHARS:
+        if not isinstance(self.bank, str) or len(self.bank) > MAX_CONTEXT_CHARS:
             raise AdapterError(f"prompt.bank must be a short string naming where the contexts came from, got {str(self.bank)[:60]!r}")
 
     def describe(self) -> str:
         shown = ", ".join(repr(t) for t in self.texts[:4]) + (" ..." if len(self.texts) > 4 else "")
         return f"ensemble of {len(self.texts)} contexts from {self.bank} ({len(self.texts)} queries per image set): {shown}"
+
+
+def _check_contexts(fields: dict[str, Any]) -> None:
+    for name, value in fields.items():
+        if context_problem(value):
+            raise AdapterError(f"prompt.{name} {context_problem(value)}; got {str(value)[:60]!r}")
 
 
 AnyPromptSpec = PromptSpec | DiscretePromptSpec | EnsemblePromptSpec
@@ -311,10 +310,8 @@ class Adapter:
         prompt: AnyPromptSpec | None = None
         if result.z is not None:
             prompt = PromptSpec(caps.n_ctx, caps.ctx_dim, tc.intrinsic_dim, tc.seed, float(result.projection_std))
-        elif result.text_prompt is not None:  # learned words (tc.template is their text) or a template ensemble
-            spec = dict(result.text_prompt)
-            kind = spec.pop("kind")
-            prompt = DiscretePromptSpec(text=tc.template, **spec) if kind == "discrete" else EnsemblePromptSpec(**spec)
+        elif result.text_prompt is not None:  # learned words or a template ensemble
+            prompt = _prompt_from_dict(result.text_prompt)
         layers, hidden = result.refiner_shape or (tc.refiner_layers, tc.refiner_hidden)
         refiner = RefinerSpec(layers, hidden, tc.residual) if result.refiner is not None else None
         provenance = {
@@ -395,7 +392,7 @@ class Adapter:
         contexts = self.contexts
         if len(contexts) == 1:
             return as_log_scores(client.predict(images, names, contexts[0], self.offset, **kwargs), self.config.output)
-        from .tuner.templates import ensemble_log_probs
+        from .tuner.templates import ensemble_log_probs, score_templates
 
         ledger = getattr(client, "ledger", None)
         if ledger is not None and not ledger.can_afford(len(contexts)):  # all contexts or none: no half-paid prediction
@@ -404,8 +401,7 @@ class Adapter:
                 f"{ledger.remaining} remain; raise the budget"
             )
         handle = client.upload(images) if isinstance(images, (list, tuple)) else images
-        rows = [as_log_scores(client.predict(handle, names, t, None, **kwargs), self.config.output) for t in contexts]
-        return ensemble_log_probs(np.stack(rows))
+        return ensemble_log_probs(score_templates(client, handle, names, contexts, category, output=self.config.output))
 
     def tensors(self) -> dict[str, np.ndarray]:
         """All tensors by their on-disk names."""
@@ -523,8 +519,7 @@ def _default_permissions(directory: Path) -> None:
 def _config_bytes(config: AdapterConfig) -> bytes:
     """The config file's bytes, also what the fingerprint hashes (a continuous prompt names no kind,
     so adapters and refiner.onnx files from before ``prompt.kind`` keep their fingerprint)."""
-    data = config.to_dict()
-    return (json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
+    return (json.dumps(config.to_dict(), indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
 
 
 def _swap_in(tmp: Path, target: Path) -> None:

@@ -95,16 +95,18 @@ def guarded(fn: F) -> F:
 REMOTE = ("http://", "https://", "zeroshot+http://", "zeroshot+https://")
 
 
+def is_remote(model: str) -> bool:
+    """Whether a ``--model`` value names a server (``text-only:`` views included)."""
+    return model.removeprefix("text-only:").startswith(REMOTE)
+
+
 def open_client(model: str, pretrained: str | None, api_key_file: Any = None, **remote: Any) -> Any:
     """The client of a ``--model`` value: a local model (``--pretrained`` applies), a server URL
-    (``--api-key-file`` and ``remote`` keywords apply) or ``text-only:<either>``."""
+    (``--api-key-file`` and ``remote`` keywords apply), either behind ``text-only:``."""
     from .. import create_client
     from ..api import pretrained_kwargs
-    from ..client.zeroshot import TextOnlyClient
 
-    if model.startswith("text-only:"):
-        return TextOnlyClient(open_client(model[len("text-only:") :], pretrained, api_key_file, **remote))
-    if not model.startswith(REMOTE):
+    if not is_remote(model):
         return create_client(model, **pretrained_kwargs(pretrained))
     if pretrained is not None:
         raise fail("--pretrained applies to local models, not to a server URL")

@@ -10,7 +10,7 @@ from typing import Any
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ._app import REMOTE, RUNTIME_ERROR, app, emit_json, err, fail, guarded, open_client
+from ._app import REMOTE, RUNTIME_ERROR, app, emit_json, err, fail, guarded, is_remote, open_client
 
 MODEL_HELP = "demo, an open_clip name, local-dir:/path, the http(s):// URL of a craft-sdk server, zeroshot+http(s)://endpoint, or text-only:<any of these> (default: demo)"
 
@@ -72,8 +72,7 @@ def predict(
         raise fail("name images, directories or glob patterns, or pass --files-from LIST")
     if resume and output is None:
         raise fail("--resume continues an --output file; pass --output")
-    target = client_url or model or ""
-    remote = target.removeprefix("text-only:").startswith(REMOTE)
+    remote = is_remote(client_url or model or "")
     workers = concurrency or (4 if remote else 1)
     config = ClassifierConfig(batch_size=batch_size, backend=backend, allow_model_mismatch=allow_model_mismatch)
     check_inputs(inputs or [])

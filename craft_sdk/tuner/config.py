@@ -68,6 +68,22 @@ MAX_CONTEXT_CHARS = 1000  # a template / context; the adapter format's limit too
 MAX_ENSEMBLE = 100  # contexts an ensemble adapter may send per prediction
 
 
+def context_problem(text: object) -> str | None:
+    """Why ``text`` cannot be a context (the text before the class name), or None when it can.
+
+    Example:
+        >>> context_problem("a photo of a") is None, context_problem("a {} of")
+        (True, 'has braces (write it without braces)')
+    """
+    if not isinstance(text, str) or not text.strip():
+        return "is empty or not text"
+    if "{" in text or "}" in text:
+        return "has braces (write it without braces)"
+    if len(text) > MAX_CONTEXT_CHARS:
+        return f"is over {MAX_CONTEXT_CHARS} characters (at most {MAX_CONTEXT_CHARS} characters)"
+    return None
+
+
 @dataclass(frozen=True)
 class TuneConfig:
     """Hyperparameters of one tuning run.
@@ -199,10 +215,8 @@ class TuneConfig:
             raise ConfigError(f"ensemble_k must be a non-negative integer (0: the whole bank), got {self.ensemble_k!r}")
         if not isinstance(self.template_bank, str) or not self.template_bank.strip():
             raise ConfigError("template_bank must be 'clip-imagenet', 'clip-selected' or a file with one context per line")
-        if not isinstance(self.template, str) or not self.template.strip():
-            raise ConfigError("template must be a non-empty context such as 'a photo of a'")
-        if len(self.template) > MAX_CONTEXT_CHARS or "{" in self.template or "}" in self.template:
-            raise ConfigError(f"template must be the text before the class name, at most {MAX_CONTEXT_CHARS} characters and without braces, e.g. 'a photo of a'")
+        if context_problem(self.template):
+            raise ConfigError(f"template {context_problem(self.template)}; it is the text before the class name, e.g. 'a photo of a'")
         if self.ensemble_k > MAX_ENSEMBLE:
             raise ConfigError(f"ensemble_k must be at most {MAX_ENSEMBLE} (each context is one query per prediction), got {self.ensemble_k}")
 

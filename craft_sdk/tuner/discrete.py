@@ -329,5 +329,5 @@ class DiscretePrompts:
         ``text_prompt``: what the adapter's discrete prompt spec records (None when no prompt is deployed)."""
         out: dict[str, Any] = {"z": None, "offset": None, "projection_std": None, "template": self.zero() if point is None else point}
         if point is not None:
-            out["text_prompt"] = {"kind": "discrete", "initial": self.zero(), "n_slots": self.search.n_slots, "vocabulary_size": len(self.search.vocabulary)}
+            out["text_prompt"] = {"kind": "discrete", "text": point, "initial": self.zero(), "n_slots": self.search.n_slots, "vocabulary_size": len(self.search.vocabulary)}
         return out

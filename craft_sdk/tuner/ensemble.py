@@ -23,7 +23,7 @@ import numpy as np
 
 from .._fileio import read_lines
 from ..errors import BudgetExceededError, ConfigError
-from .config import MAX_CONTEXT_CHARS, MAX_ENSEMBLE
+from .config import MAX_ENSEMBLE, context_problem
 from .templates import CLIP_IMAGENET_CONTEXTS, CLIP_SELECTED, ensemble_log_probs, greedy_templates, score_templates
 
 if TYPE_CHECKING:
@@ -50,12 +50,9 @@ def load_bank(name: str) -> tuple[str, ...]:
     if not Path(name).is_file():
         raise ConfigError(f"template_bank {name!r} is neither {' nor '.join(BANKS)} nor a file; pass a file with one context per line")
     contexts = read_lines(name, "template_bank")
-    bad = [c for c in contexts if "{" in c or "}" in c or len(c) > MAX_CONTEXT_CHARS]
+    bad = [c for c in contexts if context_problem(c)]
     if bad:
-        raise ConfigError(
-            f"template_bank context {bad[0][:60]!r} has braces or over {MAX_CONTEXT_CHARS} characters; "
-            "write the text before the class name, e.g. 'a sketch of a'"
-        )
+        raise ConfigError(f"template_bank context {bad[0][:60]!r} {context_problem(bad[0])}; write the text before the class name, e.g. 'a sketch of a'")
     if not contexts or len(contexts) > MAX_BANK or len(set(contexts)) != len(contexts):
         raise ConfigError(f"template_bank {name} must hold 1 to {MAX_BANK} distinct contexts, got {len(contexts)} ({len(set(contexts))} distinct)")
     return tuple(contexts)
@@ -88,4 +85,4 @@ def select_ensemble(run: Run) -> dict[str, Any]:
     texts = tuple(bank[i] for i in picked)
     logits = ensemble_log_probs(scores[picked])
     logger.info("ensemble of %d of %d contexts: %s", k, len(bank), list(texts))
-    return {"texts": texts, "logits": np.asarray(logits), "bank": c.template_bank, "bank_size": len(bank)}
+    return {"texts": texts, "logits": np.asarray(logits), "bank": c.template_bank}

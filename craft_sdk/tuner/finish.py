@@ -112,7 +112,7 @@ def finish_robust(run: Run) -> dict[str, Any]:
     shape = (chosen["choice"].layers, chosen["choice"].hidden) if chosen["choice"] is not None else None
     return {
         "z": run.best["z"] if uses_prompt else None,
-        "texts": run.ensemble["texts"] if uses_prompt and run.ensemble is not None else None,
+        "texts": run.ensemble["texts"] if option == "ensemble" else None,
         "refiner": refiner,
         "selected_generation": selected,
         "refiner_shape": shape,

@@ -42,8 +42,8 @@ class TuneResult:
     ``refiner_shape`` is (layers, hidden) of ``refiner`` when selection chose it (robust
     protocol), else None (the config's). ``selection`` is the robust decision record;
     ``temperature`` the calibration temperature (None: uncalibrated). ``text_prompt``
-    describes a deployed discrete prompt (``initial``, ``n_slots``, ``vocabulary_size``; its text
-    is ``config.template``), None otherwise.
+    is a deployed text prompt as the adapter records it (``kind`` ``discrete`` or ``ensemble``,
+    see :mod:`craft_sdk.adapter`), None otherwise.
     """
 
     config: TuneConfig

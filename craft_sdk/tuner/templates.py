@@ -143,7 +143,7 @@ def greedy_templates(per_template: np.ndarray, labels: np.ndarray, k: int) -> li
 
 
 def score_templates(
-    client: Any, images: Any, class_names: Sequence[str], templates: Sequence[str], category: str = "search"
+    client: Any, images: Any, class_names: Sequence[str], templates: Sequence[str], category: str = "search", output: str | None = None
 ) -> np.ndarray:
     """Log-scores [K, N, C] of K templates: one query each (one call per template).
 
@@ -154,11 +154,12 @@ def score_templates(
         class_names: the C classes.
         templates: K context strings.
         category: the ledger category when ``client`` is metered.
+        output: ``logits`` or ``probs`` when the caller knows it (None: ask the client's capabilities).
     """
     from ..client.ledger import MeteredClient
 
     names = list(class_names)
-    output = client.capabilities(templates[0]).output
+    output = output or client.capabilities(templates[0]).output
     rows = []
     for t in templates:
         out = client.predict(images, names, t, category=category) if isinstance(client, MeteredClient) else client.predict(images, names, t)
