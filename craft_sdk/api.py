@@ -28,7 +28,9 @@ def create_client(model: str, pretrained: str | None = _UNSET, *, device: str = 
     Args:
         model: ``"demo"``, an open_clip name (``"ViT-B-32"``), ``"local-dir:/path"``, or
             the URL of a craft-sdk prediction server (``"http://host:port"``), or a hosted
-            zero-shot classification endpoint (``"zeroshot+http://host:port/path"``, text only);
+            zero-shot classification endpoint (``"zeroshot+http://host:port/path"``, text only), a chat VLM
+            (``"chat+http://host:port/v1?model=NAME"``) or a multimodal embedding API
+            (``"embed+http://host:port/v1?model=NAME"``), both text only over the ``openai`` package;
             ``"text-only:<model>"`` wraps any of these in a text-only view (offsets refused: what a
             hosted service allows, e.g. ``"text-only:demo"``).
         pretrained: tag or ``.safetensors`` file for open_clip names; None = random weights.
@@ -47,6 +49,14 @@ def create_client(model: str, pretrained: str | None = _UNSET, *, device: str = 
         from .client.zeroshot import ZeroShotAPIClient
 
         return ZeroShotAPIClient(model[len("zeroshot+") :], **kwargs)
+    if model.startswith(("chat+http://", "chat+https://")):
+        from .client.chat import ChatVLMClient
+
+        return ChatVLMClient.from_url(model[len("chat+") :], **kwargs)
+    if model.startswith(("embed+http://", "embed+https://")):
+        from .client.embed import EmbeddingClient
+
+        return EmbeddingClient.from_url(model[len("embed+") :], **kwargs)
     if model.startswith(("http://", "https://")):
         from .client.http import HTTPClient
 

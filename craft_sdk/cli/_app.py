@@ -92,7 +92,7 @@ def guarded(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-REMOTE = ("http://", "https://", "zeroshot+http://", "zeroshot+https://")
+REMOTE = ("http://", "https://", "zeroshot+http://", "zeroshot+https://", "chat+http://", "chat+https://", "embed+http://", "embed+https://")
 
 
 def is_remote(model: str) -> bool:

@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ._app import REMOTE, RUNTIME_ERROR, app, emit_json, err, fail, guarded, is_remote, open_client
 
-MODEL_HELP = "demo, an open_clip name, local-dir:/path, the http(s):// URL of a craft-sdk server, zeroshot+http(s)://endpoint, or text-only:<any of these> (default: demo)"
+MODEL_HELP = "demo, an open_clip name, local-dir:/path, the http(s):// URL of a craft-sdk server, zeroshot+http(s)://endpoint, chat+/embed+http(s)://HOST/v1?model=NAME, or text-only:<any of these> (default: demo)"
 
 
 def _client(model: str | None, pretrained: str | None, url: str | None, api_key_file: Path | None, concurrency: int) -> Any:

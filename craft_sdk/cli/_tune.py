@@ -12,7 +12,7 @@ from rich.table import Table
 
 from ._app import RUNTIME_ERROR, app, emit_json, err, fail, guarded, open_client
 
-MODEL_HELP = "demo, an open_clip name (ViT-B-32, RN50), local-dir:/path, http(s)://server, zeroshot+http(s)://endpoint, or text-only:<any of these>"
+MODEL_HELP = "demo, an open_clip name (ViT-B-32, RN50), local-dir:/path, http(s)://server, zeroshot+http(s)://endpoint, chat+/embed+http(s)://HOST/v1?model=NAME, or text-only:<any of these>"
 PRETRAINED_HELP = "pretrained tag or .safetensors file for open_clip names; 'none' = random weights"
 
 

@@ -165,7 +165,7 @@ async def answer_once(
             raise Problem(503, "in_progress", "this request is being computed by another server process; retry", headers={"Retry-After": "1"})
         if begin.status == "refused":
             u = state.store.usage(key)
-            raise Problem(429, "budget_exceeded", refusal(u["used"], u["budget"], todo))
+            raise Problem(429, "budget_exceeded", refusal(u["used"], u["budget"], todo), headers={"x-should-retry": "false"})
         billed = begin.status in ("charged", "takeover")  # takeover: charged by a process that died computing it
         try:
             resp = await compute(todo, digest)

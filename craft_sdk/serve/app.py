@@ -137,9 +137,9 @@ RouteSet = Callable[[Any, ServerState], None]
 
 def default_route_sets() -> list[RouteSet]:
     """The route sets a server has unless told otherwise; a new API shape adds its ``register`` here."""
-    from . import api_v1, zeroshot
+    from . import api_v1, openai_compat, zeroshot
 
-    return [api_v1.register, zeroshot.register]
+    return [api_v1.register, zeroshot.register, openai_compat.register]
 
 
 def create_app(

@@ -1,0 +1,162 @@
+"""What the hosted-VLM clients (:mod:`~craft_sdk.client.chat`, :mod:`~craft_sdk.client.embed`) share.
+
+The transport is the ``openai`` package (``pip install 'craft-sdk[openai]'``), which users already
+point at every OpenAI-compatible endpoint, over an ``httpx`` client of ours whose request hook counts
+every HTTP attempt (retries included) into the client's :class:`~craft_sdk.client.usage.ProviderUsage`.
+The openai package retries 408/409/429/5xx and dropped connections ``max_retries`` times and honours
+``Retry-After`` (and ``retry-after-ms``) up to 60 s; each of our requests carries one
+``Idempotency-Key`` across its retries. Model strings: ``chat+http(s)://HOST[:PORT]/v1?model=NAME``
+and ``embed+http(s)://HOST[:PORT]/v1?model=NAME``: the part before ``?`` is the openai ``base_url``.
+
+**Token rule** (what ``estimate_usage`` assumes and what ``craft-sdk serve`` bills in ``usage``):
+a text costs ``ceil(len(text) / 4)`` tokens (the providers' "about 4 characters per token"), an image
+:data:`IMAGE_TOKENS` = 85 (OpenAI's fixed cost of a low-detail image), an answer token 1.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import math
+import os
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+
+from ..errors import BudgetExceededError, ClientError, ConfigError
+from ..wire import IDEMPOTENCY_HEADER
+from .usage import ProviderUsage
+
+logger = logging.getLogger(__name__)
+
+IMAGE_TOKENS = 85
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def text_tokens(text: str) -> int:
+    """Tokens of a text by the documented rule: ``ceil(len(text) / 4)``, at least 1."""
+    return max(1, math.ceil(len(text) / 4))
+
+
+def import_openai() -> Any:
+    """The ``openai`` package, or a :class:`ConfigError` saying what to install."""
+    try:
+        import openai
+    except ImportError:
+        raise ConfigError("the chat and embedding clients need the openai package: pip install 'craft-sdk[openai]'") from None
+    return openai
+
+
+@dataclass(frozen=True)
+class HostedURL:
+    """A parsed ``chat+``/``embed+`` model string: ``base_url`` (before ``?``), ``model`` and other query options."""
+
+    base_url: str
+    model: str
+    options: dict[str, str]
+
+
+def parse_model_url(url: str, allowed: Sequence[str]) -> HostedURL:
+    """Split ``http(s)://HOST[:PORT]/v1?model=NAME[&opt=value...]``; ``allowed`` names the extra options.
+
+    Example:
+        >>> parse_model_url("http://127.0.0.1:8000/v1?model=demo&samples=8", ["samples"])
+        HostedURL(base_url='http://127.0.0.1:8000/v1', model='demo', options={'samples': '8'})
+    """
+    base, _, query = url.partition("?")
+    parts = urlsplit(base)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"the endpoint must be http(s)://HOST[:PORT]/v1?model=NAME, got {url!r}")
+    params = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
+    model = params.pop("model", "")
+    if not model:
+        raise ConfigError(f"name the model in the URL: {base}?model=NAME")
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ConfigError(f"unknown option(s) {unknown} in {url!r}; valid: model, {', '.join(allowed)}")
+    return HostedURL(base.rstrip("/"), model, params)
+
+
+class Transport:
+    """The openai client with attempt counting, one idempotency key per request, bounded concurrency.
+
+    Args:
+        base_url: the openai ``base_url`` (e.g. ``http://127.0.0.1:8765/v1``).
+        api_key: bearer key; default ``CRAFT_API_KEY``, else ``"EMPTY"`` (what keyless vLLM servers accept).
+        usage: where requests and images are counted (one per HTTP attempt).
+        max_retries, timeout: the openai client's.
+        max_concurrency: requests in flight at once.
+    """
+
+    def __init__(self, base_url: str, api_key: str | None, usage: ProviderUsage, *, max_retries: int,
+                 timeout: float, max_concurrency: int) -> None:
+        openai = import_openai()
+        self.errors = openai
+        self.usage = usage
+        self._local = threading.local()
+        key = api_key or os.environ.get("CRAFT_API_KEY") or "EMPTY"
+        limits = httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency)
+        self._http = httpx.Client(timeout=timeout, limits=limits, event_hooks={"request": [self._on_send]})
+        self.openai = openai.OpenAI(base_url=base_url, api_key=key, max_retries=max_retries, timeout=timeout,
+                                    http_client=self._http)
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_concurrency, thread_name_prefix="hosted")
+
+    def _on_send(self, request: httpx.Request) -> None:
+        self.usage.add(requests=1, images=getattr(self._local, "images", 0))
+
+    def call(self, what: str, images: int, fn: Callable[[dict[str, str]], T]) -> T:
+        """``fn(headers)`` (one openai call, retried inside) with ``images`` counted per attempt; errors mapped."""
+        self._local.images = images
+        headers = {IDEMPOTENCY_HEADER: uuid.uuid4().hex}
+        try:
+            return fn(headers)
+        except self.errors.APIStatusError as exc:
+            raise _status_error(what, exc) from None
+        except self.errors.APIConnectionError as exc:  # timeouts included
+            raise ClientError(f"{what}: the endpoint could not be reached after its retries ({exc.__class__.__name__})") from None
+        finally:
+            self._local.images = 0
+
+    def post(self, what: str, path: str, body: dict[str, Any], images: int) -> Any:
+        """POST a JSON ``body`` to ``base_url + path``; the decoded JSON answer."""
+        return self.call(what, images, lambda h: self.openai.post(path, cast_to=object, body=body, options={"headers": h}))
+
+    def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        """``fn`` over ``items``, ``max_concurrency`` at a time; the first failure cancels the rest and is raised."""
+        futures = [self._pool.submit(fn, item) for item in items]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            concurrent.futures.wait(futures)
+            raise
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._http.close()
+
+
+def _status_error(what: str, exc: Any) -> ClientError:
+    body = exc.body if isinstance(getattr(exc, "body", None), dict) else {}
+    err = body.get("error", body) if isinstance(body, dict) else {}
+    err = err if isinstance(err, dict) else {"message": str(err)}
+    code, message = str(err.get("code") or ""), str(err.get("message") or exc.message)[:300]
+    if exc.status_code == 429 and code == "budget_exceeded":
+        return BudgetExceededError(f"{what}: {message}")
+    return ClientError(f"{what}: the endpoint answered {exc.status_code} ({code or 'error'}): {message}")
+
+
+def usage_tokens(answer: Any) -> tuple[int, int] | None:
+    """(input, output) tokens of an OpenAI-style ``usage`` object, or None when the answer has none."""
+    usage = answer.get("usage") if isinstance(answer, dict) else None
+    if not isinstance(usage, dict) or not isinstance(usage.get("prompt_tokens"), int):
+        return None
+    out = usage.get("completion_tokens")
+    return usage["prompt_tokens"], out if isinstance(out, int) else 0
