@@ -3,7 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+# The suite decides its own thread count, not the environment (issue 19): float reductions in torch, OpenMP,
+# MKL and OpenBLAS change with the number of threads, so a determinism test whose two runs used different
+# counts (this process and a child, or a developer's exported OMP_NUM_THREADS and a new user's unset one)
+# compares different floats. Set before torch is imported, so this process and every subprocess a test
+# starts (they inherit os.environ) run at one thread; torch.set_num_threads below covers an earlier import.
+SUITE_THREADS = 1
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+for _var in THREAD_VARS:
+    os.environ[_var] = str(SUITE_THREADS)
 
 import numpy as np
 import pytest
@@ -57,3 +68,31 @@ def tiny_client(tiny_model_dir: Path):
     from craft_sdk.client.openclip import OpenCLIPClient
 
     return OpenCLIPClient(f"local-dir:{tiny_model_dir}")
+
+
+def suite_env(**extra: str) -> dict[str, str]:
+    """The environment for a subprocess a test starts: this process's, with the suite's thread count explicit."""
+    return {**os.environ, **{var: str(SUITE_THREADS) for var in THREAD_VARS}, **extra}
+
+
+def _torch():  # noqa: ANN202
+    try:  # the torch-free deploy venv runs tests/test_deploy_torchfree.py with this conftest
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    torch = _torch()
+    if torch is not None:
+        torch.set_num_threads(SUITE_THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _suite_thread_count():  # noqa: ANN202
+    """Every test starts at the suite's torch thread count, and a test that changes it cannot leak the change."""
+    torch = _torch()
+    if torch is not None and torch.get_num_threads() != SUITE_THREADS:
+        torch.set_num_threads(SUITE_THREADS)
+    yield

@@ -16,6 +16,7 @@ from craft_sdk import Adapter, AdapterConfig, AdapterError, load_adapter
 from craft_sdk.adapter import CONFIG_FILE, WEIGHTS_FILE, PromptSpec, RefinerSpec
 from craft_sdk.tuner import mlp
 from craft_sdk.tuner.projection import project, projection_matrix
+from conftest import suite_env  # noqa: E402
 
 NAMES = ("cat", "dog", "bird")
 
@@ -84,7 +85,7 @@ def test_load_needs_no_torch(tmp_path: Path) -> None:
         "import numpy as np; print(a.refine(np.zeros((1, 3), np.float32)).shape)\n"
         "assert 'torch' not in sys.modules or sys.modules['torch'] is None\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ})
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=suite_env())
     assert out.returncode == 0, out.stderr
     assert "(1, 3)" in out.stdout
 

@@ -19,6 +19,7 @@ from craft_sdk.api import pretrained_kwargs
 from craft_sdk.cli import app
 from craft_sdk.cli._app import _UsageError, exit_code, guarded
 from craft_sdk.errors import AdapterError, BudgetExceededError, ConfigError, DataError
+from conftest import suite_env  # noqa: E402
 
 pytest.importorskip("torch")
 
@@ -26,7 +27,7 @@ CLI = [sys.executable, "-m", "craft_sdk.cli"]
 
 
 def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = suite_env()
     out = subprocess.run([*CLI, *args], capture_output=True, text=True, env=env, timeout=300)
     if check and out.returncode != 0:
         raise AssertionError(f"exit {out.returncode}: {out.stderr[-2000:]}")

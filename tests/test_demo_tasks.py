@@ -184,7 +184,6 @@ def test_synth_config_validation() -> None:
 def demo_vlm():  # type: ignore[no-untyped-def]
     torch = pytest.importorskip("torch")
     open_clip = pytest.importorskip("open_clip")
-    torch.set_num_threads(2)
     path = demo_vlm_dir()
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{path}")
     tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")

@@ -9,12 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import suite_env  # noqa: E402
 
 pytest.importorskip("torch")
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+ENV = suite_env(PYTHONPATH=str(ROOT))
 
 
 def run(*args: str) -> subprocess.CompletedProcess:

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import CLASS_NAMES, random_images
+from conftest import CLASS_NAMES, random_images, suite_env
 
 from craft_sdk import Adapter, ClientError, ConfigError, ImageDataset, TuneConfig, create_client
 from craft_sdk.client.http import HTTPClient
@@ -197,12 +197,12 @@ def test_serve_command_runs_a_real_server(tiny_model_dir: Path, tmp_path: Path) 
     keys = tmp_path / "keys"
     keys.write_text(f"# owner's keys\nalice {KEY}\n")
     port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = suite_env()
     cmd = [sys.executable, "-m", "craft_sdk.cli", "serve", "--model", f"local-dir:{tiny_model_dir}", "--port", str(port),
            "--api-key-file", str(keys), "--budget-per-key", "3"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 180
         while True:
             assert proc.poll() is None, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
             try:

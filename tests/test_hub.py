@@ -17,6 +17,7 @@ import craft_sdk
 from craft_sdk import AdapterError, MissingDependencyError, load_adapter
 from craft_sdk.adapter import ONNX_FILE
 from craft_sdk.card import CARD_FILE, render_model_card, write_model_card
+from conftest import suite_env  # noqa: E402
 
 hf = pytest.importorskip("huggingface_hub")
 hf_constants = pytest.importorskip("huggingface_hub.constants")
@@ -102,7 +103,7 @@ def test_cli_predict_takes_a_hub_id_offline(shipped: Path, hub_cache: Path, tmp_
     from PIL import Image
 
     Image.new("RGB", (16, 16), (200, 30, 30)).save(img)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub_cache), "OMP_NUM_THREADS": "1"}
+    env = suite_env(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(hub_cache))
     cmd = [sys.executable, "-m", "craft_sdk.cli", "predict", "org/digits-adapter", str(img), "--model", "demo", "--json"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]

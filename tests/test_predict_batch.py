@@ -251,7 +251,7 @@ class SpyPredictor(_spy_predictor_base()):  # type: ignore[misc]
         (self.rendezvous / f"worker-{os.getpid()}").touch()
 
     def __call__(self, batch):  # type: ignore[no-untyped-def]
-        deadline = time.monotonic() + 60  # hold the first batch until both actors exist, so both get work
+        deadline = time.monotonic() + 180  # hold the first batch until both actors exist, so both get work
         while len(list(self.rendezvous.glob("worker-*"))) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         out = super().__call__(batch)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import CLASS_NAMES, random_images
+from conftest import CLASS_NAMES, random_images, suite_env
 
 from craft_sdk import Adapter, CraftError, ImageDataset, TuneConfig
 from craft_sdk.client.ledger import repair_journal
@@ -284,8 +284,7 @@ def test_sigkill_mid_run_then_resume(tiny_client, task, tiny_model_dir: Path, tm
     script = tmp_path / "tune.py"
     script.write_text(SCRIPT.format(tests=str(TESTS), package=craft_sdk.__file__))
     package_root = str(Path(craft_sdk.__file__).resolve().parent.parent)
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-           "PYTHONPATH": os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")])}
+    env = suite_env(PYTHONPATH=os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen([sys.executable, str(script), str(tiny_model_dir), str(ckpt), str(marker)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     # the child writes the marker inside generation 5's population call, after the ledger journalled its

@@ -3,7 +3,6 @@ calibration, the paper protocol's byte identity, one generation-cost rule, inert
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -264,25 +263,63 @@ def test_a_budget_below_the_baseline_is_refused(planted_bias) -> None:  # noqa: 
 # ------------------------------------------------------------------ the paper protocol, byte for byte
 
 
-def test_paper_protocol_reproduces_the_previous_default_byte_for_byte() -> None:
-    """Tensors recorded from the tuner before the robust protocol existed (tests/fixtures/make_paper_reference.py)."""
+def _paper_reference():  # noqa: ANN202
     import sys
+
+    from safetensors.numpy import load_file
 
     sys.path.insert(0, str(FIXTURES))
     try:
         import make_paper_reference as ref
     finally:
         sys.path.pop(0)
-    cases = json.loads((FIXTURES / "paper_protocol_reference.json").read_text())
+    return ref, load_file(str(FIXTURES / "paper_protocol_reference.safetensors"))
+
+
+# Float re-association tolerance for a reference recorded on another machine (issue 19): every element within
+# REF_RTOL of its tensor's largest magnitude. Measured: the same runs at 1 and 2 torch threads on one machine
+# differ by at most 2e-5 of a tensor's scale (refiner.2.weight). One extra generation moves the prompt offset
+# by 16 % of its scale and every refiner tensor by 0.35-5 %; another seed moves everything by 16-130 % (test
+# below). 1e-3 sits 50x above the re-association noise and 3.5x below the smallest real change.
+REF_RTOL = 1e-3
+
+
+def _disagreements(adapter: Adapter, reference: dict[str, np.ndarray], index: int) -> list[str]:
+    got = adapter.tensors()
+    want = {k.split("/", 1)[1]: v for k, v in reference.items() if k.startswith(f"case{index}/")}
+    if sorted(got) != sorted(want):
+        return [f"tensor names {sorted(got)} != {sorted(want)}"]
+    bad = []
+    for name, ref_value in want.items():
+        value = np.asarray(got[name], np.float64)
+        scale = float(np.abs(ref_value).max(initial=0.0))
+        err = float(np.abs(value - ref_value).max(initial=0.0)) if value.shape == ref_value.shape else np.inf
+        if not err <= REF_RTOL * scale + 1e-12:
+            bad.append(f"{name}: max |diff| {err:.3g} > {REF_RTOL:g} x {scale:.3g}")
+    return bad
+
+
+def test_paper_protocol_reproduces_the_previous_default() -> None:
+    """Tensors of the tuner before the robust protocol existed (tests/fixtures/make_paper_reference.py),
+    compared within float re-association, since the reference was recorded on another machine."""
+    ref, reference = _paper_reference()
     checked = 0
-    for case in cases:
-        if case["val_shots"] and case["mode"] in ("craft", "pg", "pg+pr"):
-            continue  # with validation the old planner sometimes planned a generation it could not pay (fixed)
-        adapter = ref.run(case, {"protocol": "paper"})
-        got = {k: hashlib.sha256(v.tobytes()).hexdigest() for k, v in sorted(adapter.tensors().items())}
-        assert got == case["tensors"], case
+    for index, case in ref.checked_cases():
+        bad = _disagreements(ref.run(case, {"protocol": "paper"}), reference, index)
+        assert not bad, (case, bad)
         checked += 1
     assert checked == 5
+
+
+@pytest.mark.parametrize("mutation", [{"seed": 4}, {"budget": 250 + 11}], ids=["other-seed", "one-more-generation"])
+def test_the_paper_reference_comparison_catches_a_real_change(mutation: dict) -> None:
+    """The tolerance is tight enough to fail on a real change of behaviour: another seed, or one more
+    generation (P + 1 = 11 queries), of the craft case."""
+    ref, reference = _paper_reference()
+    index, case = ref.checked_cases()[0]
+    assert case["mode"] == "craft"
+    bad = _disagreements(ref.run({**case, **mutation}, {"protocol": "paper"}), reference, index)
+    assert bad and any(name.startswith("prompt_offset") for name in bad)
 
 
 def test_adapters_record_every_image_they_saw_whatever_the_entry_point(planted_bias) -> None:  # noqa: ANN001

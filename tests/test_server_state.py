@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from conftest import CLASS_NAMES, random_images
+from conftest import CLASS_NAMES, random_images, suite_env
 
 from craft_sdk import ClientError, ImageDataset, TuneConfig
 from craft_sdk.client.http import HTTPClient
@@ -51,7 +51,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     import redis
 
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60
     while True:
         try:
             redis.Redis(port=port).ping()
@@ -131,10 +131,10 @@ class Server:
         self.port = port or free_port()
         cmd = [sys.executable, "-m", "craft_sdk.cli", "serve", "--model", f"local-dir:{model_dir}", "--port", str(self.port),
                "--api-key-file", str(key_file), "--budget-per-key", str(budget), "--state", state, "--workers", str(workers)]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env = suite_env()
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 180
         while True:
             assert self.proc.poll() is None, self.proc.stderr.read().decode()[-2000:] if self.proc.stderr else ""
             try:

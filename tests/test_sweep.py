@@ -13,6 +13,7 @@ from PIL import Image
 
 from craft_sdk import ConfigError
 from craft_sdk.sweep import RunSpec, SweepSpec, budget_for_shots, checkpoint_curves, load_spec, run_sweep, summarize
+from conftest import suite_env  # noqa: E402
 
 FOLDER_CLASSES = ("forest", "river", "sea_or_lake")
 FAST = {"popsize": 4, "intrinsic_dim": 8, "refiner_hidden": 16, "protocol": "paper"}  # sweep mechanics: the paper protocol deploys the last generation
@@ -301,9 +302,9 @@ def test_killed_cli_sweep_resumes(spec_dict: dict[str, Any], tmp_path: Path, one
         "1",
         "--no-plots",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = suite_env()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 180
     try:
         while not list((out / "runs").glob("*.json")) and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.01)

@@ -32,6 +32,7 @@ from craft_sdk.adapter import CONFIG_FILE, DiscretePromptSpec, EnsemblePromptSpe
 from craft_sdk.client import CallableClient, Capabilities
 from craft_sdk.tuner import mlp
 from craft_sdk.tuner.templates import CLIP_IMAGENET_CONTEXTS, ensemble_log_probs
+from conftest import suite_env  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 NAMES = ("cat", "dog", "bird")
@@ -339,7 +340,7 @@ def test_cli_inspects_and_predicts_with_a_text_adapter(tmp_path: Path, tiny_mode
     ims, _ = pictures(5)
     for k, im in enumerate(ims):
         im.resize((32, 32)).save(folder / f"{k}.png")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = suite_env()
     cli = [sys.executable, "-m", "craft_sdk.cli"]
     info = subprocess.run([*cli, "inspect", str(tmp_path / "ad")], capture_output=True, text=True, env=env, timeout=120)
     assert info.returncode == 0 and f"discrete: '{LEARNED}' (searched from 'a photo of a'" in info.stdout, info.stderr

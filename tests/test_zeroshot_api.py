@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from conftest import CLASS_NAMES, random_images
+from conftest import CLASS_NAMES, random_images, suite_env
 from faultinject import FaultInjector, restarting_server
 
 from craft_sdk import Adapter, BudgetExceededError, ClientError, ConfigError, ImageDataset, TuneConfig, create_client
@@ -281,9 +281,9 @@ def test_serve_text_only_flag(tiny_model_dir: Path, tmp_path: Path) -> None:
     port = _free_port()
     cmd = [sys.executable, "-m", "craft_sdk.cli", "serve", "--model", f"local-dir:{tiny_model_dir}", "--port", str(port),
            "--api-key-file", str(keys), "--text-only"]
-    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, env=suite_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 180
         while True:
             assert proc.poll() is None, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
             try:
