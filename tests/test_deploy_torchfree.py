@@ -169,3 +169,57 @@ def test_deploy_runs_with_torch_blocked() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code, str(HERE)], capture_output=True, text=True, cwd=HERE)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_text_adapter_deploys_through_a_chat_vlm_without_torch() -> None:
+    """Base install + the openai extra: the discrete adapter through ChatVLMClient against a stdlib HTTP server on
+    loopback that answers the chat completions shape with text_stats' class log-probabilities."""
+    pytest.importorskip("openai")
+    import base64
+    import io
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from craft_sdk.client.chat import LETTERS, ChatVLMClient, parse_question
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            req = json.loads(self.rfile.read(int(self.headers["content-length"])))
+            parts = req["messages"][0]["content"]
+            template, options = parse_question(next(p["text"] for p in parts if p["type"] == "text"))
+            uri = next(p["image_url"]["url"] for p in parts if p["type"] == "image_url")
+            im = Image.open(io.BytesIO(base64.b64decode(uri.partition(",")[2]))).convert("RGB")
+            z = text_stats([im], options, template, None)[0].astype(np.float64)
+            lp = z - z.max() - np.log(np.exp(z - z.max()).sum())
+            top = [{"token": LETTERS[c], "logprob": float(lp[c]), "bytes": [ord(LETTERS[c])]} for c in np.argsort(-lp)]
+            choice = {"index": 0, "message": {"role": "assistant", "content": top[0]["token"], "refusal": None},
+                      "logprobs": {"content": [{**top[0], "top_logprobs": top}], "refusal": None}, "finish_reason": "stop"}
+            body = json.dumps({"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": req["model"],
+                               "choices": [choice], "usage": {"prompt_tokens": 100, "completion_tokens": 1, "total_tokens": 101}}).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        chat = ChatVLMClient(f"http://127.0.0.1:{httpd.server_port}/v1", "m", api_key="k", model_id=TEXT_CAPS.model_id)
+        adapter = load_adapter(str(TEXT_DIR))
+        out = CraftClassifier.from_pretrained(TEXT_DIR, chat, config=ClassifierConfig(batch_size=4)).predict_all(images(6, seed=2))
+        raw = text_stats([Image.fromarray(a) for a in images(6, seed=2)], list(adapter.config.class_names), adapter.config.prompt.text, None)
+        lsm = raw - raw.max(-1, keepdims=True) - np.log(np.exp(raw - raw.max(-1, keepdims=True)).sum(-1, keepdims=True))
+        np.testing.assert_allclose(out.raw_logits, lsm, atol=1e-4)  # log-probabilities of the box, in class order
+        np.testing.assert_allclose(out.logits, mlp.forward(adapter.refiner, out.raw_logits, residual=True), atol=1e-5)
+        assert chat.usage.requests == 6 and chat.usage.input_tokens == 600 and sum(chat.problems.values()) == 0
+        chat.close()
+        code = "import sys, craft_sdk.client.chat, craft_sdk.client.embed; assert 'torch' not in sys.modules and 'fastapi' not in sys.modules"
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE)
+        assert done.returncode == 0, done.stderr[-2000:]
+    finally:
+        httpd.shutdown()

@@ -153,6 +153,7 @@ class ChatVLMClient(BaseClient):
         base_url: the openai ``base_url``, e.g. ``"http://127.0.0.1:8765/v1"``.
         model: the ``model`` field of every request.
         api_key: bearer key; default ``CRAFT_API_KEY``.
+        model_id: identifier stored in adapters (default ``"chat:<base_url>?model=<model>"``).
         config: a :class:`ChatConfig`; keyword ``overrides`` replace its fields.
 
     ``predict`` returns log-probabilities [N, C] (``output="logits"``: their softmax is the model's
@@ -165,8 +166,8 @@ class ChatVLMClient(BaseClient):
         (2, 2)
     """
 
-    def __init__(self, base_url: str, model: str, api_key: str | None = None, *, config: ChatConfig | None = None,
-                 **overrides: Any) -> None:
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, *, model_id: str | None = None,
+                 config: ChatConfig | None = None, **overrides: Any) -> None:
         try:
             self.config = replace(config or ChatConfig(), **overrides)
         except TypeError:
@@ -175,7 +176,7 @@ class ChatVLMClient(BaseClient):
         self.base_url, self.model = base_url, model
         self.usage = ProviderUsage()
         self.problems: Counter[str] = Counter({p: 0 for p in PROBLEMS})
-        self._caps = Capabilities(f"chat:{base_url}?model={model}", output="logits")
+        self._caps = Capabilities(model_id or f"chat:{base_url}?model={model}", output="logits")
         self._wire = Transport(base_url, api_key, self.usage, max_retries=self.config.max_retries,
                                timeout=self.config.timeout, max_concurrency=self.config.max_concurrency)
 

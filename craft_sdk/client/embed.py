@@ -85,6 +85,7 @@ class EmbeddingClient(BaseClient):
         base_url: the openai ``base_url``, e.g. ``"http://127.0.0.1:8765/v1"``.
         model: the ``model`` field of every request.
         api_key: bearer key; default ``CRAFT_API_KEY``.
+        model_id: identifier stored in adapters (default ``"embed:<base_url>?model=<model>"``).
         config: an :class:`EmbedConfig`; keyword ``overrides`` replace its fields.
 
     ``predict`` returns logits [N, C] = scale x cosine. ``usage`` counts requests (retries
@@ -96,8 +97,8 @@ class EmbeddingClient(BaseClient):
         (2, 2)
     """
 
-    def __init__(self, base_url: str, model: str, api_key: str | None = None, *, config: EmbedConfig | None = None,
-                 **overrides: Any) -> None:
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, *, model_id: str | None = None,
+                 config: EmbedConfig | None = None, **overrides: Any) -> None:
         try:
             self.config = replace(config or EmbedConfig(), **overrides)
         except TypeError:
@@ -108,7 +109,7 @@ class EmbeddingClient(BaseClient):
         self.image_requests = 0
         self._images: LRU[str, np.ndarray] = LRU(self.config.image_cache)
         self._texts: LRU[str, np.ndarray] = LRU(self.config.text_cache)
-        self._caps = Capabilities(f"embed:{base_url}?model={model}", output="logits", logit_scale=self.config.scale)
+        self._caps = Capabilities(model_id or f"embed:{base_url}?model={model}", output="logits", logit_scale=self.config.scale)
         self._wire = Transport(base_url, api_key, self.usage, max_retries=self.config.max_retries,
                                timeout=self.config.timeout, max_concurrency=self.config.max_concurrency)
 
