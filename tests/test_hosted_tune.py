@@ -4,7 +4,6 @@ the robust ``craft`` protocol over ``embed+``, then CraftClassifier with the exp
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import random_images
+from conftest import random_images, suite_env
 
 from craft_sdk import CraftClassifier, ImageDataset, create_client, tune
 
@@ -48,8 +47,7 @@ def image_folder(root: Path, per_class: int, seed: int) -> Path:
 
 
 def cli(*args: str) -> dict[str, Any]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "craft_sdk", *args], capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run([sys.executable, "-m", "craft_sdk", *args], capture_output=True, text=True, env=suite_env(), timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
