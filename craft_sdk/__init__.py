@@ -10,6 +10,7 @@ from __future__ import annotations
 from ._version import __version__
 from .adapter import Adapter, AdapterConfig
 from .api import check_compatible, create_client, evaluate, load_data, tune
+from .canary import CanaryReport, check_canary
 from .classifier import ClassifierConfig, CraftClassifier, Predictions
 from .client import (
     DEFAULT_TEMPLATE,
@@ -29,6 +30,7 @@ from .errors import (
     ConfigError,
     CraftError,
     DataError,
+    DriftError,
     MissingDependencyError,
     NotFittedError,
 )
@@ -60,6 +62,7 @@ __all__ = [
     "BaseClient",
     "BudgetExceededError",
     "CallableClient",
+    "CanaryReport",
     "Capabilities",
     "ClassifierConfig",
     "ClientError",
@@ -68,6 +71,7 @@ __all__ = [
     "CraftError",
     "DataError",
     "DataSplits",
+    "DriftError",
     "HTTPClient",
     "ImageDataset",
     "ImageSetHandle",
@@ -79,6 +83,7 @@ __all__ = [
     "QueryLedger",
     "TuneConfig",
     "__version__",
+    "check_canary",
     "check_compatible",
     "create_client",
     "evaluate",

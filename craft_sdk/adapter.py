@@ -24,9 +24,10 @@ import numpy as np
 from ._fileio import umask
 from ._version import __version__
 from .client.base import DEFAULT_TEMPLATE
-from .errors import AdapterError, BudgetExceededError
-from .scores import as_log_scores, softmax
+from .errors import AdapterError
+from .scores import softmax
 from .tuner import mlp
+from .tuner.canary import CanarySpec
 from .tuner.config import MAX_CONTEXT_CHARS, MAX_ENSEMBLE, TuneConfig, context_problem
 from .tuner.projection import GENERATOR, project, projection_matrix
 
@@ -35,6 +36,7 @@ logger = logging.getLogger(__name__)
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 ONNX_FILE = "refiner.onnx"
+CANARY_TENSOR = "canary_scores"
 FORMAT_VERSION = 1
 # A is regenerated as float64 then float32 (~20 bytes per element at peak): 2**25 elements is ~670 MB,
 # above any open_clip text tower (ViT-bigG, 16 context tokens, D = 1,000 is 2 x 10**7)
@@ -213,6 +215,8 @@ class AdapterConfig:
         calibration: temperature scaling for probabilities, or None (temperature 1).
         hyperparameters: the tuning configuration.
         provenance: mode, seed, shots, queries, data fingerprint, history...
+        canary: the drift canary taken at tune time (:mod:`craft_sdk.canary`), or None (none recorded);
+            its scores are the tensor ``canary_scores``.
     """
 
     model_id: str
@@ -227,6 +231,7 @@ class AdapterConfig:
     provenance: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     craft_sdk_version: str = __version__
+    canary: CanarySpec | None = None
 
     def __post_init__(self) -> None:
         if not self.model_id:
@@ -248,6 +253,8 @@ class AdapterConfig:
         d["class_names"] = list(self.class_names)
         if d["calibration"] is None:  # adapters written before calibration existed keep their bytes
             del d["calibration"]
+        if d["canary"] is None:  # adapters without a canary keep their bytes (and fingerprint)
+            del d["canary"]
         if isinstance(self.prompt, PromptSpec):  # no kind = continuous: earlier craft-sdk 0.x versions still read it
             del d["prompt"]["kind"]
         return d
@@ -271,6 +278,10 @@ class AdapterConfig:
                 kwargs["refiner"] = RefinerSpec(**kwargs["refiner"])
             if kwargs.get("calibration") is not None:
                 kwargs["calibration"] = CalibrationSpec(**kwargs["calibration"])
+            if kwargs.get("canary") is not None:
+                if not isinstance(kwargs["canary"], dict):
+                    raise AdapterError("adapter canary must be a JSON object; the config is corrupt")
+                kwargs["canary"] = CanarySpec(**kwargs["canary"])
             return cls(**kwargs)
         except TypeError as exc:
             raise AdapterError(f"adapter config is malformed: {exc}") from None
@@ -289,6 +300,7 @@ class Adapter:
     z: np.ndarray | None = None
     offset: np.ndarray | None = None
     refiner: dict[str, np.ndarray] | None = None
+    canary_scores: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -333,6 +345,7 @@ class Adapter:
             provenance["protocol"] = tc.protocol
             provenance["selection"] = result.selection
         calibration = CalibrationSpec(float(result.temperature)) if result.temperature is not None else None
+        canary = getattr(result, "canary", None)
         config = AdapterConfig(
             model_id=caps.model_id,
             class_names=result.class_names,
@@ -344,8 +357,9 @@ class Adapter:
             calibration=calibration,
             hyperparameters=tc.to_dict(),
             provenance=provenance,
+            canary=canary.spec if canary is not None else None,
         )
-        return cls(config, result.z, result.offset, result.refiner)
+        return cls(config, result.z, result.offset, result.refiner, canary.scores if canary is not None else None)
 
     # ------------------------------------------------------------------ use
 
@@ -385,23 +399,9 @@ class Adapter:
         prompt offset (one query), or the average of an ensemble's log-probabilities (one query per
         context). ``client`` is a :class:`~craft_sdk.client.ledger.MeteredClient` (charged ``category``)
         or any client; ``images`` are images or an uploaded handle."""
-        from .client.ledger import MeteredClient
+        from .tuner.templates import score_contexts
 
-        names = list(self.config.class_names)
-        kwargs = {"category": category} if isinstance(client, MeteredClient) else {}
-        contexts = self.contexts
-        if len(contexts) == 1:
-            return as_log_scores(client.predict(images, names, contexts[0], self.offset, **kwargs), self.config.output)
-        from .tuner.templates import ensemble_log_probs, score_templates
-
-        ledger = getattr(client, "ledger", None)
-        if ledger is not None and not ledger.can_afford(len(contexts)):  # all contexts or none: no half-paid prediction
-            raise BudgetExceededError(
-                f"query budget exhausted: this ensemble sends {len(contexts)} contexts ({len(contexts)} queries) but "
-                f"{ledger.remaining} remain; raise the budget"
-            )
-        handle = client.upload(images) if isinstance(images, (list, tuple)) else images
-        return ensemble_log_probs(score_templates(client, handle, names, contexts, category, output=self.config.output))
+        return score_contexts(client, images, self.config.class_names, self.contexts, self.offset, self.config.output, category)
 
     def tensors(self) -> dict[str, np.ndarray]:
         """All tensors by their on-disk names."""
@@ -411,6 +411,8 @@ class Adapter:
             out["prompt_offset"] = np.ascontiguousarray(self.offset, dtype=np.float32)
         for k, v in (self.refiner or {}).items():
             out[k] = np.ascontiguousarray(v, dtype=np.float32)
+        if self.canary_scores is not None:
+            out[CANARY_TENSOR] = np.ascontiguousarray(self.canary_scores, dtype=np.float32)
         return out
 
     def fingerprint(self) -> str:
@@ -478,7 +480,7 @@ class Adapter:
         except (SafetensorError, OSError, ValueError) as exc:
             raise AdapterError(f"{w_path} is not a readable safetensors file ({exc})") from None
         refiner = {k: v for k, v in tensors.items() if k.startswith(mlp.PREFIX)} or None
-        adapter = cls(config, tensors.get("z"), tensors.get("prompt_offset"), refiner)
+        adapter = cls(config, tensors.get("z"), tensors.get("prompt_offset"), refiner, tensors.get(CANARY_TENSOR))
         if verify_projection:
             adapter.verify_projection()
         return adapter
@@ -564,6 +566,13 @@ def _validate(adapter: Adapter) -> None:
         raise AdapterError("adapter config and tensors disagree on whether there is a refiner")
     if cfg.refiner is not None and adapter.refiner is not None:
         _validate_refiner(cfg.refiner, adapter.refiner, len(cfg.class_names))
+    if (cfg.canary is None) != (adapter.canary_scores is None):
+        raise AdapterError(f"adapter config and tensors disagree on whether there is a drift canary ({CANARY_TENSOR})")
+    if cfg.canary is not None and adapter.canary_scores is not None:
+        if adapter.canary_scores.shape != (cfg.canary.n_probes, len(cfg.class_names)):
+            raise AdapterError(f"{CANARY_TENSOR} has shape {list(adapter.canary_scores.shape)}, config says "
+                               f"[{cfg.canary.n_probes}, {len(cfg.class_names)}]")
+        _check_finite(CANARY_TENSOR, adapter.canary_scores)
 
 
 def _validate_refiner(spec: RefinerSpec, weights: dict[str, np.ndarray], n_classes: int) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,13 +25,15 @@ from PIL import Image
 from .adapter import ONNX_FILE, Adapter, check_compatible
 from .client.base import PredictionClient
 from .client.ledger import MeteredClient, QueryLedger
-from .errors import AdapterError, ConfigError, DataError, NotFittedError
+from .errors import AdapterError, ConfigError, DataError, DriftError, NotFittedError
 from .images import ImageLike, to_pil_list
 from .scores import as_log_scores
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "onnx", "numpy")
+ON_DRIFT = ("raise", "warn")
+_CANARY_LOCK = threading.Lock()  # batch counting and canary checks of concurrent predict_all calls
 _OWN_TUNE_FIELDS = ("mode", "budget", "seed")
 
 
@@ -46,6 +49,11 @@ class ClassifierConfig:
         allow_model_mismatch: serve the adapter through a client whose model id differs.
         budget: hard query ceiling for the ledger the classifier creates (None: unlimited);
             pass your own ``ledger`` instead to share one.
+        canary_every: check the adapter's drift canary (:func:`craft_sdk.check_canary`) before the
+            first batch and then before every ``canary_every``-th batch; 0 (default) never checks. Each
+            check costs one query per context the adapter sends (ledger category ``canary``).
+        on_drift: ``raise`` a :class:`~craft_sdk.errors.DriftError` (the batch is not sent) or ``warn``
+            (log a warning and go on) when the canary has drifted.
     """
 
     batch_size: int = 64
@@ -53,6 +61,8 @@ class ClassifierConfig:
     threads: int = 1
     allow_model_mismatch: bool = False
     budget: int | None = None
+    canary_every: int = 0
+    on_drift: str = "raise"
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -63,6 +73,10 @@ class ClassifierConfig:
             raise ConfigError(f"threads must be >= 0, got {self.threads}")
         if self.budget is not None and self.budget < 0:
             raise ConfigError(f"budget must be >= 0 or None, got {self.budget}")
+        if not isinstance(self.canary_every, int) or isinstance(self.canary_every, bool) or self.canary_every < 0:
+            raise ConfigError(f"canary_every must be an integer >= 0 (0: never check), got {self.canary_every!r}")
+        if self.on_drift not in ON_DRIFT:
+            raise ConfigError(f"on_drift must be one of {ON_DRIFT}, got {self.on_drift!r}")
 
 
 @dataclass(frozen=True)
@@ -266,6 +280,8 @@ class CraftClassifier:
         self.adapter_ = adapter
         self.classes_ = classes
         self.class_names_ = adapter.config.class_names
+        self.canary_report_ = None  # the last drift-canary check (config.canary_every)
+        self.batches_sent_ = 0
         logger.info("CraftClassifier ready: %d classes, refiner backend %s", len(classes), self.refiner_backend_)
 
     def _make_refiner(self, adapter: Adapter, onnx_path: str | Path | None) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
@@ -384,6 +400,7 @@ class CraftClassifier:
         raws, refined, seconds = [], [], {"black_box": 0.0, "refiner": 0.0}
         for start in range(0, len(X), bs):
             batch = to_pil_list(X[start : start + bs])
+            self._canary_gate(adapter, metered)
             t0 = time.perf_counter()
             raw = adapter.raw_scores(metered, batch, category="predict")  # one query per context sent
             t1 = time.perf_counter()
@@ -395,6 +412,33 @@ class CraftClassifier:
             raise DataError("the image list is empty")
         logits = np.concatenate(refined)
         return Predictions(np.concatenate(raws), logits, self.classes_, adapter.probabilities(logits), seconds)
+
+    def _canary_gate(self, adapter: Adapter, metered: MeteredClient) -> None:
+        """Count one batch; before the first and every ``canary_every``-th, check the drift canary.
+        With ``on_drift="raise"`` every batch is refused while the last check says drifted."""
+        every = self._runtime.canary_every
+        if not every:
+            return
+        with _CANARY_LOCK:  # concurrent batches wait for a check in progress
+            due = self.batches_sent_ % every == 0
+            self.batches_sent_ += 1
+            report, fresh = self.canary_report_, False
+            if due and (report is None or report.recorded):
+                from .canary import check_canary
+
+                report = self.canary_report_ = check_canary(adapter, metered)
+                fresh = True
+        if report is None or not (fresh or self._runtime.on_drift == "raise"):
+            return
+        if not report.recorded:
+            if fresh:
+                logger.warning("canary_every is set but %s", report.summary())
+        elif report.drifted:
+            message = (f"the black box drifted since tuning (canary distance {report.distance:.1f} > "
+                       f"{report.tolerance:g} noise units); run `craft-sdk check ADAPTER --model MODEL` for details")
+            if self._runtime.on_drift == "raise":
+                raise DriftError(message)
+            logger.warning("%s", message)
 
     def predict(self, X: Sequence[ImageLike]) -> np.ndarray:
         """[N] predicted labels, of the kind ``fit`` saw (entries of ``classes_``)."""

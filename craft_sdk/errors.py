@@ -45,6 +45,10 @@ class UnknownHandleError(ClientError):
     """An image-set handle is unknown or was evicted; upload the images again."""
 
 
+class DriftError(CraftError, RuntimeError):
+    """The black box no longer behaves as when the adapter was tuned (its drift canary moved); see ``craft-sdk check``."""
+
+
 class NotFittedError(CraftError, ValueError, AttributeError):
     """An estimator was used before anything was learned (a ValueError and an AttributeError, as scikit-learn's)."""
 

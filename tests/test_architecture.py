@@ -22,7 +22,7 @@ LAYERS: dict[str, int] = {
     "craft_sdk.client": 1,  # the only door to the model
     "craft_sdk.tuner": 2,  # prompt search + refiner
     "craft_sdk.adapter": 3, "craft_sdk.export": 3, "craft_sdk.card": 3, "craft_sdk.hub": 3,  # config + tensors
-    "craft_sdk.classifier": 4, "craft_sdk.stream": 4, "craft_sdk.sinks": 4,  # deployment
+    "craft_sdk.classifier": 4, "craft_sdk.stream": 4, "craft_sdk.sinks": 4, "craft_sdk.canary": 4,  # deployment
     "craft_sdk.api": 5,  # the verb-named facade
     # 6: applications built on the public API
     "craft_sdk": 6, "craft_sdk.__main__": 6, "craft_sdk.cli": 6, "craft_sdk.serve": 6, "craft_sdk.sweep": 6,

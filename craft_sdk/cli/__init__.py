@@ -6,6 +6,7 @@ Each command group lives in its own module and registers itself on ``app``.
 from __future__ import annotations
 
 from . import (
+    _check,  # noqa: F401  (registers check)
     _demo,  # noqa: F401  (registers demo)
     _serve,  # noqa: F401,E402  (registers serve)
     _sweep,  # noqa: F401,E402  (registers sweep)

@@ -60,6 +60,8 @@ def predict(
     on_error: str = typer.Option("fail", help="unreadable image: fail (stop before its batch is sent) | skip (record the error)"),
     backend: str = typer.Option("auto", help="refiner backend: auto | onnx | numpy"),
     allow_model_mismatch: bool = typer.Option(False, help="serve the adapter through another model"),
+    canary_every: int = typer.Option(0, min=0, help="check the adapter's drift canary before the first batch and every N batches (1 query per check; 0: never)"),
+    on_drift: str = typer.Option("raise", help="when the canary drifted: raise (stop, exit 1) | warn (log and go on)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout (with --output: a run summary)"),
 ) -> None:
     """Classify images with a tuned adapter, streaming over any number of files in batches."""
@@ -74,7 +76,8 @@ def predict(
         raise fail("--resume continues an --output file; pass --output")
     remote = is_remote(client_url or model or "")
     workers = concurrency or (4 if remote else 1)
-    config = ClassifierConfig(batch_size=batch_size, backend=backend, allow_model_mismatch=allow_model_mismatch)
+    config = ClassifierConfig(batch_size=batch_size, backend=backend, allow_model_mismatch=allow_model_mismatch,
+                              canary_every=canary_every, on_drift=on_drift)
     check_inputs(inputs or [])
     total = None if str(files_from) == "-" else sum(1 for _ in iter_image_paths(inputs or [], files_from))
     if total == 0:

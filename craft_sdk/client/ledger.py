@@ -5,7 +5,8 @@ call is charged *before* it is sent; a call that would exceed the budget is
 refused with :class:`~craft_sdk.errors.BudgetExceededError` and never sent.
 Queries are counted per purpose (``search``: CMA-ES candidates, ``refine``: the
 current prompt scored to train the refiner, ``validation``: model selection,
-``eval``: test-set evaluation, ``predict``: deployment).
+``eval``: test-set evaluation, ``predict``: deployment, ``canary``: the drift canary, recorded at
+tune time and re-scored by ``craft-sdk check``; see :mod:`craft_sdk.canary`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from .base import DEFAULT_TEMPLATE, Capabilities, Images, ImageSetHandle, Predic
 
 logger = logging.getLogger(__name__)
 
-CATEGORIES = ("search", "refine", "validation", "eval", "predict")
+CATEGORIES = ("search", "refine", "validation", "eval", "predict", "canary")
 
 
 def repair_journal(path: Path) -> None:

@@ -28,6 +28,7 @@ ensemble_k                  4            ours: templates an ``ensemble`` keeps
 template_bank               clip-imagenet  CLIP's ImageNet contexts (``ensemble`` mode)
 vocabulary                  default      ours: words of a text-only client's search
 word_lr                     2.0          ours (BDPL's step is task-specific)
+canary                      0            ours: probe images of the drift canary (0: none)
 ==========================  ===========  ==============================================
 
 Two protocols. ``paper`` is the paper's (and official code's) loop exactly: the
@@ -136,6 +137,8 @@ class TuneConfig:
             template words and ~200 common words) or a UTF-8 file with one word per line (the
             template's own words are always added).
         word_lr: text-only clients: the word search's step on its per-slot word logits.
+        canary: probe images of the drift canary recorded at the end of the run (0: none; 16 is a good
+            choice): costs 2 queries (2 per context for an ensemble), reserved from the budget; see craft-sdk check.
     """
 
     mode: str = "craft"
@@ -170,6 +173,7 @@ class TuneConfig:
     template_bank: str = "clip-imagenet"
     vocabulary: str = "default"
     word_lr: float = 2.0
+    canary: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -217,6 +221,8 @@ class TuneConfig:
             raise ConfigError("template_bank must be 'clip-imagenet', 'clip-selected' or a file with one context per line")
         if context_problem(self.template):
             raise ConfigError(f"template {context_problem(self.template)}; it is the text before the class name, e.g. 'a photo of a'")
+        if not isinstance(self.canary, int) or isinstance(self.canary, bool) or not 0 <= self.canary <= 256:
+            raise ConfigError(f"canary must be an integer from 0 (no canary) to 256 probe images, got {self.canary!r}")
         if self.ensemble_k > MAX_ENSEMBLE:
             raise ConfigError(f"ensemble_k must be at most {MAX_ENSEMBLE} (each context is one query per prediction), got {self.ensemble_k}")
 

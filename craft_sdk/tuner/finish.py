@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..errors import ClientError
 from . import selection
+from .canary import CanaryRecord, canary_cost, record_canary
 
 if TYPE_CHECKING:
     from .loop import Run
@@ -119,3 +121,20 @@ def finish_robust(run: Run) -> dict[str, Any]:
         "selection": decision.to_dict(),
         "temperature": temperature,
     }
+
+
+def record_run_canary(run: Run, contexts: tuple[str, ...], offset: np.ndarray | None) -> CanaryRecord | None:
+    """The drift canary under the deployed prompt (``config.canary`` probes), or None: none asked for, or
+    the budget or the black box refused it (a warning; the tuned adapter is kept either way)."""
+    n_probes = run.config.canary
+    if not n_probes:
+        return None
+    cost = canary_cost(len(contexts))
+    if not run.ledger.can_afford(cost):
+        logger.warning("no drift canary recorded: it costs %d queries and %s remain", cost, run.ledger.remaining)
+        return None
+    try:
+        return record_canary(run.client, run.names, contexts, offset, run.caps.output, n_probes, run.config.seed)
+    except ClientError as exc:
+        logger.warning("no drift canary recorded: the black box failed (%s)", exc)
+        return None

@@ -23,7 +23,7 @@ from ..errors import BudgetExceededError, ConfigError, CraftError
 from ..scores import as_log_scores
 from . import mlp, selection
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
-from .plan import baseline_cost, effective_config, generation_cost, plan_generations
+from .plan import baseline_cost, canary_reserve, effective_config, generation_cost, plan_generations
 from .projection import GENERATOR
 from .prompts import create_prompt_space
 from .result import Progress, TuneResult
@@ -93,6 +93,7 @@ class Run:
 
             self.bank = ensemble_bank(self.config)
             needed += len(self.bank)
+        needed += canary_reserve(self.config, min(self.config.ensemble_k or len(self.bank), len(self.bank)) if self.bank else 1)
         if needed > self.config.budget:
             what = f"the zero-shot baseline and {len(self.bank)} ensemble contexts" if self.bank else "the zero-shot baseline"
             raise ConfigError(f"budget {self.config.budget} cannot pay {what} ({needed} queries); raise --budget")
@@ -386,7 +387,7 @@ class Run:
         return self._data
 
     def _result(self) -> TuneResult:
-        from .finish import finish_paper, finish_robust
+        from .finish import finish_paper, finish_robust, record_run_canary
 
         parts = finish_robust(self) if self.config.robust else finish_paper(self)
         point, texts = parts.pop("z"), parts.pop("texts", None)
@@ -394,6 +395,8 @@ class Run:
         if texts is not None and self.ensemble is not None:  # a deployed ensemble: its first context is the template
             prompt.update(template=texts[0], text_prompt={"kind": "ensemble", "texts": list(texts), "initial": self.config.template, "bank": self.ensemble["bank"]})
         template = prompt.pop("template", self.config.template)  # a text prompt space deploys a learned template
+        contexts = tuple(texts) if texts is not None and self.ensemble is not None else (template,)
+        canary = record_run_canary(self, contexts, prompt.get("offset"))
         return TuneResult(
             config=self.config if template == self.config.template else replace(self.config, template=template),
             requested_mode=self.requested.mode,
@@ -407,6 +410,7 @@ class Run:
             n_generations=self.n_gen,
             wall_time_s=time.perf_counter() - self.started,
             extras={"projection_generator": GENERATOR},
+            canary=canary,
             **prompt,
             **parts,
         )

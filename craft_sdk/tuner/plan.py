@@ -23,14 +23,22 @@ def baseline_cost(config: TuneConfig, has_val: bool) -> int:
     return 1 + int(has_val and not config.robust)
 
 
+def canary_reserve(config: TuneConfig, n_contexts: int = 1) -> int:
+    """Queries a run keeps back for its drift canary (0 without one): :func:`~craft_sdk.tuner.canary.canary_cost`."""
+    from .canary import canary_cost
+
+    return canary_cost(n_contexts) if config.canary else 0
+
+
 def plan_generations(config: TuneConfig, has_val: bool) -> int:
     """The most generations whose total cost (:func:`baseline_cost` + :func:`generation_cost` of
-    each) fits the budget. ``pr`` (paper protocol) plans refiner rounds of P + 1 queries' worth,
-    the official code's schedule; the robust ``pr`` needs no generation."""
+    each) fits the budget less the canary's reserve. ``pr`` (paper protocol) plans refiner rounds of
+    P + 1 queries' worth, the official code's schedule; the robust ``pr`` needs no generation."""
+    budget = config.budget - canary_reserve(config)
     if config.mode == "ensemble":
         return 0  # no generation: the bank is scored once (craft_sdk.tuner.ensemble)
     if not config.uses_prompt:
-        return 0 if config.robust else max((config.budget - baseline_cost(config, has_val)) // (config.popsize + 1), 0)
+        return 0 if config.robust else max((budget - baseline_cost(config, has_val)) // (config.popsize + 1), 0)
     cap = config.max_generations if config.max_generations is not None else config.budget
     n, total = 0, baseline_cost(config, has_val)
     while n < cap:
@@ -38,7 +46,7 @@ def plan_generations(config: TuneConfig, has_val: bool) -> int:
         step = generation_cost(config, n + 1, n + 1, has_val)
         if n >= 1:
             step += generation_cost(config, n, n + 1, has_val) - generation_cost(config, n, n, has_val)
-        if total + step > config.budget:
+        if total + step > budget:
             break
         total, n = total + step, n + 1
     return n

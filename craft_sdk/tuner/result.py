@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from ..client.base import Capabilities
+from .canary import CanaryRecord
 from .config import TuneConfig
 
 
@@ -43,7 +44,8 @@ class TuneResult:
     protocol), else None (the config's). ``selection`` is the robust decision record;
     ``temperature`` the calibration temperature (None: uncalibrated). ``text_prompt``
     is a deployed text prompt as the adapter records it (``kind`` ``discrete`` or ``ensemble``,
-    see :mod:`craft_sdk.adapter`), None otherwise.
+    see :mod:`craft_sdk.adapter`), None otherwise. ``canary`` is the drift canary taken under the
+    deployed prompt (``config.canary`` probes; :mod:`craft_sdk.tuner.canary`), None without one.
     """
 
     config: TuneConfig
@@ -67,3 +69,4 @@ class TuneResult:
     selection: dict[str, Any] | None = None
     temperature: float | None = None
     text_prompt: dict[str, Any] | None = None
+    canary: CanaryRecord | None = None

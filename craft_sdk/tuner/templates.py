@@ -165,3 +165,36 @@ def score_templates(
         out = client.predict(images, names, t, category=category) if isinstance(client, MeteredClient) else client.predict(images, names, t)
         rows.append(as_log_scores(out, output))
     return np.stack(rows)
+
+
+def score_contexts(
+    client: Any, images: Any, class_names: Sequence[str], contexts: Sequence[str], offset: np.ndarray | None,
+    output: str, category: str = "predict",
+) -> np.ndarray:
+    """Log-scores [N, C] of a deployed prompt: one context with an optional offset (one query), or the
+    average log-probabilities of an ensemble's contexts (one query per context, all paid or none).
+
+    Args:
+        client: a :class:`~craft_sdk.client.ledger.MeteredClient` (charged ``category``) or any client.
+        images: images or an uploaded handle.
+        class_names: the C classes.
+        contexts: the contexts each prediction sends (K >= 1).
+        offset: the context offset [n_ctx, d] (single context only), or None.
+        output: ``logits`` or ``probs``: what the client returns.
+        category: the ledger category when ``client`` is metered.
+    """
+    from ..client.ledger import MeteredClient
+    from ..errors import BudgetExceededError
+
+    names = list(class_names)
+    if len(contexts) == 1:
+        kwargs = {"category": category} if isinstance(client, MeteredClient) else {}
+        return as_log_scores(client.predict(images, names, contexts[0], offset, **kwargs), output)
+    ledger = getattr(client, "ledger", None)
+    if ledger is not None and not ledger.can_afford(len(contexts)):  # all contexts or none: no half-paid prediction
+        raise BudgetExceededError(
+            f"query budget exhausted: this ensemble sends {len(contexts)} contexts ({len(contexts)} queries) but "
+            f"{ledger.remaining} remain; raise the budget"
+        )
+    handle = client.upload(images) if isinstance(images, (list, tuple)) else images
+    return ensemble_log_probs(score_templates(client, handle, names, contexts, category, output=output))
