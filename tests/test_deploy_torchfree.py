@@ -144,6 +144,24 @@ def test_ensemble_adapter_deploys_without_torch(tmp_path: Path) -> None:
     np.testing.assert_allclose(out.raw_logits, expected, atol=1e-5)
 
 
+def test_drift_canary_records_and_checks_without_torch() -> None:
+    import dataclasses
+
+    from craft_sdk import check_canary
+    from craft_sdk.tuner.canary import record_canary
+
+    adapter = load_adapter(str(ADAPTER_DIR))
+    client = CallableClient(pixel_stats, CAPS)
+    record = record_canary(client, adapter.config.class_names, adapter.contexts, adapter.offset, "logits", 4, 0)
+    config = dataclasses.replace(adapter.config, canary=record.spec)
+    canaried = type(adapter)(config, adapter.z, adapter.offset, adapter.refiner, record.scores)
+    ledger = QueryLedger()
+    assert not check_canary(canaried, client, ledger=ledger).drifted and ledger.counts["canary"] == 1
+    brighter = CallableClient(lambda ims, names, t, o: pixel_stats(ims, names, t, o) * 1.01, CAPS)  # a 1 % change of the box
+    report = check_canary(canaried, brighter)
+    assert report.drifted and report.distance > report.tolerance
+
+
 def test_import_does_not_pull_torch_or_runtimes() -> None:
     code = (
         "import sys\n"
@@ -165,6 +183,7 @@ def test_deploy_runs_with_torch_blocked() -> None:
         "t.test_onnx_and_numpy_match_committed_torch_outputs()\n"
         "t.test_classifier_with_callable_client('auto')\n"
         "t.test_text_adapter_sends_its_words_through_onnx()\n"
+        "t.test_drift_canary_records_and_checks_without_torch()\n"
         "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code, str(HERE)], capture_output=True, text=True, cwd=HERE)
