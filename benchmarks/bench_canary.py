@@ -11,7 +11,8 @@ drift, reports
 * the canary's estimate of the effect: agreement of the adapter's predictions on the probes then vs now.
 
 Drift kinds: none (the same weights loaded again: the false-alarm rate), weights perturbed by a
-relative amount eps (each tensor += eps x its std x N(0, 1)), float16 weights (a precision change),
+relative amount eps (each tensor += eps x its std x N(0, 1)), bfloat16 weights (a precision change:
+the demo's float16 weights rounded to 8 significant bits),
 another checkpoint (a fresh random init), normalisation mean/std, resize interpolation
 (bicubic -> bilinear) and resize mode (centre crop -> squash). A finer sweep finds the smallest
 detected perturbation.
@@ -48,7 +49,13 @@ DEMO_DIR = Path(__file__).resolve().parents[1] / "craft_sdk" / "demo" / "assets"
 WEIGHTS, CONFIG = "open_clip_model.safetensors", "open_clip_config.json"
 
 
-def make_box(root: Path, name: str, *, eps: float = 0.0, seed: int = 0, fp16: bool = False, reinit: bool = False,
+def bfloat16(v: np.ndarray) -> np.ndarray:
+    """``v`` rounded to bfloat16 (8 significant bits, round to nearest even), as float32."""
+    u = v.astype(np.float32).view(np.uint32)
+    return ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)).view(np.float32)
+
+
+def make_box(root: Path, name: str, *, eps: float = 0.0, seed: int = 0, bf16: bool = False, reinit: bool = False,
              preprocess: dict[str, Any] | None = None) -> OpenCLIPClient:
     """A local-dir copy of the demo model with one change."""
     from safetensors.numpy import load_file, save_file
@@ -60,18 +67,21 @@ def make_box(root: Path, name: str, *, eps: float = 0.0, seed: int = 0, fp16: bo
         cfg = json.loads((target / CONFIG).read_text())
         cfg["preprocess_cfg"].update(preprocess)
         (target / CONFIG).write_text(json.dumps(cfg))
-    if eps or fp16 or reinit:
+    if eps or bf16 or reinit:  # changed weights are written as float32 (the demo's are float16, too coarse for small eps)
         state = load_file(str(DEMO_DIR / WEIGHTS))
         rng = np.random.default_rng(seed)
         for k, v in state.items():
-            if v.dtype.kind != "f" or v.size < 2:
+            if v.dtype.kind != "f":
                 continue
-            if reinit:  # another checkpoint: same shapes, fresh values at each tensor's own scale
-                state[k] = (v.mean() + v.std() * rng.standard_normal(v.shape)).astype(v.dtype)
-            elif fp16:
-                state[k] = v.astype(np.float16).astype(v.dtype)
+            v = v.astype(np.float32)
+            if v.size < 2:
+                state[k] = v
+            elif reinit:  # another checkpoint: same shapes, fresh values at each tensor's own scale
+                state[k] = (v.mean() + v.std() * rng.standard_normal(v.shape)).astype(np.float32)
+            elif bf16:
+                state[k] = bfloat16(v)
             else:
-                state[k] = v + (eps * v.std() * rng.standard_normal(v.shape)).astype(v.dtype)
+                state[k] = v + (eps * v.std() * rng.standard_normal(v.shape)).astype(np.float32)
         save_file(state, str(target / WEIGHTS))
     return OpenCLIPClient(f"local-dir:{target}")
 
@@ -98,7 +108,7 @@ def kinds(variants: int) -> dict[str, list[dict[str, Any]]]:
         "weights eps=1e-3": [{"eps": 1e-3, "seed": s} for s in v],
         "weights eps=1e-2": [{"eps": 1e-2, "seed": s} for s in v],
         "weights eps=1e-1": [{"eps": 1e-1, "seed": s} for s in v],
-        "float16 weights": [{"fp16": True}],
+        "bfloat16 weights (precision)": [{"bf16": True}],
         "another checkpoint (random init)": [{"reinit": True, "seed": s} for s in v],
         "normalisation mean/std": [{"preprocess": {"mean": [0.48, 0.46, 0.41], "std": [0.27, 0.26, 0.28]}}],
         "resize interpolation bilinear": [{"preprocess": {"interpolation": "bilinear"}}],

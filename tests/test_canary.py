@@ -298,3 +298,22 @@ def test_text_only_server_hidden_template_change_is_detected(tiny_model_dir: Pat
     with BackgroundServer(create_app(HiddenTemplate(model, "itap of "), {"alice": KEY})) as after:
         report = check_canary(adapter, create_client(f"zeroshot+{after.url}/v1/zero-shot/tiny", api_key=KEY))
     assert report.drifted and report.distance > 10 * report.tolerance  # a changed hidden prompt moves every score
+
+
+@pytest.mark.parametrize("shape", ["chat", "embed"])
+def test_hosted_clients_carry_a_canary(shape: str, tiny_model_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("fastapi")
+    pytest.importorskip("openai")
+    from craft_sdk import create_client
+    from craft_sdk.serve import BackgroundServer, create_app
+
+    model = OpenCLIPClient(f"local-dir:{tiny_model_dir}")
+    with BackgroundServer(create_app(model, {"alice": KEY})) as srv:
+        client = create_client(f"{shape}+{srv.url}/v1?model=tiny", api_key=KEY)
+        result = Tuner(TuneConfig(mode="zero-shot", budget=10, canary=4)).fit(client, train_set(), None)
+        adapter = Adapter.from_result(result)
+        assert result.queries["counts"]["canary"] == adapter.config.canary.queries == 2
+        assert not any(check_canary(adapter, client).drifted for _ in range(5))
+    other = OpenCLIPClient(f"local-dir:{save_tiny_model(tmp_path / 'other', seed=1)}")
+    with BackgroundServer(create_app(other, {"alice": KEY})) as srv:
+        assert check_canary(adapter, create_client(f"{shape}+{srv.url}/v1?model=tiny", api_key=KEY)).drifted
