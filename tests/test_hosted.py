@@ -180,6 +180,9 @@ def test_model_strings_are_checked() -> None:
         create_client("embed+http://127.0.0.1:9/v1?model=m&bogus=1")
     with pytest.raises(ConfigError, match="profile"):
         create_client("embed+http://127.0.0.1:9/v1?model=m&profile=jina")
+    assert create_client("embed+http://127.0.0.1:9/v1?model=m&scale=18.5&profile=cohere").config.scale == 18.5
+    with pytest.raises(ConfigError, match="scale"):
+        create_client("embed+http://127.0.0.1:9/v1?model=m&scale=big")
     with pytest.raises(ConfigError, match="samples"):
         create_client("chat+http://127.0.0.1:9/v1?model=m&samples=x")
 

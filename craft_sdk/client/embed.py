@@ -115,10 +115,15 @@ class EmbeddingClient(BaseClient):
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> EmbeddingClient:
-        """From ``http(s)://HOST[:PORT]/v1?model=NAME[&profile=cohere]`` (the part after ``embed+``)."""
-        parsed = parse_model_url(url, ["profile"])
+        """From ``http(s)://HOST[:PORT]/v1?model=NAME[&profile=cohere][&scale=S]`` (the part after ``embed+``)."""
+        parsed = parse_model_url(url, ["profile", "scale"])
         if "profile" in parsed.options:
             kwargs.setdefault("profile", parsed.options["profile"])
+        if "scale" in parsed.options:
+            try:
+                kwargs.setdefault("scale", float(parsed.options["scale"]))
+            except ValueError:
+                raise ConfigError(f"scale must be a number, got {parsed.options['scale']!r}") from None
         return cls(parsed.base_url, parsed.model, **kwargs)
 
     def capabilities(self, template: str = DEFAULT_TEMPLATE) -> Capabilities:
