@@ -290,3 +290,26 @@ def test_unparseable_logprobs_answer_is_counted() -> None:
         assert chat.problems["unparseable"] == 2 and np.allclose(softmax(out), 1 / 6)
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/embeddings"])
+def test_transient_faults_are_retried_and_billed_once(model, path: str) -> None:  # noqa: ANN001
+    """429, 500, a lost answer (computed and billed, then 500) and a truncated body: the openai client retries with the
+    same Idempotency-Key, the server replays what it computed, so the scores equal a fault-free run and each image is
+    billed exactly once."""
+    from faultinject import FaultInjector
+
+    imgs = random_images(4, seed=30)
+    app = create_app(model, {"alice": KEY})
+    faulty = FaultInjector(app, {1: "429", 2: "500", 3: "lost", 5: "truncate"}, path=path)
+    kind = "chat" if "chat" in path else "embed"
+    with BackgroundServer(faulty) as srv:
+        client = create_client(f"{kind}+{srv.url}/v1?model=tiny", api_key=KEY, max_concurrency=1, timeout=30.0)
+        out = client.predict(imgs, NAMES)
+    assert sorted(faulty.fired) == ["429", "500", "lost", "truncate"]
+    with BackgroundServer(create_app(model, {"alice": KEY})) as clean:
+        again = create_client(f"{kind}+{clean.url}/v1?model=tiny", api_key=KEY).predict(imgs, NAMES)
+    np.testing.assert_allclose(out, again, atol=1e-5)
+    billed = app.state.craft.store.usage("alice")["used"]
+    assert billed == (4 if kind == "chat" else 5)  # one query per image (+ one text request for embeddings), none twice
+    assert client.usage.requests == billed + 4  # every attempt counted: the four faulted ones too
