@@ -102,24 +102,29 @@ def main() -> None:
               "embeddings": f"embed+{url}/v1?model=demo"}
     if args.embed_scale:
         shapes[f"embeddings (scale {args.embed_scale:g})"] = f"embed+{url}/v1?model=demo&scale={args.embed_scale}"
-    rows = []
+    rows: list[dict[str, Any]] = []
     try:
-        for task in args.tasks:
-            for seed in args.seeds:
+        for seed in args.seeds:  # seed-major: an interrupted run still covers every task
+            for task in args.tasks:
                 splits = craft_sdk.load_data(f"demo:{task}", shots=args.shots, seed=seed)
                 test = splits.test.subset(np.arange(min(args.test_images, len(splits.test))))
                 for name, model in shapes.items():
                     row = {"task": task, "seed": seed, **one_run(name, model, key, splits, test, args, seed, server)}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
+                write(rows, args)  # the JSON is complete after every task
     finally:
         server.stop()
+    print_table(write(rows, args))
+
+
+def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
     summary = summarize(rows, args)
     out = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": f"{platform.machine()} 2-core shared VM",
            "args": vars(args), "rows": rows, "summary": summary}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
-    print_table(summary)
+    return summary
 
 
 def summarize(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:

@@ -173,6 +173,13 @@ def test_embeddings_refused_for_a_model_without_features(model) -> None:  # noqa
             client.predict(random_images(1, seed=8), NAMES)
 
 
+def test_bad_class_names_are_refused_unbilled(server) -> None:  # noqa: ANN001
+    chat = create_client(f"chat+{server.url}/v1?model=tiny", api_key=KEY)
+    with pytest.raises(ClientError, match="line break") as err:
+        chat.predict(random_images(1, seed=2), ["cat", "big\ndog"])
+    assert err.value.unbilled and chat.usage.requests == 0
+
+
 def test_model_strings_are_checked() -> None:
     with pytest.raises(ConfigError, match="model=NAME"):
         create_client("chat+http://127.0.0.1:9/v1")

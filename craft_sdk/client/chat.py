@@ -202,7 +202,7 @@ class ChatVLMClient(BaseClient):
     def _predict_images(self, prepared: list[str], class_names: list[str], template: str, offsets: np.ndarray | None) -> np.ndarray:
         bad = [n for n in class_names if "\n" in n]
         if bad:
-            raise ClientError(f"class name(s) {bad[:3]} contain a line break; use one-line class names")
+            raise ClientError(f"class name(s) {bad[:3]} contain a line break; use one-line class names", unbilled=True)
         groups = groups_of(len(class_names), self.config.group_size)
         before = self.problems.copy()
         jobs = [(uri, g) for uri in prepared for g in groups]
