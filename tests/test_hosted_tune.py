@@ -99,3 +99,16 @@ def test_robust_craft_over_embed_then_onnx_deploy(server, tmp_path: Path) -> Non
     clf.predict_all(test_imgs[:3])  # a second stream over seen images: no new image embedding
     assert sum(counts.values()) - before == 18 and max(counts.values()) == 1  # every image embedded once, by the server's count
     assert client.usage.images == 18
+
+
+@pytest.mark.parametrize(("kind", "mode"), [("chat", "craft"), ("embed", "pr")])
+def test_the_other_mode_on_each_shape(server, kind: str, mode: str) -> None:  # noqa: ANN001
+    """craft (a word search, robust protocol) over chat and pr over embeddings: the server bills what the client counted."""
+    train = ImageDataset(random_images(6, seed=400), np.arange(6) % 3, CLASSES)
+    client = create_client(f"{kind}+{server.url}/v1?model=tiny", api_key=KEY, model_id=f"tiny-{kind}")
+    before = used(server)
+    adapter = tune(client, train, mode=mode, budget=12, popsize=4, refiner_hidden=16, seed=1)
+    assert adapter.config.provenance["protocol"] == "robust" and adapter.config.model_id == f"tiny-{kind}"
+    assert used(server) - before == client.usage.requests > 0  # no retries on loopback: one query per request
+    labels = CraftClassifier.from_adapter(adapter, client).predict(random_images(3, seed=401))
+    assert set(labels) <= set(CLASSES)
