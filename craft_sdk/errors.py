@@ -53,5 +53,9 @@ class NotFittedError(CraftError, ValueError, AttributeError):
     """An estimator was used before anything was learned (a ValueError and an AttributeError, as scikit-learn's)."""
 
 
+class StoreError(CraftError, RuntimeError):
+    """The server's state store is unavailable or lost its data; metered routes refuse (503) until it is back."""
+
+
 class MissingDependencyError(CraftError, ImportError):
     """An optional dependency is not installed; the message names the ``pip install`` that fixes it."""

@@ -15,7 +15,11 @@ from ._tune import MODEL_HELP, PRETRAINED_HELP
 
 SPEC_ENV = "CRAFT_SERVE_SPEC"
 STATE_HELP = ("where meters, budgets and idempotency records persist: a SQLite file (default: API_KEY_FILE.state.db), "
-              "'memory' (lost on restart) or redis://host:port/db (pip install 'craft-sdk[redis]')")
+              "'memory' (lost on restart; one process, so not with --workers) or redis://host:port/db (pip install "
+              "'craft-sdk[redis]'; its password from the CRAFT_REDIS_PASSWORD environment variable or the file named by "
+              "CRAFT_REDIS_PASSWORD_FILE, never in the URL)")
+BUDGET_HELP = ("queries each key may use (same unit as the tuner's ledger); stored in --state, so a restart without "
+               "this option keeps the stored budget")
 
 
 def default_state(api_key_file: Path) -> str:
@@ -30,7 +34,7 @@ def _build_app(spec: dict[str, Any]) -> Any:
 
     keys = load_api_keys(spec["api_key_file"])
     config = ServerConfig(**spec["config"])
-    store = open_store(spec["state"], config.budget_per_key, config.lease_s)
+    store = open_store(spec["state"], config.budget_per_key, config.lease_s, timeout_s=config.store_timeout_s)
     client = create_client(spec["model"], device=spec["device"], cache_size=config.max_image_sets, **spec["pretrained"])
     if spec["text_only"]:
         from ..client.zeroshot import TextOnlyClient
@@ -52,7 +56,7 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="address to bind; loopback by default (use a TLS proxy to expose it)"),
     port: int = typer.Option(8765, help="TCP port"),
     api_key_file: Path = typer.Option(..., help="file of API keys: one KEY or 'NAME KEY' per line"),
-    budget_per_key: int | None = typer.Option(None, help="queries each key may use (same unit as the tuner's ledger)"),
+    budget_per_key: int | None = typer.Option(None, help=BUDGET_HELP),
     state: str | None = typer.Option(None, "--state", help=STATE_HELP),
     workers: int = typer.Option(1, help="server processes sharing the port and the state (each loads the model)"),
     max_body_mb: int = typer.Option(256, help="largest request body in MiB"),
@@ -70,12 +74,20 @@ def serve(
     check_port(port)  # everything cheap is checked before the model loads
     if workers < 1:
         raise fail(f"--workers must be >= 1, got {workers}")
+    if workers > 1 and state == "memory":
+        raise fail("--state memory keeps meters in one process, so --workers would multiply every budget; use a SQLite file or redis://")
+    check_state_url(state)
     keys = load_api_keys(api_key_file)
     config = ServerConfig(budget_per_key=budget_per_key, max_body_bytes=max_body_mb << 20, max_image_sets=cache_size)
     spec = {"model": model, "pretrained": pretrained_kwargs(pretrained), "device": device, "text_only": text_only,
             "api_key_file": str(api_key_file), "config": asdict(config), "state": state or default_state(api_key_file)}
-    open_store(spec["state"], config.budget_per_key, config.lease_s).close()  # a bad --state fails now, in one line
-    where = "memory (lost on restart)" if spec["state"] == "memory" else spec["state"].rpartition("@")[2]
+    store = open_store(spec["state"], config.budget_per_key, config.lease_s)  # a bad --state fails now, in one line
+    for warning in getattr(store, "warnings", []):
+        err.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+    stored = store.usage("")["budget"]  # the default budget every process on this state enforces
+    store.close()
+    where = "memory (lost on restart)" if spec["state"] == "memory" else spec["state"]
+    where += f"; budget per key: {'unlimited' if stored is None else stored}"
     if workers > 1:
         os.environ[SPEC_ENV] = json.dumps(spec)
         err.print(f"serving {model} on http://{host}:{port}/v1 to {len(keys)} key(s) with {workers} workers; state: {where}", highlight=False)
@@ -96,15 +108,36 @@ def _echo_usage(store: Any, name: str) -> None:
     typer.echo(json.dumps({name: store.usage(name)}))
 
 
-def _open(state: str | None, api_key_file: Path | None) -> Any:
-    from ..serve import open_store
+def check_state_url(state: str | None) -> None:
+    """Refuse a Redis password in --state: a command line is visible to every user of the machine."""
+    from urllib.parse import urlsplit
+
+    if state and state.startswith(("redis://", "rediss://", "unix://")) and urlsplit(state).password is not None:
+        raise fail("do not put the Redis password in --state (every user sees a command line); "
+                   "set CRAFT_REDIS_PASSWORD or CRAFT_REDIS_PASSWORD_FILE instead")
+
+
+def _open(state: str | None, api_key_file: Path | None, name: str | None = None) -> Any:
+    """The server's existing state (never a new one), and ``name`` checked against the key file and the state."""
+    from ..serve import load_api_keys, open_store
 
     if state is None and api_key_file is None:
         raise fail("name the server's state with --state, or its --api-key-file (the state then lies beside it)")
-    return open_store(state or default_state(api_key_file), keep_default=True)  # type: ignore[arg-type]
+    if state == "memory":
+        raise fail("--state memory lives inside a server process; serve-keys operates a SQLite file or redis:// state")
+    check_state_url(state)
+    store = open_store(state or default_state(api_key_file), create=False)  # type: ignore[arg-type]
+    if name is not None:
+        known = set(load_api_keys(api_key_file)) if api_key_file is not None else set(store.keys())
+        if name not in known:
+            store.close()
+            where = str(api_key_file) if api_key_file is not None else "the state (no request was ever metered for it)"
+            raise fail(f"no key named {name!r} in {where}; check the name (craft-sdk serve-keys list), or pass the server's --api-key-file")
+    return store
 
 
-STATE_OPT = typer.Option(None, "--state", help="the server's --state (SQLite file or redis:// URL)")
+STATE_OPT = typer.Option(None, "--state", help="the server's --state (an existing SQLite file or redis:// URL; "
+                         "the Redis password from CRAFT_REDIS_PASSWORD or CRAFT_REDIS_PASSWORD_FILE)")
 KEYS_OPT = typer.Option(None, "--api-key-file", help="the server's key file (its default state lies beside it)")
 JSON_OPT = typer.Option(False, "--json", help="print one JSON object on stdout")
 JSON_ALWAYS_OPT = typer.Option(False, "--json", help="print one JSON object on stdout (this command's output either way)")
@@ -138,7 +171,7 @@ def keys_top_up(
     """Raise key NAME's budget by QUERIES."""
     if queries < 1:
         raise fail(f"QUERIES must be >= 1, got {queries}")
-    store = _open(state, api_key_file)
+    store = _open(state, api_key_file, name)
     store.top_up(name, queries)
     _echo_usage(store, name)
 
@@ -151,7 +184,7 @@ def keys_set_budget(
     """Give key NAME a budget of its own (BUDGET queries, or 'default' for the server's --budget-per-key)."""
     if budget != "default" and not budget.isdigit():
         raise fail(f"BUDGET must be a number of queries or 'default', got {budget!r}")
-    store = _open(state, api_key_file)
+    store = _open(state, api_key_file, name)
     store.set_budget(name, None if budget == "default" else int(budget))
     _echo_usage(store, name)
 
@@ -160,6 +193,6 @@ def keys_set_budget(
 @guarded
 def keys_reset(name: str, state: str | None = STATE_OPT, api_key_file: Path | None = KEYS_OPT, as_json: bool = JSON_ALWAYS_OPT) -> None:
     """Set key NAME's used queries back to 0."""
-    store = _open(state, api_key_file)
+    store = _open(state, api_key_file, name)
     store.reset(name)
     _echo_usage(store, name)

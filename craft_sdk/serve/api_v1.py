@@ -65,9 +65,13 @@ def register(router: APIRouter, state: ServerState) -> None:
 
     safetensors_body = {"requestBody": {"required": True, "content": {SAFETENSORS: {"schema": {"type": "string", "format": "binary"}}}}}
 
-    @router.get("/health", summary="Liveness (no key)")
-    async def health() -> dict[str, str]:
-        return {"status": "ok", "api": API, "version": __version__}
+    @router.get("/health", summary="Liveness and the state store's health (no key); 503 while the store is unavailable")
+    async def health() -> Any:
+        problem = await state.meter.health()  # bounded by store_timeout_s: never hangs on a locked or stopped store
+        if problem is not None:
+            return JSONResponse({"status": "unavailable", "api": API, "version": __version__, "store": problem}, 503,
+                                headers={"Retry-After": "5"})
+        return {"status": "ok", "api": API, "version": __version__, "store": "ok"}
 
     @router.get("/limits", summary="Size limits a client must respect")
     async def limits(key: str = Depends(authenticate)) -> dict[str, int]:
@@ -75,7 +79,7 @@ def register(router: APIRouter, state: ServerState) -> None:
 
     @router.get("/usage", summary="Queries used and left for the calling key")
     async def usage(key: str = Depends(authenticate)) -> dict[str, Any]:
-        return state.store.usage(key)
+        return await state.meter.usage(key)
 
     @router.get("/capabilities", summary="What the model does for a context template")
     async def capabilities(template: str = DEFAULT_TEMPLATE, key: str = Depends(authenticate)) -> dict[str, Any]:
@@ -95,7 +99,7 @@ def register(router: APIRouter, state: ServerState) -> None:
             except CraftError as exc:
                 raise Problem(422, "invalid", checks.first_line(exc), "images") from None
             state.sets.put(key, handle, prepared, len(images))
-        state.store.count_upload(key)
+        await state.meter.count_upload(key)
         return JSONResponse({"handle": handle, "n_images": len(images)}, 201)
 
     @router.post("/predict", summary="Logits of a population of prompts (safetensors in and out); billed P queries",
@@ -158,26 +162,30 @@ async def answer_once(
     try:
         todo = await job()
         cost = queries(todo)
-        begin = state.store.begin(key, idem, digest, cost, state.owner)
+        begin = await state.meter.begin(key, idem, digest, cost, state.owner)
+        if begin.status == "replay" and begin.answer is not None:  # kept in the store for its TTL: not computed again
+            stored = CachedResponse.from_bytes(begin.answer)
+            state.answers.put(slot, stored, len(stored.body))
+            return respond(stored, True)
         if begin.status == "mismatch":
             raise Problem(422, "idempotency_key_reused", "this Idempotency-Key was used for a different request", IDEMPOTENCY_HEADER)
         if begin.status == "pending":
             raise Problem(503, "in_progress", "this request is being computed by another server process; retry", headers={"Retry-After": "1"})
         if begin.status == "refused":
-            u = state.store.usage(key)
+            u = await state.meter.usage(key)
             raise Problem(429, "budget_exceeded", refusal(u["used"], u["budget"], todo), headers={"x-should-retry": "false"})
         billed = begin.status in ("charged", "takeover")  # takeover: charged by a process that died computing it
         try:
             resp = await compute(todo, digest)
         except BaseException:
             if billed:
-                state.store.abort(key, idem, cost)
+                await state.meter.refund(key, idem, cost)
             raise
         if idem is not None:
             if begin.status == "replay" and begin.digest != resp.digest:
                 logger.warning("a recomputed replay differs from the answer first sent (digest %s, now %s)", begin.digest, resp.digest)
             if billed:
-                state.store.finish(key, idem, resp.digest)
+                await state.meter.record(key, idem, resp)
             state.answers.put(slot, resp, len(resp.body))
         return respond(resp, begin.status == "replay")
     finally:
@@ -245,7 +253,7 @@ async def _compute(state: ServerState, key: str, job: _Job, digest: str) -> Cach
         raise Problem(404, "unknown_handle", _GONE, "handle") from None
     except CraftError as exc:
         raise Problem(422, "rejected", checks.first_line(exc)) from None
-    u = state.store.usage(key)
+    u = await state.meter.usage(key)
     headers = {
         CHECKSUM_HEADER: sha256_hex(payload),
         "X-Craft-Queries": str(job.queries),

@@ -16,6 +16,7 @@ is :mod:`craft_sdk.serve.api_v1`, and a second API shape is one more module with
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import threading
@@ -29,7 +30,7 @@ import numpy as np
 from .._lru import LRU
 from .._version import __version__
 from ..client.base import BaseClient, PredictionClient, check_offsets
-from ..errors import ConfigError, CraftError
+from ..errors import ConfigError, CraftError, StoreError
 from ..wire import API
 from . import checks
 from .checks import Problem
@@ -69,6 +70,72 @@ class _Model:
         return np.asarray(client._predict_images(prepared, names, template, batch))
 
 
+class Meter:
+    """The state store as the event loop uses it: each call in a worker thread of its own pool, bounded by
+    ``timeout_s``; a store that is down, slow or lost its data gives a 503 ``store_unavailable`` Problem
+    (with Retry-After) instead of blocking every other request.
+    """
+
+    def __init__(self, store: Store, timeout_s: float) -> None:
+        self.store, self.timeout_s = store, timeout_s
+        self._pool = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="craft-store")
+
+    async def call(self, method: str, *args: Any, late: Callable[[Any], None] | None = None) -> Any:
+        """``store.<method>(*args)``; ``late(result)`` runs if the call completes after its timeout (to undo it)."""
+        fut = self._pool.submit(getattr(self.store, method), *args)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(fut), self.timeout_s)
+        except (asyncio.TimeoutError, TimeoutError):
+            if late is not None:
+                fut.add_done_callback(lambda f: None if f.cancelled() or f.exception() else late(f.result()))
+            raise _unavailable(f"the state store did not answer within {self.timeout_s:g} s") from None
+        except ConfigError:
+            raise
+        except Exception as exc:  # StoreError, sqlite3.Error, redis.RedisError...: the meter cannot be trusted now
+            logger.warning("state store %s failed: %s", method, checks.first_line(exc))
+            raise _unavailable(checks.first_line(exc) if isinstance(exc, StoreError) else "the state store is unavailable") from None
+
+    async def begin(self, key: str, idem: str | None, request: str, n: int, owner: str) -> Any:
+        """:meth:`Store.begin`; a charge recorded after the timeout (the client got a 503) is refunded."""
+
+        def undo(begin: Any) -> None:
+            if begin.status in ("charged", "takeover"):
+                self.store.abort(key, idem, n)
+
+        return await self.call("begin", key, idem, request, n, owner, late=undo)
+
+    async def refund(self, key: str, idem: str | None, n: int) -> None:
+        """:meth:`Store.abort` after a failed computation; a store down now is logged (the original error wins)."""
+        try:
+            await self.call("abort", key, idem, n, late=None)
+        except Problem as p:
+            logger.error("could not refund %d queries of key %r: %s", n, key, p.message)
+
+    async def record(self, key: str, idem: str, resp: CachedResponse) -> None:
+        """:meth:`Store.finish` with the answer kept for replays; the answer is sent even if the store fails now."""
+        try:
+            await self.call("finish", key, idem, resp.digest, resp.to_bytes())
+        except Problem as p:
+            logger.error("could not record the answer of key %r (Idempotency-Key %s): %s", key, idem, p.message)
+
+    async def health(self) -> str | None:
+        """None when the store can record a charge now, else why not (one line)."""
+        try:
+            await self.call("ping")
+        except Problem as p:
+            return p.message
+        return None
+
+    def __getattr__(self, method: str) -> Callable[..., Any]:
+        if method.startswith("_") or not hasattr(self.store, method):
+            raise AttributeError(method)
+        return lambda *args: self.call(method, *args)
+
+
+def _unavailable(message: str) -> Problem:
+    return Problem(503, "store_unavailable", f"{message}; retry later", headers={"Retry-After": "5"})
+
+
 class ServerState:
     """Everything one app instance (one server process) holds; meters live in ``store``."""
 
@@ -77,6 +144,7 @@ class ServerState:
         self.keys = KeyRing(keys)
         self.config = config
         self.store = store
+        self.meter = Meter(store, config.store_timeout_s)  # the store off the event loop, with a timeout
         self.owner = uuid.uuid4().hex  # this process, for the leases of its pending requests
         self.sets = KeyedSets(config.max_image_sets)
         self.answers: LRU[tuple[str, str], CachedResponse] = LRU(config.idempotency_entries, config.idempotency_bytes)

@@ -39,6 +39,9 @@ class ServerConfig:
         body_timeout_s: seconds a request may take to send its body (408 beyond).
         lease_s: seconds after which a killed server process's unfinished requests may be taken
             over by another process sharing the state (its retries are computed, not billed again).
+        store_timeout_s: seconds one state-store call may take (off the event loop); beyond it, or
+            when the store is down, metered routes answer 503 with Retry-After and ``/v1/health``
+            reports the store unavailable.
 
     Example:
         >>> ServerConfig(budget_per_key=8000).max_classes
@@ -62,6 +65,7 @@ class ServerConfig:
     header_timeout_s: int = 10
     body_timeout_s: int = 60
     lease_s: int = 10
+    store_timeout_s: int = 5
 
     def __post_init__(self) -> None:
         if self.budget_per_key is not None and self.budget_per_key < 0:

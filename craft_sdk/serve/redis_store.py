@@ -1,27 +1,47 @@
 """The server's meters in Redis (``pip install 'craft-sdk[redis]'``): the :class:`~craft_sdk.serve.store.Store`
 contract with every check-and-charge a server-side Lua script, so it is atomic across processes and machines.
 
-Keys (prefix ``craft:``): ``usage:<key>`` hash {used, uploads, budget}; ``idem:<key>:<idem>`` hash
-{request, status, owner, digest} expiring after a day; ``instance:<owner>`` a lease that expires;
-``settings`` hash {default_budget, secret}.
+Keys (prefix ``craft:``; every name and idempotency key percent-escaped, so no two tenants' records
+can share a Redis key): ``usage:<key>`` hash {used, uploads, budget}; ``idem:<key>:<idem>`` hash
+{request, status, owner, digest, answer} expiring after a day; ``instance:<owner>`` a lease that
+expires; ``settings`` hash {default_budget, secret, format}.
+
+Persistence: the meters are money, so Redis must keep them across its restarts (``appendonly yes``,
+or RDB snapshots with ``save``) and must never evict them (``maxmemory-policy noeviction``). The store
+checks both at start-up where Redis reports them (``CONFIG GET``; tolerated when CONFIG is disabled),
+and if the records vanish anyway (a FLUSHALL, a restart without persistence) every metered call
+raises :class:`~craft_sdk.errors.StoreError` instead of serving unlimited.
+
+The password never goes in the URL on a command line: it is read from ``CRAFT_REDIS_PASSWORD``, or
+from the file named by ``CRAFT_REDIS_PASSWORD_FILE``.
 """
 
 from __future__ import annotations
 
+import base64
+import logging
+import os
 import secrets
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote, unquote, urlsplit
 
-from ..errors import ConfigError
-from .store import IDEMPOTENCY_TTL_S, Begin, Store, _check_budget, _report
+from ..errors import ConfigError, StoreError
+from .store import IDEMPOTENCY_TTL_S, LOST, MAX_BUDGET, Begin, Store, _check_budget, _report, check_top_up
+
+logger = logging.getLogger(__name__)
 
 PREFIX = "craft:"
+FORMAT = 1  # 0: names unescaped (craft-sdk before the format field)
+PASSWORD_ENV, PASSWORD_FILE_ENV = "CRAFT_REDIS_PASSWORD", "CRAFT_REDIS_PASSWORD_FILE"
 
 # KEYS: usage hash, idem hash ('' = none), settings. ARGV: n, request, owner, ttl, instance prefix
 _BEGIN = """
+if redis.call('EXISTS', KEYS[3]) == 0 then return {'lost'} end
 if KEYS[2] ~= '' and redis.call('EXISTS', KEYS[2]) == 1 then
-  local r = redis.call('HMGET', KEYS[2], 'request', 'status', 'owner', 'digest')
+  local r = redis.call('HMGET', KEYS[2], 'request', 'status', 'owner', 'digest', 'answer')
   if r[1] ~= ARGV[2] then return {'mismatch'} end
-  if r[2] == 'done' then return {'replay', r[4]} end
+  if r[2] == 'done' then return {'replay', r[4] or '', r[5] or ''} end
   if r[3] == ARGV[3] or redis.call('EXISTS', ARGV[5] .. r[3]) == 1 then return {'pending'} end
   redis.call('HSET', KEYS[2], 'owner', ARGV[3])
   return {'takeover'}
@@ -38,72 +58,149 @@ end
 return {'charged'}
 """
 
-# KEYS: usage hash, idem hash ('' = none). ARGV: n
+# KEYS: usage hash, idem hash ('' = none). ARGV: n. Integer arithmetic only (HINCRBY): no float ever stored.
 _ABORT = """
 local used = tonumber(redis.call('HGET', KEYS[1], 'used') or '0')
-redis.call('HSET', KEYS[1], 'used', math.max(0, used - tonumber(ARGV[1])))
+local back = math.min(used, tonumber(ARGV[1]))
+if back > 0 then redis.call('HINCRBY', KEYS[1], 'used', -back) end
 if KEYS[2] ~= '' then redis.call('DEL', KEYS[2]) end
 return 1
 """
 
-# KEYS: usage hash, settings. ARGV: n
+# KEYS: usage hash, settings. ARGV: n, max budget. Checked whole before anything is written.
 _TOP_UP = """
+if redis.call('EXISTS', KEYS[2]) == 0 then return {'lost'} end
 local budget = redis.call('HGET', KEYS[1], 'budget') or redis.call('HGET', KEYS[2], 'default_budget') or 'None'
-if budget == 'None' then return -1 end
-redis.call('HSET', KEYS[1], 'budget', tonumber(budget) + tonumber(ARGV[1]))
-return 1
+if budget == 'None' then return {'unlimited'} end
+if tonumber(budget) + tonumber(ARGV[1]) > tonumber(ARGV[2]) then return {'over', budget} end
+redis.call('HSET', KEYS[1], 'budget', budget)
+redis.call('HINCRBY', KEYS[1], 'budget', ARGV[1])
+return {'ok'}
 """
+
+
+def _name(component: str) -> str:
+    """``component`` percent-escaped: no ``:``, ``{``, ``}``, space or non-ASCII left, so keys never collide."""
+    return quote(component, safe="")
+
+
+def _password(url: str) -> str | None:
+    """The password for ``url`` when the URL holds none: ``CRAFT_REDIS_PASSWORD`` or the file ``CRAFT_REDIS_PASSWORD_FILE``."""
+    if urlsplit(url).password is not None:
+        return None
+    if os.environ.get(PASSWORD_ENV):
+        return os.environ[PASSWORD_ENV]
+    path = os.environ.get(PASSWORD_FILE_ENV)
+    if not path:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{PASSWORD_FILE_ENV}={path} cannot be read ({exc.__class__.__name__}); it must hold the Redis password") from None
 
 
 class RedisStore(Store):
     """Meters in Redis, shared by every server process (on any machine) that points at it.
 
     Args:
-        url: ``redis://host:port/db`` (or ``rediss://``, ``unix://``).
-        default_budget: queries per key unless a key has a budget of its own; None = unlimited.
+        url: ``redis://host:port/db`` (or ``rediss://``, ``unix://``); the password from the environment
+            (``CRAFT_REDIS_PASSWORD`` or ``CRAFT_REDIS_PASSWORD_FILE``), not the URL.
+        default_budget: queries per key unless a key has a budget of its own; None keeps the stored value.
+        timeout_s: seconds one Redis call may take.
+        create: False refuses a Redis that holds no craft-sdk state (``serve-keys`` on a wrong URL).
 
     Example:
         >>> store = RedisStore("redis://127.0.0.1:6379/0", default_budget=8000)   # doctest: +SKIP
     """
 
-    def __init__(self, url: str, default_budget: int | None = None, lease_s: float = 10.0, *, keep_default: bool = False) -> None:
+    def __init__(self, url: str, default_budget: int | None = None, lease_s: float = 10.0, *,
+                 timeout_s: float = 10.0, create: bool = True) -> None:
         _check_budget(default_budget)
         try:
             import redis
         except ImportError:
             raise ConfigError("a redis:// state needs the redis client: pip install 'craft-sdk[redis]'") from None
-        self.lease_s = lease_s
-        self._redis = redis.Redis.from_url(url, decode_responses=True, socket_timeout=10, socket_connect_timeout=5)
+        self.lease_s, self.url = lease_s, _safe(url)
+        self._redis = redis.Redis.from_url(url, password=_password(url), decode_responses=True, socket_timeout=timeout_s,
+                                           socket_connect_timeout=min(5.0, timeout_s))
         self._settings = PREFIX + "settings"
         try:
-            if not keep_default:
-                self._redis.hset(self._settings, "default_budget", str(default_budget))
-            self._redis.hsetnx(self._settings, "secret", secrets.token_hex(32))
+            self._open(default_budget, create)
+            self.warnings = self.persistence_problems()
         except redis.RedisError as exc:
-            raise ConfigError(f"cannot reach the Redis state at {_safe(url)}: {str(exc).splitlines()[0][:120]}; is redis-server running?") from None
+            raise ConfigError(f"cannot reach the Redis state at {self.url}: {str(exc).splitlines()[0][:120]}; is redis-server running?") from None
+        for warning in self.warnings:
+            logger.warning("%s", warning)
         self._begin = self._redis.register_script(_BEGIN)
         self._abort = self._redis.register_script(_ABORT)
         self._top_up = self._redis.register_script(_TOP_UP)
 
+    def _open(self, default_budget: int | None, create: bool) -> None:
+        settings = self._redis.hgetall(self._settings)
+        if not settings and not create:
+            raise ConfigError(f"the Redis state at {self.url} holds no craft-sdk state (never served, or its data was lost); check --state")
+        fmt = settings.get("format", "0" if settings else str(FORMAT))
+        if not fmt.isdigit() or int(fmt) > FORMAT:
+            raise ConfigError(f"the Redis state at {self.url} has format {fmt!r}, written by a newer craft-sdk; upgrade craft-sdk")
+        if int(fmt) < FORMAT:
+            self._migrate_names()
+        pipe = self._redis.pipeline()
+        pipe.hsetnx(self._settings, "default_budget", "None")
+        if default_budget is not None:
+            pipe.hset(self._settings, "default_budget", str(default_budget))
+        pipe.hsetnx(self._settings, "secret", secrets.token_hex(32))
+        pipe.hset(self._settings, "format", str(FORMAT))
+        pipe.execute()
+
+    def _migrate_names(self) -> None:
+        """Format 0 -> 1: rename each ``usage:<name>`` to its escaped name (idempotency records just expire)."""
+        start = len(self._usage_key(""))
+        for k in list(self._redis.scan_iter(PREFIX + "usage:*", count=1000)):
+            escaped = self._usage_key(k[start:])
+            if escaped != k:
+                self._redis.rename(k, escaped)
+
+    def persistence_problems(self) -> list[str]:
+        """What in Redis' configuration can lose meters (no AOF and no RDB, evicting keys); [] when CONFIG is disabled."""
+        import redis
+
+        try:
+            config = self._redis.config_get("appendonly") | self._redis.config_get("save") | self._redis.config_get("maxmemory-policy")
+        except redis.ResponseError:  # CONFIG renamed or disabled (managed Redis): nothing to check here
+            return []
+        problems = []
+        if config.get("appendonly") == "no" and not config.get("save"):
+            problems.append(f"the Redis state at {self.url} persists nothing (appendonly no, save ''): a Redis restart "
+                            "loses every meter; set appendonly yes (or RDB snapshots with save)")
+        if config.get("maxmemory-policy", "noeviction") != "noeviction":
+            problems.append(f"the Redis state at {self.url} may evict meters (maxmemory-policy {config['maxmemory-policy']}); "
+                            "set maxmemory-policy noeviction")
+        return problems
+
     @staticmethod
     def _usage_key(key: str) -> str:
-        return f"{PREFIX}usage:{key}"
+        return f"{PREFIX}usage:{_name(key)}"
 
     @staticmethod
     def _idem_key(key: str, idem: str | None) -> str:
-        return "" if idem is None else f"{PREFIX}idem:{key}:{idem}"
+        return "" if idem is None else f"{PREFIX}idem:{_name(key)}:{_name(idem)}"
 
     def begin(self, key: str, idem: str | None, request: str, n: int, owner: str) -> Begin:
         out = self._begin(
             keys=[self._usage_key(key), self._idem_key(key, idem), self._settings],
             args=[n, request, owner, IDEMPOTENCY_TTL_S, f"{PREFIX}instance:"],
         )
-        return Begin(out[0], out[1] if len(out) > 1 else None)
+        if out[0] == "lost":
+            raise StoreError(LOST)
+        if out[0] == "replay":
+            return Begin("replay", out[1] or None, base64.b64decode(out[2]) if out[2] else None)
+        return Begin(out[0])
 
-    def finish(self, key: str, idem: str, digest: str) -> None:
+    def finish(self, key: str, idem: str, digest: str, answer: bytes | None = None) -> None:
         k = self._idem_key(key, idem)
+        fields = {"status": "done", "digest": digest} | ({} if answer is None else {"answer": base64.b64encode(answer).decode()})
         pipe = self._redis.pipeline()
-        pipe.hset(k, mapping={"status": "done", "digest": digest})
+        pipe.hset(k, mapping=fields)
         pipe.expire(k, IDEMPOTENCY_TTL_S)
         pipe.execute()
 
@@ -118,22 +215,38 @@ class RedisStore(Store):
         pipe.hgetall(self._usage_key(key))
         pipe.hget(self._settings, "default_budget")
         row, default = pipe.execute()
-        budget = row.get("budget", default or "None")
-        return _report(int(row.get("used", 0)), int(row.get("uploads", 0)), None if budget == "None" else int(budget))
+        if default is None:
+            raise StoreError(LOST)
+        budget = row.get("budget", default)
+        try:
+            return _report(int(row.get("used", 0)), int(row.get("uploads", 0)), None if budget == "None" else int(budget))
+        except ValueError:
+            raise StoreError(f"the Redis meter of key {key!r} holds a value that is not an integer; fix it with craft-sdk serve-keys set-budget") from None
 
     def beat(self, owner: str) -> None:
         self._redis.set(f"{PREFIX}instance:{owner}", "1", px=int(self.lease_s * 1000))
 
+    def ping(self) -> None:
+        if not self._redis.exists(self._settings):
+            raise StoreError(LOST)
+
     def secret(self) -> bytes:
-        return bytes.fromhex(self._redis.hget(self._settings, "secret"))
+        value = self._redis.hget(self._settings, "secret")
+        if value is None:
+            raise StoreError(LOST)
+        return bytes.fromhex(value)
 
     def keys(self) -> list[str]:
         start = len(self._usage_key(""))
-        return sorted(k[start:] for k in self._redis.scan_iter(self._usage_key("*"), count=1000))
+        return sorted(unquote(k[start:]) for k in self._redis.scan_iter(PREFIX + "usage:*", count=1000))
 
     def top_up(self, key: str, n: int) -> None:
-        if self._top_up(keys=[self._usage_key(key), self._settings], args=[n]) == -1:
-            raise ConfigError(f"key {key!r} has no budget to top up (unlimited); set one with --set-budget")
+        check_top_up(key, 0, n)  # n itself, before anything is sent
+        out = self._top_up(keys=[self._usage_key(key), self._settings], args=[n, MAX_BUDGET])
+        if out[0] == "lost":
+            raise StoreError(LOST)
+        if out[0] != "ok":
+            check_top_up(key, None if out[0] == "unlimited" else int(out[1]), n)  # raises the one-line reason
 
     def set_budget(self, key: str, budget: int | None) -> None:
         _check_budget(budget)

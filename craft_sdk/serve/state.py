@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import json
 import threading
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -38,11 +39,22 @@ class KeyRing:
 
 @dataclass
 class CachedResponse:
-    """A prediction response remembered under its idempotency key."""
+    """A prediction response remembered under its idempotency key (in memory, and in the state store for replays)."""
 
     digest: str
     body: bytes
     headers: dict[str, str] = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        """``<8-byte length><JSON {digest, headers}><body>``: what the state store keeps."""
+        meta = json.dumps({"digest": self.digest, "headers": self.headers}).encode()
+        return len(meta).to_bytes(8, "little") + meta + self.body
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> CachedResponse:
+        n = int.from_bytes(data[:8], "little")
+        meta = json.loads(data[8 : 8 + n])
+        return cls(str(meta["digest"]), bytes(data[8 + n :]), {str(k): str(v) for k, v in meta["headers"].items()})
 
 
 class FairScheduler:

@@ -18,6 +18,7 @@ taken over by the next retry, which computes the answer without charging again.
 
 from __future__ import annotations
 
+import os
 import secrets
 import sqlite3
 import threading
@@ -26,9 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, StoreError
 
 IDEMPOTENCY_TTL_S = 24 * 3600
+MAX_BUDGET = 10**15  # queries; integers below 2**53 stay exact everywhere (Redis' Lua numbers are doubles)
+LOST = ("the state store lost its data (a FLUSHALL, an eviction or a restart without persistence); metered routes refuse "
+        "until the operator restores it or restarts the server with --budget-per-key")
 
 
 @dataclass(frozen=True)
@@ -36,23 +40,31 @@ class Begin:
     """The outcome of :meth:`Store.begin`.
 
     ``status``: ``charged`` (compute; the charge is recorded), ``takeover`` (compute, already charged by a
-    dead owner), ``replay`` (done before: ``digest`` of the answer), ``pending`` (a live owner is computing
-    it), ``mismatch`` (the idempotency key was used for another request) or ``refused`` (over budget).
+    dead owner), ``replay`` (done before: ``digest`` of the answer and, where the store kept it, the
+    ``answer`` itself), ``pending`` (a live owner is computing it), ``mismatch`` (the idempotency key was
+    used for another request) or ``refused`` (over budget).
     """
 
     status: str
     digest: str | None = None
+    answer: bytes | None = None
 
 
 class Store:
-    """The interface every backend implements (all methods are thread-safe and atomic)."""
+    """The interface every backend implements (all methods are thread-safe and atomic).
+
+    A store that cannot answer, or that lost its records (settings gone), raises
+    :class:`~craft_sdk.errors.StoreError`: the server then refuses metered routes (503), never
+    serving them unlimited.
+    """
 
     lease_s: float = 10.0
 
     def begin(self, key: str, idem: str | None, request: str, n: int, owner: str) -> Begin:
         raise NotImplementedError
 
-    def finish(self, key: str, idem: str, digest: str) -> None:
+    def finish(self, key: str, idem: str, digest: str, answer: bytes | None = None) -> None:
+        """Mark ``idem`` done; ``answer`` (the encoded response) is kept for replays for the record's TTL."""
         raise NotImplementedError
 
     def abort(self, key: str, idem: str | None, n: int) -> None:
@@ -69,6 +81,9 @@ class Store:
     def beat(self, owner: str) -> None:
         """Renew ``owner``'s lease (a live server process computing pending records)."""
         raise NotImplementedError
+
+    def ping(self) -> None:
+        """Return when the store can record a charge now; raise :class:`StoreError` (or the backend's error) if not."""
 
     def secret(self) -> bytes:
         """A random secret shared by every process on this store (image-set handles are derived from it)."""
@@ -98,25 +113,43 @@ def _report(used: int, uploads: int, budget: int | None) -> dict[str, Any]:
     return {"used": used, "budget": budget, "remaining": None if budget is None else max(0, budget - used), "uploads": uploads}
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _check_budget(budget: int | None) -> None:
-    if budget is not None and (not isinstance(budget, int) or budget < 0):
-        raise ConfigError(f"a budget must be a non-negative integer or None, got {budget!r}")
+    if budget is not None and (not _is_int(budget) or not 0 <= budget <= MAX_BUDGET):
+        raise ConfigError(f"a budget must be an integer from 0 to {MAX_BUDGET} or None, got {budget!r}")
+
+
+def check_top_up(key: str, budget: int | None, n: Any) -> int:
+    """The budget after topping ``key``'s ``budget`` up by ``n``, or a one-line ConfigError (nothing written)."""
+    if not _is_int(n) or not 1 <= n <= MAX_BUDGET:
+        raise ConfigError(f"a top-up must be an integer from 1 to {MAX_BUDGET} queries, got {n!r}")
+    if budget is None:
+        raise ConfigError(f"key {key!r} has no budget to top up (unlimited); give it one with: craft-sdk serve-keys set-budget {key} N")
+    if budget + n > MAX_BUDGET:
+        raise ConfigError(f"topping up key {key!r} by {n} would give a budget of {budget + n}, over the limit of {MAX_BUDGET}")
+    return budget + n
 
 
 class MemoryStore(Store):
-    """Meters in this process (lost on restart).
+    """Meters in this process (lost on restart; one process only, so never behind ``--workers``).
 
     Args:
         default_budget: queries per key unless a key has a budget of its own; None = unlimited.
+        answer_bytes: total bytes of finished answers kept for replays; beyond it the oldest finished
+            records are forgotten whole (a replay of one is then a new request, billed again).
     """
 
-    def __init__(self, default_budget: int | None = None, lease_s: float = 10.0) -> None:
+    def __init__(self, default_budget: int | None = None, lease_s: float = 10.0, answer_bytes: int = 256 << 20) -> None:
         _check_budget(default_budget)
-        self.default_budget, self.lease_s = default_budget, lease_s
+        self.default_budget, self.lease_s, self.answer_bytes = default_budget, lease_s, answer_bytes
         self._used: dict[str, int] = {}
         self._uploads: dict[str, int] = {}
         self._budgets: dict[str, int] = {}
         self._records: dict[tuple[str, str], dict[str, Any]] = {}
+        self._kept = 0  # bytes of answers in _records
         self._beats: dict[str, float] = {}
         self._secret = secrets.token_bytes(32)
         self._lock = threading.Lock()
@@ -127,11 +160,14 @@ class MemoryStore(Store):
     def begin(self, key: str, idem: str | None, request: str, n: int, owner: str) -> Begin:
         with self._lock:
             rec = self._records.get((key, idem)) if idem is not None else None
+            if rec is not None and rec["t"] < time.time() - IDEMPOTENCY_TTL_S:
+                self._forget((key, idem))  # type: ignore[arg-type]
+                rec = None
             if rec is not None:
                 if rec["request"] != request:
                     return Begin("mismatch")
                 if rec["status"] == "done":
-                    return Begin("replay", rec["digest"])
+                    return Begin("replay", rec["digest"], rec["answer"])
                 if rec["owner"] == owner or self._beats.get(rec["owner"], 0) > time.time() - self.lease_s:
                     return Begin("pending")
                 rec["owner"] = owner
@@ -141,24 +177,32 @@ class MemoryStore(Store):
                 return Begin("refused")
             self._used[key] = used + n
             if idem is not None:
-                self._records[(key, idem)] = {"request": request, "status": "pending", "owner": owner, "digest": None, "t": time.time()}
+                self._records[(key, idem)] = {"request": request, "status": "pending", "owner": owner, "digest": None,
+                                              "answer": None, "t": time.time()}
             return Begin("charged")
 
-    def finish(self, key: str, idem: str, digest: str) -> None:
+    def _forget(self, slot: tuple[str, str]) -> None:
+        rec = self._records.pop(slot, None)
+        if rec is not None and rec["answer"] is not None:
+            self._kept -= len(rec["answer"])
+
+    def finish(self, key: str, idem: str, digest: str, answer: bytes | None = None) -> None:
         with self._lock:
             rec = self._records.get((key, idem))
             if rec is not None:
-                rec.update(status="done", digest=digest)
-            if len(self._records) > 4096:  # bounded: forget the oldest finished records
-                old = sorted((r["t"], k) for k, r in self._records.items() if r["status"] == "done")[: len(self._records) // 2]
-                for _, k in old:
-                    del self._records[k]
+                rec.update(status="done", digest=digest, answer=answer)
+                self._kept += len(answer or b"")
+            if len(self._records) > 65536 or self._kept > self.answer_bytes:  # bounded: forget the oldest finished records
+                for _, slot in sorted((r["t"], k) for k, r in self._records.items() if r["status"] == "done"):
+                    if len(self._records) <= 32768 and self._kept <= self.answer_bytes // 2:
+                        break
+                    self._forget(slot)
 
     def abort(self, key: str, idem: str | None, n: int) -> None:
         with self._lock:
             self._used[key] = max(0, self._used.get(key, 0) - n)
             if idem is not None:
-                self._records.pop((key, idem), None)
+                self._forget((key, idem))
 
     def count_upload(self, key: str) -> None:
         with self._lock:
@@ -181,10 +225,7 @@ class MemoryStore(Store):
 
     def top_up(self, key: str, n: int) -> None:
         with self._lock:
-            base = self._budget(key)
-            if base is None:
-                raise ConfigError(f"key {key!r} has no budget to top up (unlimited); set one with set_budget")
-            self._budgets[key] = base + n
+            self._budgets[key] = check_top_up(key, self._budget(key), n)
 
     def set_budget(self, key: str, budget: int | None) -> None:
         _check_budget(budget)
@@ -199,15 +240,62 @@ class MemoryStore(Store):
             self._used[key] = 0
 
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS usage (key TEXT PRIMARY KEY, used INTEGER NOT NULL DEFAULT 0,
-                                  uploads INTEGER NOT NULL DEFAULT 0, budget INTEGER);
-CREATE TABLE IF NOT EXISTS idempotency (key TEXT NOT NULL, idem TEXT NOT NULL, request TEXT NOT NULL,
-                                        status TEXT NOT NULL, owner TEXT NOT NULL, digest TEXT,
-                                        created REAL NOT NULL, PRIMARY KEY (key, idem));
-CREATE TABLE IF NOT EXISTS instances (owner TEXT PRIMARY KEY, beat REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+FORMAT = 1  # the SQLite state format this version writes (0: craft-sdk before the craft_meta table)
+MAGIC = "craft-sdk-state"
+_V0_TABLES = {"usage", "idempotency", "instances", "settings"}
+_SCHEMA = f"""
+CREATE TABLE craft_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT INTO craft_meta VALUES ('magic', '{MAGIC}'), ('format', '{FORMAT}');
+CREATE TABLE usage (key TEXT PRIMARY KEY, used INTEGER NOT NULL DEFAULT 0,
+                    uploads INTEGER NOT NULL DEFAULT 0, budget INTEGER);
+CREATE TABLE idempotency (key TEXT NOT NULL, idem TEXT NOT NULL, request TEXT NOT NULL,
+                          status TEXT NOT NULL, owner TEXT NOT NULL, digest TEXT,
+                          created REAL NOT NULL, answer BLOB, PRIMARY KEY (key, idem));
+CREATE TABLE instances (owner TEXT PRIMARY KEY, beat REAL NOT NULL);
+CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT INTO settings VALUES ('default_budget', 'None')
 """
+# format N -> N + 1, each one transaction; a store of an older format is upgraded when a server opens it
+_MIGRATIONS = {
+    0: f"""
+ALTER TABLE idempotency ADD COLUMN answer BLOB;
+CREATE TABLE craft_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT INTO craft_meta VALUES ('magic', '{MAGIC}'), ('format', '1');
+INSERT OR IGNORE INTO settings VALUES ('default_budget', 'None')
+""",
+}
+
+
+def _statements(script: str) -> list[str]:
+    return [s for s in script.split(";") if s.strip()]
+
+
+def _format_of(db: sqlite3.Connection, path: Path) -> int | None:
+    """The craft-sdk state format of ``db`` (None: an empty database), or a ConfigError for anything else."""
+    try:
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError:
+        raise ConfigError(f"{path} is not a SQLite database; point --state at a new file or an existing craft-sdk state") from None
+    if not tables:
+        return None
+    if "craft_meta" in tables:
+        meta = dict(db.execute("SELECT name, value FROM craft_meta").fetchall())
+        if meta.get("magic") == MAGIC and str(meta.get("format", "")).isdigit():
+            return int(meta["format"])
+    elif tables == _V0_TABLES:
+        return 0
+    shown = ", ".join(sorted(tables)[:5])
+    raise ConfigError(f"{path} is not a craft-sdk state database (it holds tables {shown}); point --state at a new file")
+
+
+def _private(path: Path) -> None:
+    """Make the database and its -wal and -shm files readable by their owner only (0600)."""
+    for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        try:
+            if p.exists() and p.stat().st_mode & 0o077:
+                p.chmod(0o600)
+        except OSError:
+            pass
 
 
 class SQLiteStore(Store):
@@ -215,36 +303,62 @@ class SQLiteStore(Store):
 
     A charge is one ``BEGIN IMMEDIATE`` transaction (budget check + charge + pending record), so
     processes never overspend a budget together. ``synchronous=NORMAL``: a killed process loses
-    nothing committed; a power cut may lose the last transactions.
+    nothing committed; a power cut may lose the last transactions. The file and its ``-wal`` and
+    ``-shm`` are mode 0600. A file that is not a craft-sdk state (another application's database)
+    is refused before anything is written; one of an older format is upgraded in place, one of a
+    newer format refused.
 
     Args:
-        path: the database file (created with its folder if missing).
-        default_budget: queries per key unless a key has a budget of its own; None = unlimited.
-            Stored, so ``craft-sdk serve-keys`` reports remaining budgets; None keeps the stored value.
+        path: the database file (created with its folder if missing, unless ``create`` is False).
+        default_budget: queries per key unless a key has a budget of its own. Stored, so every process
+            and ``craft-sdk serve-keys`` see it; None keeps the stored value (unlimited in a new store).
+        timeout_s: seconds to wait for another process's transaction before giving up.
+        create: False refuses a missing file (``serve-keys`` on a mistyped path).
 
     Example:
         >>> store = SQLiteStore("/var/lib/craft/state.db", default_budget=8000)   # doctest: +SKIP
     """
 
-    def __init__(self, path: str | Path, default_budget: int | None = None, lease_s: float = 10.0, *, keep_default: bool = False) -> None:
+    def __init__(self, path: str | Path, default_budget: int | None = None, lease_s: float = 10.0, *,
+                 timeout_s: float = 30.0, create: bool = True) -> None:
         _check_budget(default_budget)
         self.path, self.lease_s = Path(path), lease_s
+        if not create and not self.path.is_file():
+            raise ConfigError(f"the state database {self.path} does not exist; check --state (craft-sdk serve creates it)")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA busy_timeout=30000")
-            with self._tx():
-                for statement in filter(str.strip, _SCHEMA.split(";")):
-                    self._db.execute(statement)
-                if not keep_default:
-                    self._db.execute("INSERT OR REPLACE INTO settings VALUES ('default_budget', ?)", (str(default_budget),))
-                self._db.execute("INSERT OR IGNORE INTO settings VALUES ('secret', ?)", (secrets.token_hex(32),))
-        except sqlite3.Error as exc:
+            if not self.path.exists():
+                os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+            self._db = sqlite3.connect(str(self.path), timeout=timeout_s, isolation_level=None, check_same_thread=False)
+            self._db.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
+            self._open(default_budget)
+        except (sqlite3.Error, OSError) as exc:
             raise ConfigError(f"cannot open the state database {self.path}: {exc}; check the path and its permissions") from None
+        except ConfigError:
+            self._db.close()
+            raise
+        _private(self.path)
         self._lock = threading.Lock()
         self._finished = 0
+
+    def _open(self, default_budget: int | None) -> None:
+        """Check (read only) that the file is ours, then switch to WAL, create or upgrade the schema, store the budget."""
+        fmt = _format_of(self._db, self.path)  # refuses another application's database before anything is written
+        if fmt is not None and fmt > FORMAT:
+            raise ConfigError(f"{self.path} is a state of format {fmt}, written by a newer craft-sdk (this one reads up to {FORMAT}); upgrade craft-sdk")
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        with self._tx() as db:
+            fmt = _format_of(db, self.path)  # again, inside the write lock: another process may have created it
+            for statement in _statements(_SCHEMA) if fmt is None else []:
+                db.execute(statement)
+            while fmt is not None and fmt < FORMAT:
+                for statement in _statements(_MIGRATIONS[fmt]):
+                    db.execute(statement)
+                fmt += 1
+            if default_budget is not None:
+                db.execute("INSERT OR REPLACE INTO settings VALUES ('default_budget', ?)", (str(default_budget),))
+            db.execute("INSERT OR IGNORE INTO settings VALUES ('secret', ?)", (secrets.token_hex(32),))
 
     # one connection per store, serialised by a lock; BEGIN IMMEDIATE serialises the processes
     def _tx(self) -> Any:
@@ -262,7 +376,9 @@ class SQLiteStore(Store):
 
     def _default(self, db: sqlite3.Connection) -> int | None:
         row = db.execute("SELECT value FROM settings WHERE name = 'default_budget'").fetchone()
-        return None if row is None or row[0] == "None" else int(row[0])
+        if row is None:
+            raise StoreError(LOST)
+        return None if row[0] == "None" else int(row[0])
 
     def _budget(self, db: sqlite3.Connection, key: str) -> tuple[int, int, int | None]:
         row = db.execute("SELECT used, uploads, budget FROM usage WHERE key = ?", (key,)).fetchone()
@@ -272,12 +388,16 @@ class SQLiteStore(Store):
     def begin(self, key: str, idem: str | None, request: str, n: int, owner: str) -> Begin:
         with self._lock, self._tx() as db:
             if idem is not None:
-                rec = db.execute("SELECT request, status, owner, digest FROM idempotency WHERE key = ? AND idem = ?", (key, idem)).fetchone()
+                rec = db.execute("SELECT request, status, owner, digest, answer, created FROM idempotency WHERE key = ? AND idem = ?",
+                                 (key, idem)).fetchone()
+                if rec is not None and rec[5] < time.time() - IDEMPOTENCY_TTL_S:
+                    db.execute("DELETE FROM idempotency WHERE key = ? AND idem = ?", (key, idem))
+                    rec = None
                 if rec is not None:
                     if rec[0] != request:
                         return Begin("mismatch")
                     if rec[1] == "done":
-                        return Begin("replay", rec[3])
+                        return Begin("replay", rec[3], rec[4])
                     beat = db.execute("SELECT beat FROM instances WHERE owner = ?", (rec[2],)).fetchone()
                     if rec[2] == owner or (beat is not None and beat[0] > time.time() - self.lease_s):
                         return Begin("pending")
@@ -288,14 +408,14 @@ class SQLiteStore(Store):
                 return Begin("refused")
             db.execute("INSERT INTO usage (key, used) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET used = used + excluded.used", (key, n))
             if idem is not None:
-                db.execute("INSERT INTO idempotency VALUES (?, ?, ?, 'pending', ?, NULL, ?)", (key, idem, request, owner, time.time()))
+                db.execute("INSERT INTO idempotency VALUES (?, ?, ?, 'pending', ?, NULL, ?, NULL)", (key, idem, request, owner, time.time()))
             return Begin("charged")
 
-    def finish(self, key: str, idem: str, digest: str) -> None:
+    def finish(self, key: str, idem: str, digest: str, answer: bytes | None = None) -> None:
         with self._lock, self._tx() as db:
-            db.execute("UPDATE idempotency SET status = 'done', digest = ? WHERE key = ? AND idem = ?", (digest, key, idem))
+            db.execute("UPDATE idempotency SET status = 'done', digest = ?, answer = ? WHERE key = ? AND idem = ?", (digest, answer, key, idem))
             self._finished += 1
-            if self._finished % 256 == 0:  # bounded: forget finished records after a day
+            if self._finished % 256 == 0:  # bounded: forget finished records after their TTL
                 db.execute("DELETE FROM idempotency WHERE status = 'done' AND created < ?", (time.time() - IDEMPOTENCY_TTL_S,))
 
     def abort(self, key: str, idem: str | None, n: int) -> None:
@@ -318,9 +438,16 @@ class SQLiteStore(Store):
             db.execute("INSERT OR REPLACE INTO instances VALUES (?, ?)", (owner, time.time()))
             db.execute("DELETE FROM instances WHERE beat < ?", (time.time() - 100 * self.lease_s,))
 
+    def ping(self) -> None:
+        with self._lock, self._tx() as db:  # takes the write lock, as a charge does
+            self._default(db)
+
     def secret(self) -> bytes:
         with self._lock:
-            return bytes.fromhex(self._db.execute("SELECT value FROM settings WHERE name = 'secret'").fetchone()[0])
+            row = self._db.execute("SELECT value FROM settings WHERE name = 'secret'").fetchone()
+        if row is None:
+            raise StoreError(LOST)
+        return bytes.fromhex(row[0])
 
     def keys(self) -> list[str]:
         with self._lock:
@@ -328,10 +455,8 @@ class SQLiteStore(Store):
 
     def top_up(self, key: str, n: int) -> None:
         with self._lock, self._tx() as db:
-            _, _, budget = self._budget(db, key)
-            if budget is None:
-                raise ConfigError(f"key {key!r} has no budget to top up (unlimited); set one with --set-budget")
-            db.execute("INSERT INTO usage (key, budget) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET budget = excluded.budget", (key, budget + n))
+            budget = check_top_up(key, self._budget(db, key)[2], n)
+            db.execute("INSERT INTO usage (key, budget) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET budget = excluded.budget", (key, budget))
 
     def set_budget(self, key: str, budget: int | None) -> None:
         _check_budget(budget)
@@ -347,8 +472,12 @@ class SQLiteStore(Store):
             self._db.close()
 
 
-def open_store(spec: str | Path | None, default_budget: int | None = None, lease_s: float = 10.0, *, keep_default: bool = False) -> Store:
+def open_store(spec: str | Path | None, default_budget: int | None = None, lease_s: float = 10.0, *,
+               timeout_s: float = 30.0, create: bool = True) -> Store:
     """The store named by ``spec``: None or ``"memory"``, a SQLite file path, or ``redis://host:port/db``.
+
+    ``default_budget`` None keeps a persistent store's stored default (a restart without
+    ``--budget-per-key`` does not erase it); ``create`` False refuses a store that does not exist yet.
 
     Example:
         >>> open_store("memory", default_budget=100).usage("alice")["remaining"]
@@ -360,5 +489,5 @@ def open_store(spec: str | Path | None, default_budget: int | None = None, lease
     if text.startswith(("redis://", "rediss://", "unix://")):
         from .redis_store import RedisStore
 
-        return RedisStore(text, default_budget, lease_s, keep_default=keep_default)
-    return SQLiteStore(text, default_budget, lease_s, keep_default=keep_default)
+        return RedisStore(text, default_budget, lease_s, timeout_s=timeout_s, create=create)
+    return SQLiteStore(text, default_budget, lease_s, timeout_s=timeout_s, create=create)

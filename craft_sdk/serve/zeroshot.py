@@ -127,7 +127,7 @@ async def _compute(state: ServerState, key: str, job: _Job, digest: str) -> Cach
     probs = softmax(scores) if job.output == "logits" else scores / scores.sum()
     order = np.argsort(-probs, kind="stable")
     payload = json.dumps([{"label": job.labels[c], "score": float(probs[c])} for c in order]).encode()
-    u = state.store.usage(key)
+    u = await state.meter.usage(key)
     headers = {
         CHECKSUM_HEADER: sha256_hex(payload),
         "X-Craft-Queries": "1",
