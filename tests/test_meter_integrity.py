@@ -295,8 +295,6 @@ def test_serve_keys_huge_top_up_on_redis_leaves_every_key_working(redis_url: str
 def test_redis_data_loss_fails_closed(tiny_client: Any, redis_url: str) -> None:  # noqa: F811
     import redis
 
-    from craft_sdk.errors import StoreError
-
     r = redis.Redis.from_url(redis_url)
     r.flushdb()
     store = open_store(redis_url, default_budget=4)
@@ -313,6 +311,8 @@ def test_redis_data_loss_fails_closed(tiny_client: Any, redis_url: str) -> None:
         assert httpx.get(f"{server.url}/v1/usage", headers=AUTH, timeout=30).status_code == 503
     finally:
         server.stop()
+    from craft_sdk.errors import StoreError
+
     with pytest.raises(StoreError):
         store.begin("alice", None, "", 1, "me")
     with pytest.raises(ConfigError, match="holds no craft-sdk state"):
@@ -337,7 +337,7 @@ def test_redis_persistence_is_checked_at_start(tmp_path: Path, redis_dir: list[R
 def test_a_locked_sqlite_state_gives_503_and_health_answers(tiny_client: Any, tmp_path: Path) -> None:
     path = tmp_path / "state.db"
     store = SQLiteStore(path, default_budget=100)
-    server = serving(tiny_client, store, budget_per_key=100, store_timeout_s=1)
+    server = serving(tiny_client, store, budget_per_key=100)  # store_timeout_s: 5 s
     try:
         handle = upload(server.url)
         assert predict(server.url, handle, "before").status_code == 200
@@ -370,7 +370,7 @@ def test_a_locked_sqlite_state_gives_503_and_health_answers(tiny_client: Any, tm
 def test_a_stopped_redis_gives_503_then_resumes_from_its_aof(tiny_client: Any, tmp_path: Path, redis_dir: list[Redis]) -> None:
     r = Redis(tmp_path / "r", "--appendonly", "yes", "--appendfsync", "always")
     redis_dir.append(r)
-    server = serving(tiny_client, open_store(r.url, default_budget=100), budget_per_key=100, store_timeout_s=2)
+    server = serving(tiny_client, open_store(r.url, default_budget=100), budget_per_key=100)
     try:
         handle = upload(server.url)
         assert predict(server.url, handle, "one").status_code == 200

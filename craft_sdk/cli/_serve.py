@@ -81,9 +81,7 @@ def serve(
     config = ServerConfig(budget_per_key=budget_per_key, max_body_bytes=max_body_mb << 20, max_image_sets=cache_size)
     spec = {"model": model, "pretrained": pretrained_kwargs(pretrained), "device": device, "text_only": text_only,
             "api_key_file": str(api_key_file), "config": asdict(config), "state": state or default_state(api_key_file)}
-    store = open_store(spec["state"], config.budget_per_key, config.lease_s)  # a bad --state fails now, in one line
-    for warning in getattr(store, "warnings", []):
-        err.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+    store = open_store(spec["state"], config.budget_per_key, config.lease_s)  # a bad --state fails now; logs Redis persistence problems
     stored = store.usage("")["budget"]  # the default budget every process on this state enforces
     store.close()
     where = "memory (lost on restart)" if spec["state"] == "memory" else spec["state"]

@@ -144,6 +144,9 @@ class RedisStore(Store):
             raise ConfigError(f"the Redis state at {self.url} has format {fmt!r}, written by a newer craft-sdk; upgrade craft-sdk")
         if int(fmt) < FORMAT:
             self._migrate_names()
+        if not settings:
+            logger.warning("the Redis state at %s held no craft-sdk state; starting a new one (default budget: %s)", self.url,
+                           "unlimited" if default_budget is None else default_budget)
         pipe = self._redis.pipeline()
         pipe.hsetnx(self._settings, "default_budget", "None")
         if default_budget is not None:
