@@ -52,7 +52,7 @@ class Serve:
     """``craft-sdk serve --model demo`` in a subprocess (its own process group, so --workers die with it)."""
 
     def __init__(self, key_file: Path, state: str, *extra: str) -> None:
-        self.port = free_port()
+        self.port, self.error = free_port(), ""
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "craft_sdk.cli", "serve", "--model", "demo", "--port", str(self.port),
                "--api-key-file", str(key_file), "--state", state, *extra]
@@ -66,13 +66,17 @@ class Serve:
             except httpx.TransportError:
                 pass
             time.sleep(0.3)
-        self.stop()
+        err = self.stop().strip().splitlines()
+        self.error = err[-1][:200] if err else "no output"
+        print(f"server did not come up: {self.error}", file=sys.stderr)
 
     @property
     def up(self) -> bool:
         return self.proc.poll() is None
 
     def stop(self) -> str:
+        if self.proc.stderr is None or self.proc.stderr.closed:
+            return ""
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
         try:
@@ -111,9 +115,12 @@ class RedisServer:
 
 
 def ask(url: str, n_requests: int, p: int) -> collections.Counter:
-    """``n_requests`` predictions of ``p`` queries, 4 at a time; the count of each status."""
-    with httpx.Client(timeout=60) as c:
-        caps = c.get(f"{url}/v1/capabilities", headers=AUTH).json()
+    """``n_requests`` predictions of ``p`` queries, 4 at a time; the count of each status (0: no server answered)."""
+    try:
+        with httpx.Client(timeout=60) as c:
+            caps = c.get(f"{url}/v1/capabilities", headers=AUTH).json()
+    except httpx.TransportError:
+        return collections.Counter({0: n_requests})
     offsets = np.full((p, caps["n_ctx"], caps["ctx_dim"]), 0.01, np.float32)
     from craft_sdk.wire import encode
 
@@ -121,11 +128,17 @@ def ask(url: str, n_requests: int, p: int) -> collections.Counter:
 
     def one(i: int) -> int:
         with httpx.Client(base_url=f"{url}/v1", headers=AUTH, timeout=60) as c:
-            up = c.post("/image-sets", content=pixels)
+            try:
+                up = c.post("/image-sets", content=pixels)
+            except httpx.TransportError:
+                return 0
             if up.status_code != 201:
                 return up.status_code
             body = encode({"offsets": offsets}, {"request": json.dumps({"handle": up.json()["handle"], "class_names": ["a", "b"]})})
-            return c.post("/predict", content=body, headers={"Idempotency-Key": secrets.token_hex(8)}).status_code
+            try:
+                return c.post("/predict", content=body, headers={"Idempotency-Key": secrets.token_hex(8)}).status_code
+            except httpx.TransportError:
+                return 0
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         return collections.Counter(pool.map(one, range(n_requests)))
@@ -157,8 +170,7 @@ def restart_without_flags(key_file: Path, store: str, spec: str, a: argparse.Nam
 def workers(key_file: Path, store: str, spec: str, a: argparse.Namespace) -> dict[str, Any]:
     server = Serve(key_file, spec, "--budget-per-key", str(a.budget), "--workers", "2")
     if not server.up:
-        err = server.stop().strip().splitlines()
-        return row("--workers 2", store, a.budget, a.popsize, [], f"refused at start (exit {server.proc.returncode}): {err[-1][:90] if err else ''}")
+        return row("--workers 2", store, a.budget, a.popsize, [], f"refused at start (exit {server.proc.returncode}): {server.error[:90]}")
     parts = [ask(server.url, 3 * a.budget // a.popsize, a.popsize)]
     server.stop()
     return row("--workers 2", store, a.budget, a.popsize, parts)

@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from conftest import suite_env
 from test_server_state import KEY, free_port, hammer, key_file, redis_url  # noqa: F401  (fixtures)
 from typer.testing import CliRunner
 
@@ -49,7 +50,7 @@ class Redis:
         self.proc = subprocess.Popen([exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(directory), *args],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60
         while True:
             try:
                 redis.Redis(port=self.port).ping()
@@ -110,10 +111,10 @@ def serve_cli(model_dir: Path, key_file: Path, state: str, *extra: str) -> tuple
     port = free_port()
     cmd = [sys.executable, "-m", "craft_sdk.cli", "serve", "--model", f"local-dir:{model_dir}", "--port", str(port),
            "--api-key-file", str(key_file), "--state", state, *extra]
-    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, env=suite_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180
     while True:
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
         try:
@@ -170,9 +171,9 @@ def test_a_second_server_without_the_budget_flag_keeps_the_budget(tiny_model_dir
 def test_workers_on_a_memory_state_are_refused_in_one_line(tiny_model_dir: Path, key_file: Path) -> None:
     cmd = [sys.executable, "-m", "craft_sdk.cli", "serve", "--model", f"local-dir:{tiny_model_dir}", "--port", str(free_port()),
            "--api-key-file", str(key_file), "--state", "memory", "--workers", "2", "--budget-per-key", "20"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=suite_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
-        _, err = proc.communicate(timeout=90)
+        _, err = proc.communicate(timeout=120)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()

@@ -229,7 +229,7 @@ async def _compute(state: ServerState, key: str, job: _Job, digest: str) -> Cach
     except CraftError as exc:
         raise Problem(422, "rejected", checks.first_line(exc)) from None
     body = json.dumps(payload).encode()
-    u = state.store.usage(key)
+    u = await state.meter.usage(key)
     headers = {
         CHECKSUM_HEADER: sha256_hex(body),
         "X-Craft-Queries": "1",
