@@ -243,7 +243,7 @@ def test_craft_on_a_text_only_client_keeps_the_refiner_and_the_words() -> None:
 
 
 def test_a_vocabulary_file_and_word_lr_reach_the_search(tmp_path) -> None:  # noqa: ANN001
-    """--vocabulary FILE: the search draws only those words (plus the template's); the adapter records the size."""
+    """--vocabulary FILE: the (policy-gradient) search draws only those words (plus the template's); the adapter records the size."""
     pytest.importorskip("torch")
     from craft_sdk import Adapter, ImageDataset, TuneConfig
     from craft_sdk.tuner.train import Tuner
@@ -252,7 +252,7 @@ def test_a_vocabulary_file_and_word_lr_reach_the_search(tmp_path) -> None:  # no
     vocab = tmp_path / "words.txt"
     vocab.write_text("\n".join(words) + "\n\n")
     client, images, labels = planted_client(jitter=0.02)
-    cfg = TuneConfig(mode="pg", protocol="paper", popsize=10, budget=1 + 30 * 11, seed=0, vocabulary=str(vocab), word_lr=3.0)
+    cfg = TuneConfig(mode="pg", protocol="paper", popsize=10, budget=1 + 30 * 11, seed=0, vocabulary=str(vocab), word_lr=3.0, word_search="pg")
     adapter = Adapter.from_result(Tuner(cfg).fit(client, ImageDataset(images, labels, tuple(NAMES))))
     spec = adapter.config.prompt
     assert spec is not None and spec.vocabulary_size == len(words) + len({"a", "photo", "of"})

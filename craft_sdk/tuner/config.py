@@ -29,6 +29,7 @@ template_bank               clip-imagenet  CLIP's ImageNet contexts (``ensemble`
 vocabulary                  default      ours: words of a text-only client's search
 word_lr                     2.0          ours (BDPL's step is task-specific)
 canary                      0            ours: probe images of the drift canary (0: none)
+word_search                 halving      ours: measured, BENCHMARKS "Word search"
 ==========================  ===========  ==============================================
 
 Two protocols. ``paper`` is the paper's (and official code's) loop exactly: the
@@ -65,6 +66,7 @@ MODES = ("zero-shot", "pg", "pr", "pg+pr", "craft", "ensemble")
 SELECTIONS = ("last", "best-val")
 PROTOCOLS = ("robust", "paper")
 REFINER_DATA = ("mean", "population")
+WORD_SEARCHES = ("halving", "pg")
 MAX_CONTEXT_CHARS = 1000  # a template / context; the adapter format's limit too
 MAX_ENSEMBLE = 100  # contexts an ensemble adapter may send per prediction
 
@@ -136,9 +138,12 @@ class TuneConfig:
         vocabulary: text-only clients: the words the context search may use: ``default`` (CLIP's
             template words and ~200 common words) or a UTF-8 file with one word per line (the
             template's own words are always added).
-        word_lr: text-only clients: the word search's step on its per-slot word logits.
         canary: probe images of the drift canary recorded at the end of the run (0: none; 16 is a good
             choice): costs 2 queries (2 per context for an ensemble), reserved from the budget; see craft-sdk check.
+        word_lr: text-only clients: the ``pg`` word search's step on its per-slot word logits.
+        word_search: text-only clients: how the context's words are searched: ``halving`` (successive
+            halving over words screened in groups around the best context so far; the default) or ``pg``
+            (BDPL's per-slot policy gradient, the earlier default).
     """
 
     mode: str = "craft"
@@ -174,6 +179,7 @@ class TuneConfig:
     vocabulary: str = "default"
     word_lr: float = 2.0
     canary: int = 0
+    word_search: str = "halving"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -205,6 +211,8 @@ class TuneConfig:
             raise ConfigError(f"max_generations must be >= 0 or None, got {self.max_generations}")
         if self.protocol not in PROTOCOLS:
             raise ConfigError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        if self.word_search not in WORD_SEARCHES:
+            raise ConfigError(f"word_search must be one of {WORD_SEARCHES}, got {self.word_search!r}")
         if self.refiner_data not in REFINER_DATA:
             raise ConfigError(f"refiner_data must be one of {REFINER_DATA}, got {self.refiner_data!r}")
         if not (isinstance(self.holdout, (int, float)) and 0 <= self.holdout < 1):

@@ -270,7 +270,9 @@ class DiscretePromptSearch:
 
 
 class DiscretePrompts:
-    """The prompt space of a text-only client: contexts of words, searched by :class:`DiscretePromptSearch`.
+    """The prompt space of a text-only client: contexts of words, searched by successive halving over words
+    (:class:`~craft_sdk.tuner.wordsearch.WordHalvingSearch`, ``word_search="halving"``, the default) or by
+    :class:`DiscretePromptSearch` (``word_search="pg"``).
 
     The tuner's loop (:mod:`craft_sdk.tuner.loop`) uses it exactly as the continuous space
     (:class:`~craft_sdk.tuner.prompts.ContinuousPrompts`): a point is a context string, the zero
@@ -288,9 +290,14 @@ class DiscretePrompts:
 
     def __init__(self, config: Any, caps: Any) -> None:
         self.config = config
-        self.search = DiscretePromptSearch.from_template(
-            config.template, popsize=config.popsize, seed=config.seed, vocabulary=load_vocabulary(config.vocabulary), lr=config.word_lr
-        )
+        vocabulary = load_vocabulary(config.vocabulary)
+        self.search: Any
+        if config.word_search == "halving":
+            from .wordsearch import WordHalvingSearch
+
+            self.search = WordHalvingSearch.from_template(config.template, popsize=config.popsize, seed=config.seed, vocabulary=vocabulary)
+        else:
+            self.search = DiscretePromptSearch.from_template(config.template, popsize=config.popsize, seed=config.seed, vocabulary=vocabulary, lr=config.word_lr)
         longest = max(len(w) for w in self.search.vocabulary)
         if self.search.n_slots * (longest + 1) > MAX_CONTEXT_CHARS:
             raise ConfigError(

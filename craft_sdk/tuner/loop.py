@@ -360,8 +360,12 @@ class Run:
 
     def _check_same_run(self, state: dict[str, Any]) -> None:
         saved = {**type(self.requested)().to_dict(), **state["config"]}  # options added since take their defaults
-        if saved != self.requested.to_dict():
-            raise ConfigError("the checkpoint was written with a different configuration; resume with the same options")
+        if "word_search" not in state["config"] and getattr(self.prompts, "kind", None) == "discrete":
+            saved["word_search"] = "pg"  # the only word search before the option existed
+        requested = self.requested.to_dict()
+        if saved != requested:
+            differ = ", ".join(sorted(k for k in set(saved) | set(requested) if saved.get(k) != requested.get(k)))
+            raise ConfigError(f"the checkpoint was written with a different configuration ({differ}); resume with the same options")
         if state["model_id"] != self.caps.model_id:
             raise CraftError(f"the checkpoint is for model {state['model_id']}, not {self.caps.model_id}")
         if state["data"]["train_fingerprint"] != self.data_info()["train_fingerprint"]:

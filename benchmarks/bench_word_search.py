@@ -1,0 +1,161 @@
+"""Word search recovery (issue 22 item 5): does the text-only search find a planted strong word?
+
+A planted box is a numpy text-only black box (a :class:`~craft_sdk.client.CallableClient` reporting
+``soft_prompts`` false, as a hosted zero-shot API does): image k's class logits are fixed N(0, 1)
+noise, every vocabulary word of the context shifts the class logits a little (N(0, ``jitter``²)
+per word and class: a real model is never blind to a word), and one *planted* word, anywhere in
+the context, lifts the true class's logit by ``margin`` (the strength). The planted word is drawn
+per seed from the vocabulary (not a template word); vocabularies of V words are the planted word,
+"a photo of" and filler words.
+
+Each run is one ``craft_sdk.tune(client, train, budget=B, seed=s, vocabulary=FILE, word_search=S)``:
+the default ``tune`` (mode ``craft``, robust protocol: early stopping, check images, selection), with
+``word_search`` ``halving`` (the default) or ``pg`` (the earlier policy gradient). *Recovered*: the
+deployed adapter's template contains the planted word. 5 classes × 16 shots (12 search + 4 check
+images per class).
+
+    nice -n 10 python benchmarks/bench_word_search.py [--seeds 10] [--budgets 500 1000 2000]
+        [--vocab 100 400 1000] [--margins 0.5 1.0 2.0] [--searches halving pg] [--workers 2]
+
+Writes ``benchmarks/results/bench_word_search.json`` and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import time
+import zlib
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+RESULTS = Path(__file__).resolve().parent / "results"
+C, SHOTS = 5, 16
+TEMPLATE_WORDS = ("a", "photo", "of")
+
+
+def vocabulary(size: int) -> list[str]:
+    """``size`` words: the template's, the default vocabulary's, then filler words ``w0000``…"""
+    from craft_sdk.tuner.discrete import VOCABULARY
+
+    words = list(dict.fromkeys(TEMPLATE_WORDS + VOCABULARY))[:size]
+    words += [f"w{i:04d}" for i in range(size - len(words))]
+    return words
+
+
+def planted_box(words: list[str], planted: str | None, margin: float, jitter: float, seed: int) -> Any:
+    """A text-only CallableClient: fixed noise, a small shift per word, +margin on the true class when ``planted`` is said."""
+    from craft_sdk.client import CallableClient, Capabilities
+
+    rng = np.random.default_rng(seed)
+    noise = rng.normal(0, 1, (256, C))
+    shift = {w: np.random.default_rng([seed, zlib.crc32(w.encode())]).normal(0, jitter, C) for w in words}
+
+    def fn(ims: list[Image.Image], names: list[str], template: str, offsets: object) -> np.ndarray:
+        pix = np.array([im.getpixel((0, 0))[:2] for im in ims])
+        y, k = pix[:, 0] // 40, pix[:, 1]
+        said = template.split()
+        logits = noise[k] + sum((shift[w] for w in said if w in shift), np.zeros(C))
+        if planted in said:
+            logits[np.arange(len(ims)), y] += margin
+        return logits
+
+    return CallableClient(fn, Capabilities("planted-words"))
+
+
+def train_set() -> Any:
+    from craft_sdk import ImageDataset
+
+    labels = np.arange(C * SHOTS) % C
+    images = [Image.new("RGB", (2, 2), (int(y) * 40, k, 0)) for k, y in enumerate(labels)]
+    return ImageDataset(images, labels, tuple(f"class{i}" for i in range(C)))
+
+
+def run_one(job: dict[str, Any]) -> dict[str, Any]:
+    import craft_sdk
+
+    words = vocabulary(job["vocab"])
+    rng = np.random.default_rng([job["seed"], job["vocab"], 7])
+    planted = str(rng.choice([w for w in words if w not in TEMPLATE_WORDS]))
+    vocab_file = Path(job["tmp"]) / f"vocab-{job['vocab']}.txt"
+    if not vocab_file.exists():
+        vocab_file.write_text("\n".join(words) + "\n")
+    client = planted_box(words, planted, job["margin"], job["jitter"], job["seed"])
+    t0 = time.perf_counter()
+    adapter = craft_sdk.tune(client, train_set(), budget=job["budget"], seed=job["seed"], vocabulary=str(vocab_file),
+                             word_search=job["search"], **job.get("options", {}))
+    prov = adapter.config.provenance
+    return {**{k: v for k, v in job.items() if k != "tmp"}, "planted": planted, "template": adapter.config.template,
+            "recovered": planted in adapter.config.template.split(), "queries_used": prov.get("queries_used"),
+            "wall_s": round(time.perf_counter() - t0, 2)}
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    keys = sorted({(r["margin"], r["vocab"], r["budget"]) for r in rows})
+    searches = sorted({r["search"] for r in rows})
+    out = ["| strength (margin) | vocabulary | budget | " + " | ".join(f"{s}: recovered" for s in searches) + " | " +
+           " | ".join(f"{s}: queries used (mean)" for s in searches) + " |",
+           "|---|---|---|" + "---|" * (2 * len(searches))]
+    for m, v, b in keys:
+        cells, used = [], []
+        for s in searches:
+            sel = [r for r in rows if (r["margin"], r["vocab"], r["budget"], r["search"]) == (m, v, b, s)]
+            cells.append(f"{sum(r['recovered'] for r in sel)}/{len(sel)}" if sel else "–")
+            used.append(f"{np.mean([r['queries_used'] for r in sel]):.0f}" if sel else "–")
+        out.append(f"| {m} | {v} | {b} | " + " | ".join(cells) + " | " + " | ".join(used) + " |")
+    return "\n".join(out)
+
+
+def strengths(margins: list[float], jitter: float) -> str:
+    """Accuracy on the training images with and without the planted word, per margin (what 'strength' means)."""
+    labels = np.arange(C * SHOTS) % C
+    noise = np.random.default_rng(0).normal(0, 1, (256, C))[: len(labels)]
+    lines = []
+    for m in margins:
+        lifted = noise.copy()
+        lifted[np.arange(len(labels)), labels] += m
+        lines.append(f"margin {m}: accuracy {100 * (noise.argmax(1) == labels).mean():.0f} % without the word, "
+                     f"{100 * (lifted.argmax(1) == labels).mean():.0f} % with it (seed 0's noise)")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--budgets", type=int, nargs="+", default=[500, 1000, 2000])
+    parser.add_argument("--vocab", type=int, nargs="+", default=[100, 400, 1000])
+    parser.add_argument("--margins", type=float, nargs="+", default=[0.5, 1.0, 2.0])
+    parser.add_argument("--searches", nargs="+", default=["halving", "pg"])
+    parser.add_argument("--jitter", type=float, default=0.1)
+    parser.add_argument("--mode", default=None, help="TuneConfig mode (default: tune's default, craft)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS / "bench_word_search.json")
+    args = parser.parse_args()
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix="words-")
+    options = {"mode": args.mode} if args.mode else {}
+    jobs = [{"search": s, "margin": m, "vocab": v, "budget": b, "seed": seed, "jitter": args.jitter, "tmp": tmp, "options": options}
+            for s, m, v, b, seed in itertools.product(args.searches, args.margins, args.vocab, args.budgets, range(args.seeds))]
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(args.workers) as pool:
+        rows = list(pool.map(run_one, jobs, chunksize=4))
+    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cpus (2-core shared VM)", "wall_s": round(time.perf_counter() - t0, 1),
+            "classes": C, "shots": SHOTS, "jitter": args.jitter, "mode": args.mode or "craft (tune's default)",
+            "strengths": strengths(args.margins, args.jitter)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"meta": meta, "runs": rows}, indent=2) + "\n")
+    print(meta["strengths"])
+    print(table(rows))
+    print(f"total wall time {meta['wall_s']:.0f} s; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
