@@ -5,13 +5,15 @@ A planted box is a numpy text-only black box (a :class:`~craft_sdk.client.Callab
 noise, every vocabulary word of the context shifts the class logits a little (N(0, ``jitter``²)
 per word and class: a real model is never blind to a word), and one *planted* word, anywhere in
 the context, lifts the true class's logit by ``margin`` (the strength). The planted word is drawn
-per seed from the vocabulary (not a template word); vocabularies of V words are the planted word,
-"a photo of" and filler words.
+per seed from the vocabulary (not a template word); a vocabulary of V words is "a photo of", the
+default vocabulary's words, then filler words (``--vocab 0``: tune's default vocabulary, no option).
 
 Each run is one ``craft_sdk.tune(client, train, budget=B, seed=s, vocabulary=FILE, word_search=S)``:
 the default ``tune`` (mode ``craft``, robust protocol: early stopping, check images, selection), with
 ``word_search`` ``halving`` (the default) or ``pg`` (the earlier policy gradient). *Recovered*: the
-deployed adapter's template contains the planted word. 5 classes × 16 shots (12 search + 4 check
+deployed adapter's template contains the planted word (the robust protocol deploys a context only
+when it beats zero-shot beyond noise on the check images); *found*: the search's context held it at
+some generation (``on_progress``), deployed or not. 5 classes × 16 shots (12 search + 4 check
 images per class).
 
     nice -n 10 python benchmarks/bench_word_search.py [--seeds 10] [--budgets 500 1000 2000]
@@ -42,9 +44,11 @@ TEMPLATE_WORDS = ("a", "photo", "of")
 
 
 def vocabulary(size: int) -> list[str]:
-    """``size`` words: the template's, the default vocabulary's, then filler words ``w0000``…"""
+    """``size`` words: the template's, the default vocabulary's, then filler words ``w0000``…; 0: the default vocabulary."""
     from craft_sdk.tuner.discrete import VOCABULARY
 
+    if size == 0:
+        return list(VOCABULARY)
     words = list(dict.fromkeys(TEMPLATE_WORDS + VOCABULARY))[:size]
     words += [f"w{i:04d}" for i in range(size - len(words))]
     return words
@@ -84,32 +88,35 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     words = vocabulary(job["vocab"])
     rng = np.random.default_rng([job["seed"], job["vocab"], 7])
     planted = str(rng.choice([w for w in words if w not in TEMPLATE_WORDS]))
-    vocab_file = Path(job["tmp"]) / f"vocab-{job['vocab']}.txt"
-    if not vocab_file.exists():
+    options = dict(job.get("options", {}))
+    if job["vocab"]:  # 0: tune's default vocabulary, no option
+        vocab_file = Path(job["tmp"]) / f"vocab-{job['vocab']}.txt"
         vocab_file.write_text("\n".join(words) + "\n")
+        options["vocabulary"] = str(vocab_file)
     client = planted_box(words, planted, job["margin"], job["jitter"], job["seed"])
+    found = []  # the search's current context, generation by generation (the tuner's progress reports)
     t0 = time.perf_counter()
-    adapter = craft_sdk.tune(client, train_set(), budget=job["budget"], seed=job["seed"], vocabulary=str(vocab_file),
-                             word_search=job["search"], **job.get("options", {}))
+    adapter = craft_sdk.tune(client, train_set(), budget=job["budget"], seed=job["seed"], word_search=job["search"],
+                             on_progress=lambda p: found.append(planted in (p.contexts or ("",))[0].split()), **options)
     prov = adapter.config.provenance
     return {**{k: v for k, v in job.items() if k != "tmp"}, "planted": planted, "template": adapter.config.template,
-            "recovered": planted in adapter.config.template.split(), "queries_used": prov.get("queries_used"),
-            "wall_s": round(time.perf_counter() - t0, 2)}
+            "recovered": planted in adapter.config.template.split(), "found": any(found),
+            "queries_used": prov.get("queries_used"), "wall_s": round(time.perf_counter() - t0, 2)}
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     keys = sorted({(r["margin"], r["vocab"], r["budget"]) for r in rows})
     searches = sorted({r["search"] for r in rows})
-    out = ["| strength (margin) | vocabulary | budget | " + " | ".join(f"{s}: recovered" for s in searches) + " | " +
+    out = ["| strength (margin) | vocabulary | budget | " + " | ".join(f"{s}: deployed (found)" for s in searches) + " | " +
            " | ".join(f"{s}: queries used (mean)" for s in searches) + " |",
            "|---|---|---|" + "---|" * (2 * len(searches))]
     for m, v, b in keys:
         cells, used = [], []
         for s in searches:
             sel = [r for r in rows if (r["margin"], r["vocab"], r["budget"], r["search"]) == (m, v, b, s)]
-            cells.append(f"{sum(r['recovered'] for r in sel)}/{len(sel)}" if sel else "–")
+            cells.append(f"{sum(r['recovered'] for r in sel)}/{len(sel)} ({sum(r['found'] for r in sel)})" if sel else "–")
             used.append(f"{np.mean([r['queries_used'] for r in sel]):.0f}" if sel else "–")
-        out.append(f"| {m} | {v} | {b} | " + " | ".join(cells) + " | " + " | ".join(used) + " |")
+        out.append(f"| {m} | {v or 'default (250)'} | {b} | " + " | ".join(cells) + " | " + " | ".join(used) + " |")
     return "\n".join(out)
 
 

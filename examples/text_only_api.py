@@ -6,7 +6,7 @@ task and compared on its test images:
 
 * ``ensemble``: CLIP's 41 contexts scored once, 4 picked greedily, their log-probabilities averaged
   (adapter ``prompt.kind: ensemble``; 4 queries per prediction);
-* ``pg``: the context *words* searched by a policy gradient (``prompt.kind: discrete`` when the
+* ``pg``: the context *words* searched by successive halving over words (``prompt.kind: discrete`` when the
   robust protocol finds them better than zero-shot beyond noise; else the template as given);
 * ``craft``: the word search together with the residual refiner.
 

@@ -76,6 +76,7 @@ def _default_vocabulary() -> tuple[str, ...]:
 
 
 VOCABULARY: tuple[str, ...] = _default_vocabulary()
+REPLAY_MISMATCH = "the checkpoint was written with another vocabulary, configuration or numpy build; resume with the ones that wrote it"
 
 
 def load_vocabulary(name: str) -> tuple[str, ...]:
@@ -97,6 +98,15 @@ def load_vocabulary(name: str) -> tuple[str, ...]:
     if len(set(words)) < 2:
         raise ConfigError(f"vocabulary {name} must hold at least two distinct words, got {len(set(words))}")
     return tuple(dict.fromkeys(words))
+
+
+def check_vocabulary(vocab: tuple[str, ...]) -> None:
+    """Raise :class:`ConfigError` unless ``vocab`` is at least two distinct single words without braces."""
+    if len(vocab) < 2 or len(set(vocab)) != len(vocab):
+        raise ConfigError("vocabulary must hold at least two distinct words")
+    bad = [w for w in vocab if not w or w != w.strip() or " " in w or "{" in w or "}" in w]
+    if bad:
+        raise ConfigError(f"vocabulary entries must be single words without spaces or braces, got {bad[:3]}")
 
 
 @dataclass(frozen=True)
@@ -125,11 +135,7 @@ class DiscreteSearchConfig:
         if not 0 < self.seed_mass < 1:
             raise ConfigError(f"seed_mass must be in (0, 1), got {self.seed_mass}")
         vocab = tuple(self.vocabulary)
-        if len(vocab) < 2 or len(set(vocab)) != len(vocab):
-            raise ConfigError("vocabulary must hold at least two distinct words")
-        bad = [w for w in vocab if not w or w != w.strip() or " " in w or "{" in w or "}" in w]
-        if bad:
-            raise ConfigError(f"vocabulary entries must be single words without spaces or braces, got {bad[:3]}")
+        check_vocabulary(vocab)
         if self.seed_template is not None:
             seed_words = self.seed_template.split()
             if len(seed_words) != self.n_slots:
@@ -265,8 +271,7 @@ class DiscretePromptSearch:
         """Re-run recorded generations (fitness [G, popsize]) without querying anything."""
         from .search import replay
 
-        why = "the checkpoint was written with another vocabulary, configuration or numpy build; resume with the ones that wrote it"
-        replay(self, fitness_history, digests, why)
+        replay(self, fitness_history, digests, REPLAY_MISMATCH)
 
 
 class DiscretePrompts:

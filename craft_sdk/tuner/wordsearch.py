@@ -59,7 +59,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ConfigError, CraftError
-from .discrete import VOCABULARY
+from .discrete import REPLAY_MISMATCH, VOCABULARY, check_vocabulary
 
 _TOL = 1e-9  # a relative score must beat the incumbent by more than this to count as better
 
@@ -88,11 +88,7 @@ class WordSearchConfig:
         if self.finalists is not None and self.finalists < 1:
             raise ConfigError(f"finalists must be >= 1 or None, got {self.finalists}")
         vocab = tuple(self.vocabulary)
-        if len(vocab) < 2 or len(set(vocab)) != len(vocab):
-            raise ConfigError("vocabulary must hold at least two distinct words")
-        bad = [w for w in vocab if not w or w != w.strip() or " " in w or "{" in w or "}" in w]
-        if bad:
-            raise ConfigError(f"vocabulary entries must be single words without spaces or braces, got {bad[:3]}")
+        check_vocabulary(vocab)
         missing = [w for w in self.template.split() if w not in vocab]
         if not self.template.split() or missing:
             raise ConfigError(f"template {self.template!r} must be words of the vocabulary (missing: {missing})")
@@ -270,5 +266,4 @@ class WordHalvingSearch:
         """Re-run recorded generations (fitness [G, popsize]) without querying anything."""
         from .search import replay
 
-        why = "the checkpoint was written with another vocabulary, configuration or numpy build; resume with the ones that wrote it"
-        replay(self, fitness_history, digests, why)
+        replay(self, fitness_history, digests, REPLAY_MISMATCH)
