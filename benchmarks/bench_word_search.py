@@ -158,7 +158,8 @@ def main() -> None:
             "classes": C, "shots": SHOTS, "jitter": args.jitter, "mode": args.mode or "craft (tune's default)",
             "strengths": strengths(args.margins, args.jitter)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "runs": rows}, indent=2) + "\n")
+    runs = ",\n".join("  " + json.dumps(r) for r in rows)  # one run per line
+    args.out.write_text(f'{{"meta": {json.dumps(meta)},\n "runs": [\n{runs}\n ]}}\n')
     print(meta["strengths"])
     print(table(rows))
     print(f"total wall time {meta['wall_s']:.0f} s; wrote {args.out}")
