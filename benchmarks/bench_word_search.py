@@ -74,34 +74,63 @@ def planted_box(words: list[str], planted: str | None, margin: float, jitter: fl
     return CallableClient(fn, Capabilities("planted-words"))
 
 
-def train_set() -> Any:
+def train_set(shots: int = SHOTS) -> Any:
     from craft_sdk import ImageDataset
 
-    labels = np.arange(C * SHOTS) % C
+    labels = np.arange(C * shots) % C
     images = [Image.new("RGB", (2, 2), (int(y) * 40, k, 0)) for k, y in enumerate(labels)]
     return ImageDataset(images, labels, tuple(f"class{i}" for i in range(C)))
 
 
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
-    import craft_sdk
-
     words = vocabulary(job["vocab"])
     rng = np.random.default_rng([job["seed"], job["vocab"], 7])
     planted = str(rng.choice([w for w in words if w not in TEMPLATE_WORDS]))
-    options = dict(job.get("options", {}))
+    options = {**job.get("options", {}), "_found": [False]}
     if job["vocab"]:  # 0: tune's default vocabulary, no option
-        vocab_file = Path(job["tmp"]) / f"vocab-{job['vocab']}.txt"
+        vocab_file = Path(job["tmp"]) / f"vocab-{job['vocab']}-{os.getpid()}.txt"  # one writer per file
         vocab_file.write_text("\n".join(words) + "\n")
         options["vocabulary"] = str(vocab_file)
-    client = planted_box(words, planted, job["margin"], job["jitter"], job["seed"])
-    found = []  # the search's current context, generation by generation (the tuner's progress reports)
+    box = planted_box(words, planted, job["margin"], job["jitter"], job["seed"])
     t0 = time.perf_counter()
-    adapter = craft_sdk.tune(client, train_set(), budget=job["budget"], seed=job["seed"], word_search=job["search"],
-                             on_progress=lambda p: found.append(planted in (p.contexts or ("",))[0].split()), **options)
+    if job.get("shape") == "chat":
+        adapter, requests = _over_chat(job, box, planted, options)
+    else:
+        adapter, requests = _tune(job, box, planted, options), None
     prov = adapter.config.provenance
     return {**{k: v for k, v in job.items() if k != "tmp"}, "planted": planted, "template": adapter.config.template,
-            "recovered": planted in adapter.config.template.split(), "found": any(found),
-            "queries_used": prov.get("queries_used"), "wall_s": round(time.perf_counter() - t0, 2)}
+            "recovered": planted in adapter.config.template.split(), "found": options["_found"][0],
+            "provider_requests": requests, "queries_used": prov.get("queries_used"), "wall_s": round(time.perf_counter() - t0, 2)}
+
+
+def _tune(job: dict[str, Any], client: Any, planted: str, options: dict[str, Any]) -> Any:
+    """The default tune (options aside); ``options["_found"]``: whether the search's context ever held the word."""
+    import craft_sdk
+
+    found = options["_found"]
+
+    def seen(p: Any) -> None:  # the tuner's progress reports carry the search's current context
+        found[0] = found[0] or planted in (p.contexts or ("",))[0].split()
+
+    kwargs = {k: v for k, v in options.items() if k != "_found"}
+    return craft_sdk.tune(client, train_set(job["shots"]), budget=job["budget"], seed=job["seed"], word_search=job["search"],
+                          on_progress=seen, **kwargs)
+
+
+def _over_chat(job: dict[str, Any], box: Any, planted: str, options: dict[str, Any]) -> tuple[Any, int]:
+    """The same run through the chat shape: the box served by ``craft-sdk serve``'s /v1/chat/completions on
+    loopback, tuned through ``chat+http://…`` (the real openai client; one request per image per query)."""
+    import secrets
+
+    import craft_sdk
+    from craft_sdk.serve import BackgroundServer, create_app
+
+    key = secrets.token_hex(16)
+    with BackgroundServer(create_app(box, {"bench": key})) as srv:
+        client = craft_sdk.create_client(f"chat+{srv.url}/v1?model=planted", api_key=key)
+        adapter = _tune(job, client, planted, options)
+        client.close()
+    return adapter, client.usage.requests
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -114,7 +143,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         cells, used = [], []
         for s in searches:
             sel = [r for r in rows if (r["margin"], r["vocab"], r["budget"], r["search"]) == (m, v, b, s)]
-            cells.append(f"{sum(r['recovered'] for r in sel)}/{len(sel)} ({sum(r['found'] for r in sel)})" if sel else "–")
+            cells.append(f"{sum(r['recovered'] for r in sel)}/{len(sel)} ({sum(bool(r['found']) for r in sel)})" if sel else "–")
             used.append(f"{np.mean([r['queries_used'] for r in sel]):.0f}" if sel else "–")
         out.append(f"| {m} | {v or 'default (250)'} | {b} | " + " | ".join(cells) + " | " + " | ".join(used) + " |")
     return "\n".join(out)
@@ -142,20 +171,25 @@ def main() -> None:
     parser.add_argument("--searches", nargs="+", default=["halving", "pg"])
     parser.add_argument("--jitter", type=float, default=0.1)
     parser.add_argument("--mode", default=None, help="TuneConfig mode (default: tune's default, craft)")
+    parser.add_argument("--popsize", type=int, default=None, help="TuneConfig popsize (default: tune's, 40)")
+    parser.add_argument("--shots", type=int, default=SHOTS, help="training images per class")
+    parser.add_argument("--shape", choices=("callable", "chat"), default="callable",
+                        help="chat: serve each box on loopback and tune through chat+http (slow: one request per image)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_word_search.json")
     args = parser.parse_args()
     import tempfile
 
     tmp = tempfile.mkdtemp(prefix="words-")
-    options = {"mode": args.mode} if args.mode else {}
-    jobs = [{"search": s, "margin": m, "vocab": v, "budget": b, "seed": seed, "jitter": args.jitter, "tmp": tmp, "options": options}
+    options = {k: v for k, v in (("mode", args.mode), ("popsize", args.popsize)) if v}
+    jobs = [{"search": s, "margin": m, "vocab": v, "budget": b, "seed": seed, "jitter": args.jitter, "tmp": tmp, "options": options,
+             "shape": args.shape, "shots": args.shots}
             for s, m, v, b, seed in itertools.product(args.searches, args.margins, args.vocab, args.budgets, range(args.seeds))]
     t0 = time.perf_counter()
     with ProcessPoolExecutor(args.workers) as pool:
         rows = list(pool.map(run_one, jobs, chunksize=4))
     meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cpus (2-core shared VM)", "wall_s": round(time.perf_counter() - t0, 1),
-            "classes": C, "shots": SHOTS, "jitter": args.jitter, "mode": args.mode or "craft (tune's default)",
+            "classes": C, "shots": args.shots, "shape": args.shape, "popsize": args.popsize or 40, "jitter": args.jitter, "mode": args.mode or "craft (tune's default)",
             "strengths": strengths(args.margins, args.jitter)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     runs = ",\n".join("  " + json.dumps(r) for r in rows)  # one run per line
