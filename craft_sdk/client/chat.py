@@ -221,7 +221,7 @@ class ChatVLMClient(BaseClient):
         messages = [{"role": "user", "content": [{"type": "text", "text": question},
                                                   {"type": "image_url", "image_url": {"url": uri}}]}]
         if self.config.samples == 0:
-            answer = self._create(messages, question, 1, logprobs=True, top_logprobs=len(options), temperature=0)
+            answer = self._create(messages, question, 1, logprobs=True, top_logprobs=TOP_LOGPROBS, temperature=0)
             return self._from_logprobs(answer, len(options))
         counts, answered = np.zeros(len(options)), 0
         for _ in range(self.config.samples):  # endpoints that ignore n answer one choice per request
