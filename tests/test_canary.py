@@ -317,3 +317,21 @@ def test_hosted_clients_carry_a_canary(shape: str, tiny_model_dir: Path, tmp_pat
     other = OpenCLIPClient(f"local-dir:{save_tiny_model(tmp_path / 'other', seed=1)}")
     with BackgroundServer(create_app(other, {"alice": KEY})) as srv:
         assert check_canary(adapter, create_client(f"{shape}+{srv.url}/v1?model=tiny", api_key=KEY)).drifted
+
+
+def test_predict_command_checks_the_canary(saved: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    from craft_sdk.cli import app
+
+    for i, im in enumerate(random_images(5, seed=9)):
+        im.save(tmp_path / f"{i}.png")
+    runner = CliRunner()
+    args = ["predict", str(saved), str(tmp_path), "--batch-size", "2", "--canary-every", "2", "--json"]
+    same = runner.invoke(app, [*args, "--model", f"local-dir:{tiny_model_dir}"])
+    assert same.exit_code == 0, same.output
+    assert json.loads(same.stdout)["queries_used"] == 3 + 2  # 3 batches, checks before batches 1 and 3
+    other = save_tiny_model(tmp_path / "other", seed=4)
+    drift = runner.invoke(app, [*args, "--model", f"local-dir:{other}", "--allow-model-mismatch"])
+    assert drift.exit_code == 1 and "craft-sdk check" in drift.output
+    warned = runner.invoke(app, [*args, "--model", f"local-dir:{other}", "--allow-model-mismatch", "--on-drift", "warn"])
+    assert warned.exit_code == 0 and len(json.loads(warned.stdout)["predictions"]) == 5
+    assert runner.invoke(app, [*args, "--model", f"local-dir:{other}", "--on-drift", "ignore"]).exit_code == 2
