@@ -335,3 +335,17 @@ def test_predict_command_checks_the_canary(saved: Path, tiny_model_dir: Path, tm
     warned = runner.invoke(app, [*args, "--model", f"local-dir:{other}", "--allow-model-mismatch", "--on-drift", "warn"])
     assert warned.exit_code == 0 and len(json.loads(warned.stdout)["predictions"]) == 5
     assert runner.invoke(app, [*args, "--model", f"local-dir:{other}", "--on-drift", "ignore"]).exit_code == 2
+
+
+def test_text_only_view_with_searched_words(tiny_client: Any, tmp_path: Path) -> None:
+    from craft_sdk.client.zeroshot import TextOnlyClient
+
+    cfg = TuneConfig(mode="pg", budget=30, seed=0, popsize=6, canary=4, protocol="paper")
+    result = Tuner(cfg).fit(TextOnlyClient(tiny_client), train_set(), None)
+    adapter = Adapter.from_result(result)
+    assert adapter.config.prompt.kind == "discrete" and result.queries["counts"]["canary"] == 2
+    ledger = QueryLedger()
+    assert not any(check_canary(adapter, TextOnlyClient(tiny_client), ledger=ledger).drifted for _ in range(10))
+    assert ledger.counts["canary"] == 10
+    other = TextOnlyClient(OpenCLIPClient(f"local-dir:{save_tiny_model(tmp_path / 'other', seed=5)}"))
+    assert check_canary(adapter, other).drifted
