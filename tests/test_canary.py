@@ -247,6 +247,8 @@ def test_check_command(saved: Path, tiny_model_dir: Path, tmp_path: Path) -> Non
     assert plain.exit_code == 0 and "advice" in plain.stdout and "distance" in plain.stdout
     assert runner.invoke(app, ["check", str(tmp_path / "missing"), "--model", f"local-dir:{other}"]).exit_code == 1
     assert runner.invoke(app, ["check", str(saved)]).exit_code == 2  # --model is required
+    described = runner.invoke(app, ["inspect", str(saved), "--json"])
+    assert described.exit_code == 0 and json.loads(described.stdout)["canary"]["n_probes"] == 8
 
 
 # ------------------------------------------------------------------ over the wire

@@ -220,6 +220,7 @@ def inspect(
         "calibration": None if cfg.calibration is None else vars(cfg.calibration),
         "prompt": None if cfg.prompt is None else vars(cfg.prompt),
         "refiner": None if cfg.refiner is None else vars(cfg.refiner),
+        "canary": None if cfg.canary is None else cfg.canary.to_dict(),
         "format_version": cfg.format_version,
         "craft_sdk_version": cfg.craft_sdk_version,
         "fingerprint": adapter.fingerprint(),
@@ -241,5 +242,7 @@ def inspect(
         typer.echo(f"  deployed   {selection.get('reason', selection.get('deployed'))}")
     if cfg.calibration is not None:
         typer.echo(f"  calibrated temperature {cfg.calibration.temperature:.3f}")
+    canary = cfg.canary
+    typer.echo(f"  canary     {'none recorded' if canary is None else f'{canary.n_probes} probes, seed {canary.seed}, noise unit {canary.unit:.3g}'}")
     typer.echo(f"  refiner    {'none' if cfg.refiner is None else f'{cfg.refiner.layers}-layer MLP, hidden {cfg.refiner.hidden}, residual={cfg.refiner.residual}'}")
     typer.echo(f"  files      {', '.join(f'{k} ({v / 1024:.1f} KiB)' for k, v in files.items())}")
