@@ -245,3 +245,13 @@ def test_a_pg_checkpoint_from_before_the_option_is_named_on_resume(tmp_path: Pat
     with pytest.raises(ConfigError, match=r"different configuration \(word_search\)"):
         Tuner(TuneConfig(**{**cfg.to_dict(), "word_search": "halving"}), checkpoint_dir=tmp_path, resume=True).fit(client, train)
     assert Tuner(cfg, checkpoint_dir=tmp_path, resume=True).fit(client, train).config.template == full.config.template
+
+
+def test_the_cli_derives_word_search_and_rejects_a_bad_one() -> None:
+    pytest.importorskip("typer")
+    from typer.testing import CliRunner
+
+    from craft_sdk.cli import app
+
+    res = CliRunner().invoke(app, ["tune", "demo:digits", "--model", "text-only:demo", "--word-search", "bandit"])
+    assert res.exit_code == 2 and "word_search must be one of ('halving', 'pg')" in res.output and "Traceback" not in res.output

@@ -216,7 +216,7 @@ class WordHalvingSearch:
 
     def _next_test(self) -> tuple[np.ndarray, np.ndarray]:
         if not self._queue:  # the rung's tests are all asked: fill the generation with another pass
-            self._queue = self._groups(self.config.group if not self._final else 2)
+            self._queue = self._groups(2 if self._final else self.config.group)  # final rung: pairs of finalists
         return self._queue.pop(0)
 
     def _advance(self) -> None:
