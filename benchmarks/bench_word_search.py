@@ -60,9 +60,11 @@ def planted_box(words: list[str], planted: str | None, margin: float, jitter: fl
 
     rng = np.random.default_rng(seed)
     noise = rng.normal(0, 1, (256, C))
+    said_it = [0]  # contexts holding the planted word that were scored (candidates and means)
     shift = {w: np.random.default_rng([seed, zlib.crc32(w.encode())]).normal(0, jitter, C) for w in words}
 
     def fn(ims: list[Image.Image], names: list[str], template: str, offsets: object) -> np.ndarray:
+        said_it[0] += planted in template.split()  # per call: one per query here, one per image over chat (not reported)
         pix = np.array([im.getpixel((0, 0))[:2] for im in ims])
         y, k = pix[:, 0] // 40, pix[:, 1]
         said = template.split()
@@ -71,7 +73,9 @@ def planted_box(words: list[str], planted: str | None, margin: float, jitter: fl
             logits[np.arange(len(ims)), y] += margin
         return logits
 
-    return CallableClient(fn, Capabilities("planted-words"))
+    client = CallableClient(fn, Capabilities("planted-words"))
+    client.said_it = said_it  # type: ignore[attr-defined]
+    return client
 
 
 def train_set(shots: int = SHOTS) -> Any:
@@ -100,7 +104,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     prov = adapter.config.provenance
     return {**{k: v for k, v in job.items() if k != "tmp"}, "planted": planted, "template": adapter.config.template,
             "recovered": planted in adapter.config.template.split(), "found": options["_found"][0],
-            "provider_requests": requests, "queries_used": prov.get("queries_used"), "wall_s": round(time.perf_counter() - t0, 2)}
+            "provider_requests": requests, "scored_with_word": box.said_it[0] if requests is None else None,
+            "queries_used": prov.get("queries_used"), "wall_s": round(time.perf_counter() - t0, 2)}
 
 
 def _tune(job: dict[str, Any], client: Any, planted: str, options: dict[str, Any]) -> Any:
