@@ -351,3 +351,26 @@ def test_text_only_view_with_searched_words(tiny_client: Any, tmp_path: Path) ->
     assert ledger.counts["canary"] == 10
     other = TextOnlyClient(OpenCLIPClient(f"local-dir:{save_tiny_model(tmp_path / 'other', seed=5)}"))
     assert check_canary(adapter, other).drifted
+
+
+def test_a_noisy_box_sets_its_own_tolerance() -> None:
+    """A box whose answers carry run-to-run noise: the unit is the measured noise, not the floor."""
+    from craft_sdk import AdapterConfig, CallableClient, Capabilities
+    from craft_sdk.tuner.canary import record_canary
+
+    rng = np.random.default_rng(0)
+    names = ("a", "b", "c", "d")
+
+    def box(gain: float) -> CallableClient:
+        def scores(ims: list, cls: list, template: str, offsets: Any) -> np.ndarray:
+            feats = np.stack([np.asarray(im, np.float32)[::8, ::8].reshape(-1)[:12] / 255.0 for im in ims])  # [N, 12]
+            w = np.cos(np.arange(12 * len(cls)).reshape(len(cls), 12))
+            return gain * 5.0 * feats @ w.T + rng.normal(0.0, 0.05, (len(ims), len(cls)))  # noise on every call
+        return CallableClient(scores, Capabilities("noisy-box"))
+
+    record = record_canary(box(1.0), names, ("a photo of a",), None, "logits", 16, 0)
+    assert record.spec.noise > 10 * record.spec.floor and record.spec.unit == record.spec.noise
+    adapter = Adapter(AdapterConfig("noisy-box", names, "a photo of a", canary=record.spec), canary_scores=record.scores)
+    same = [check_canary(adapter, box(1.0)) for _ in range(100)]
+    assert not any(r.drifted for r in same) and max(r.distance for r in same) < 2.0
+    assert check_canary(adapter, box(1.5)).drifted  # a change of the box well above its noise stands out
