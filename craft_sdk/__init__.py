@@ -20,6 +20,8 @@ from .client import (
     ImageSetHandle,
     MeteredClient,
     PredictionClient,
+    PriceTable,
+    ProviderUsage,
     QueryLedger,
 )
 from .data import DataSplits, ImageDataset, load_dataset
@@ -80,6 +82,8 @@ __all__ = [
     "NotFittedError",
     "PredictionClient",
     "Predictions",
+    "PriceTable",
+    "ProviderUsage",
     "QueryLedger",
     "TuneConfig",
     "__version__",

@@ -154,6 +154,13 @@ def describe_prompt(spec: AnyPromptSpec | None) -> str:
     return "none (the template as given)" if spec is None else spec.describe()
 
 
+def provider_usage(queries: dict[str, Any]) -> dict[str, Any]:
+    """What a tune cost in the provider's units (a ledger's ``to_dict()``): requests, images, tokens,
+    and, when priced, the money (``cost``) and the ``price`` table it was computed at."""
+    usage = dict(queries.get("usage") or {})
+    return {**usage, "cost": queries.get("cost"), "price": queries.get("price")}
+
+
 def _prompt_from_dict(data: Any) -> AnyPromptSpec:
     if not isinstance(data, dict):
         raise AdapterError(f"adapter prompt must be a JSON object, got {type(data).__name__}")
@@ -334,6 +341,7 @@ class Adapter:
             "queries_used": result.queries["used"],
             "budget": tc.budget,
             "queries": result.queries["counts"],
+            "provider_usage": provider_usage(result.queries),
             "data": result.data if seen_images is None else {**result.data, "image_fingerprints": sorted(set(seen_images))},
             "kl_weights": {"lambda": result.kl_weights[0], "beta": result.kl_weights[1]},
             "n_generations": result.n_generations,

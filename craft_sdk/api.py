@@ -12,6 +12,7 @@ import numpy as np
 from .adapter import Adapter, check_compatible
 from .client.base import PredictionClient
 from .client.ledger import MeteredClient, QueryLedger
+from .client.pricing import PriceTable
 from .data import DataSplits, ImageDataset, load_dataset
 from .errors import AdapterError
 from .scores import as_log_scores, softmax
@@ -113,6 +114,8 @@ def tune(
     resume: bool = False,
     on_progress: Callable[..., None] | None = None,
     ledger: QueryLedger | None = None,
+    price: PriceTable | None = None,
+    max_cost: float | None = None,
     **overrides: Any,
 ) -> Adapter:
     """Tune an adapter for ``train`` through ``client``.
@@ -124,6 +127,8 @@ def tune(
         config: a :class:`TuneConfig`; keyword ``overrides`` replace its fields.
         checkpoint_dir, resume, on_progress: see :class:`craft_sdk.tuner.train.Tuner`.
         ledger: charge the queries to this ledger (default: a new one with the config's budget).
+        price: a :class:`~craft_sdk.client.pricing.PriceTable`: the adapter records what the tune cost.
+        max_cost: a hard ceiling on that cost (needs ``price``; ignored when ``ledger`` is given: set it there).
 
     Example:
         >>> adapter = tune(create_client("demo"), splits.train, mode="craft", budget=2000)  # doctest: +SKIP
@@ -133,7 +138,7 @@ def tune(
     base = (config or TuneConfig()).to_dict()
     base.update(overrides)
     cfg = TuneConfig.from_dict(base)
-    tuner = Tuner(cfg, checkpoint_dir=checkpoint_dir, resume=resume, on_progress=on_progress)
+    tuner = Tuner(cfg, checkpoint_dir=checkpoint_dir, resume=resume, on_progress=on_progress, price=price, max_cost=max_cost)
     from .data import require_classes
 
     require_classes(train, "the training set")

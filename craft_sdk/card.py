@@ -56,6 +56,20 @@ def _accuracy_rows(prov: dict[str, Any], evaluation: dict[str, Any] | None) -> l
     return rows
 
 
+def _cost_lines(usage: Any) -> list[str]:
+    """What the tune cost in the provider's units (and money when priced); nothing for an in-process model."""
+    if not isinstance(usage, dict) or not any(usage.get(k) for k in ("requests", "images", "input_tokens", "output_tokens")):
+        return []
+    line = (f"- provider usage to tune: {usage.get('requests', 0)} requests, {usage.get('images', 0)} images, "
+            f"{usage.get('input_tokens', 0)} input tokens, {usage.get('output_tokens', 0)} output tokens")
+    cost = usage.get("cost")
+    if isinstance(cost, (int, float)) and not isinstance(cost, bool):
+        price = usage.get("price") if isinstance(usage.get("price"), dict) else {}
+        rates = ", ".join(f"{k} {float(v):g}" for k, v in sorted(price.items()) if isinstance(v, (int, float)) and v)
+        line += f"; cost {float(cost):.6g} at {rates or 'the recorded prices'}"
+    return [line]
+
+
 def render_model_card(adapter: Any, *, repo_id: str | None = None, evaluation: dict[str, Any] | None = None) -> str:
     """The model card of ``adapter`` as Markdown with YAML front matter.
 
@@ -87,6 +101,7 @@ def render_model_card(adapter: Any, *, repo_id: str | None = None, evaluation: d
         f"- prompt: {'none' if cfg.prompt is None else cfg.prompt.describe()}; "
         f"refiner: {'none' if cfg.refiner is None else f'{cfg.refiner.layers}-layer MLP (hidden {cfg.refiner.hidden})'}",
         f"- queries used to tune: {prov.get('queries_used', '?')} of a budget of {prov.get('budget', '?')}",
+        *_cost_lines(prov.get("provider_usage")),
         "",
         "## Accuracy",
         "",

@@ -30,6 +30,23 @@ def _progress() -> Progress:
     )
 
 
+def cost_summary(usage: Any, n_images: int, price: Any) -> dict[str, Any]:
+    """Provider usage of a predict run, its cost (None without a price), and both per 1,000 images classified."""
+    from ..client.pricing import cost_of
+
+    cost = cost_of(price, usage)
+    scale = 1000.0 / n_images if n_images else 0.0
+    per = {k: round(v * scale, 3) for k, v in usage.to_dict().items()}
+    per["cost"] = None if cost is None else round(cost * scale, 9)
+    return {"provider_usage": usage.to_dict(), "cost": cost, "per_1000_images": per if n_images else None}
+
+
+def _per_1000_text(summary: dict[str, Any]) -> str:
+    per = summary["per_1000_images"] or {}
+    text = f"{per.get('requests', 0):g} requests, {per.get('images', 0):g} images, {per.get('input_tokens', 0):g} input tokens"
+    return text + ("" if per.get("cost") is None else f", cost {per['cost']:.6g}")
+
+
 def _echo_rows(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         if "error" in r:
@@ -63,11 +80,14 @@ def predict(
     canary_every: int = typer.Option(0, min=0, help="check the adapter's drift canary before the first batch and every N batches (1 query per check; 0: never)"),
     on_drift: str = typer.Option("raise", help="when the canary drifted: raise (stop, exit 1) | warn (log and go on)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout (with --output: a run summary)"),
+    price_text: str | None = typer.Option(None, "--price", help="prices of the provider's units, e.g. per_request=0.001,per_image=0 (reports the cost per 1,000 images)"),
 ) -> None:
     """Classify images with a tuned adapter, streaming over any number of files in batches."""
     from .. import ClassifierConfig, CraftClassifier
     from ..hub import resolve_adapter_dir
     from ..sinks import PredictionSink, infer_format, rows_of
+    from ..client.pricing import PriceTable
+    from ..client.usage import usage_of
     from ..stream import IMAGE_SUFFIXES, check_inputs, iter_image_paths, predict_stream
 
     if not inputs and files_from is None:
@@ -84,7 +104,10 @@ def predict(
         raise fail(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES)[:4])}, ...) found in {' '.join(inputs or [])}", RUNTIME_ERROR)
     root = resolve_adapter_dir(adapter, revision=revision, subfolder=subfolder)  # a Hub miss fails before the model loads
     client = _client(model, pretrained, client_url, api_key_file, workers)
+    price = None if price_text is None else PriceTable.parse(price_text)
     clf = CraftClassifier.from_pretrained(root, client, config=config)
+    meter = usage_of(client)
+    before = meter.snapshot()
     sink = None
     if output is not None:
         meta = {"adapter": clf.adapter_.fingerprint(), "classes": [str(c) for c in clf.classes_]}
@@ -120,7 +143,8 @@ def predict(
             sink.close()
     wall = time.perf_counter() - t0
     summary = {"adapter": adapter, "backend": clf.refiner_backend_, "queries_used": clf.ledger.used, "images": n_done,
-               "resumed_after": skipped, "errors": n_errors, "images_per_s": round(n_done / max(wall, 1e-9), 2)}
+               "resumed_after": skipped, "errors": n_errors, "images_per_s": round(n_done / max(wall, 1e-9), 2),
+               **cost_summary(meter.minus(before), n_done - n_errors, price)}
     if sink is not None:
         summary["output"] = str(output)
         if as_json:
@@ -128,8 +152,12 @@ def predict(
         else:
             err.print(f"{n_done} images -> {output} ({skipped} already done, {n_errors} errors, "
                       f"{clf.ledger.used} queries, {summary['images_per_s']} img/s)", highlight=False)
+            if summary["provider_usage"]["requests"]:
+                err.print(f"provider usage per 1,000 images: {_per_1000_text(summary)}", highlight=False)
     elif as_json:
         emit_json({**summary, "predictions": collected})
+    elif summary["provider_usage"]["requests"]:
+        err.print(f"provider usage per 1,000 images: {_per_1000_text(summary)}", highlight=False)
 
 
 @app.command("export-onnx")

@@ -20,6 +20,38 @@ def _client(model: str, pretrained: str | None, api_key_file: Path | None = None
     return open_client(model, pretrained, api_key_file)
 
 
+PRICE_HELP = "prices of the provider's units, e.g. input_per_1m=3,output_per_1m=15,per_image=0.001,per_request=0 (left out: 0)"
+
+
+def _price(text: str | None, max_cost: float | None) -> Any:
+    """The --price table (None without one); --max-cost needs one."""
+    from ..client.pricing import PriceTable
+
+    if max_cost is not None and text is None:
+        raise fail("--max-cost is money: give --price too, e.g. --price per_request=0.001")
+    if max_cost is not None and not max_cost >= 0:
+        raise fail(f"--max-cost must be >= 0, got {max_cost}")
+    return None if text is None else PriceTable.parse(text)
+
+
+def _provider_summary(queries: dict[str, Any]) -> dict[str, Any]:
+    """The ledger's provider usage as flat summary fields."""
+    usage = queries.get("usage") or {}
+    return {"provider_requests": usage.get("requests", 0), "provider_images": usage.get("images", 0),
+            "input_tokens": usage.get("input_tokens", 0), "output_tokens": usage.get("output_tokens", 0),
+            "cost": queries.get("cost"), "max_cost": queries.get("max_cost")}
+
+
+def _usage_rows(table: Table, summary: dict[str, Any]) -> None:
+    """The provider's units (and money when priced) in the tune's table; nothing for an in-process model."""
+    if summary["provider_requests"]:
+        table.add_row("provider requests / images", f"{summary['provider_requests']} / {summary['provider_images']}")
+    if summary["input_tokens"] or summary["output_tokens"]:
+        table.add_row("input / output tokens", f"{summary['input_tokens']} / {summary['output_tokens']}")
+    if summary["cost"] is not None:
+        table.add_row("cost", f"{summary['cost']:.6g}")
+
+
 def _progress_bar() -> Progress:
     return Progress(
         TextColumn("[bold]tuning"),
@@ -46,6 +78,9 @@ def _tune_command(
     resume: bool = typer.Option(False, "--resume", help="continue the run in --checkpoint-dir (same data, model and options)"),
     api_key_file: Path | None = typer.Option(None, help="file holding the API key for an http(s) model"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
+    price_text: str | None = typer.Option(None, "--price", help=PRICE_HELP),
+    max_cost: float | None = typer.Option(None, "--max-cost", help="hard ceiling on the tune's cost at --price, checked before each call"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the plan (splits, generations, queries, requests, images, tokens, cost, what is refused) and exit; sends nothing"),
     **options: Any,
 ) -> None:
     """Tune a CraFT adapter on DATA through a prediction-only black box (every TuneConfig field is an option)."""
@@ -61,8 +96,14 @@ def _tune_command(
         raise fail(f"--val-shots must be >= 0 (0 = no validation split), got {val_shots}")
     config = config_from(options)
     budget, seed = config.budget, config.seed
+    price = _price(price_text, max_cost)
     t0 = time.perf_counter()
     kwargs: dict[str, Any] = {"split_file": split_file} if split_file else {}
+    if dry_run:  # prints the plan and exits
+        from ._dryrun import dry_run as plan_only
+
+        load = lambda: load_data(data, shots=shots, seed=seed, val_shots=val_shots, **kwargs)  # noqa: E731
+        plan_only(config, load, lambda: _client(model, pretrained, api_key_file), price=price, max_cost=max_cost, as_json=as_json)
     splits = load_data(data, shots=shots, seed=seed, val_shots=val_shots, **kwargs)
     require_classes(splits.train, str(data))
     client = _client(model, pretrained, api_key_file)
@@ -75,7 +116,8 @@ def _tune_command(
             bar.update(task, completed=p.queries_used, loss=loss, acc=f"{p.train_accuracy:.3f}")
 
         tuner = Tuner(
-            config, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume, on_progress=on_progress
+            config, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume, on_progress=on_progress,
+            price=price, max_cost=max_cost,
         )
         result = tuner.fit(client, splits.train, splits.val)
     adapter = Adapter.from_result(result)
@@ -100,6 +142,7 @@ def _tune_command(
         "stopped": result.metrics.get("stopped"),
         "temperature": result.temperature,
         "resume_can_match": resume_matches,
+        **_provider_summary(result.queries),
     }
     if summary["deployed"] == "zero-shot" and result.config.mode != "zero-shot":
         err.print(f"[yellow]note:[/] {summary['decision']}")
@@ -115,6 +158,7 @@ def _tune_command(
         table.add_row("validation accuracy (selected)", f"{summary['val_accuracy']:.3f}")
     table.add_row("queries used / budget", f"{summary['queries_used']} / {budget}")
     table.add_row("generations", str(summary["n_generations"]))
+    _usage_rows(table, summary)
     if summary["deployed"] is not None:
         table.add_row("deployed", str(summary["deployed"]))
     if summary["stopped"]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from .base import DEFAULT_TEMPLATE, BaseClient, CallableClient, Capabilities, ImageSetHandle, PredictionClient
 from .ledger import CATEGORIES, MeteredClient, QueryLedger
+from .pricing import PriceTable
+from .usage import ProviderUsage
 from .zeroshot import TextOnlyClient, ZeroShotAPIClient
 
 __all__ = [
@@ -15,6 +17,8 @@ __all__ = [
     "ImageSetHandle",
     "MeteredClient",
     "PredictionClient",
+    "PriceTable",
+    "ProviderUsage",
     "QueryLedger",
     "TextOnlyClient",
     "ZeroShotAPIClient",

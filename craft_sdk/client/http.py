@@ -74,6 +74,7 @@ from ..wire import (
     sha256_hex,
 )
 from .base import DEFAULT_TEMPLATE, BaseClient, Capabilities, Images, ImageSetHandle
+from .usage import ProviderUsage
 
 logger = logging.getLogger(__name__)
 
@@ -221,6 +222,21 @@ class HTTPClient(BaseClient):
         self._caps: dict[str, Capabilities] = {}
         self._limits: dict[str, Any] | None = None
         self._jitter = random.Random()
+        # what the server bills, in provider units: uploads (1 request + its images) and predictions
+        # (1 request each), retries included; ``usage()`` is the server's own query meter
+        self.provider_usage = ProviderUsage()
+
+    def estimate_usage(self, n_images: int, class_names: list[str], template: str, n_prompts: int = 1) -> ProviderUsage:
+        """One ``predict`` call on an uploaded image set, before it is sent: one request per ``max_batch``
+        candidates (a whole population by default; server limits known so far also split it), no images."""
+        step = self.config.max_batch or n_prompts
+        if self._limits is not None and self._limits.get("max_population"):
+            step = min(step, self._limits["max_population"])
+        return ProviderUsage(requests=-(-int(n_prompts) // max(step, 1)))
+
+    def estimate_upload(self, n_images: int) -> ProviderUsage:
+        """Uploading an image set: one request carrying ``n_images`` images."""
+        return ProviderUsage(requests=1, images=int(n_images))
 
     # ------------------------------------------------------------------ plumbing
 
@@ -341,11 +357,8 @@ class HTTPClient(BaseClient):
                 "upload fewer or smaller images",
                 unbilled=True,
             )
-        data = self._call(
-            "POST /image-sets",
-            lambda: self._http.post("/image-sets", content=body, headers={"Content-Type": SAFETENSORS}),
-            _json,
-        )
+        post = functools.partial(self._http.post, "/image-sets", content=body, headers={"Content-Type": SAFETENSORS})
+        data = self._call("POST /image-sets", functools.partial(_counted, self.provider_usage, post, len(pil)), _json)
         handle = data.get("handle") if isinstance(data, dict) else None
         if not isinstance(handle, str) or not 1 <= len(handle) <= 128 or data.get("n_images") != len(pil):
             raise ClientError(f"{self.url} answered an upload with an unexpected body; is it a craft-sdk server?")
@@ -400,8 +413,9 @@ class HTTPClient(BaseClient):
             request = {"handle": server_id, "class_names": names, "template": template, "logits_dtype": self.config.logits_dtype}
             body = encode(tensors, {"request": json.dumps(request)})
             headers = {"Content-Type": SAFETENSORS, IDEMPOTENCY_HEADER: idem}
+            post = functools.partial(self._http.post, "/predict", content=body, headers=headers)
             try:
-                logits = self._call("POST /predict", functools.partial(self._http.post, "/predict", content=body, headers=headers), _logits)
+                logits = self._call("POST /predict", functools.partial(_counted, self.provider_usage, post), _logits)
             except _HandleGone:
                 logger.info("server no longer holds an image set of %d images; uploading it again", len(remote.images))
                 with self._lock:
@@ -426,6 +440,12 @@ class HTTPClient(BaseClient):
         if not isinstance(data, dict):
             raise ClientError(f"{self.url} answered /health with an unexpected body; is it a craft-sdk server?")
         return data
+
+
+def _counted(usage: ProviderUsage, send: Callable[[], httpx.Response], images: int = 0) -> httpx.Response:
+    """Count one request (carrying ``images`` images), then send it."""
+    usage.add(requests=1, images=images)
+    return send()
 
 
 def _is_int(x: Any) -> bool:

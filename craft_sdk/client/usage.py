@@ -12,6 +12,7 @@ where it does not). Clients that run in process report zeros.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,18 +58,69 @@ class ProviderUsage:
             self.output_tokens - other.output_tokens,
         )
 
+    def plus(self, other: ProviderUsage) -> ProviderUsage:
+        """The sum of two counts (a new object)."""
+        return ProviderUsage(*(getattr(self, n) + getattr(other, n) for n in USAGE_FIELDS))
+
+    def times(self, k: int) -> ProviderUsage:
+        """The counts of ``k`` such calls (a new object)."""
+        return ProviderUsage(*(getattr(self, n) * int(k) for n in USAGE_FIELDS))
+
+    def is_zero(self) -> bool:
+        """Whether nothing was counted."""
+        return not any(getattr(self, n) for n in USAGE_FIELDS)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready counts."""
         return {name: getattr(self, name) for name in USAGE_FIELDS}
 
+    @classmethod
+    def from_dict(cls, data: Any) -> ProviderUsage:
+        """Counts from :meth:`to_dict` output (missing fields 0; anything else but non-negative ints refused)."""
+        if not isinstance(data, dict):
+            raise ValueError("provider usage must be a JSON object of counts")
+        values = [data.get(n, 0) for n in USAGE_FIELDS]
+        if any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in values):
+            raise ValueError(f"provider usage counts must be non-negative integers, got {data!r:.120}")
+        return cls(*values)
+
 
 def usage_of(client: Any) -> ProviderUsage:
-    """The :class:`ProviderUsage` of a client (or of the client a wrapper holds); zeros for in-process clients."""
+    """The :class:`ProviderUsage` of a client (or of the client a wrapper holds); zeros for in-process clients.
+
+    A client keeps it as ``usage`` (or ``provider_usage`` where ``usage`` already names something
+    else, as :class:`~craft_sdk.client.http.HTTPClient`'s server-side ``usage()``)."""
     seen = 0
     while client is not None and seen < 8:
-        usage = getattr(client, "usage", None)
-        if isinstance(usage, ProviderUsage):
-            return usage
+        for name in ("usage", "provider_usage"):
+            usage = getattr(client, name, None)
+            if isinstance(usage, ProviderUsage):
+                return usage
         client = getattr(client, "client", None)
         seen += 1
     return ProviderUsage()
+
+
+def _estimator(client: Any, name: str) -> Any:
+    seen = 0
+    while client is not None and seen < 8:
+        method = getattr(client, name, None)
+        if callable(method):
+            return method
+        client = getattr(client, "client", None)
+        seen += 1
+    return None
+
+
+def estimate_call(client: Any, n_images: int, class_names: Sequence[str], template: str, n_prompts: int = 1) -> ProviderUsage:
+    """The client's pre-send estimate of one ``predict`` call (its ``estimate_usage``); zeros for a
+    client without one (in-process clients, which bill nothing)."""
+    method = _estimator(client, "estimate_usage")
+    return ProviderUsage() if method is None else method(n_images, list(class_names), template, n_prompts)
+
+
+def estimate_upload(client: Any, n_images: int) -> ProviderUsage:
+    """The client's pre-send estimate of uploading ``n_images`` (its ``estimate_upload``); zeros without one
+    (most shapes upload nothing: the images travel with each prediction)."""
+    method = _estimator(client, "estimate_upload")
+    return ProviderUsage() if method is None else method(n_images)

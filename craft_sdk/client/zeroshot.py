@@ -19,8 +19,11 @@ agree on a template. A prediction over N images sends N requests, at most
 connections, 429 and 5xx (with one ``Idempotency-Key`` across its retries; servers
 that honour it, like ``craft-sdk serve``, never compute or bill a retry twice),
 and reassembles the scores in class order. The ledger's unit is unchanged (one
-prompt scored on one image set = one query); what providers bill, HTTP requests,
-is counted on the client: :attr:`ZeroShotAPIClient.provider_requests`.
+prompt scored on one image set = one query); what providers bill is counted on the
+client in the provider's units: :attr:`ZeroShotAPIClient.usage`
+(:class:`~craft_sdk.client.usage.ProviderUsage`): one request and one image per HTTP request
+sent, retries included. The endpoint reports no tokens, so none are counted (such endpoints
+bill per request); :meth:`ZeroShotAPIClient.estimate_usage` is the same rule before sending.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from ..errors import ClientError, ConfigError
 from ..wire import IDEMPOTENCY_HEADER, WireError
 from .base import DEFAULT_TEMPLATE, BaseClient, Capabilities, PredictionClient
 from .http import HTTPClient, HTTPClientConfig, client_config
+from .usage import ProviderUsage
 
 PLACEHOLDER = "{}"
 
@@ -130,7 +134,7 @@ class ZeroShotAPIClient(BaseClient):
         self.config = self._wire.config
         super().__init__(self.config.cache_size)  # the handle cache holds each image set's encoded images
         self._caps = Capabilities(model_id or f"zeroshot-api:{url}", output="probs")
-        self._sent = 0
+        self.usage = ProviderUsage()  # what the provider bills: requests and images sent, retries included
         self._answered = 0
         self._pool = concurrent.futures.ThreadPoolExecutor(self.config.max_concurrency, thread_name_prefix="zeroshot")
 
@@ -138,13 +142,23 @@ class ZeroShotAPIClient(BaseClient):
 
     @property
     def provider_requests(self) -> int:
-        """HTTP requests sent to the endpoint, retries included: what a provider bills at most."""
-        return self._sent
+        """HTTP requests sent to the endpoint, retries included: what a provider bills at most (``usage.requests``)."""
+        return self.usage.requests
 
     @property
     def provider_answers(self) -> int:
         """Requests answered with valid scores (one per image per prediction)."""
         return self._answered
+
+    def estimate_usage(self, n_images: int, class_names: list[str], template: str, n_prompts: int = 1) -> ProviderUsage:
+        """What one ``predict`` call sends, before it is sent: one request carrying one image per image and prompt
+        (no tokens: the endpoint reports none)."""
+        n = int(n_images) * int(n_prompts)
+        return ProviderUsage(requests=n, images=n)
+
+    def estimate_upload(self, n_images: int) -> ProviderUsage:
+        """An upload sends nothing (the images travel with each prediction)."""
+        return ProviderUsage()
 
     # ------------------------------------------------------------------ protocol
 
@@ -194,8 +208,7 @@ class ZeroShotAPIClient(BaseClient):
             nonlocal reached
             if batch.failed.is_set():
                 raise _Cancelled("cancelled: another request of this prediction failed")
-            with self._lock:
-                self._sent += 1
+            self.usage.add(requests=1, images=1)
             try:
                 resp = post()
             except (httpx.ConnectError, httpx.ConnectTimeout):

@@ -23,7 +23,7 @@ from ..errors import BudgetExceededError, ConfigError, CraftError
 from ..scores import as_log_scores
 from . import mlp, selection
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
-from .plan import baseline_cost, canary_reserve, effective_config, generation_cost, plan_generations
+from .plan import ImageSets, baseline_cost, calls_usage, canary_reserve, effective_config, generation_calls, generation_cost, plan_generations
 from .projection import GENERATOR
 from .prompts import create_prompt_space
 from .result import Progress, TuneResult
@@ -191,6 +191,13 @@ class Run:
                 f"query budget exhausted: {self.ledger.used} of {self.ledger.budget} used, generation {g} "
                 f"of {self.n_gen} needs {cost}; raise --budget to continue"
             )
+        if self.ledger.max_cost is not None:  # the whole generation or none of it, in money too
+            paper_val = self.images.paper_val
+            sets = ImageSets(self.images.n_search, len(self.images.scored), len(paper_val) if paper_val is not None else 0)
+            calls = generation_calls(self.config, g, self.n_gen, sets, self.caps.soft_prompts)
+            if not self.ledger.can_afford_usage(calls_usage(self.client, calls, self.names, self.config.template)):
+                raise BudgetExceededError(f"cost ceiling reached: {self.ledger.cost:.6g} of --max-cost {self.ledger.max_cost:g} "
+                                          f"spent and generation {g} would pass it; raise --max-cost to continue")
 
     def _baseline(self) -> int:
         z0 = None if self.prompts is None else self.prompts.zero()

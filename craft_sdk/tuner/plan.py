@@ -1,10 +1,23 @@
-"""The one statement of what a run costs: per generation, before generation 1, and the plan."""
+"""The one statement of what a run costs: per generation, before generation 1, and the plan.
+
+Queries (the tuner's unit) come from :func:`generation_cost` and :func:`baseline_cost`; the
+calls behind them (which image set, how many prompts per call) from :func:`generation_calls`
+and :func:`baseline_calls`, which a client's ``estimate_usage`` turns into the provider's
+units. :func:`plan_tune` puts it together before anything is sent (``craft-sdk tune --dry-run``).
+"""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
 
 from ..client.base import Capabilities
+from ..client.pricing import PriceTable, cost_of
+from ..client.usage import ProviderUsage, estimate_call, estimate_upload
+from ..errors import CraftError
 from .config import TuneConfig
 
 logger = logging.getLogger(__name__)
@@ -14,8 +27,11 @@ def generation_cost(config: TuneConfig, g: int, n_generations: int, has_val: boo
     """Queries generation ``g`` of ``n_generations`` costs: P candidates + the mean, plus one
     validation query on every ``val_every``-th and the last generation (paper protocol with
     validation data; the robust protocol's check images ride along in the mean's call)."""
-    validates = has_val and not config.robust and (g % config.val_every == 0 or g == n_generations)
-    return config.popsize + 1 + int(validates)
+    return config.popsize + 1 + int(_validates(config, g, n_generations, has_val))
+
+
+def _validates(config: TuneConfig, g: int, n_generations: int, has_val: bool) -> bool:
+    return has_val and not config.robust and (g % config.val_every == 0 or g == n_generations)
 
 
 def baseline_cost(config: TuneConfig, has_val: bool) -> int:
@@ -58,3 +74,218 @@ def effective_config(config: TuneConfig, caps: Capabilities) -> TuneConfig:
     if config.uses_prompt and not caps.soft_prompts:
         logger.info("model %s is text-only: mode %r searches the template's words", caps.model_id, config.mode)
     return config
+
+
+# ---------------------------------------------------------------------- calls and the plan
+
+
+@dataclass(frozen=True)
+class ImageSets:
+    """Images per set a run scores: ``search`` (candidates), ``scored`` (the mean: search + check images),
+    ``val`` (the paper protocol's validation set; 0 without one)."""
+
+    search: int
+    scored: int
+    val: int = 0
+
+
+@dataclass(frozen=True)
+class Call:
+    """``count`` predict calls of ``n_prompts`` prompts each on an image set of ``n_images`` (category ``category``)."""
+
+    category: str
+    n_images: int
+    n_prompts: int = 1
+    count: int = 1
+
+    @property
+    def queries(self) -> int:
+        return self.n_prompts * self.count
+
+
+def _scoring(category: str, n_images: int, prompts: int, soft_prompts: bool) -> Call:
+    """A population: one batched call of P prompts (soft prompts), or P calls of one context each (text only)."""
+    return Call(category, n_images, prompts, 1) if soft_prompts else Call(category, n_images, 1, prompts)
+
+
+def baseline_calls(config: TuneConfig, sets: ImageSets) -> list[Call]:
+    """The calls before generation 1 (:func:`baseline_cost` queries)."""
+    calls = [Call("refine", sets.scored)]
+    if sets.val and not config.robust:
+        calls.append(Call("validation", sets.val))
+    return calls
+
+
+def generation_calls(config: TuneConfig, g: int, n_generations: int, sets: ImageSets, soft_prompts: bool) -> list[Call]:
+    """The calls of generation ``g`` (:func:`generation_cost` queries): the candidates on the search images,
+    the mean on the scored images, and the validation set when it validates."""
+    calls = [_scoring("search", sets.search, config.popsize, soft_prompts), Call("refine", sets.scored)]
+    if _validates(config, g, n_generations, sets.val > 0):
+        calls.append(Call("validation", sets.val))
+    return calls
+
+
+def calls_usage(client: Any, calls: list[Call], class_names: list[str], template: str) -> ProviderUsage:
+    """The client's estimate of ``calls`` in provider units (zeros for an in-process client)."""
+    total = ProviderUsage()
+    for c in calls:
+        total = total.plus(estimate_call(client, c.n_images, class_names, template, c.n_prompts).times(c.count))
+    return total
+
+
+@dataclass
+class TunePlan:
+    """What ``tune`` will do and cost, computed before anything is sent (``craft-sdk tune --dry-run``).
+
+    ``splits`` maps each class to its image counts: ``train`` (the prompt search's images),
+    ``check`` (held out for selection: the robust protocol's check images or the validation set),
+    ``test``. The robust protocol may stop early, so its numbers are an upper bound
+    (``upper_bound``). ``refused`` lists what the run would refuse or fail on; ``warnings``
+    what it would do other than asked. Money fields are None without a price table.
+    """
+
+    mode: str
+    protocol: str
+    budget: int
+    classes: list[str] = field(default_factory=list)
+    splits: dict[str, dict[str, int]] = field(default_factory=dict)
+    soft_prompts: bool | None = None
+    generations: int = 0
+    popsize: int = 0
+    queries_per_generation: int = 0
+    baseline_queries: int = 0
+    planned_queries: int = 0
+    planned_uploads: int = 0
+    planned_requests: int = 0
+    planned_images: int = 0
+    estimated_input_tokens: int = 0
+    estimated_output_tokens: int = 0
+    estimated_cost: float | None = None
+    cost_per_generation: float | None = None
+    max_cost: float | None = None
+    price: dict[str, float] | None = None
+    upper_bound: bool = False
+    refused: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def plan_splits(config: TuneConfig, train: Any, val: Any, test: Any) -> tuple[ImageSets, dict[str, dict[str, int]]]:
+    """The image sets the run scores and the per-class split sizes (``train``/``check``/``test``)."""
+    from .selection import split_holdout
+
+    names = list(train.class_names)
+    counts = lambda labels: np.bincount(np.asarray(labels, np.int64), minlength=len(names))  # noqa: E731
+    search_labels, check_labels, n_val = train.labels, np.zeros(0, np.int64), 0
+    if config.robust and val is not None:
+        check_labels = val.labels
+    elif config.robust:
+        fit_idx, check_idx = split_holdout(train.labels, config.holdout, config.seed)
+        search_labels, check_labels = train.labels[fit_idx], train.labels[check_idx]
+    elif val is not None:
+        check_labels, n_val = val.labels, len(val)
+    test_counts = counts(test.labels) if test is not None else np.zeros(len(names), np.int64)
+    per = zip(counts(search_labels), counts(check_labels), test_counts)
+    splits = {n: {"train": int(a), "check": int(b), "test": int(t)} for n, (a, b, t) in zip(names, per)}
+    sets = ImageSets(len(search_labels), len(search_labels) + len(check_labels), n_val)
+    return sets, splits
+
+
+def plan_tune(
+    config: TuneConfig,
+    client: Any,
+    train: Any,
+    val: Any = None,
+    test: Any = None,
+    *,
+    price: PriceTable | None = None,
+    max_cost: float | None = None,
+) -> TunePlan:
+    """The plan of ``Tuner(config).fit(client, train, val)``, computed without sending anything.
+
+    The client is asked only its capabilities (local for every client but a ``craft-sdk serve`` URL,
+    where it is one free request) and its ``estimate_usage`` of each planned call.
+
+    Example:
+        >>> plan = plan_tune(TuneConfig(budget=500, popsize=8), client, splits.train)  # doctest: +SKIP
+        >>> plan.planned_queries, plan.generations                                     # doctest: +SKIP
+        (496, 55)
+    """
+    plan = TunePlan(config.mode, config.protocol, config.budget, list(train.class_names), popsize=config.popsize,
+                    max_cost=max_cost, price=None if price is None else price.to_dict(), upper_bound=config.robust)
+    sets, plan.splits = plan_splits(config, train, val, test)
+    caps = client.capabilities(config.template)
+    plan.soft_prompts = caps.soft_prompts
+    calls, uploads = _planned_calls(config, sets, caps.soft_prompts, plan)
+    names, template = list(train.class_names), config.template
+    usage = calls_usage(client, calls, names, template)
+    for n_images in uploads:
+        usage = usage.plus(estimate_upload(client, n_images))
+    plan.planned_uploads = len(uploads)
+    plan.planned_queries = sum(c.queries for c in calls)
+    plan.planned_requests, plan.planned_images = usage.requests, usage.images
+    plan.estimated_input_tokens, plan.estimated_output_tokens = usage.input_tokens, usage.output_tokens
+    plan.estimated_cost = cost_of(price, usage)
+    if plan.generations:
+        one = calls_usage(client, generation_calls(config, 1, plan.generations, sets, caps.soft_prompts), names, template)
+        plan.cost_per_generation = cost_of(price, one)
+    _cost_refusals(plan, price, max_cost, calls_usage(client, baseline_calls(config, sets), names, template))
+    return plan
+
+
+def _planned_calls(config: TuneConfig, sets: ImageSets, soft_prompts: bool, plan: TunePlan) -> tuple[list[Call], list[int]]:
+    """Every planned call and upload (image counts); fills the plan's generations and refusals."""
+    uploads = [sets.search] + ([sets.scored] if sets.scored != sets.search else []) + ([sets.val] if sets.val else [])
+    calls = baseline_calls(config, sets)
+    plan.baseline_queries = baseline_cost(config, sets.val > 0)
+    needed = plan.baseline_queries
+    no_check = config.robust and sets.scored == sets.search
+    bank = 0
+    if config.mode == "ensemble":
+        try:
+            from .ensemble import ensemble_bank
+
+            bank = len(ensemble_bank(config))
+        except CraftError as exc:
+            plan.refused.append(str(exc))
+        needed += bank
+        if bank and not no_check:
+            calls.append(Call("search", sets.scored, 1, bank))
+    n_contexts = min(config.ensemble_k or bank, bank) if config.mode == "ensemble" and bank else 1
+    canary = canary_reserve(config, n_contexts)  # recorded at the end: two scorings of the probes per context
+    needed += canary
+    if needed > config.budget:
+        plan.refused.append(f"budget {config.budget} cannot pay the {needed} queries needed besides the search "
+                            "(the zero-shot baseline, an ensemble's bank, the drift canary); raise --budget")
+        return calls, uploads
+    n_gen = plan_generations(config, sets.val > 0)
+    if no_check and (n_gen or config.mode == "ensemble"):
+        plan.warnings.append("too few training images to hold any out: no gain could be verified, so zero-shot is "
+                             "deployed without a search (more --shots, or --protocol paper to search anyway)")
+        n_gen = 0
+    if canary:
+        calls.append(Call("canary", config.canary, 1, canary))
+    if config.uses_prompt:
+        plan.generations = n_gen
+        plan.queries_per_generation = generation_cost(config, 1, max(n_gen, 1), False)
+        for g in range(1, n_gen + 1):
+            calls += generation_calls(config, g, n_gen, sets, soft_prompts)
+        if n_gen == 0 and not no_check and config.max_generations != 0:
+            one = needed + config.popsize + 1
+            plan.refused.append(f"budget {config.budget} pays no generation: one costs P + 1 = {config.popsize + 1} queries "
+                                f"besides the {needed} others (baseline, canary); raise --budget to at least {one} or lower --popsize")
+    return calls, uploads
+
+
+def _cost_refusals(plan: TunePlan, price: PriceTable | None, max_cost: float | None, baseline: ProviderUsage) -> None:
+    if price is None or max_cost is None or plan.estimated_cost is None:
+        return
+    if price.cost(baseline) > max_cost:
+        plan.refused.append(f"--max-cost {max_cost:g} cannot pay the zero-shot baseline (estimated {price.cost(baseline):.6g}); raise --max-cost")
+    elif plan.estimated_cost > max_cost:
+        per = plan.cost_per_generation or 0.0
+        fits = int((max_cost - price.cost(baseline)) // per) if per > 0 else plan.generations
+        plan.warnings.append(f"the plan's estimated cost {plan.estimated_cost:.6g} exceeds --max-cost {max_cost:g}: "
+                             f"the run stops at the ceiling, after about {min(fits, plan.generations)} of {plan.generations} generations")

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from ..client.base import PredictionClient
 from ..client.ledger import QueryLedger
+from ..client.pricing import PriceTable
 from ..data import ImageDataset
 from ..errors import ConfigError, DataError
 from .checkpoint import LEDGER_FILE
@@ -55,6 +56,8 @@ class Tuner:
         checkpoint_every: generations between checkpoints.
         resume: continue the run found in ``checkpoint_dir``.
         on_progress: called with a :class:`Progress` after every generation.
+        price: optional :class:`~craft_sdk.client.pricing.PriceTable` (provider usage as money).
+        max_cost: optional hard ceiling on that money (needs ``price``), checked before each call.
 
     Example:
         >>> result = Tuner(TuneConfig(mode="craft", budget=2000)).fit(client, splits.train)  # doctest: +SKIP
@@ -68,6 +71,8 @@ class Tuner:
         checkpoint_every: int = 1,
         resume: bool = False,
         on_progress: Callable[[Progress], None] | None = None,
+        price: PriceTable | None = None,
+        max_cost: float | None = None,
     ) -> None:
         if checkpoint_every < 1:
             raise ConfigError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
@@ -78,6 +83,9 @@ class Tuner:
         self.checkpoint_every = checkpoint_every
         self.resume = resume
         self.on_progress = on_progress
+        self.price = price
+        self.max_cost = max_cost
+        QueryLedger(price=price, max_cost=max_cost)  # validate them now, not at fit
 
     def fit(
         self,
@@ -97,8 +105,8 @@ class Tuner:
             self._check_checkpoint_dir()
             if ledger is None:
                 self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-                ledger = QueryLedger(self.config.budget, journal=self.checkpoint_dir / LEDGER_FILE)
-        ledger = ledger if ledger is not None else QueryLedger(self.config.budget)
+                ledger = QueryLedger(self.config.budget, journal=self.checkpoint_dir / LEDGER_FILE, price=self.price, max_cost=self.max_cost)
+        ledger = ledger if ledger is not None else QueryLedger(self.config.budget, price=self.price, max_cost=self.max_cost)
         return Run(self, client, ledger, train, val).execute()
 
     def _check_checkpoint_dir(self) -> None:
