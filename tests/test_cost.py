@@ -277,3 +277,16 @@ def test_dry_run_reports_refusals_and_usage_errors(server, folder: Path, tmp_pat
     bad = cli("tune", *base, "--price", "per_token=1", "--dry-run", check=False)
     assert bad.returncode == 2 and "NAME=VALUE" in bad.stderr
     assert meter(server)["used"] == 0
+
+
+def test_dry_run_on_a_prediction_server_uploads_nothing_and_matches_the_run(server, folder: Path, tmp_path: Path) -> None:  # noqa: ANN001
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY)
+    common = [str(folder), "--model", server.url, "--api-key-file", str(key_file), "--shots", "4", "--budget", "40",
+              "--popsize", "4", "--intrinsic-dim", "8", "--protocol", "paper", "--val-shots", "1", "--val-every", "3"]
+    plan = json.loads(cli("tune", *common, "--dry-run", "--json").stdout)
+    assert meter(server)["used"] == 0 and meter(server)["uploads"] == 0  # only the free capabilities were asked
+    assert plan["soft_prompts"] and plan["planned_uploads"] == 2  # the training shots and the validation set
+    run = json.loads(cli("tune", *common, "--out", str(tmp_path / "a"), "--json").stdout)
+    assert run["queries_used"] == plan["planned_queries"] == meter(server)["used"]
+    assert run["provider_requests"] == plan["planned_requests"] and run["provider_images"] == plan["planned_images"] == 12 + 3

@@ -63,10 +63,15 @@ def test_tune_over_http_equals_in_process(tiny_client, server, client, tmp_path:
     before = client.usage()["used"]
     result = Tuner(CFG).fit(client, train, val)
     remote = Adapter.from_result(result).save_pretrained(tmp_path / "remote")
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        assert (local / name).read_bytes() == (remote / name).read_bytes(), name
+    assert (local / "adapter_model.safetensors").read_bytes() == (remote / "adapter_model.safetensors").read_bytes()
+    configs = [json.loads((d / "adapter_config.json").read_text()) for d in (local, remote)]
+    usages = [c["provenance"].pop("provider_usage") for c in configs]  # only what the provider billed differs
+    # images sent: the search set, then (robust protocol) the search + check images the mean is scored on
+    assert configs[0] == configs[1] and usages[0]["requests"] == 0
+    assert usages[1]["requests"] == result.queries["usage"]["requests"] > 0 and usages[1]["images"] == 2 * len(train) + len(val)
     assert client.usage()["used"] - before == result.queries["used"]  # server and client count the same unit
-    assert result.n_generations == 10 and result.queries == in_process.queries
+    queries = [{k: v for k, v in q.items() if k not in ("usage", "usage_by_category")} for q in (result.queries, in_process.queries)]
+    assert result.n_generations == 10 and queries[0] == queries[1]
 
 
 def test_predict_shapes_and_values_match_in_process(tiny_client, client) -> None:  # noqa: ANN001

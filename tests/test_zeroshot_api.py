@@ -191,8 +191,10 @@ def test_tune_through_faults_gives_the_same_adapter(model, tmp_path: Path) -> No
             assert used(app) == zs.provider_answers == result.queries["used"] * len(train)  # each image billed once per query
             assert zs.provider_requests == zs.provider_answers + len(faults)
         out.append(Adapter.from_result(result).save_pretrained(tmp_path / f"a{len(faults)}"))
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        assert (out[0] / name).read_bytes() == (out[1] / name).read_bytes()
+    assert (out[0] / "adapter_model.safetensors").read_bytes() == (out[1] / "adapter_model.safetensors").read_bytes()
+    configs = [json.loads((d / "adapter_config.json").read_text()) for d in out]
+    usages = [c["provenance"].pop("provider_usage") for c in configs]  # the retried requests were sent: counted
+    assert configs[0] == configs[1] and usages[1]["requests"] == usages[0]["requests"] + 5
 
 
 def test_server_restart_mid_prediction(model, tiny_client) -> None:  # noqa: ANN001

@@ -189,7 +189,8 @@ def plan_splits(config: TuneConfig, train: Any, val: Any, test: Any) -> tuple[Im
     test_counts = counts(test.labels) if test is not None else np.zeros(len(names), np.int64)
     per = zip(counts(search_labels), counts(check_labels), test_counts)
     splits = {n: {"train": int(a), "check": int(b), "test": int(t)} for n, (a, b, t) in zip(names, per)}
-    sets = ImageSets(len(search_labels), len(search_labels) + len(check_labels), n_val)
+    rides_along = 0 if n_val else len(check_labels)  # robust: the check images are scored with the mean
+    sets = ImageSets(len(search_labels), len(search_labels) + rides_along, n_val)
     return sets, splits
 
 
