@@ -290,3 +290,29 @@ def test_dry_run_on_a_prediction_server_uploads_nothing_and_matches_the_run(serv
     run = json.loads(cli("tune", *common, "--out", str(tmp_path / "a"), "--json").stdout)
     assert run["queries_used"] == plan["planned_queries"] == meter(server)["used"]
     assert run["provider_requests"] == plan["planned_requests"] and run["provider_images"] == plan["planned_images"] == 12 + 3
+
+
+@pytest.mark.parametrize("shape", ["chat", "embed"])
+def test_plan_of_the_hosted_shapes(server, shape: str) -> None:  # noqa: ANN001
+    """Chat: the plan is within 10 % of the run in every unit (same token rule as the server). Embeddings: about an
+    upper bound (images and class prompts are embedded once per client, and word candidates repeat), within -10/+50 %."""
+    pytest.importorskip("openai")
+    from craft_sdk import create_client
+
+    train = ImageDataset(random_images(12, seed=10), np.arange(12) % 3, NAMES[:3])
+    config = TuneConfig(mode="pg", protocol="paper", budget=30, popsize=4)
+    price = PriceTable(input_per_1m=1.0, per_request=0.001)
+    client = create_client(f"{shape}+{server.url}/v1?model=tiny", api_key=KEY)
+    plan = plan_tune(config, client, train, price=price)
+    assert usage_of(client) == ProviderUsage() and meter(server)["used"] == 0
+    result = Tuner(config, price=price).fit(client, train)
+    used = result.queries["usage"]
+    assert plan.planned_queries == result.queries["used"] == 26 and used == usage_of(client).to_dict()
+    pairs = [(plan.planned_requests, used["requests"]), (plan.planned_images, used["images"]),
+             (plan.estimated_input_tokens, used["input_tokens"]), (plan.estimated_cost, result.queries["cost"])]
+    for planned, actual in pairs:
+        assert actual > 0
+        if shape == "chat":
+            assert abs(planned - actual) <= 0.1 * actual
+        else:
+            assert 0.9 * actual <= planned <= 1.5 * actual

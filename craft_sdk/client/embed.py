@@ -203,6 +203,10 @@ class EmbeddingClient(BaseClient):
         requests = images + -(-len(texts) // MAX_TEXTS)
         return ProviderUsage(requests, images, images * IMAGE_TOKENS + sum(map(text_tokens, texts)), 0)
 
+    def estimate_upload(self, n_images: int) -> ProviderUsage:
+        """Uploading an image set embeds its images (an upper bound: images already cached cost nothing)."""
+        return self.estimate_usage(n_images, [], n_prompts=0)
+
     def close(self) -> None:
         """Stop the request threads and close the connections."""
         self._wire.close()

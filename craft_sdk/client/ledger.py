@@ -307,7 +307,8 @@ class MeteredClient:
         """
         n = 1 if offsets is None or np.ndim(offsets) == 2 else int(np.shape(offsets)[0])
         n_images = images.n_images if isinstance(images, ImageSetHandle) else len(images)
-        estimate = estimate_call(self.client, n_images, class_names, template, n) if self.ledger.max_cost is not None else ProviderUsage()
+        uploaded = isinstance(images, ImageSetHandle)
+        estimate = estimate_call(self.client, n_images, class_names, template, n, uploaded=uploaded) if self.ledger.max_cost is not None else ProviderUsage()
         reserved = self.ledger.reserve(estimate, f"{category}, {n} quer{'y' if n == 1 else 'ies'} on {n_images} images")
         try:
             self.ledger.charge(n, category)

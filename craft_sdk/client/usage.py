@@ -11,6 +11,7 @@ where it does not). Clients that run in process report zeros.
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -112,11 +113,19 @@ def _estimator(client: Any, name: str) -> Any:
     return None
 
 
-def estimate_call(client: Any, n_images: int, class_names: Sequence[str], template: str, n_prompts: int = 1) -> ProviderUsage:
+def estimate_call(
+    client: Any, n_images: int, class_names: Sequence[str], template: str, n_prompts: int = 1, *, uploaded: bool = True
+) -> ProviderUsage:
     """The client's pre-send estimate of one ``predict`` call (its ``estimate_usage``); zeros for a
-    client without one (in-process clients, which bill nothing)."""
+    client without one (in-process clients, which bill nothing). ``uploaded``: the call is on an
+    uploaded image set, passed on as ``images_cached`` to an ``estimate_usage`` that takes it (a client
+    that pays for images at upload, as the embedding client)."""
     method = _estimator(client, "estimate_usage")
-    return ProviderUsage() if method is None else method(n_images, list(class_names), template, n_prompts)
+    if method is None:
+        return ProviderUsage()
+    if "images_cached" in inspect.signature(method).parameters:
+        return method(n_images, list(class_names), template, n_prompts, images_cached=uploaded)
+    return method(n_images, list(class_names), template, n_prompts)
 
 
 def estimate_upload(client: Any, n_images: int) -> ProviderUsage:
