@@ -224,7 +224,8 @@ def test_plan_splits_and_refusals(tiny_client) -> None:  # noqa: ANN001
     ok = plan_tune(TuneConfig(budget=100, popsize=8), tiny_client, train)
     assert ok.refused == [] and ok.generations == 11 and ok.planned_queries == 1 + 11 * 9
     assert ok.planned_requests == 0 and ok.estimated_cost is None  # an in-process model bills nothing
-    assert "budget 0" not in str(ok.refused)
+    canary = plan_tune(TuneConfig(budget=100, popsize=8, canary=16), tiny_client, train)  # 2 probe scorings kept back
+    assert canary.generations == 10 and canary.planned_queries == 1 + 10 * 9 + 2
 
 
 def test_dry_run_sends_nothing_and_estimates_the_run_within_10_percent(server, folder: Path, tmp_path: Path) -> None:  # noqa: ANN001
