@@ -27,6 +27,7 @@ API = "v1"
 SAFETENSORS = "application/x-safetensors"
 CHECKSUM_HEADER = "X-Craft-Body-SHA256"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+MODEL_FAULT = "model_fault"  # the error code of a 5xx a retry cannot fix: the model's scores for a valid request are unusable
 MAX_HEADER_BYTES = 16 << 20
 MAX_NDIM = 8
 MAX_DIM = 1 << 40  # any larger dimension cannot describe bytes of a body we accept
@@ -62,6 +63,7 @@ class TensorEntry:
 
 _JSON_STRING = re.compile(rb'"(?:[^"\\\\]|\\\\.)*"')
 _BRACKETS = bytes(set(range(256)) - set(b"[]{}"))
+_NUMBER = re.compile(rb"[-+0-9.eE]+")
 
 
 def _depth_ok(text: str | bytes, limit: int) -> bool:
@@ -76,10 +78,21 @@ def _depth_ok(text: str | bytes, limit: int) -> bool:
     return int(np.cumsum(steps).max()) <= limit
 
 
-def loads_json(text: str | bytes, what: str = "body", field: str = "body", max_depth: int = MAX_JSON_DEPTH) -> Any:
-    """``json.loads`` for hostile input: deep nesting, >4,300-digit integers, bad UTF-8 → :class:`WireError`."""
+def _longest_number(text: str | bytes) -> int:
+    """Characters in the longest run of number characters outside JSON strings."""
+    data = text.encode("utf-8", "replace") if isinstance(text, str) else bytes(text)
+    return max(map(len, _NUMBER.findall(_JSON_STRING.sub(b'""', data))), default=0)
+
+
+def loads_json(
+    text: str | bytes, what: str = "body", field: str = "body", max_depth: int = MAX_JSON_DEPTH, max_number_chars: int | None = None
+) -> Any:
+    """``json.loads`` for hostile input: deep nesting, >4,300-digit integers, bad UTF-8 → :class:`WireError`;
+    with ``max_number_chars``, also any number written with more characters (a 5,000-digit score)."""
     if not _depth_ok(text, max_depth):
         raise WireError(f"{what} nests JSON deeper than {max_depth} levels", field)
+    if max_number_chars is not None and _longest_number(text) > max_number_chars:
+        raise WireError(f"{what} holds a number longer than {max_number_chars} characters", field)
     try:
         return json.loads(text)
     except (ValueError, RecursionError, UnicodeDecodeError):  # JSONDecodeError and int-digit limits are ValueErrors

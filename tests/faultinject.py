@@ -60,6 +60,22 @@ class FaultInjector:
         await send({"type": "http.response.body", "body": body[: len(body) // 2]})
 
 
+class Hostile:
+    """An ASGI app answering every path with a fixed ``answer`` = (status, headers, body); counts its calls."""
+
+    def __init__(self) -> None:
+        self.answer: tuple[int, list[tuple[bytes, bytes]], bytes] = (200, [], b"{}")
+        self.calls = 0
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        self.calls += 1
+        status, headers, body = self.answer
+        await send({"type": "http.response.start", "status": status, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
 async def reply(send: Any, status: int, obj: dict) -> None:
     body = json.dumps(obj).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"retry-after", b"0")]

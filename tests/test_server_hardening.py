@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from faultinject import Hostile
 
 from craft_sdk import CallableClient, Capabilities, ClientError, ConfigError
 from craft_sdk.client.http import HTTPClient, _RemoteSet
@@ -377,22 +378,6 @@ def test_key_file_collisions_are_refused_and_errors_never_show_a_key(tmp_path: P
 
 
 # ------------------------------------------------------------------ hostile servers
-
-
-class Hostile:
-    """An ASGI app answering every path with a fixed (status, headers, body)."""
-
-    def __init__(self) -> None:
-        self.answer: tuple[int, list[tuple[bytes, bytes]], bytes] = (200, [], b"{}")
-        self.calls = 0
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return
-        self.calls += 1
-        status, headers, body = self.answer
-        await send({"type": "http.response.start", "status": status, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
 
 
 @pytest.fixture(scope="module")

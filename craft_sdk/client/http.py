@@ -64,6 +64,7 @@ from ..wire import (
     API,
     CHECKSUM_HEADER,
     IDEMPOTENCY_HEADER,
+    MODEL_FAULT,
     SAFETENSORS,
     WireError,
     encode,
@@ -87,7 +88,7 @@ MAX_CTX_DIM = 8192
 MAX_CTX_ELEMENTS = 1 << 18  # n_ctx x ctx_dim: the tuner's projection is [intrinsic_dim, n_ctx x ctx_dim]
 MAX_MODEL_ID_CHARS = 256
 LIMIT_FIELDS = ("max_body_bytes", "max_images", "max_image_side", "max_classes", "max_class_name_chars",
-                "max_template_chars", "max_population", "max_answer_bytes", "max_prompts")
+                "max_template_chars", "max_population", "max_answer_bytes", "max_prompts", "max_abs_offset")
 
 
 # ---------------------------------------------------------------------- client
@@ -306,6 +307,8 @@ class HTTPClient(BaseClient):
         code, message = err["code"], err["message"] or _one_line(resp.reason_phrase, 80)
         if resp.status_code == 429 and code == "budget_exceeded":
             raise BudgetExceededError(f"the server refused the query: {message}", unbilled=True)
+        if resp.status_code >= 500 and code == MODEL_FAULT:  # the same request fails the same way: not retried
+            raise ClientError(f"{self.url} could not score this request (HTTP {resp.status_code} {code}): {message}", unbilled=True)
         if resp.status_code in RETRY_STATUSES:
             billed = resp.status_code >= 500 and code != "in_progress"  # a 5xx may follow a computation
             raise _Retry(f"HTTP {resp.status_code} {code or _one_line(resp.reason_phrase, 40)}", _retry_after(resp), billed)

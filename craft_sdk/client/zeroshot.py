@@ -44,12 +44,14 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ClientError, ConfigError
-from ..wire import IDEMPOTENCY_HEADER, WireError
+from ..wire import IDEMPOTENCY_HEADER, WireError, loads_json
 from .base import DEFAULT_TEMPLATE, BaseClient, Capabilities, PredictionClient
 from .http import HTTPClient, HTTPClientConfig, client_config
 from .usage import ProviderUsage
 
 PLACEHOLDER = "{}"
+SUM_TOLERANCE = 0.01  # answered probabilities must sum to 1 within this (scores rounded to a few decimals)
+MAX_NUMBER_CHARS = 64  # a score written with more characters is refused
 
 
 def hypothesis_template(template: str) -> str:
@@ -201,7 +203,7 @@ class ZeroShotAPIClient(BaseClient):
         payload = {"inputs": b64, "parameters": {"candidate_labels": names, "hypothesis_template": hypothesis}}
         body = json.dumps(payload).encode()
         headers = {"Content-Type": "application/json", IDEMPOTENCY_HEADER: uuid.uuid4().hex}
-        post = functools.partial(self._wire._http.post, self.url, content=body, headers=headers)
+        post = functools.partial(_post, self._wire._http, self.url, body, headers, _answer_limit(names))
         reached = False  # an attempt got past connecting: the server may have computed it
 
         def send() -> httpx.Response:
@@ -257,25 +259,62 @@ class _Cancelled(ClientError):
     """A request not sent because another request of the same prediction failed."""
 
 
+def _answer_limit(names: list[str]) -> int:
+    """The most bytes a valid answer for ``names`` takes (every label JSON-escaped, a long score), plus slack."""
+    return (1 << 16) + 8 * sum(len(n) + 40 for n in names)
+
+
+def _post(http: httpx.Client, url: str, body: bytes, headers: dict[str, str], limit: int) -> httpx.Response:
+    """POST ``body``, reading at most ``limit`` bytes of the (decoded) answer; more is a :class:`ClientError`."""
+    with http.stream("POST", url, content=body, headers=headers) as resp:
+        data, size = [], 0
+        for chunk in resp.iter_bytes():
+            size += len(chunk)
+            if size > limit:
+                raise ClientError(f"the endpoint answered more than {limit} bytes, more than any answer for these labels; "
+                                  "is it a zero-shot endpoint?")
+            data.append(chunk)
+    kept = [(k, v) for k, v in resp.headers.multi_items() if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")]
+    return httpx.Response(resp.status_code, headers=kept, content=b"".join(data), request=resp.request)
+
+
 def _scores(resp: httpx.Response, names: list[str]) -> np.ndarray:
-    """Scores [C] in ``names`` order from ``[{"label", "score"}, ...]`` (any order)."""
+    """Scores [C] in ``names`` order from ``[{"label", "score"}, ...]`` (any order): exactly one finite
+    probability in [0, 1] per label, summing to 1 (within ``SUM_TOLERANCE``); anything else is a one-line
+    :class:`ClientError` (not retried: the endpoint would answer the same again)."""
     try:
-        items = resp.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise WireError("expected a JSON list of {label, score}") from None
+        items = loads_json(resp.content, "the endpoint's answer", max_depth=3, max_number_chars=MAX_NUMBER_CHARS)
+    except WireError as exc:
+        if "not valid JSON" in str(exc):
+            raise  # maybe truncated on the way: retried
+        raise ClientError(f"{exc}; is it a zero-shot endpoint?") from None
+
+    def bad(why: str) -> ClientError:
+        return ClientError(f"the endpoint's answer {why}; is it a zero-shot endpoint?")
+
     if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
-        raise WireError("expected a JSON list of {label, score}")
+        raise bad("is not a JSON list of {label, score} objects")
     index = {name: c for c, name in enumerate(names)}
     out = np.full(len(names), np.nan)
     for item in items:
         label, score = item.get("label"), item.get("score")
-        if label not in index or not isinstance(score, (int, float)) or not math.isfinite(score) or not 0 <= score <= 1:
-            raise ClientError(f"the endpoint answered an unexpected label or score {str(item)[:80]}; is it a zero-shot endpoint?")
+        if not isinstance(label, str) or label not in index:
+            raise bad(f"has an unexpected label {_short(label)}")
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score) or not 0 <= score <= 1:
+            raise bad(f"has a score {_short(score)} for {_short(label)} that is not a number in [0, 1]")
+        if not np.isnan(out[index[label]]):
+            raise bad(f"scores the label {_short(label)} twice")
         out[index[label]] = score
     if np.isnan(out).any():
         missing = [n for n, s in zip(names, out) if np.isnan(s)]
-        raise ClientError(f"the endpoint answered no score for label(s) {missing[:3]}; is it a zero-shot endpoint?")
+        raise bad(f"has no score for label(s) {[_short(m, 40) for m in missing[:3]]}")
+    if abs(float(out.sum()) - 1) > SUM_TOLERANCE:
+        raise bad(f"has scores summing to {float(out.sum()):.4g}, not 1 (independent per-label scores are not probabilities)")
     return out
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    return " ".join(repr(value)[:limit].split())
 
 
 class TextOnlyClient(BaseClient):

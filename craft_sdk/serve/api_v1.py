@@ -85,7 +85,9 @@ def register(router: APIRouter, state: ServerState) -> None:
     async def capabilities(template: str = DEFAULT_TEMPLATE, key: str = Depends(authenticate)) -> dict[str, Any]:
         checks.check_template(template, state.config)
         caps = await state.capabilities(key, template)
-        return {k: getattr(caps, k) for k in ("model_id", "n_ctx", "ctx_dim", "output", "ctx_rms", "logit_scale")}
+        shown = {k: getattr(caps, k) for k in ("model_id", "n_ctx", "ctx_dim", "output", "ctx_rms", "logit_scale")}
+        bounds = ("max_abs_offset", "max_population", "max_prompts")  # what one request may ask of the model
+        return {**shown, **{k: getattr(state.config, k) for k in bounds}}
 
     @router.post("/image-sets", status_code=201, summary="Upload an image set (safetensors uint8 pixels); not billed",
                  openapi_extra=safetensors_body)
@@ -271,11 +273,12 @@ def _respond(resp: CachedResponse, replayed: bool = False) -> Any:
     return Response(resp.body, 200, headers=headers, media_type=SAFETENSORS)
 
 
-async def _read_body(request: Any, cfg: ServerConfig) -> bytes:
-    """The request body, at most ``max_body_bytes``, received within ``body_timeout_s`` (408 beyond)."""
+async def _read_body(request: Any, cfg: ServerConfig, limit: int | None = None) -> bytes:
+    """The request body, at most ``limit`` bytes (default ``max_body_bytes``; 413 beyond, refused from its
+    Content-Length or as soon as more arrives), received within ``body_timeout_s`` (408 beyond)."""
     import anyio
 
-    limit = cfg.max_body_bytes
+    limit = cfg.max_body_bytes if limit is None else limit
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or len(declared) > 20 or int(declared) > limit):
         raise Problem(413, "too_large", f"request body exceeds {limit} bytes", "body")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import logging
 import threading
 import uuid
@@ -39,7 +40,8 @@ from .state import CachedResponse, FairScheduler, KeyedSets, KeyRing
 from .store import MemoryStore, Store
 
 logger = logging.getLogger(__name__)
-
+# the request being answered (set by every route): a model call whose client has left is not started
+CURRENT_REQUEST: contextvars.ContextVar[Any] = contextvars.ContextVar("craft_current_request", default=None)
 
 
 def _import_fastapi() -> Any:
@@ -170,7 +172,11 @@ class ServerState:
         self.pending += 1
         try:
             async with self.scheduler.turn(key):
-                return await anyio.to_thread.run_sync(fn, *args)
+                request = CURRENT_REQUEST.get()
+                if request is not None and await request.is_disconnected():  # nobody will read it: not computed
+                    logger.info("client of %s %s left before its turn; not computed (its charge is refunded)", request.method, request.url.path)
+                    raise Problem(499, "client_disconnected", "client disconnected before the model computed its request")
+                return await anyio.to_thread.run_sync(fn, *args)  # a running computation cannot be interrupted
         finally:
             self.pending -= 1
 
@@ -297,6 +303,7 @@ def _route_class() -> Any:
             handler = super().get_route_handler()
 
             async def guarded(request: Any) -> Any:
+                CURRENT_REQUEST.set(request)
                 try:
                     return await handler(request)
                 except (Problem, HTTPException, RequestValidationError):

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..wire import TensorEntry, WireError, loads_json, parse, read
+from ..wire import MODEL_FAULT, TensorEntry, WireError, loads_json, parse, read
 from .config import ServerConfig
 
 logger = logging.getLogger(__name__)
@@ -113,17 +113,22 @@ def check_offsets(body: bytes, e: TensorEntry, caps: Any, cfg: ServerConfig) -> 
     arr = array(body, e, "offsets", "offsets")
     if not np.isfinite(arr).all():
         raise Problem(422, "invalid", "offsets contain NaN or inf", "offsets")
+    if arr.size and float(np.abs(arr).max()) > cfg.max_abs_offset:
+        raise Problem(422, "out_of_range", f"offset values must lie within +-{cfg.max_abs_offset} (max_abs_offset in "
+                      "/v1/capabilities and /v1/limits); scale the offsets down", "offsets")
     return np.array(arr)  # a writable copy for the model
 
 
 def check_logits(out: Any, want: tuple[int, int, int]) -> np.ndarray:
-    """The model's scores as float32 [P, N, C], or a 500 (a model fault, logged, not leaked)."""
+    """The model's scores as float32 [P, N, C], or a 500 ``model_fault`` (logged, not leaked, not worth a retry:
+    the same valid request gives the same invalid result)."""
     arr = np.asarray(out, dtype=np.float32)
     if arr.ndim == 2 and want[0] == 1:
         arr = arr[None]
     if arr.shape != want or not np.isfinite(arr).all():
         logger.error("the model returned shape %s (expected %s) or non-finite scores", arr.shape, want)
-        raise Problem(500, "internal", "the model returned an invalid result")
+        raise Problem(500, MODEL_FAULT, "the model returned non-finite or misshapen scores for this request; "
+                      "retrying will not help, report it to the model owner")
     return arr
 
 

@@ -27,7 +27,10 @@ class ServerConfig:
         max_answer_bytes: largest answer, P x N x C x 4 (or 2 for float16) bytes of logits (413
             beyond; HTTPClient splits a population to fit).
         max_prompts: P x C prompts encoded per prediction, the request's compute (413 beyond;
-            HTTPClient splits): bounds how long one request holds the model from other keys.
+            HTTPClient splits): bounds how long one request holds the model from other keys
+            (16,384 prompts: about 7 s of a ViT-B-32 text tower on a busy 2-core CPU; raise it on a GPU).
+        max_abs_offset: largest absolute value of an offset element (422 beyond): a finite but huge
+            offset (1e20) overflows the text tower to NaN; tuned offsets are below 1 in practice.
         max_image_sets: uploaded image sets whose features are kept *per key* (that key's least
             recently used evicted; an evicted handle answers 404 and the client uploads again).
         idempotency_entries: answers remembered in memory for replay, per process.
@@ -57,7 +60,8 @@ class ServerConfig:
     max_template_chars: int = 200
     max_population: int = 256
     max_answer_bytes: int = 64 << 20
-    max_prompts: int = 65_536
+    max_prompts: int = 16_384
+    max_abs_offset: int = 10_000
     max_image_sets: int = 8
     idempotency_entries: int = 256
     idempotency_bytes: int = 128 << 20
@@ -77,8 +81,16 @@ class ServerConfig:
     def limits(self) -> dict[str, int]:
         """The size limits, as the ``/v1/limits`` endpoint reports them."""
         shown = ("max_body_bytes", "max_images", "max_image_side", "max_classes", "max_class_name_chars",
-                 "max_template_chars", "max_population", "max_answer_bytes", "max_prompts")
-        return {k: getattr(self, k) for k in shown}
+                 "max_template_chars", "max_population", "max_answer_bytes", "max_prompts", "max_abs_offset")
+        return {**{k: getattr(self, k) for k in shown}, "max_zero_shot_body_bytes": self.zero_shot_body_bytes}
+
+    @property
+    def zero_shot_body_bytes(self) -> int:
+        """The largest body ``/v1/zero-shot`` reads: a valid request at every limit (an incompressible 16-bit RGBA
+        image of ``max_image_side`` squared, base64, and ``max_classes`` labels JSON-escaped), at most ``max_body_bytes``."""
+        png = self.max_image_side * (8 * self.max_image_side + 1) * 1.01 + (1 << 16)  # 8 bytes a pixel, stored
+        labels = self.max_classes * (6 * self.max_class_name_chars + 4)  # \uXXXX escapes, quotes, comma
+        return min(self.max_body_bytes, int(png * 4 / 3) + labels + 6 * self.max_template_chars + (1 << 16))
 
 
 def load_api_keys(path: str | Path) -> dict[str, str]:

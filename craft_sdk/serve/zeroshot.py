@@ -70,7 +70,7 @@ def register(router: APIRouter, state: ServerState) -> None:
     @router.post(PATH, summary="Zero-shot classification of one base64 image (JSON in and out); billed 1 query",
                  response_class=Response)
     async def zero_shot(name: str, request: Request, key: str = Depends(authenticate)) -> Any:
-        body = await _read_body(request, state.config)
+        body = await _read_body(request, state.config, state.config.zero_shot_body_bytes)  # sized to a valid request
         idem = request.headers.get(IDEMPOTENCY_HEADER)
         check_idempotency_key(idem)
         return await _answer(state, key, None if idem is None else _SLOT + idem, body)
