@@ -61,6 +61,7 @@ def serve(
     workers: int = typer.Option(1, help="server processes sharing the port and the state (each loads the model)"),
     max_body_mb: int = typer.Option(256, help="largest request body in MiB"),
     cache_size: int = typer.Option(8, help="uploaded image sets whose features are kept, per key"),
+    max_prompts: int = typer.Option(16_384, help="P x C prompts one request may ask (its compute; raise it on a GPU)"),
     device: str = typer.Option("cpu", help="torch device of the model"),
     text_only: bool = typer.Option(False, "--text-only", help="refuse context offsets (a text-only provider); /v1/zero-shot/* still answers"),
 ) -> None:
@@ -78,7 +79,8 @@ def serve(
         raise fail("--state memory keeps meters in one process, so --workers would multiply every budget; use a SQLite file or redis://")
     check_state_url(state)
     keys = load_api_keys(api_key_file)
-    config = ServerConfig(budget_per_key=budget_per_key, max_body_bytes=max_body_mb << 20, max_image_sets=cache_size)
+    config = ServerConfig(budget_per_key=budget_per_key, max_body_bytes=max_body_mb << 20, max_image_sets=cache_size,
+                          max_prompts=max_prompts)
     spec = {"model": model, "pretrained": pretrained_kwargs(pretrained), "device": device, "text_only": text_only,
             "api_key_file": str(api_key_file), "config": asdict(config), "state": state or default_state(api_key_file)}
     store = open_store(spec["state"], config.budget_per_key, config.lease_s)  # a bad --state fails now; logs Redis persistence problems
