@@ -7,6 +7,7 @@ what that was measured), what it cost in queries, how to load it, and its limits
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from pathlib import Path
@@ -17,12 +18,28 @@ from ._fileio import write_bytes_atomic
 CARD_FILE = "README.md"
 TAGS = ("craft-sdk", "craft", "black-box-tuning", "few-shot", "image-classification", "vision-language-model")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_MD_SPECIAL = re.compile(r"([\\`*_\[|~])")  # with < > & escaped too, no emphasis, code, link, table cell or tag
+_SCHEME = re.compile(r"(?i)\b(javascript|vbscript|data)(\s*):")
+
+
+def _text(value: Any) -> str:
+    """``value`` as inert Markdown text: one line, Markdown punctuation backslash-escaped, HTML escaped, and no
+    ``javascript:``/``vbscript:``/``data:`` scheme left for an auto-linker (class names and provenance come from
+    whoever wrote the adapter, possibly a stranger on the Hub)."""
+    one_line = "".join(ch for ch in " ".join(str(value).split()) if ch.isprintable())
+    return _SCHEME.sub(r"\1\2&#58;", html.escape(_MD_SPECIAL.sub(r"\\\1", one_line), quote=False))
+
+
+def _literal(value: Any) -> str:
+    """``value`` as a one-line Python string literal that cannot close a code fence nor read as a tag."""
+    text = json.dumps(str(value))
+    return text.replace("`", "\\u0060").replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 def _client_hint(model_id: str) -> str:
     if model_id.startswith("craft-demo-vlm"):
         return 'craft_sdk.create_client("demo")'
-    return f"craft_sdk.create_client(...)  # the black box serving {model_id}"
+    return f"craft_sdk.create_client(...)  # the black box serving {_literal(model_id)}"
 
 
 def _pct(value: Any) -> str:
@@ -30,26 +47,34 @@ def _pct(value: Any) -> str:
 
 
 def _front_matter(model_id: str, mode: Any) -> list[str]:
-    lines = ["---", "library_name: craft-sdk", "pipeline_tag: image-classification", f"base_model_id: {json.dumps(model_id)}"]
-    if _HUB_ID.match(model_id):
-        lines.append(f"base_model: {json.dumps(model_id)}")
-    lines.append("tags:")
-    lines += [f"- {t}" for t in (*TAGS, f"mode-{mode}")]
-    return [*lines, "---", ""]
+    """YAML front matter written by a YAML serializer (or, without pyyaml, as JSON scalars, which are YAML):
+    no value can add a key or a line."""
+    meta: dict[str, Any] = {"library_name": "craft-sdk", "pipeline_tag": "image-classification", "base_model_id": str(model_id)}
+    if _HUB_ID.fullmatch(model_id):
+        meta["base_model"] = model_id
+    meta["tags"] = [*TAGS, f"mode-{mode}"]
+    try:
+        import yaml
+    except ImportError:
+        lines = [f"{k}: {json.dumps(v)}" for k, v in meta.items() if k != "tags"]
+        lines += ["tags:", *(f"- {json.dumps(t)}" for t in meta["tags"])]  # ensure_ascii: no U+2028 line breaks
+    else:
+        lines = yaml.safe_dump(meta, sort_keys=False, allow_unicode=False, width=1 << 20).splitlines()
+    return ["---", *lines, "---", ""]
 
 
 def _accuracy_rows(prov: dict[str, Any], evaluation: dict[str, Any] | None) -> list[str]:
     metrics, data = prov.get("metrics") or {}, prov.get("data") or {}
     rows = ["| measured on | zero-shot accuracy | adapter accuracy |", "|---|---|---|"]
     if evaluation:
-        where = evaluation.get("dataset", "held-out test set")
-        rows.append(f"| {where} ({evaluation.get('n_test', '?')} images) | "
+        where = _text(evaluation.get("dataset", "held-out test set"))
+        rows.append(f"| {where} ({_text(evaluation.get('n_test', '?'))} images) | "
                     f"{_pct(evaluation.get('zero_shot_accuracy'))} | {_pct(evaluation.get('accuracy'))} |")
     if metrics.get("train_accuracy") is not None:
-        rows.append(f"| the training shots ({data.get('n_train', '?')} images; optimistic) | "
+        rows.append(f"| the training shots ({_text(data.get('n_train', '?'))} images; optimistic) | "
                     f"{_pct(metrics.get('zero_shot_train_accuracy'))} | {_pct(metrics.get('train_accuracy'))} |")
     if metrics.get("val_accuracy") is not None:
-        rows.append(f"| the validation split ({data.get('n_val', '?')} images; used for model selection) | "
+        rows.append(f"| the validation split ({_text(data.get('n_val', '?'))} images; used for model selection) | "
                     f"{_pct(metrics.get('zero_shot_val_accuracy'))} | {_pct(metrics.get('val_accuracy'))} |")
     if len(rows) == 2:
         return ["No accuracy was recorded for this adapter."]
@@ -67,7 +92,7 @@ def _cost_lines(usage: Any) -> list[str]:
         price = usage.get("price") if isinstance(usage.get("price"), dict) else {}
         rates = ", ".join(f"{k} {float(v):g}" for k, v in sorted(price.items()) if isinstance(v, (int, float)) and v)
         line += f"; cost {float(cost):.6g} at {rates or 'the recorded prices'}"
-    return [line]
+    return [_text(line)]  # recorded values, as inert text
 
 
 def render_model_card(adapter: Any, *, repo_id: str | None = None, evaluation: dict[str, Any] | None = None) -> str:
@@ -84,11 +109,12 @@ def render_model_card(adapter: Any, *, repo_id: str | None = None, evaluation: d
     cfg = adapter.config
     prov = dict(cfg.provenance or {})
     mode, names = prov.get("mode", "unknown"), list(cfg.class_names)
-    shown = ", ".join(f"`{n}`" for n in names[:50]) + (f", ... ({len(names)} in all)" if len(names) > 50 else "")
-    where = repo_id or "path/to/this-adapter"
+    shown = ", ".join(_text(n) for n in names[:50]) + (f", ... ({len(names)} in all)" if len(names) > 50 else "")
+    where = _literal(repo_id or "path/to/this-adapter")
+    model, prompt = _text(cfg.model_id), "none" if cfg.prompt is None else _text(cfg.prompt.describe())
     lines = _front_matter(cfg.model_id, mode)
     lines += [
-        f"# CraFT adapter: {len(names)}-class image classification on `{cfg.model_id}`",
+        f"# CraFT adapter: {len(names)}-class image classification on {model}",
         "",
         "A [craft-sdk](https://pypi.org/project/craft-sdk/) adapter (CraFT, ICML 2024): a learned prompt offset and a",
         "small refiner on the output of a **black-box** vision-language model that is only queried for predictions.",
@@ -96,11 +122,11 @@ def render_model_card(adapter: Any, *, repo_id: str | None = None, evaluation: d
         "## Task",
         "",
         f"- classes ({len(names)}): {shown}",
-        f"- prompt template: `{cfg.template} <class name>.`",
-        f"- mode: `{mode}`, {prov.get('shots', '?')} shots per class, seed {prov.get('seed', '?')}",
-        f"- prompt: {'none' if cfg.prompt is None else cfg.prompt.describe()}; "
+        f"- prompt template: {_text(cfg.template)} &lt;class name&gt;.",
+        f"- mode: {_text(mode)}, {_text(prov.get('shots', '?'))} shots per class, seed {_text(prov.get('seed', '?'))}",
+        f"- prompt: {prompt}; "
         f"refiner: {'none' if cfg.refiner is None else f'{cfg.refiner.layers}-layer MLP (hidden {cfg.refiner.hidden})'}",
-        f"- queries used to tune: {prov.get('queries_used', '?')} of a budget of {prov.get('budget', '?')}",
+        f"- queries used to tune: {_text(prov.get('queries_used', '?'))} of a budget of {_text(prov.get('budget', '?'))}",
         *_cost_lines(prov.get("provider_usage")),
         "",
         "## Accuracy",
@@ -112,7 +138,7 @@ def render_model_card(adapter: Any, *, repo_id: str | None = None, evaluation: d
         "```python",
         "import craft_sdk",
         f"client = {_client_hint(cfg.model_id)}",
-        f'clf = craft_sdk.CraftClassifier.from_pretrained("{where}", client)',
+        f"clf = craft_sdk.CraftClassifier.from_pretrained({where}, client)",
         "```",
         "",
         "Then `clf.predict(images)` (paths, PIL images or uint8 arrays); each batch of images is one black-box query.",
@@ -120,13 +146,13 @@ def render_model_card(adapter: Any, *, repo_id: str | None = None, evaluation: d
         "",
         "## Limitations",
         "",
-        f"- It works only through the black box it was tuned on (`{cfg.model_id}`); another model is refused at load.",
+        f"- It works only through the black box it was tuned on ({model}); another model is refused at load.",
         "- It predicts only the classes above; every image gets one of them, however far from them it is.",
         "- It was tuned on a few images per class: accuracy on the training shots is optimistic, and a shift in",
         "  image style, resolution or class balance away from those shots can cost more than it costs zero-shot.",
         "- The refiner can memorise few-shot training data; compare with zero-shot on your own held-out images.",
         "",
-        f"Format {cfg.format_version}, written by craft-sdk {cfg.craft_sdk_version}.",
+        f"Format {_text(cfg.format_version)}, written by craft-sdk {_text(cfg.craft_sdk_version)}.",
     ]
     return "\n".join(lines) + "\n"
 
