@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,8 +59,26 @@ def decode_file(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
             return im.convert("RGB")
 
 
+def require_regular(path: str | Path) -> None:
+    """Fail with one line unless ``path`` is a regular file: opening a FIFO would block forever, a device never end.
+
+    Raises:
+        DataError: missing, unreadable, or a FIFO, device, socket or directory.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise DataError(f"{path} does not exist") from None
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.__class__.__name__}") from None
+    if not stat.S_ISREG(mode):
+        raise DataError(f"{path} is not a regular file (a FIFO, device or socket?); predict reads image files only")
+
+
 def read_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """:func:`decode_file` with every failure as a one-line :class:`DataError` naming the file."""
+    """:func:`decode_file` with every failure as a one-line :class:`DataError` naming the file (a FIFO or
+    device is refused before it is opened)."""
+    require_regular(path)
     try:
         return decode_file(path, max_pixels)
     except DataError:

@@ -41,6 +41,16 @@ def infer_format(path: str | Path, fmt: str = "auto") -> str:
     raise ConfigError(f"cannot tell the format of {path} from its suffix; name it .jsonl or .csv, or pass --format")
 
 
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet reads as a formula (OWASP CSV injection)
+
+
+def csv_cell(value: Any) -> Any:
+    """``value`` safe for a spreadsheet: a string starting with ``= + - @``, a tab or a carriage return gets a
+    leading ``'`` (OWASP's CSV-injection advice), so ``=1+2`` from a downloaded adapter's class names or a file
+    name is shown as text, never evaluated. Other values are returned unchanged."""
+    return "'" + value if isinstance(value, str) and value.startswith(_FORMULA_START) else value
+
+
 def _plain(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
@@ -138,7 +148,7 @@ class PredictionSink:
 
     def check_resume_point(self, image: str) -> None:
         """Fail if input number ``done`` is not the image of the last row written (the inputs changed)."""
-        if self.last_image is not None and image != self.last_image:
+        if self.last_image is not None and (csv_cell(image) if self.fmt == "csv" else image) != self.last_image:
             raise DataError(f"the inputs changed since {self.path} was written: its row {self.done} is {self.last_image}, "
                             f"input {self.done} is {image}; rerun without --resume into a new --output")
 
@@ -151,7 +161,7 @@ class PredictionSink:
     @staticmethod
     def _csv_line(values: Sequence[Any]) -> str:
         buf = io.StringIO()
-        csv.writer(buf, lineterminator="\n").writerow(values)
+        csv.writer(buf, lineterminator="\r\n").writerow([csv_cell(v) for v in values])  # RFC 4180: a CR in a cell is quoted
         return buf.getvalue()
 
     def write(self, rows: list[dict[str, Any]]) -> None:

@@ -30,21 +30,12 @@ from PIL import Image
 from .classifier import CraftClassifier, Predictions
 from .data import IMAGE_SUFFIXES  # one list of image suffixes for datasets and prediction
 from .errors import ConfigError, DataError
-from .images import to_pil
+from .images import require_regular, to_pil
 
 logger = logging.getLogger(__name__)
 
 ON_ERROR = ("fail", "skip")
 _GLOB_CHARS = frozenset("*?[")
-
-
-def _require_regular(path: str) -> None:
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise DataError(f"{path} does not exist") from None
-    if not stat.S_ISREG(mode):
-        raise DataError(f"{path} is not a regular file (a FIFO, device or socket?); predict reads image files only")
 
 
 def _walk(root: str) -> Iterator[str]:
@@ -74,7 +65,7 @@ def check_inputs(inputs: Sequence[str | Path]) -> None:
             if next(glob.iglob(item, recursive=True), None) is None:
                 raise DataError(f"no file matches the pattern {item!r}")
             continue
-        _require_regular(item)
+        require_regular(item)
 
 
 def iter_image_paths(inputs: Sequence[str | Path] = (), files_from: str | Path | None = None) -> Iterator[str]:
@@ -83,8 +74,9 @@ def iter_image_paths(inputs: Sequence[str | Path] = (), files_from: str | Path |
     Args:
         inputs: image files (any name), directories (image suffixes only), glob patterns
             (``"shots/**/*.jpg"``).
-        files_from: a text file with one path per line (blank lines and ``#`` comments skipped),
-            or ``"-"`` for standard input; each path must be a regular file.
+        files_from: a text file (or pipe) with one path per line (blank lines and ``#`` comments skipped),
+            or ``"-"`` for standard input; its paths are yielded unchecked, so that a missing one or a FIFO is
+            one image's error when decoded (skipped with ``on_error="skip"``), never opened.
 
     Raises:
         DataError: a missing or non-regular named file, or a glob that matches nothing.
@@ -97,7 +89,7 @@ def iter_image_paths(inputs: Sequence[str | Path] = (), files_from: str | Path |
             for path in sorted(glob.glob(item, recursive=True)):
                 if os.path.isdir(path):
                     continue
-                _require_regular(path)
+                require_regular(path)
                 yield path
         else:
             yield item
@@ -113,7 +105,6 @@ def _iter_list_file(list_file: str) -> Iterator[str]:
         for line in handle:
             path = line.rstrip("\n")
             if path.strip() and not path.lstrip().startswith("#"):
-                _require_regular(path)
                 yield path
     finally:
         if handle is not sys.stdin:

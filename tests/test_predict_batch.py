@@ -94,8 +94,7 @@ def test_discovery_trees_globs_lists_and_fifos(images: Path, tmp_path: Path) -> 
     with pytest.raises(DataError, match="pipe.png is not a regular file"):
         list(iter_image_paths([str(fifo)]))
     listing.write_text(f"{fifo}\n")
-    with pytest.raises(DataError, match="not a regular file"):
-        list(iter_image_paths([], files_from=listing))
+    assert list(iter_image_paths([], files_from=listing)) == [str(fifo)]  # listed paths are decode-time errors
     (tmp_path / "ok.png").write_bytes((images / "a" / "0.png").read_bytes())
     assert list(iter_image_paths([str(tmp_path)])) == [str(tmp_path / "ok.png")]  # a FIFO inside a tree is skipped
     for bad, needle in (([str(tmp_path / "gone.png")], "does not exist"), ([str(tmp_path / "*.jpeg")], "no file matches")):
@@ -204,6 +203,79 @@ def test_cli_fifo_and_remote_options(adapter_dir: Path, images: Path, tmp_path: 
     assert res.exit_code == 0, res.output
     assert seen == {"model": "http://127.0.0.1:9", "api_key": "secret", "max_concurrency": 8}
     assert res.stdout.count("\n") == 2 and res.stdout.startswith(str(images / "c" / "8.jpg") + "\t")
+
+
+def test_files_from_listing_a_fifo_or_missing_file_is_skipped_not_opened(
+    adapter_dir: Path, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)  # opening it would block forever: nobody writes to it
+    every = files_of(images)
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{every[0]}\n{fifo}\n{tmp_path / 'gone.png'}\n{every[1]}\n")
+    out = tmp_path / "preds.jsonl"
+    client = Spy()
+    done = threading.Event()
+    result: list = []
+
+    def go() -> None:
+        result.append(run([str(adapter_dir), "--files-from", str(listing), "--on-error", "skip", "--output", str(out),
+                           "--json"], client, monkeypatch))
+        done.set()
+
+    threading.Thread(target=go, daemon=True).start()
+    assert done.wait(60), "predict blocked on the FIFO"
+    code, stdout, stderr = result[0]
+    assert code == 0, stderr
+    assert json.loads(stdout)["errors"] == 2
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["image"] for r in rows] == [every[0], str(fifo), str(tmp_path / "gone.png"), every[1]]
+    assert "not a regular file" in rows[1]["error"] and "does not exist" in rows[2]["error"]
+    assert rows[0]["label"] in NAMES and rows[3]["label"] in NAMES and client.calls == 1
+    code, _, stderr = run([str(adapter_dir), "--files-from", str(listing)], Spy(), monkeypatch)  # on-error fail
+    assert code == 1 and "pipe.png is not a regular file" in stderr.strip().splitlines()[-1]
+
+
+def test_files_from_a_pipe_is_read_once(adapter_dir: Path, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    every = files_of(images)
+    fifo = tmp_path / "list.fifo"
+    os.mkfifo(fifo)
+
+    def writer() -> None:  # like --files-from <(find ...): the listing can be read once only
+        with open(fifo, "w") as f:
+            f.write("\n".join(every[:3]) + "\n")
+
+    threading.Thread(target=writer, daemon=True).start()
+    code, stdout, stderr = run([str(adapter_dir), "--files-from", str(fifo), "--json"], Spy(), monkeypatch)
+    assert code == 0, stderr
+    assert [r["image"] for r in json.loads(stdout)["predictions"]] == every[:3]
+
+
+def test_csv_output_neutralises_formula_labels_and_paths(tmp_path: Path, images: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    names = ("=1+2", "@SUM(1)", "+cmd", "-2", "\tx", "\rx", "plain")
+    weights = mlp.init_weights(len(names), 8, 2, residual=False, seed=1)
+    cfg = AdapterConfig("spy/1", names, "a photo of a", refiner=RefinerSpec(2, 8, True))
+    ad = Adapter(cfg, None, None, weights).save_pretrained(tmp_path / "hostile")
+    evil = tmp_path / "=HYPERLINK(1).png"
+    evil.write_bytes((images / "a" / "0.png").read_bytes())
+
+    class Seven(Spy):
+        def predict(self, images, class_names, template="a photo of a", offsets=None):  # type: ignore[no-untyped-def]
+            return np.tile(np.arange(7, dtype=np.float32)[::-1], (len(images), 1))
+
+    out = tmp_path / "p.csv"
+    monkeypatch.chdir(tmp_path)  # the file is named relatively: its name starts the cell
+    code, _, stderr = run([str(ad), evil.name, str(images / "a" / "1.png"), "--top-k", "7", "--output", str(out)], Seven(), monkeypatch)
+    assert code == 0, stderr
+    rows = list(csv.reader(out.open(newline="")))
+    cells = [c for row in rows[1:] for c in row]
+    assert not any(c.startswith(("=", "+", "-", "@", "\t", "\r")) for c in cells)
+    labels = {c for row in rows[1:] for c in row[1:-1:2]}
+    assert labels == {"'=1+2", "'@SUM(1)", "'+cmd", "'-2", "'\tx", "'\rx", "plain"}
+    assert rows[1][0] == "'=HYPERLINK(1).png" and len(rows) == 3
+    code, stdout, stderr = run([str(ad), evil.name, str(images / "a" / "1.png"), "--top-k", "7", "--output", str(out), "--resume",
+                                "--json"], Seven(), monkeypatch)
+    assert code == 0 and json.loads(stdout)["resumed_after"] == 2, stderr  # resuming matches the neutralised rows
 
 
 def test_ray_data_predictor_on_two_workers(adapter_dir: Path, images: Path, tmp_path: Path) -> None:

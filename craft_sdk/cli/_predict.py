@@ -99,7 +99,10 @@ def predict(
     config = ClassifierConfig(batch_size=batch_size, backend=backend, allow_model_mismatch=allow_model_mismatch,
                               canary_every=canary_every, on_drift=on_drift)
     check_inputs(inputs or [])
-    total = None if str(files_from) == "-" else sum(1 for _ in iter_image_paths(inputs or [], files_from))
+    if files_from is not None and str(files_from) != "-" and not files_from.exists():
+        raise fail(f"--files-from {files_from} does not exist; pass a file of image paths, one per line, or '-' for stdin")
+    once = files_from is not None and (str(files_from) == "-" or not files_from.is_file())  # a pipe is read once
+    total = None if once else sum(1 for _ in iter_image_paths(inputs or [], files_from))
     if total == 0:
         raise fail(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES)[:4])}, ...) found in {' '.join(inputs or [])}", RUNTIME_ERROR)
     root = resolve_adapter_dir(adapter, revision=revision, subfolder=subfolder)  # a Hub miss fails before the model loads
