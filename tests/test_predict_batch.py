@@ -246,7 +246,13 @@ def test_files_from_a_pipe_is_read_once(adapter_dir: Path, images: Path, tmp_pat
             f.write("\n".join(every[:3]) + "\n")
 
     threading.Thread(target=writer, daemon=True).start()
-    code, stdout, stderr = run([str(adapter_dir), "--files-from", str(fifo), "--json"], Spy(), monkeypatch)
+    result: list = []
+    reader = threading.Thread(target=lambda: result.append(run([str(adapter_dir), "--files-from", str(fifo), "--json"],
+                                                                Spy(), monkeypatch)), daemon=True)
+    reader.start()
+    reader.join(60)
+    assert result, "predict opened the pipe twice and blocked"
+    code, stdout, stderr = result[0]
     assert code == 0, stderr
     assert [r["image"] for r in json.loads(stdout)["predictions"]] == every[:3]
 
