@@ -6,6 +6,9 @@ catch either (``except ValueError`` keeps working for bad input).
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 
 class CraftError(Exception):
     """Base class of all craft-sdk errors."""
@@ -57,5 +60,33 @@ class StoreError(CraftError, RuntimeError):
     """The server's state store is unavailable or lost its data; metered routes refuse (503) until it is back."""
 
 
-class MissingDependencyError(CraftError, ImportError):
-    """An optional dependency is not installed; the message names the ``pip install`` that fixes it."""
+class MissingDependencyError(ConfigError, AdapterError, ClientError, ImportError):
+    """An optional dependency is not installed; the message names the ``pip install`` that fixes it.
+
+    Raised only by :func:`require`. It is an ``ImportError``, and also each error a missing package
+    raised before there was one rule (``ConfigError``, ``AdapterError``, ``ClientError``), so every
+    caller's ``except`` keeps catching it. Being a ``ConfigError``, the CLI exits 2 for it.
+    """
+
+
+# Where a module's pip distribution has another name than the module.
+_DISTRIBUTIONS = {"yaml": "pyyaml", "open_clip": "open_clip_torch"}
+
+
+def require(module: str, extra: str | None, purpose: str, *, otherwise: str = "") -> Any:
+    """Import the optional ``module`` (dotted names allowed), or raise :class:`MissingDependencyError`.
+
+    The message reads ``"<purpose> needs <package>: pip install 'craft-sdk[<extra>]' (or pip install
+    <package>)"``, then ``"; or <otherwise>"`` when given; ``extra=None`` names a base dependency (``pip install craft-sdk``). The one rule for a
+    missing optional dependency: tests/test_errors.py checks every call names an extra of pyproject.toml
+    that lists the package.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        top = module.split(".")[0]
+        missing = exc.name.split(".")[0] if exc.name and exc.name.split(".")[0] != top else top
+        package = _DISTRIBUTIONS.get(missing, missing)
+        target = f"'craft-sdk[{extra}]'" if extra else "craft-sdk"
+        hint = f"; or {otherwise}" if otherwise else ""
+        raise MissingDependencyError(f"{purpose} needs {package}: pip install {target} (or pip install {package}){hint}") from None

@@ -38,7 +38,7 @@ import numpy as np
 from ._fileio import write_bytes_atomic
 from ._version import __version__
 from .adapter import ONNX_FILE, Adapter
-from .errors import AdapterError
+from .errors import AdapterError, require
 from .scores import softmax
 from .tuner import mlp
 
@@ -63,11 +63,7 @@ ATOL = 1e-5
 
 
 def _import_onnx() -> Any:
-    try:
-        import onnx
-    except ImportError:
-        raise AdapterError("exporting ONNX needs the onnx package; install it with: pip install onnx") from None
-    return onnx
+    return require("onnx", "train", "exporting ONNX")
 
 
 def _resolve(adapter: Adapter | str | Path, path: str | Path | None) -> tuple[Adapter, Path]:
@@ -282,10 +278,7 @@ def _initializers(path: Path) -> dict[str, np.ndarray] | None:
 
 
 def _session(path: Path, threads: int, fix: str) -> Any:
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise AdapterError("running refiner.onnx needs onnxruntime; install it with: pip install onnxruntime") from None
+    ort = require("onnxruntime", None, "running refiner.onnx")
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1

@@ -15,11 +15,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import AdapterError, MissingDependencyError
+from .errors import AdapterError, require
 
 logger = logging.getLogger(__name__)
 
-HUB_EXTRA = "pip install 'craft-sdk[hub]'"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "refiner.onnx", "README.md")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -31,11 +30,7 @@ def is_hub_id(ref: str | Path) -> bool:
 
 
 def _hf() -> Any:
-    try:
-        import huggingface_hub
-    except ImportError:
-        raise MissingDependencyError(f"loading adapters from the Hugging Face Hub needs huggingface_hub: {HUB_EXTRA}") from None
-    return huggingface_hub
+    return require("huggingface_hub", "hub", "loading adapters from the Hugging Face Hub")
 
 
 def resolve_adapter_dir(ref: str | Path, *, revision: str | None = None, subfolder: str | None = None) -> Path:

@@ -28,7 +28,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
-from ..errors import BudgetExceededError, ClientError, ConfigError
+from ..errors import BudgetExceededError, ClientError, ConfigError, require
 from ..wire import IDEMPOTENCY_HEADER
 from .usage import ProviderUsage
 
@@ -46,11 +46,7 @@ def text_tokens(text: str) -> int:
 
 def import_openai() -> Any:
     """The ``openai`` package, or a :class:`ConfigError` saying what to install."""
-    try:
-        import openai
-    except ImportError:
-        raise ConfigError("the chat and embedding clients need the openai package: pip install 'craft-sdk[openai]'") from None
-    return openai
+    return require("openai", "openai", "the chat and embedding clients")
 
 
 @dataclass(frozen=True)

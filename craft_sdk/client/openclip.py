@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from .._lru import LRU
-from ..errors import ClientError, ConfigError
+from ..errors import ClientError, ConfigError, require
 from .base import DEFAULT_TEMPLATE, BaseClient, Capabilities
 
 logger = logging.getLogger(__name__)
@@ -50,15 +50,8 @@ def _sha256(path: Path) -> str:
 
 
 def _import_open_clip() -> tuple[Any, Any]:
-    try:
-        import open_clip
-        import torch
-    except ImportError as exc:  # pragma: no cover - exercised in the torch-free CI env
-        raise ClientError(
-            f"OpenCLIPClient needs torch and open_clip ({exc.name} is missing); "
-            "install them with: pip install 'craft-sdk[train]'"
-        ) from None
-    return open_clip, torch
+    torch = require("torch", "train", "OpenCLIPClient")
+    return require("open_clip", "train", "OpenCLIPClient"), torch
 
 
 @dataclass(frozen=True)
@@ -145,10 +138,8 @@ def _tag_weights(model_name: str, tag: str, tag_cfg: dict[str, Any]) -> str:
         raise ClientError(f"tag {tag!r} of {model_name} has no Hugging Face safetensors weights; pass a local .safetensors file")
     if repo.count("/") > 1:
         repo = repo.rsplit("/", 1)[0]
-    try:
-        from huggingface_hub import hf_hub_download, try_to_load_from_cache
-    except ImportError:
-        raise ClientError("pretrained tags need huggingface_hub: pip install huggingface_hub") from None
+    hf = require("huggingface_hub", "hub", "pretrained tags")
+    hf_hub_download, try_to_load_from_cache = hf.hf_hub_download, hf.try_to_load_from_cache
     cached = try_to_load_from_cache(repo, WEIGHTS_FILE)
     if isinstance(cached, str):
         return cached

@@ -31,7 +31,7 @@ import numpy as np
 from .._lru import LRU
 from .._version import __version__
 from ..client.base import BaseClient, PredictionClient, check_offsets
-from ..errors import ConfigError, CraftError, StoreError
+from ..errors import ConfigError, CraftError, StoreError, require
 from ..wire import API
 from . import checks
 from .checks import Problem
@@ -45,11 +45,7 @@ CURRENT_REQUEST: contextvars.ContextVar[Any] = contextvars.ContextVar("craft_cur
 
 
 def _import_fastapi() -> Any:
-    try:
-        import fastapi
-    except ImportError:
-        raise ConfigError("the prediction server needs fastapi and uvicorn: pip install 'craft-sdk[serve]'") from None
-    return fastapi
+    return require("fastapi", "serve", "the prediction server")
 
 
 class _Model:

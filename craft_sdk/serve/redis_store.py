@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
-from ..errors import ConfigError, StoreError
+from ..errors import ConfigError, StoreError, require
 from .store import IDEMPOTENCY_TTL_S, LOST, MAX_BUDGET, Begin, Store, _check_budget, _report, check_top_up
 
 logger = logging.getLogger(__name__)
@@ -116,10 +116,7 @@ class RedisStore(Store):
     def __init__(self, url: str, default_budget: int | None = None, lease_s: float = 10.0, *,
                  timeout_s: float = 10.0, create: bool = True) -> None:
         _check_budget(default_budget)
-        try:
-            import redis
-        except ImportError:
-            raise ConfigError("a redis:// state needs the redis client: pip install 'craft-sdk[redis]'") from None
+        redis = require("redis", "redis", "a redis:// state")
         self.lease_s, self.url = lease_s, _safe(url)
         self._redis = redis.Redis.from_url(url, password=_password(url), decode_responses=True, socket_timeout=timeout_s,
                                            socket_connect_timeout=min(5.0, timeout_s))

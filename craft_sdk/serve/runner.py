@@ -9,17 +9,13 @@ import threading
 import time
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, require
 
 logger = logging.getLogger(__name__)
 
 
 def _import_uvicorn() -> Any:
-    try:
-        import uvicorn
-    except ImportError:
-        raise ConfigError("the prediction server needs uvicorn: pip install 'craft-sdk[serve]'") from None
-    return uvicorn
+    return require("uvicorn", "serve", "the prediction server")
 
 
 def is_loopback(host: str) -> bool:

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from craft_sdk import ConfigError
+from craft_sdk.errors import require
 
 from .report import AVERAGE_TASK
 
@@ -17,13 +17,9 @@ QUERIES_PLOT = "accuracy_vs_queries.png"
 
 
 def _figure(n_panels: int) -> tuple[Any, list[Any]]:
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise ConfigError(
-            "sweep plots need matplotlib: pip install matplotlib (or pass plots=False / --no-plots)"
-        ) from None
+    hint = "pass plots=False / --no-plots"
+    FigureCanvasAgg = require("matplotlib.backends.backend_agg", "train", "sweep plots", otherwise=hint).FigureCanvasAgg
+    Figure = require("matplotlib.figure", "train", "sweep plots", otherwise=hint).Figure
     cols = min(n_panels, 3)
     rows = (n_panels + cols - 1) // cols
     fig = Figure(figsize=(4.6 * cols, 3.6 * rows), dpi=110)

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from craft_sdk import ConfigError
+from craft_sdk.errors import require
 
 from .runner import safe_execute
 from .spec import RunSpec
@@ -20,11 +20,7 @@ logger = logging.getLogger(__name__)
 
 
 def _import_ray() -> Any:
-    try:
-        import ray
-    except ImportError:
-        raise ConfigError("Ray mode needs Ray: pip install ray (the craft-sdk 'ray' extra)") from None
-    return ray
+    return require("ray", "ray", "Ray mode")
 
 
 def run_on_ray(runs: list[RunSpec], address: str, threads: int, finish: Callable[[RunSpec, str, Any], None]) -> None:

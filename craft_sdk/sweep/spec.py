@@ -28,6 +28,7 @@ import itertools
 import json
 import math
 import re
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from typing import Any
 
 from craft_sdk import ConfigError, TuneConfig
 from craft_sdk.demo import list_demo_tasks
+from craft_sdk.errors import require
 
 SPEC_KEYS = ("name", "model", "pretrained", "tasks", "shots", "modes", "seeds", "budget", "params", "grid", "eval_at")
 BY_SHOTS = "by-shots"
@@ -354,24 +356,16 @@ def _reject_non_finite(obj: Any, where: str = "spec") -> None:
 
 def _parse_text(text: str, suffix: str, path: Path) -> Any:
     if suffix in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError:
-            raise ConfigError(
-                "reading a YAML sweep spec needs PyYAML: pip install pyyaml (or use .toml / .json)"
-            ) from None
+        yaml = require("yaml", "train", "reading a YAML sweep spec", otherwise="use .toml / .json")
         try:
             return yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if suffix == ".toml":
-        try:
+        if sys.version_info >= (3, 11):
             import tomllib
-        except ImportError:  # Python 3.10
-            try:
-                import tomli as tomllib  # type: ignore[no-redef]
-            except ImportError:
-                raise ConfigError("reading a TOML sweep spec on Python 3.10 needs tomli: pip install tomli") from None
+        else:
+            tomllib = require("tomli", "train", "reading a TOML sweep spec on Python 3.10")
         try:
             return tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:

@@ -1,0 +1,106 @@
+"""One helper per rule (issue 21): each rule of the product is written once, and every site uses it."""
+
+from __future__ import annotations
+
+import ast
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from craft_sdk.errors import AdapterError, ClientError, ConfigError, MissingDependencyError, require
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "craft_sdk"
+
+
+def _pyproject() -> dict:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _packages(extra: str | None, project: dict) -> set[str]:
+    """The normalised distribution names an extra installs (``None``: the base install), following ``craft-sdk[...]``."""
+    reqs = list(project["dependencies"])
+    if extra is not None:
+        reqs += project["optional-dependencies"][extra]
+    names: set[str] = set()
+    for req in reqs:
+        name = re.split(r"[\s<>=!~;\[]", req, maxsplit=1)[0].lower().replace("_", "-")
+        if name == "craft-sdk":
+            for inner in re.search(r"\[(.*)\]", req).group(1).split(","):  # type: ignore[union-attr]
+                names |= _packages(inner.strip(), project)
+        else:
+            names.add(name)
+    return names
+
+
+def _require_calls() -> list[tuple[str, str, str | None]]:
+    calls = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "require":
+                module, extra = (ast.literal_eval(a) for a in node.args[:2])
+                calls.append((f"{path.relative_to(ROOT)}:{node.lineno}", module, extra))
+    return calls
+
+
+def test_every_missing_dependency_site_names_an_extra_that_installs_it() -> None:
+    project = _pyproject()["project"]
+    stdlib = set(sys.stdlib_module_names)
+    distributions = {"yaml": "pyyaml", "open-clip": "open-clip-torch"}
+    calls = _require_calls()
+    assert len(calls) >= 12, calls  # the sites issue 21 counted, all through the one helper
+    for site, module, extra in calls:
+        assert extra is None or extra in project["optional-dependencies"], f"{site}: no extra {extra!r} in pyproject.toml"
+        top = module.split(".")[0]
+        if top in stdlib:
+            continue
+        dist = distributions.get(top.replace("_", "-"), top.replace("_", "-"))
+        assert dist in _packages(extra, project), f"{site}: craft-sdk[{extra}] does not install {dist}"
+
+
+def test_no_site_raises_its_own_missing_dependency_error() -> None:
+    """An ``except ImportError`` in the package may fall back (return None), never raise: raising is require's."""
+    raising = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ExceptHandler) and getattr(node.type, "id", None) in ("ImportError", "ModuleNotFoundError"):
+                if any(isinstance(n, ast.Raise) for n in ast.walk(node)):
+                    raising.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert raising == ["craft_sdk/errors.py:" + str(_line_of_require_handler())]
+
+
+def _line_of_require_handler() -> int:
+    tree = ast.parse((PACKAGE / "errors.py").read_text())
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "require")
+    return next(n.lineno for n in ast.walk(fn) if isinstance(n, ast.ExceptHandler))
+
+
+def test_require_names_the_install_and_stays_catchable_as_before(monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    assert require("json", "train", "anything") is json
+    monkeypatch.setitem(sys.modules, "yaml", None)  # as if not installed
+    with pytest.raises(MissingDependencyError) as info:
+        require("yaml", "train", "reading a YAML sweep spec", otherwise="use .toml / .json")
+    assert str(info.value) == (
+        "reading a YAML sweep spec needs pyyaml: pip install 'craft-sdk[train]' (or pip install pyyaml); or use .toml / .json"
+    )
+    for before in (ImportError, ConfigError, AdapterError, ClientError):  # each type the sites raised before
+        with pytest.raises(before):
+            require("yaml", "train", "x")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(MissingDependencyError, match=r"needs onnxruntime: pip install craft-sdk \(or pip install onnxruntime\)$"):
+        require("onnxruntime", None, "running refiner.onnx")
+
+
+def test_require_names_the_missing_dependency_of_a_dependency(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "craft_outer_pkg.py").write_text("import craft_inner_missing_pkg\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(MissingDependencyError, match=r"^X needs craft_inner_missing_pkg: pip install 'craft-sdk\[hub\]'"):
+        require("craft_outer_pkg", "hub", "X")
