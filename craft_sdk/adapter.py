@@ -345,6 +345,7 @@ class Adapter:
             "data": result.data if seen_images is None else {**result.data, "image_fingerprints": sorted(set(seen_images))},
             "kl_weights": {"lambda": result.kl_weights[0], "beta": result.kl_weights[1]},
             "n_generations": result.n_generations,
+            "planned_generations": result.planned_generations,
             "selected_generation": result.selected_generation,
             "metrics": result.metrics,
             "history": result.history,
@@ -603,9 +604,11 @@ def check_compatible(adapter: Adapter, client: Any, allow_model_mismatch: bool =
     """Raise :class:`AdapterError` when ``client`` cannot serve ``adapter``."""
     caps = client.capabilities(adapter.config.template)
     if caps.model_id != adapter.config.model_id and not allow_model_mismatch:
+        from .client.model_ids import client_hint
+
         raise AdapterError(
             f"adapter was tuned on {adapter.config.model_id} but the client serves {caps.model_id}; "
-            "use the same model (or allow_model_mismatch=True / --allow-model-mismatch)"
+            f"pass {client_hint(adapter.config.model_id)} (or allow_model_mismatch=True / --allow-model-mismatch)"
         )
     spec = adapter.config.prompt
     if isinstance(spec, PromptSpec):  # a discrete prompt is text: every client takes it

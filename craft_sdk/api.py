@@ -84,8 +84,21 @@ def pretrained_kwargs(pretrained: str | None) -> dict[str, Any]:
     return {"pretrained": None if pretrained.lower() == "none" else pretrained}
 
 
-def load_data(path: str | Path, *, shots: int | None = None, seed: int = 0, val_shots: int = 0, **kwargs: Any) -> DataSplits:
-    """Load a dataset from disk, or a shipped demo task as ``"demo:<task>"``."""
+def load_data(
+    path: str | Path, *, shots: int | None = None, seed: int = 0, val_shots: int = 0, test_fraction: float | None = None, **kwargs: Any
+) -> DataSplits:
+    """Load a dataset from disk, or a shipped demo task as ``"demo:<task>"``.
+
+    Args:
+        path: a ``train/``+``test/`` tree, a single ImageFolder ``path/<class>/*``, or ``demo:<task>``.
+        shots, seed, val_shots: see :func:`~craft_sdk.data.load_dataset`.
+        test_fraction: a single ImageFolder's test share per class (None: half, but never so many that
+            ``shots + val_shots`` no longer fit; ``holdout=`` is its deprecated name).
+        **kwargs: ``split_file``, ``max_pixels`` (:func:`~craft_sdk.data.load_dataset`).
+
+    Example:
+        >>> splits = load_data("my-folder", shots=16, test_fraction=0.25)  # doctest: +SKIP
+    """
     from .data import check_sizes
 
     check_sizes(shots, val_shots)
@@ -101,7 +114,7 @@ def load_data(path: str | Path, *, shots: int | None = None, seed: int = 0, val_
             splits.val = pool.subset(val_idx)
             splits.train = pool.subset(np.setdiff1d(np.arange(len(pool)), val_idx))
         return splits
-    return load_dataset(path, shots=shots, seed=seed, val_shots=val_shots, **kwargs)
+    return load_dataset(path, shots=shots, seed=seed, val_shots=val_shots, test_fraction=test_fraction, **kwargs)
 
 
 def tune(
@@ -116,6 +129,7 @@ def tune(
     ledger: QueryLedger | None = None,
     price: PriceTable | None = None,
     max_cost: float | None = None,
+    progress: bool | Callable[..., None] | None = None,
     **overrides: Any,
 ) -> Adapter:
     """Tune an adapter for ``train`` through ``client``.
@@ -129,6 +143,10 @@ def tune(
         ledger: charge the queries to this ledger (default: a new one with the config's budget).
         price: a :class:`~craft_sdk.client.pricing.PriceTable`: the adapter records what the tune cost.
         max_cost: a hard ceiling on that cost (needs ``price``; ignored when ``ledger`` is given: set it there).
+        progress: ``True``: a progress bar on stderr (queries, loss, the phases after the search);
+            ``False``: none; ``None`` (default): a bar when stderr is a terminal; a callable: called with
+            every :class:`~craft_sdk.tuner.result.Progress` (and, if it has a ``phase(name)`` method,
+            with the phases: see :mod:`craft_sdk.tuner.progress`; ``LogProgress()`` logs instead).
 
     Example:
         >>> adapter = tune(create_client("demo"), splits.train, mode="craft", budget=2000)  # doctest: +SKIP
@@ -138,11 +156,13 @@ def tune(
     base = (config or TuneConfig()).to_dict()
     base.update(overrides)
     cfg = TuneConfig.from_dict(base)
-    tuner = Tuner(cfg, checkpoint_dir=checkpoint_dir, resume=resume, on_progress=on_progress, price=price, max_cost=max_cost)
     from .data import require_classes
+    from .tuner.progress import progress_display
 
     require_classes(train, "the training set")
-    result = tuner.fit(client, train, val, ledger=ledger)
+    with progress_display(progress, cfg.budget, on_progress) as callback:
+        tuner = Tuner(cfg, checkpoint_dir=checkpoint_dir, resume=resume, on_progress=callback, price=price, max_cost=max_cost)
+        result = tuner.fit(client, train, val, ledger=ledger)
     return Adapter.from_result(result)  # the result records every trained/selected-on image's digest
 
 

@@ -71,11 +71,17 @@ def _accuracy_rows(prov: dict[str, Any], evaluation: dict[str, Any] | None) -> l
         rows.append(f"| {where} ({_text(evaluation.get('n_test', '?'))} images) | "
                     f"{_pct(evaluation.get('zero_shot_accuracy'))} | {_pct(evaluation.get('accuracy'))} |")
     if metrics.get("train_accuracy") is not None:
-        rows.append(f"| the training shots ({_text(data.get('n_train', '?'))} images; optimistic) | "
+        n_fit = data.get("n_search", data.get("n_train", "?"))  # robust protocol: the check images are not trained on
+        rows.append(f"| the training shots ({_text(n_fit)} images; optimistic) | "
                     f"{_pct(metrics.get('zero_shot_train_accuracy'))} | {_pct(metrics.get('train_accuracy'))} |")
     if metrics.get("val_accuracy") is not None:
-        rows.append(f"| the validation split ({_text(data.get('n_val', '?'))} images; used for model selection) | "
-                    f"{_pct(metrics.get('zero_shot_val_accuracy'))} | {_pct(metrics.get('val_accuracy'))} |")
+        zero = metrics.get("zero_shot_val_accuracy", metrics.get("zero_shot_check_accuracy"))
+        n_val = data.get("n_val")
+        if isinstance(n_val, int) and n_val > 0:
+            where = f"the validation split ({_text(n_val)} images; used for model selection)"
+        else:  # robust protocol without validation data: the check images held out of the training images
+            where = f"the check images ({_text(data.get('n_check', '?'))} training images held out of the search; used for model selection)"
+        rows.append(f"| {where} | {_pct(zero)} | {_pct(metrics.get('val_accuracy'))} |")
     if len(rows) == 2:
         return ["No accuracy was recorded for this adapter."]
     return rows

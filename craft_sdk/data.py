@@ -6,7 +6,8 @@ spent); only the images a run uses are decoded: the sampled training and validat
 images at load time, the test images when they are read. Supported layouts:
 
 * ``DATA/train/<class>/*`` and ``DATA/test/<class>/*`` (optionally ``DATA/val/<class>/*``);
-* a single ImageFolder ``DATA/<class>/*``, split per class with a seeded hold-out;
+* a single ImageFolder ``DATA/<class>/*``, split per class with a seeded hold-out (``test_fraction``:
+  by default half of each class, but never so many that the shots no longer fit);
 * CoOp's ``split_zhou_<name>.json`` (``{"train"|"val"|"test": [[path, label, classname], ...]}``)
   with image paths relative to ``DATA``.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -300,12 +302,30 @@ def sample_k_shot(ds: ImageDataset, shots: int, seed: int, exclude: np.ndarray |
     return np.concatenate(chosen)
 
 
-def _holdout(ds: ImageDataset, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+DEFAULT_TEST_FRACTION = 0.5  # a single folder's test share when none is given (less when the shots need more)
+
+
+def n_test_images(n: int, test_fraction: float | None, keep: int) -> int:
+    """Test images of a class of ``n`` in a single folder. An explicit ``test_fraction`` is applied as
+    given (at least 1, at most ``n - 1``); None (the default) holds out half but leaves ``keep``
+    (shots + validation shots) for training when the class has them.
+
+    Example:
+        >>> n_test_images(24, None, 16), n_test_images(24, 0.5, 16), n_test_images(40, None, 16), n_test_images(1, None, 0)
+        (8, 12, 20, 0)
+    """
+    if n < 2:
+        return 0
+    n_test = min(max(1, int(round((test_fraction or DEFAULT_TEST_FRACTION) * n))), n - 1)
+    return n_test if test_fraction is not None else max(min(n_test, n - keep), 0)
+
+
+def _holdout(ds: ImageDataset, test_fraction: float | None, seed: int, keep: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.Generator(np.random.PCG64(seed + 7919))
     train_idx, test_idx = [], []
     for c in range(len(ds.class_names)):
         pool = rng.permutation(np.flatnonzero(ds.labels == c))
-        n_test = min(max(1, int(round(fraction * len(pool)))), len(pool) - 1) if len(pool) > 1 else 0
+        n_test = n_test_images(len(pool), test_fraction, keep)
         test_idx.append(pool[:n_test])
         train_idx.append(pool[n_test:])
     return np.sort(np.concatenate(train_idx)), np.sort(np.concatenate(test_idx))
@@ -343,9 +363,10 @@ def load_dataset(
     shots: int | None = None,
     seed: int = 0,
     val_shots: int = 0,
-    holdout: float = 0.5,
+    test_fraction: float | None = None,
     split_file: str | Path | None = None,
     max_pixels: int = MAX_PIXELS,
+    holdout: float | None = None,
 ) -> DataSplits:
     """Load a few-shot task from disk.
 
@@ -358,19 +379,24 @@ def load_dataset(
         seed: seed of the k-shot sampling and of the hold-out split.
         val_shots: images per class moved from the training pool to a validation split
             (disjoint from the k shots); 0 means no validation split.
-        holdout: fraction of each class held out as test when ``path`` is a single ImageFolder.
+        test_fraction: when ``path`` is a single ImageFolder, the fraction of each class held out as
+            test images (CLI ``--test-fraction``). None (default): half of each class, but never so
+            many that fewer than ``shots + val_shots`` images are left for training.
         split_file: a CoOp ``split_zhou_*.json``; image paths are relative to ``path``.
         max_pixels: images whose header declares more pixels are skipped, never decoded.
+        holdout: deprecated name of ``test_fraction`` (removed in the next release).
 
     Raises:
         DataError: with one line naming the problem and the fix.
     """
     check_sizes(shots, val_shots)
+    test_fraction = _test_fraction(test_fraction, holdout)
     root = Path(path)
     if not root.exists():
         raise DataError(f"data path {root} does not exist")
     skipped: list[tuple[str, str]] = []
-    parts = _load_parts(root, split_file, holdout, seed, skipped, max_pixels)
+    keep = (shots or 0) + val_shots
+    parts = _load_parts(root, split_file, (test_fraction, keep), seed, skipped, max_pixels)
     pool = parts["train"]
     require_classes(pool, f"{root} (train)")
     while True:  # a sampled file that passed its header check but fails to decode is skipped, then we resample
@@ -384,8 +410,35 @@ def load_dataset(
             parts["val"] = parts["val"].subset([i for i, s in enumerate(parts["val"].sources) if s not in bad_val])
         pool = pool.subset([i for i, s in enumerate(pool.sources) if s not in bad | bad_val])
     if skipped:
-        logger.warning("skipped %d file(s) under %s (first: %s: %s)", len(skipped), root, *skipped[0])
+        logger.warning("skipped %d file(s) under %s: %s", len(skipped), root, describe_skipped(skipped))
     return DataSplits(train=train, val=val, test=parts.get("test"), skipped=skipped)
+
+
+def _test_fraction(test_fraction: float | None, holdout: float | None) -> float | None:
+    """``test_fraction``, or the deprecated ``holdout`` keyword's value (with a DeprecationWarning)."""
+    if holdout is not None:
+        if test_fraction is not None:
+            raise DataError("pass test_fraction only (holdout is its deprecated name)")
+        warnings.warn("load_data(holdout=) is deprecated: use test_fraction= (removed in the next release)",
+                      DeprecationWarning, stacklevel=3)
+        test_fraction = holdout
+    if test_fraction is not None and not (isinstance(test_fraction, (int, float)) and 0.0 < test_fraction < 1.0):
+        raise DataError(f"test_fraction (--test-fraction) must be in (0, 1), got {test_fraction!r}")
+    return test_fraction
+
+
+MAX_NAMED_SKIPPED = 5
+
+
+def describe_skipped(skipped: Sequence[tuple[str, str]], limit: int = MAX_NAMED_SKIPPED) -> str:
+    """The skipped files as ``path (reason)``, the first ``limit`` named and the rest counted.
+
+    Example:
+        >>> describe_skipped([("a.txt", "not an image"), ("b.jpg", "unreadable")], limit=1)
+        'a.txt (not an image); and 1 more'
+    """
+    named = "; ".join(f"{path} ({reason})" for path, reason in skipped[:limit])
+    return named + (f"; and {len(skipped) - limit} more" if len(skipped) > limit else "")
 
 
 def _sample(
@@ -403,7 +456,7 @@ def _sample(
 
 
 def _load_parts(
-    root: Path, split_file: str | Path | None, holdout: float, seed: int, skipped: list[tuple[str, str]],
+    root: Path, split_file: str | Path | None, test: tuple[float | None, int], seed: int, skipped: list[tuple[str, str]],
     max_pixels: int = MAX_PIXELS,
 ) -> dict[str, ImageDataset]:
     if split_file is not None:
@@ -422,13 +475,33 @@ def _load_parts(
             if missing:
                 logger.warning("class(es) %s have no test images; test accuracy covers the other classes", missing)
         return parts
-    if not 0.0 < holdout < 1.0:
-        raise DataError(f"holdout must be in (0, 1), got {holdout}")
     ds, sk = load_image_folder(root, max_pixels=max_pixels)
     skipped += sk
     _require_nonempty(ds, str(root))
-    train_idx, test_idx = _holdout(ds, holdout, seed)
-    return {"train": ds.subset(train_idx), "test": ds.subset(test_idx)}
+    train_idx, test_idx = _holdout(ds, test[0], seed, test[1])
+    parts = {"train": ds.subset(train_idx), "test": ds.subset(test_idx)}
+    _check_single_folder(parts, ds.class_counts(), *test)
+    return parts
+
+
+def _check_single_folder(parts: dict[str, ImageDataset], counts: np.ndarray, test_fraction: float | None, keep: int) -> None:
+    """A single folder's split: refuse a test fraction that leaves too few training images (naming
+    ``--test-fraction``), warn about classes left without test images."""
+    names, n_train, n_test = parts["train"].class_names, parts["train"].class_counts(), parts["test"].class_counts()
+    short = [c for c in range(len(names)) if n_train[c] < keep <= counts[c]]
+    if short and test_fraction is not None:
+        c = short[0]
+        raise DataError(
+            f"class '{names[c]}' has {counts[c]} image(s); --test-fraction {test_fraction:g} holds out {n_test[c]} "
+            f"for testing and leaves {n_train[c]}, fewer than the {keep} --shots (+ --val-shots) need; lower "
+            f"--test-fraction to {max((counts[c] - keep) / counts[c], 0.01):.2f} or leave it unset, or lower --shots"
+        )
+    empty = [names[c] for c in np.flatnonzero(n_test == 0)]
+    if empty:
+        logger.warning(
+            "class(es) %s get no test images (too few images to hold any out beside the shots); test accuracy covers "
+            "the other classes: add images to test them", empty
+        )
 
 
 def _check_no_extra_classes(part_dir: Path, train_folders: list[str]) -> None:

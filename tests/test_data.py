@@ -232,3 +232,51 @@ def test_image_fingerprints_identify_images_across_loads(tmp_path: Path) -> None
     assert seen_fingerprints(s.train) == sorted(fps)
     kept, n = exclude_images(s.test, seen_fingerprints(s.train))
     assert n == 1 and len(kept) == 6 and "leak.png" not in {Path(p).name for p in kept.sources}
+
+
+def test_single_folder_default_split_leaves_the_shots(tmp_path: Path) -> None:
+    """24 images per class and 16 shots: the default test share shrinks to 8 so the shots fit (issue 24)."""
+    _write(tmp_path, {"a": 24, "b": 24})
+    s = load_dataset(tmp_path, shots=16, seed=0)
+    assert s.train.class_counts().tolist() == [16, 16] and s.test.class_counts().tolist() == [8, 8]
+    assert not set(s.train.sources) & set(s.test.sources)
+    big = load_dataset(tmp_path, shots=4, seed=0)  # enough images: half of each class is the test split
+    assert big.test.class_counts().tolist() == [12, 12]
+
+
+def test_single_folder_explicit_test_fraction(tmp_path: Path) -> None:
+    _write(tmp_path, {"a": 24, "b": 24})
+    s = load_dataset(tmp_path, shots=4, seed=0, test_fraction=0.25)
+    assert s.test.class_counts().tolist() == [6, 6]
+    with pytest.raises(DataError, match=r"--test-fraction 0.5 holds out 12 .* lower --test-fraction to 0.33"):
+        load_dataset(tmp_path, shots=16, seed=0, test_fraction=0.5)
+    with pytest.raises(DataError, match=r"must be in \(0, 1\)"):
+        load_dataset(tmp_path, shots=4, test_fraction=1.5)
+
+
+def test_load_data_holdout_is_a_deprecated_alias(tmp_path: Path) -> None:
+    from craft_sdk import load_data
+
+    _write(tmp_path, {"a": 24, "b": 24})
+    with pytest.warns(DeprecationWarning, match="test_fraction"):
+        old = load_data(tmp_path, shots=4, holdout=0.25)
+    new = load_data(tmp_path, shots=4, test_fraction=0.25)
+    assert old.test.sources == new.test.sources and len(new.test) == 12
+
+
+def test_class_without_test_images_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    _write(tmp_path, {"a": 1, "b": 6})
+    with caplog.at_level("WARNING", logger="craft_sdk.data"):
+        s = load_dataset(tmp_path, shots=1, seed=0)
+    assert s.test.class_counts().tolist() == [0, 3]
+    assert "['a'] get no test images" in caplog.text
+
+
+def test_every_skipped_file_is_named_up_to_a_bound(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    _write(tmp_path / "train", {"a": 3, "b": 3})
+    for i in range(7):
+        (tmp_path / "train" / "a" / f"note{i}.txt").write_text("x")
+    with caplog.at_level("WARNING", logger="craft_sdk.data"):
+        load_dataset(tmp_path, shots=3)
+    assert "skipped 7 file(s)" in caplog.text and "note4.txt" in caplog.text and "and 2 more" in caplog.text
+    assert "note5.txt" not in caplog.text

@@ -115,6 +115,16 @@ def open_client(model: str, pretrained: str | None, api_key_file: Any = None, **
     return create_client(model, **remote)
 
 
+def recorded_model(model_id: str | None, pretrained: str | None) -> tuple[str, str | None]:
+    """``--model``/``--pretrained`` when ``--model`` is not given: the model the adapter records (``model_id``)."""
+    from ..client.model_ids import client_args, client_hint
+
+    args = client_args(model_id) if model_id else ("demo", None)
+    if args is None:
+        raise fail(f"the adapter was tuned on {model_id}, which its id alone cannot reopen; pass {client_hint(str(model_id))}")
+    return args[0], pretrained if pretrained is not None else args[1]
+
+
 def emit_json(obj: Any) -> None:
     """One JSON object on stdout."""
     sys.stdout.write(json.dumps(obj, sort_keys=True) + "\n")

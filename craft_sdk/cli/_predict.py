@@ -10,9 +10,9 @@ from typing import Any
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ._app import REMOTE, RUNTIME_ERROR, app, emit_json, err, fail, guarded, is_remote, open_client
+from ._app import REMOTE, RUNTIME_ERROR, app, emit_json, err, fail, guarded, is_remote, open_client, recorded_model
 
-MODEL_HELP = "demo, an open_clip name, local-dir:/path, the http(s):// URL of a craft-sdk server, zeroshot+http(s)://endpoint, chat+/embed+http(s)://HOST/v1?model=NAME, or text-only:<any of these> (default: demo)"
+MODEL_HELP = "demo, an open_clip name, local-dir:/path, the http(s):// URL of a craft-sdk server, zeroshot+http(s)://endpoint, chat+/embed+http(s)://HOST/v1?model=NAME, or text-only:<any of these> (default: the model the adapter records)"
 
 
 def _client(model: str | None, pretrained: str | None, url: str | None, api_key_file: Path | None, concurrency: int) -> Any:
@@ -21,6 +21,16 @@ def _client(model: str | None, pretrained: str | None, url: str | None, api_key_
     if url is not None and not url.startswith(REMOTE):
         raise fail(f"--client must be an http(s):// URL, got {url!r}; use --model for local models")
     return open_client(url or model or "demo", pretrained, api_key_file, max_concurrency=concurrency)
+
+
+def _recorded_model_id(root: Path) -> str | None:
+    """The ``model_id`` an adapter folder records (None: unreadable; loading it says why)."""
+    import json
+
+    try:
+        return json.loads((Path(root) / "adapter_config.json").read_text()).get("model_id")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _progress() -> Progress:
@@ -106,6 +116,8 @@ def predict(
     if total == 0:
         raise fail(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES)[:4])}, ...) found in {' '.join(inputs or [])}", RUNTIME_ERROR)
     root = resolve_adapter_dir(adapter, revision=revision, subfolder=subfolder)  # a Hub miss fails before the model loads
+    if model is None and client_url is None:
+        model, pretrained = recorded_model(_recorded_model_id(root), pretrained)
     client = _client(model, pretrained, client_url, api_key_file, workers)
     price = None if price_text is None else PriceTable.parse(price_text)
     clf = CraftClassifier.from_pretrained(root, client, config=config)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.console import Console
 from rich.table import Table
 
-from ._app import RUNTIME_ERROR, app, emit_json, err, fail, guarded, open_client
+from ._app import RUNTIME_ERROR, app, emit_json, err, fail, guarded, open_client, recorded_model
 
 MODEL_HELP = "demo, an open_clip name (ViT-B-32, RN50), local-dir:/path, http(s)://server, zeroshot+http(s)://endpoint, chat+/embed+http(s)://HOST/v1?model=NAME, or text-only:<any of these>"
 PRETRAINED_HELP = "pretrained tag or .safetensors file for open_clip names; 'none' = random weights"
@@ -52,17 +53,19 @@ def _usage_rows(table: Table, summary: dict[str, Any]) -> None:
         table.add_row("cost", f"{summary['cost']:.6g}")
 
 
-def _progress_bar() -> Progress:
-    return Progress(
-        TextColumn("[bold]tuning"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("queries"),
-        TextColumn("loss {task.fields[loss]}  train acc {task.fields[acc]}"),
-        TimeElapsedColumn(),
-        console=err,
-        transient=False,
-    )
+AUTO_CHECKPOINT = ".craft-checkpoint"  # under --out when no --checkpoint-dir is given: Ctrl-C leaves a resumable run
+TEST_FRACTION_HELP = ("single-folder DATA: fraction of each class held out as test images (default: half, but never "
+                      "so many that --shots + --val-shots no longer fit)")
+
+
+def _resume_command(data: str, checkpoint_dir: Path) -> str:
+    """The exact command that resumes this run: this command line plus ``--resume`` (the checkpoint is
+    ``--checkpoint-dir``, or the automatic one under ``--out``)."""
+    import shlex
+    import sys
+
+    argv = sys.argv[1:] if "tune" in sys.argv[1:] else ["tune", data, "--checkpoint-dir", str(checkpoint_dir)]
+    return shlex.join(["craft-sdk", *argv, *([] if "--resume" in argv else ["--resume"])])
 
 
 def _tune_command(
@@ -72,6 +75,7 @@ def _tune_command(
     shots: int = typer.Option(16, help="training images per class (seeded sample)"),
     out: Path = typer.Option(Path("craft-adapter"), "--out", "-o", help="adapter directory to write"),
     val_shots: int = typer.Option(0, help="images per class held out of training for model selection"),
+    test_fraction: float | None = typer.Option(None, "--test-fraction", help=TEST_FRACTION_HELP),
     split_file: Path | None = typer.Option(None, "--split", help="CoOp split_zhou_*.json (paths relative to DATA)"),
     checkpoint_dir: Path | None = typer.Option(None, help="write a resumable checkpoint (and the query journal) here"),
     checkpoint_every: int = typer.Option(1, help="generations between checkpoints"),
@@ -87,6 +91,8 @@ def _tune_command(
     from .. import load_data
     from ..adapter import Adapter
     from ..data import require_classes
+    from ..tuner.checkpoint import LEDGER_FILE
+    from ..tuner.progress import RichProgress
     from ..tuner.train import Tuner
     from ._options import config_from
 
@@ -102,25 +108,31 @@ def _tune_command(
     if dry_run:  # prints the plan and exits
         from ._dryrun import dry_run as plan_only
 
-        load = lambda: load_data(data, shots=shots, seed=seed, val_shots=val_shots, **kwargs)  # noqa: E731
+        load = lambda: load_data(data, shots=shots, seed=seed, val_shots=val_shots, test_fraction=test_fraction, **kwargs)  # noqa: E731
         plan_only(config, load, lambda: _client(model, pretrained, api_key_file), price=price, max_cost=max_cost, as_json=as_json)
-    splits = load_data(data, shots=shots, seed=seed, val_shots=val_shots, **kwargs)
+    splits = load_data(data, shots=shots, seed=seed, val_shots=val_shots, test_fraction=test_fraction, **kwargs)
     require_classes(splits.train, str(data))
     client = _client(model, pretrained, api_key_file)
-    resume_matches = _resume_outlook(config, checkpoint_dir, splits.val is not None) if resume else None
-    with _progress_bar() as bar:
-        task = bar.add_task("tune", total=budget, loss="-", acc="-")
-
-        def on_progress(p: Any) -> None:
-            loss = "-" if p.train_loss != p.train_loss else f"{p.train_loss:.3f}"
-            bar.update(task, completed=p.queries_used, loss=loss, acc=f"{p.train_accuracy:.3f}")
-
-        tuner = Tuner(
-            config, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume, on_progress=on_progress,
-            price=price, max_cost=max_cost,
-        )
-        result = tuner.fit(client, splits.train, splits.val)
+    auto_dir = out / AUTO_CHECKPOINT
+    ckpt = checkpoint_dir if checkpoint_dir is not None else auto_dir
+    if not resume and checkpoint_dir is None and (auto_dir / LEDGER_FILE).exists():
+        raise fail(f"{auto_dir} holds an interrupted run of this --out; resume it with: {_resume_command(data, ckpt)} "
+                   f"(or delete {auto_dir} to start over)")
+    resume_matches = _resume_outlook(config, ckpt, splits.val is not None) if resume else None
+    try:
+        with RichProgress(budget, console=err) as bar:
+            tuner = Tuner(config, checkpoint_dir=ckpt, checkpoint_every=checkpoint_every, resume=resume, on_progress=bar,
+                          price=price, max_cost=max_cost)
+            result = tuner.fit(client, splits.train, splits.val)
+    except KeyboardInterrupt:
+        err.print(f"interrupted; the run is saved in {ckpt}. Resume it with:\n  {_resume_command(data, ckpt)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
+    if resume_matches is False and _early_stopping(config):
+        resume_matches = _resume_result(result)
+    if ckpt.resolve() == auto_dir.resolve():
+        shutil.rmtree(auto_dir, ignore_errors=True)  # finished: the adapter replaces the automatic checkpoint
     adapter = Adapter.from_result(result)
+    adapter.config.provenance["data"] = {**adapter.config.provenance.get("data", {}), "test_fraction": test_fraction}
     adapter.save_pretrained(out)
     summary = {
         "adapter": str(out),
@@ -134,6 +146,7 @@ def _tune_command(
         "val_accuracy": result.metrics.get("val_accuracy"),
         "n_train": len(splits.train),
         "n_generations": result.n_generations,
+        "planned_generations": result.planned_generations,
         "selected_generation": result.selected_generation,
         "wall_time_s": round(time.perf_counter() - t0, 2),
         "skipped_files": len(splits.skipped),
@@ -153,18 +166,18 @@ def _tune_command(
     table.add_column("")
     table.add_column("value", justify="right")
     table.add_row("zero-shot train accuracy", f"{summary['zero_shot_train_accuracy']:.3f}")
-    table.add_row("tuned train accuracy", f"{summary['train_accuracy']:.3f}")
+    table.add_row("deployed train accuracy", f"{summary['train_accuracy']:.3f}")
     if summary["val_accuracy"] is not None:
         table.add_row("validation accuracy (selected)", f"{summary['val_accuracy']:.3f}")
     table.add_row("queries used / budget", f"{summary['queries_used']} / {budget}")
-    table.add_row("generations", str(summary["n_generations"]))
+    table.add_row("generations run / planned", f"{summary['n_generations']} / {summary['planned_generations']}")
     _usage_rows(table, summary)
     if summary["deployed"] is not None:
         table.add_row("deployed", str(summary["deployed"]))
     if summary["stopped"]:
         table.add_row("stopped", str(summary["stopped"]).removeprefix("stopped: "))
     table.add_row("wall time", f"{summary['wall_time_s']:.1f} s")
-    err.print(table)
+    Console().print(table)
     typer.echo(f"adapter written to {out}")
 
 
@@ -197,6 +210,10 @@ def _resume_outlook(config: Any, checkpoint_dir: Path | None, has_val: bool) -> 
     if can:
         err.print(f"resume: {lost} queries billed after the last checkpoint stay counted; the budget ({config.budget}) "
                   "leaves room to redo them, so the result can equal the uninterrupted run's", highlight=False)
+    elif _early_stopping(config):
+        err.print(f"resume: {lost} queries billed after the last checkpoint stay counted and the whole plan needs "
+                  f"{planned}, more than the budget ({config.budget}) leaves; early stopping (--patience) usually ends the "
+                  "run sooner, and then the result equals the uninterrupted run's (said at the end)", highlight=False)
     else:
         err.print(f"[yellow]resume:[/] {lost} queries billed after the last checkpoint stay counted and the plan needs "
                   f"{planned}; the budget ({config.budget}) has no room to redo them all, so the run will stop early "
@@ -204,15 +221,33 @@ def _resume_outlook(config: Any, checkpoint_dir: Path | None, has_val: bool) -> 
     return can
 
 
+def _early_stopping(config: Any) -> bool:
+    """Whether the run may stop before its plan (robust protocol with a patience)."""
+    return bool(config.robust and config.patience is not None)
+
+
+def _resume_result(result: Any) -> bool:
+    """After a resumed run whose plan the budget could not cover: did it end before the budget ran out?"""
+    ran_out = "stopped_early" in result.metrics
+    if ran_out:
+        err.print("[yellow]resume:[/] the budget ran out before the run ended, so its result differs from the "
+                  "uninterrupted run's", highlight=False)
+    else:
+        err.print("resume: the run ended (early stopping) before the budget ran out, so its result equals the "
+                  "uninterrupted run's", highlight=False)
+    return not ran_out
+
+
 @app.command("eval")
 @guarded
 def eval_(
     adapter_dir: Path = typer.Argument(..., help="adapter directory"),
     data: str = typer.Argument(..., help="dataset with a test split (or a single ImageFolder), or demo:<task>"),
-    model: str = typer.Option("demo", "--model", "-m", help=MODEL_HELP),
+    model: str | None = typer.Option(None, "--model", "-m", help=f"{MODEL_HELP} (default: the model the adapter records)"),
     pretrained: str | None = typer.Option(None, "--pretrained", "-p", help=PRETRAINED_HELP),
     seed: int | None = typer.Option(None, help="seed of the hold-out split (default: the adapter's seed)"),
     split_file: Path | None = typer.Option(None, "--split", help="CoOp split_zhou_*.json"),
+    test_fraction: float | None = typer.Option(None, "--test-fraction", help="single-folder DATA: the test fraction (default: the tune's)"),
     allow_model_mismatch: bool = typer.Option(False, help="evaluate even if the client serves another model"),
     api_key_file: Path | None = typer.Option(None, help="file holding the API key for an http(s) model"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
@@ -226,9 +261,13 @@ def eval_(
     prov = adapter.config.provenance
     n_val = int((prov.get("data") or {}).get("n_val") or 0)  # rebuild the tune's exact split: shots + val shots
     val_shots = n_val // adapter.n_classes if n_val % adapter.n_classes == 0 else 0
-    splits = load_data(data, seed=seed, shots=prov.get("shots"), val_shots=val_shots, **kwargs)
+    if test_fraction is None:
+        test_fraction = (prov.get("data") or {}).get("test_fraction")
+    splits = load_data(data, seed=seed, shots=prov.get("shots"), val_shots=val_shots, test_fraction=test_fraction, **kwargs)
     if splits.test is None or len(splits.test) == 0:
         raise fail(f"{data} has no test split; use DATA/train + DATA/test, a single ImageFolder, or --split", RUNTIME_ERROR)
+    if model is None:
+        model, pretrained = recorded_model(adapter.config.model_id, pretrained)
     client = _client(model, pretrained, api_key_file)
     res = evaluate(adapter, client, splits.test, allow_model_mismatch=allow_model_mismatch)
     if res["n_excluded"]:

@@ -124,7 +124,7 @@ def execute_run(payload: dict[str, Any], threads: int | None = None) -> dict[str
     eval_ledger = QueryLedger()
     probe = _TestProbe(client, data.test, run.config["template"], run.eval_at, eval_ledger)
     t1 = time.perf_counter()
-    adapter = tune(client, data.train, data.val, run.tune_config(), on_progress=probe)
+    adapter = tune(client, data.train, data.val, run.tune_config(), on_progress=probe, progress=False)
     tune_s = time.perf_counter() - t1
     metrics = evaluate(adapter, client, data.test, ledger=eval_ledger)
     prov = adapter.config.provenance

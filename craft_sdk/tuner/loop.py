@@ -23,7 +23,10 @@ from ..errors import BudgetExceededError, ConfigError, CraftError
 from ..scores import as_log_scores
 from . import mlp, selection
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
-from .plan import ImageSets, baseline_cost, calls_usage, canary_reserve, effective_config, generation_calls, generation_cost, plan_generations
+from .plan import (
+    ImageSets, baseline_cost, calls_usage, canary_reserve, effective_config, generation_calls, generation_cost,
+    one_generation_problem, plan_generations,
+)
 from .projection import GENERATOR
 from .prompts import create_prompt_space
 from .result import Progress, TuneResult
@@ -97,6 +100,8 @@ class Run:
         if needed > self.config.budget:
             what = f"the zero-shot baseline and {len(self.bank)} ensemble contexts" if self.bank else "the zero-shot baseline"
             raise ConfigError(f"budget {self.config.budget} cannot pay {what} ({needed} queries); raise --budget")
+        if self.config.uses_prompt and self.n_gen == 0 and self.config.max_generations != 0:
+            raise ConfigError(one_generation_problem(self.config, self.images.paper_val is not None))
         self.history: list[dict[str, Any]] = []
         self.fitness_rows: list[np.ndarray] = []
         self.metrics: dict[str, Any] = {}
@@ -400,6 +405,9 @@ class Run:
     def _result(self) -> TuneResult:
         from .finish import finish_paper, finish_robust, record_run_canary
 
+        phase = getattr(self.tuner.on_progress, "phase", None)  # a progress display hears the long steps after the search
+        if phase is not None and self.config.robust:
+            phase("selection")
         parts = finish_robust(self) if self.config.robust else finish_paper(self)
         point, texts = parts.pop("z"), parts.pop("texts", None)
         prompt = self.prompts.result(point) if self.prompts is not None else {"z": None, "offset": None, "projection_std": None}
@@ -418,7 +426,8 @@ class Run:
             queries=self.ledger.to_dict(),
             metrics=self.metrics,
             data=self.data_info(),
-            n_generations=self.n_gen,
+            n_generations=int(self.history[-1]["generation"]) if self.history else 0,  # run, not planned
+            planned_generations=self.n_gen,
             wall_time_s=time.perf_counter() - self.started,
             extras={"projection_generator": GENERATOR},
             canary=canary,

@@ -46,6 +46,24 @@ def canary_reserve(config: TuneConfig, n_contexts: int = 1) -> int:
     return canary_cost(n_contexts) if config.canary else 0
 
 
+def one_generation_problem(config: TuneConfig, has_val: bool) -> str:
+    """The one-line refusal of a budget that cannot pay one generation (P + 1 queries after the baseline).
+
+    Example:
+        >>> one_generation_problem(TuneConfig(budget=40), False).split(";")[0]
+        'budget 40 cannot pay one generation: a generation costs P + 1 = 41 queries (popsize 40 candidates + the mean) after the 1-query zero-shot baseline'
+    """
+    base, cost, reserve = baseline_cost(config, has_val), generation_cost(config, 1, 1, has_val), canary_reserve(config)
+    fits = config.budget - base - reserve - (cost - config.popsize)  # the largest popsize one generation could pay
+    canary = f" and the {reserve}-query drift canary" if reserve else ""
+    return (
+        f"budget {config.budget} cannot pay one generation: a generation costs P + 1 = {cost} queries (popsize "
+        f"{config.popsize} candidates + the mean) after the {base}-query zero-shot baseline{canary}; raise --budget to at "
+        f"least {base + reserve + cost}{f' or lower --popsize to {fits}' if 2 <= fits < config.popsize else ''} (--mode pr, "
+        "ensemble and zero-shot need no generation)"
+    )
+
+
 def plan_generations(config: TuneConfig, has_val: bool) -> int:
     """The most generations whose total cost (:func:`baseline_cost` + :func:`generation_cost` of
     each) fits the budget less the canary's reserve. ``pr`` (paper protocol) plans refiner rounds of

@@ -46,6 +46,8 @@ class TuneResult:
     is a deployed text prompt as the adapter records it (``kind`` ``discrete`` or ``ensemble``,
     see :mod:`craft_sdk.adapter`), None otherwise. ``canary`` is the drift canary taken under the
     deployed prompt (``config.canary`` probes; :mod:`craft_sdk.tuner.canary`), None without one.
+    ``n_generations`` counts the generations actually run (early stopping ends runs before the plan);
+    ``planned_generations`` is what the budget planned.
     """
 
     config: TuneConfig
@@ -70,3 +72,4 @@ class TuneResult:
     temperature: float | None = None
     text_prompt: dict[str, Any] | None = None
     canary: CanaryRecord | None = None
+    planned_generations: int = 0
