@@ -187,6 +187,16 @@ class RefinerSpec:
         if self.activation != "relu" or self.centering != "row-mean":
             raise AdapterError(f"unsupported refiner activation/centering {self.activation}/{self.centering}")
 
+    def describe(self) -> str:
+        """What the refiner is, in words (a 1-layer refiner is a linear map: it has no hidden layer).
+
+        Example:
+            >>> RefinerSpec(3, 512).describe(), RefinerSpec(1, 512, residual=False).describe()
+            ('3-layer MLP (hidden 512), residual', 'linear map (no hidden layer)')
+        """
+        shape = "linear map (no hidden layer)" if self.layers == 1 else f"{self.layers}-layer MLP (hidden {self.hidden})"
+        return shape + (", residual" if self.residual else "")
+
 
 @dataclass(frozen=True)
 class CalibrationSpec:
@@ -484,6 +494,8 @@ class Adapter:
             config = AdapterConfig.from_dict(json.loads(cfg_path.read_text(encoding="utf-8")))
         except json.JSONDecodeError as exc:
             raise AdapterError(f"{cfg_path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        except RecursionError:
+            raise AdapterError(f"{cfg_path} is nested too deeply to be an adapter config; it is damaged or not one") from None
         try:
             tensors = load_file(str(w_path))
         except (SafetensorError, OSError, ValueError) as exc:

@@ -131,7 +131,7 @@ def render_model_card(adapter: Any, *, repo_id: str | None = None, evaluation: d
         f"- prompt template: {_text(cfg.template)} &lt;class name&gt;.",
         f"- mode: {_text(mode)}, {_text(prov.get('shots', '?'))} shots per class, seed {_text(prov.get('seed', '?'))}",
         f"- prompt: {prompt}; "
-        f"refiner: {'none' if cfg.refiner is None else f'{cfg.refiner.layers}-layer MLP (hidden {cfg.refiner.hidden})'}",
+        f"refiner: {'none' if cfg.refiner is None else cfg.refiner.describe()}",
         f"- queries used to tune: {_text(prov.get('queries_used', '?'))} of a budget of {_text(prov.get('budget', '?'))}",
         *_cost_lines(prov.get("provider_usage")),
         "",

@@ -338,6 +338,8 @@ def _from_split_json(
         spec = json.loads(split_file.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise DataError(f"cannot read split file {split_file}: {exc}") from None
+    except RecursionError:
+        raise DataError(f"split file {split_file} is nested too deeply to be a CoOp split file") from None
     if not isinstance(spec, dict) or "train" not in spec:
         raise DataError(f"{split_file} is not a CoOp split file: expected keys 'train', 'val', 'test'")
     names: dict[int, str] = {}

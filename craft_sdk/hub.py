@@ -91,6 +91,16 @@ def _why(exc: Exception, hf: Any) -> str:
     return f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
+def _push_why(exc: Exception) -> str:
+    names = {c.__name__ for c in type(exc).__mro__}
+    if names & {"ConnectError", "ConnectionError", "ConnectTimeout", "TimeoutException", "OfflineModeIsEnabled"}:
+        return "the Hub is unreachable (offline, or HF_HUB_OFFLINE=1); push again when online"
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if status in (401, 403):
+        return f"not authorised (HTTP {status}): log in with `hf auth login` or pass token="
+    return f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
 def push_folder(
     folder: str | Path,
     repo_id: str,
@@ -108,13 +118,16 @@ def push_folder(
     """
     hf = _hf()
     api = hf.HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    if revision is not None:
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
-    info = api.upload_folder(
-        repo_id=repo_id, folder_path=str(folder), path_in_repo=path_in_repo or "", revision=revision,
-        commit_message=commit_message, allow_patterns=list(ADAPTER_FILES),
-    )
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision is not None:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        info = api.upload_folder(
+            repo_id=repo_id, folder_path=str(folder), path_in_repo=path_in_repo or "", revision=revision,
+            commit_message=commit_message, allow_patterns=list(ADAPTER_FILES),
+        )
+    except Exception as exc:  # huggingface_hub's and its HTTP library's errors: offline, auth, quota
+        raise AdapterError(f"cannot push the adapter to {repo_id} on the Hugging Face Hub: {_push_why(exc)}") from None
     logger.info("pushed adapter to %s", repo_id)
     return str(getattr(info, "commit_url", info))
 

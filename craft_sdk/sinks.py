@@ -144,7 +144,12 @@ class PredictionSink:
                 return 0, None
             start = _last_newline_end(f, end - 1, chunk)
             f.seek(start)
-            return count, json.loads(f.read(end - start).decode("utf-8"))["image"]
+            try:
+                row = json.loads(f.read(end - start).decode("utf-8"))
+                return count, str(row["image"])
+            except (ValueError, KeyError, TypeError):  # UnicodeDecodeError is a ValueError
+                raise DataError(f"the last row of {self.path} is not a prediction row (damaged or another file); "
+                                "rerun without --resume into a new --output") from None
 
     def check_resume_point(self, image: str) -> None:
         """Fail if input number ``done`` is not the image of the last row written (the inputs changed)."""

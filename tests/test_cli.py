@@ -77,7 +77,7 @@ def test_tune_human_output(folder: Path, tiny_model_dir: Path, tmp_path: Path) -
     res = run("tune", str(folder), "--model", f"local-dir:{tiny_model_dir}", "--shots", "2", "--budget", "60",
               "--popsize", "6", "--intrinsic-dim", "8", "--mode", "pg", "--out", str(tmp_path / "a"))
     assert "adapter written to" in res.stdout
-    assert "zero-shot train accuracy" in res.stderr and "queries used" in res.stderr
+    assert "zero-shot train accuracy" in res.stdout and "queries used" in res.stdout  # the headline table: stdout
 
 
 def test_tune_refiner_options_reach_the_adapter(folder: Path, tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -113,7 +113,8 @@ def test_grid_expansion_budgets_and_ids() -> None:
     )
     runs = spec.runs()
     assert len(spec.combos()) == 5
-    assert len(runs) == 2 * 5 * 2 * 5 * 3
+    assert len(runs) == 2 * 5 * 1 * 3 + 2 * 5 * 5 * 3  # zero-shot runs once per task/shots/seed, not per combination
+    assert all(r.combo == {} for r in runs if r.mode == "zero-shot")
     assert {r.shots: r.config["budget"] for r in runs} == {1: 2000, 2: 4000, 4: 4000, 8: 8000, 16: 8000}
     assert [budget_for_shots(k) for k in (1, 3, 32)] == [2000, 4000, 8000]
     assert {r.task for r in runs} == {"digits", "noisy-shapes"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -22,6 +23,24 @@ app = typer.Typer(
     add_completion=False,
 )
 err = Console(stderr=True)
+
+
+def _hide_flag_types() -> None:
+    """Help lists an on/off flag without a ``<bool>`` type (it takes no value)."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+    if getattr(shown, "hides_flags", False):
+        return
+
+    def display_type_rich(self: Any, ctx: Any) -> str | None:
+        return None if getattr(self, "is_flag", False) else shown(self, ctx)
+
+    display_type_rich.hides_flags = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_hide_flag_types()
 _state: dict[str, bool] = {"debug": False}
 F = TypeVar("F", bound=Callable[..., Any])
 USAGE_ERROR = 2  # a bad option value or combination (Click's own code for usage errors)
@@ -41,6 +60,8 @@ def _main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
     _state["debug"] = debug
+    if debug:
+        os.environ["CRAFT_SDK_DEBUG"] = "1"  # sweep worker processes show tracebacks too (craft_sdk.sweep.runner)
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(levelname)s: %(message)s",
@@ -81,10 +102,15 @@ def guarded(fn: F) -> F:
             raise
         except KeyboardInterrupt:
             raise fail("interrupted", 130) from None
+        except BrokenPipeError:
+            raise  # stdout's reader left (`| head`): click exits quietly (status 1)
         except Exception as exc:  # the CLI's error boundary: no tracebacks for users
             if _state["debug"]:
                 raise
             msg = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+            if isinstance(exc, RecursionError):  # a file or input nested past what a reader can take
+                raise fail("an input is nested too deeply to read (a damaged or hostile file?); check the files "
+                           "this command reads (--debug shows where)", RUNTIME_ERROR) from None
             if not isinstance(exc, CraftError):
                 msg = f"{exc.__class__.__name__}: {msg} (run with --debug for the traceback)"
             raise fail(msg, exit_code(exc)) from None

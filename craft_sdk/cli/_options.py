@@ -3,7 +3,7 @@ names, defaults and help (the dataclass and its docstring), typer's ``Annotated`
 
 Every TuneConfig field ``name`` becomes ``--name`` (underscores as dashes; booleans as
 ``--name/--no-name``); an optional field whose default is not None (``--patience``)
-also accepts ``none``.
+also accepts ``none``, and so does one whose default is None (``--lam none`` = its default rule).
 """
 
 from __future__ import annotations
@@ -58,6 +58,8 @@ def config_parameters() -> list[inspect.Parameter]:
             annotation: Any = Annotated[bool, typer.Option(f"--{dash}/--no-{dash}", help=text)]
         elif optional and default is not None:
             annotation, default = Annotated[str, typer.Option(f"--{dash}", help=f"{text} ('none' to disable)")], str(default)
+        elif optional and base is not str:  # a number or 'none' (the help's "None = ...")
+            annotation = Annotated[Optional[str], typer.Option(f"--{dash}", help=f"{text} (a {base.__name__} or 'none')")]  # noqa: UP045
         elif optional:
             annotation = Annotated[Optional[base], typer.Option(f"--{dash}", help=text)]  # noqa: UP045 (typer needs Optional)
         else:

@@ -16,8 +16,8 @@ from ._tune import MODEL_HELP, PRETRAINED_HELP
 SPEC_ENV = "CRAFT_SERVE_SPEC"
 STATE_HELP = ("where meters, budgets and idempotency records persist: a SQLite file (default: API_KEY_FILE.state.db), "
               "'memory' (lost on restart; one process, so not with --workers) or redis://host:port/db (pip install "
-              "'craft-sdk[redis]'; its password from the CRAFT_REDIS_PASSWORD environment variable or the file named by "
-              "CRAFT_REDIS_PASSWORD_FILE, never in the URL)")
+              "'craft-sdk\\[redis]'; its password from the CRAFT_REDIS_PASSWORD environment variable or the file named by "
+              "CRAFT_REDIS_PASSWORD_FILE, never in the URL)")  # "\\[": rich markup would eat "[redis]"
 BUDGET_HELP = ("queries each key may use (same unit as the tuner's ledger); stored in --state, so a restart without "
                "this option keeps the stored budget")
 
@@ -41,6 +41,22 @@ def _build_app(spec: dict[str, Any]) -> Any:
 
         client = TextOnlyClient(client)
     return create_app(client, keys, config, store)
+
+
+def _check_free(host: str, port: int) -> None:
+    """Refuse a port another process listens on, in one line, before anything loads or "serving on" is said."""
+    import errno
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a TIME_WAIT port is free
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise fail(f"port {port} on {host} is already in use (another server?); pass a free --port", 1) from None
+            raise fail(f"cannot bind {host}:{port} ({exc.strerror}); pass another --host or --port", 1) from None
 
 
 def app_from_env() -> Any:
@@ -73,6 +89,7 @@ def serve(
     if model.startswith(("http://", "https://")):
         raise fail("serve a local model (demo, an open_clip name or local-dir:), not another server")
     check_port(port)  # everything cheap is checked before the model loads
+    _check_free(host, port)
     if workers < 1:
         raise fail(f"--workers must be >= 1, got {workers}")
     if workers > 1 and state == "memory":
@@ -182,7 +199,7 @@ def keys_set_budget(
     name: str, budget: str, state: str | None = STATE_OPT, api_key_file: Path | None = KEYS_OPT, as_json: bool = JSON_ALWAYS_OPT
 ) -> None:
     """Give key NAME a budget of its own (BUDGET queries, or 'default' for the server's --budget-per-key)."""
-    if budget != "default" and not budget.isdigit():
+    if budget != "default" and not (budget.isascii() and budget.isdigit()):
         raise fail(f"BUDGET must be a number of queries or 'default', got {budget!r}")
     store = _open(state, api_key_file, name)
     store.set_budget(name, None if budget == "default" else int(budget))

@@ -79,7 +79,7 @@ def _tune_command(
     split_file: Path | None = typer.Option(None, "--split", help="CoOp split_zhou_*.json (paths relative to DATA)"),
     checkpoint_dir: Path | None = typer.Option(None, help="write a resumable checkpoint (and the query journal) here"),
     checkpoint_every: int = typer.Option(1, help="generations between checkpoints"),
-    resume: bool = typer.Option(False, "--resume", help="continue the run in --checkpoint-dir (same data, model and options)"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in --checkpoint-dir, or the automatic checkpoint an interrupted run left under --out (same data, model and options)"),
     api_key_file: Path | None = typer.Option(None, help="file holding the API key for an http(s) model"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
     price_text: str | None = typer.Option(None, "--price", help=PRICE_HELP),
@@ -284,17 +284,21 @@ def eval_(
 @app.command()
 @guarded
 def inspect(
-    adapter_dir: Path = typer.Argument(..., help="adapter directory"),
+    adapter_dir: str = typer.Argument(..., help="adapter directory or Hugging Face Hub repo id org/name (cached or online)"),
+    revision: str | None = typer.Option(None, help="Hub branch, tag or commit of ADAPTER"),
+    subfolder: str | None = typer.Option(None, help="the adapter's folder inside ADAPTER"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
 ) -> None:
     """Describe an adapter without loading any model."""
     from .. import load_adapter
     from ..adapter import describe_prompt
+    from ..hub import resolve_adapter_dir
 
-    adapter = load_adapter(str(adapter_dir), verify_projection=False)  # describing it regenerates nothing
+    root = resolve_adapter_dir(adapter_dir, revision=revision, subfolder=subfolder)
+    adapter = load_adapter(str(root), verify_projection=False)  # describing it regenerates nothing
     cfg = adapter.config
     prov = {k: v for k, v in cfg.provenance.items() if k != "history"}
-    files = {p.name: p.stat().st_size for p in sorted(Path(adapter_dir).iterdir()) if p.is_file()}
+    files = {p.name: p.stat().st_size for p in sorted(root.iterdir()) if p.is_file()}
     info = {
         "model_id": cfg.model_id,
         "classes": list(cfg.class_names),
@@ -327,5 +331,5 @@ def inspect(
         typer.echo(f"  calibrated temperature {cfg.calibration.temperature:.3f}")
     canary = cfg.canary
     typer.echo(f"  canary     {'none recorded' if canary is None else f'{canary.n_probes} probes, seed {canary.seed}, noise unit {canary.unit:.3g}'}")
-    typer.echo(f"  refiner    {'none' if cfg.refiner is None else f'{cfg.refiner.layers}-layer MLP, hidden {cfg.refiner.hidden}, residual={cfg.refiner.residual}'}")
+    typer.echo(f"  refiner    {'none' if cfg.refiner is None else cfg.refiner.describe()}")
     typer.echo(f"  files      {', '.join(f'{k} ({v / 1024:.1f} KiB)' for k, v in files.items())}")

@@ -339,8 +339,12 @@ class OpenCLIPClient(BaseClient):
         eot = tokens.argmax(dim=-1).cpu().numpy()
         length = tokens.shape[1]
         too_long = [class_names[i] for i in np.flatnonzero(eot >= length - 1) if tokens[i, -1] != 0]
+        if too_long and n_ctx + 4 > length:  # start, the context, one name token, '.', end: the context alone fills it
+            raise ClientError(f"the context ({len(template)} characters, {n_ctx} tokens or more) fills the model's "
+                              f"{length}-token text context and leaves no room for any class name; use a shorter context")
         if too_long:
-            raise ClientError(f"prompt for class(es) {too_long[:3]} exceeds the {length}-token context; shorten the names")
+            raise ClientError(f"prompt '<context> <class name>.' for class(es) {too_long[:3]} exceeds the {length}-token "
+                              "context; shorten those class names or the context")
         head = self.tokenizer([template])[0][: n_ctx + 1].to(self.device)
         if not bool((tokens[:, : n_ctx + 1] == head).all()):
             raise ClientError(f"template {template!r} does not tokenize as a prefix of its prompts; end it with a whole word")

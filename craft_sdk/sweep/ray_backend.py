@@ -36,7 +36,12 @@ def run_on_ray(runs: list[RunSpec], address: str, threads: int, finish: Callable
     started = not ray.is_initialized()
     if started:
         kwargs: dict[str, Any] = {"include_dashboard": False} if address == "local" else {}
-        ray.init(address=address, **kwargs)
+        try:
+            ray.init(address=address, **kwargs)
+        except (ConnectionError, ValueError, RuntimeError) as exc:  # Ray's own text names its CLI's --address
+            first = (str(exc).splitlines() or [exc.__class__.__name__])[0].split(". Please specify")[0]
+            raise ConfigError(f"cannot start Ray with --ray {address} ({first}); start a cluster (ray start --head) "
+                              "and pass --ray auto or --ray ray://HOST:PORT, or pass --ray local") from None
     pending: dict[Any, RunSpec] = {}
     try:
         remote = ray.remote(num_cpus=threads, max_retries=0)(safe_execute)

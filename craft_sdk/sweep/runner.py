@@ -56,6 +56,9 @@ def set_threads(threads: int | None) -> None:
     torch.set_num_threads(max(1, int(threads)))
 
 
+DEBUG_ENV = "CRAFT_SDK_DEBUG"  # set by ``craft-sdk --debug``; inherited by worker processes
+
+
 def init_worker(threads: int) -> None:
     """Initializer of a fresh worker process: OpenMP and torch use ``threads`` threads."""
     os.environ["OMP_NUM_THREADS"] = str(threads)
@@ -176,6 +179,7 @@ def safe_execute(payload: dict[str, Any], threads: int | None = None) -> tuple[s
     try:
         return "ok", execute_run(payload, threads)
     except Exception as exc:  # a failed run must not stop the sweep
-        logger.exception("sweep run %s failed", payload.get("task"))
+        if os.environ.get(DEBUG_ENV):  # craft-sdk --debug: the traceback too (else the driver logs one line)
+            logger.exception("sweep run %s failed", payload.get("task"))
         msg = str(exc).splitlines()[0] if str(exc) else ""
         return "error", f"{exc.__class__.__name__}: {msg}"

@@ -163,6 +163,9 @@ class RunSpec:
         return cls(**{**data, "eval_at": tuple(data.get("eval_at", ()))})
 
 
+ZERO_SHOT_KEYS = ("template",)  # the grid keys a zero-shot run depends on
+
+
 @dataclass(frozen=True)
 class SweepSpec:
     """A grid of tuning runs; validated on construction (one-line :class:`~craft_sdk.ConfigError`).
@@ -300,6 +303,10 @@ class SweepSpec:
         for task, shots, mode, combo, seed in itertools.product(
             self.tasks, self.shots, self.modes, self.combos(), self.seeds
         ):
+            if mode == "zero-shot":  # zero-shot ignores every hyperparameter but the template: run it once per value
+                combo = {k: v for k, v in combo.items() if k in ZERO_SHOT_KEYS}
+                if any(r.mode == mode and (r.task, r.shots, r.seed, r.combo) == (task, shots, seed, combo) for r in runs):
+                    continue
             options = {**self.params, **combo, "mode": mode, "seed": seed, "budget": self.budget_for(shots)}
             try:
                 config = TuneConfig.from_dict(options).to_dict()
@@ -375,6 +382,8 @@ def _parse_text(text: str, suffix: str, path: Path) -> Any:
             return json.loads(text)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise ConfigError(f"{path} is nested too deeply to be a sweep spec") from None
     raise ConfigError(f"sweep spec {path} must end in .yaml, .yml, .toml or .json")
 
 
