@@ -270,6 +270,16 @@ class CraftClassifier:
         loaded = Adapter.from_pretrained(root)
         return cls.from_adapter(loaded, client, config=config, ledger=ledger, onnx_path=root / ONNX_FILE)
 
+    def save_pretrained(self, directory: str | Path, *, repo_id: str | None = None) -> Path:
+        """Write the fitted adapter and its model card to ``directory`` (:meth:`Adapter.save_pretrained`);
+        :meth:`from_pretrained` loads it back. A loaded classifier's ``classes_`` are the prompt names
+        (``class_names_``), whatever labels ``fit`` saw.
+
+        Example:
+            >>> CraftClassifier(client, budget=2000).fit(paths, labels).save_pretrained("my-adapter")  # doctest: +SKIP
+        """
+        return self._check_fitted().save_pretrained(directory, repo_id=repo_id)
+
     @property
     def _runtime(self) -> ClassifierConfig:
         return self.config if self.config is not None else ClassifierConfig()

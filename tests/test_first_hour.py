@@ -213,3 +213,19 @@ def test_ctrl_c_leaves_a_resumable_run_and_prints_the_command(my_folder: Path, t
     assert (out / "adapter_config.json").is_file() and not (out / ".craft-checkpoint").exists()
     prov = json.loads((out / "adapter_config.json").read_text())["provenance"]
     assert prov["n_generations"] == 300
+
+
+def test_classifier_save_pretrained_round_trips(tmp_path: Path) -> None:
+    import craft_sdk
+
+    client = craft_sdk.create_client("demo")
+    splits = craft_sdk.load_data("demo:digits", shots=1)
+    clf = craft_sdk.CraftClassifier(client, mode="zero-shot", budget=5)
+    with pytest.raises(craft_sdk.NotFittedError):
+        clf.save_pretrained(tmp_path / "none")
+    labels = [splits.class_names[i] for i in splits.train.labels]
+    clf.fit(splits.train.images, labels)
+    clf.save_pretrained(tmp_path / "clf")
+    back = craft_sdk.CraftClassifier.from_pretrained(tmp_path / "clf", client)
+    assert back.adapter_.fingerprint() == clf.adapter_.fingerprint()
+    assert (back.predict(splits.train.images[:3]) == clf.predict(splits.train.images[:3])).all()

@@ -114,6 +114,21 @@ def test_cli_predict_takes_a_hub_id_offline(shipped: Path, hub_cache: Path, tmp_
     assert bad.returncode == 1 and "HF_HUB_OFFLINE=1" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
+def test_cli_inspect_takes_a_cached_hub_id(shipped: Path, hub_cache: Path) -> None:
+    from typer.testing import CliRunner
+
+    from craft_sdk.cli import app
+
+    res = CliRunner().invoke(app, ["inspect", "org/digits-adapter", "--json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    assert info["fingerprint"] == load_adapter(str(shipped)).fingerprint() and "adapter_config.json" in info["files"]
+    sub = CliRunner().invoke(app, ["inspect", "org/digits-adapter", "--revision", "v1", "--subfolder", "sub", "--json"])
+    assert sub.exit_code == 0 and json.loads(sub.stdout)["fingerprint"] != info["fingerprint"]
+    missing = CliRunner().invoke(app, ["inspect", "org/missing"])
+    assert missing.exit_code == 1 and "not in the local cache" in missing.output and "FileNotFoundError" not in missing.output
+
+
 def test_local_paths_need_no_huggingface_hub(shipped: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if not installed
     assert load_adapter(str(shipped)).n_classes == 10

@@ -127,6 +127,9 @@ def _tune_command(
     except KeyboardInterrupt:
         err.print(f"interrupted; the run is saved in {ckpt}. Resume it with:\n  {_resume_command(data, ckpt)}", highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
+    except Exception:
+        _after_failure(ckpt, auto_dir)
+        raise
     if resume_matches is False and _early_stopping(config):
         resume_matches = _resume_result(result)
     if ckpt.resolve() == auto_dir.resolve():
@@ -162,13 +165,20 @@ def _tune_command(
     if as_json:
         emit_json(summary)
         return
+    Console().print(_summary_table(summary))
+    typer.echo(f"adapter written to {out}")
+
+
+def _summary_table(summary: dict[str, Any]) -> Table:
+    """The headline table of a tune (printed on stdout)."""
+    budget = summary["budget"]
     table = Table(title=f"craft-sdk tune ({summary['mode']})", show_header=True)
     table.add_column("")
     table.add_column("value", justify="right")
     table.add_row("zero-shot train accuracy", f"{summary['zero_shot_train_accuracy']:.3f}")
     table.add_row("deployed train accuracy", f"{summary['train_accuracy']:.3f}")
     if summary["val_accuracy"] is not None:
-        table.add_row("validation accuracy (selected)", f"{summary['val_accuracy']:.3f}")
+        table.add_row("held-out accuracy (selection: check or validation images)", f"{summary['val_accuracy']:.3f}")
     table.add_row("queries used / budget", f"{summary['queries_used']} / {budget}")
     table.add_row("generations run / planned", f"{summary['n_generations']} / {summary['planned_generations']}")
     _usage_rows(table, summary)
@@ -177,8 +187,7 @@ def _tune_command(
     if summary["stopped"]:
         table.add_row("stopped", str(summary["stopped"]).removeprefix("stopped: "))
     table.add_row("wall time", f"{summary['wall_time_s']:.1f} s")
-    Console().print(table)
-    typer.echo(f"adapter written to {out}")
+    return table
 
 
 def _register_tune() -> None:
@@ -219,6 +228,17 @@ def _resume_outlook(config: Any, checkpoint_dir: Path | None, has_val: bool) -> 
                   f"{planned}; the budget ({config.budget}) has no room to redo them all, so the run will stop early "
                   "and its result will differ from the uninterrupted run's", highlight=False)
     return can
+
+
+def _after_failure(ckpt: Path, auto_dir: Path) -> None:
+    """A failed run keeps a checkpoint to resume (the next run into --out names the command); an automatic
+    one with nothing to resume is removed, with the --out folder it created (the error stays one line)."""
+    from ..tuner.checkpoint import has_checkpoint
+
+    if not has_checkpoint(ckpt) and ckpt.resolve() == auto_dir.resolve():
+        shutil.rmtree(auto_dir, ignore_errors=True)
+        if auto_dir.parent.is_dir() and not any(auto_dir.parent.iterdir()):
+            auto_dir.parent.rmdir()  # the --out folder this run created for its checkpoint
 
 
 def _early_stopping(config: Any) -> bool:
