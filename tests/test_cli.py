@@ -117,7 +117,7 @@ def test_errors_are_one_line_without_traceback(folder: Path, tiny_model_dir: Pat
 
 def test_resume_needs_checkpoint_dir(folder: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
     res = run("tune", str(folder), "--model", f"local-dir:{tiny_model_dir}", "--shots", "2", "--resume", "--out", str(tmp_path / "x"), check=False)
-    assert res.returncode == 2 and "checkpoint_dir" in res.stderr
+    assert res.returncode == 2 and "pass its --checkpoint-dir" in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize(

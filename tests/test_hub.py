@@ -151,7 +151,7 @@ def test_model_card_front_matter_body_and_runnable_snippet(shipped: Path, tmp_pa
     assert f"{prov['queries_used']} of a budget of {prov['budget']}" in text
     assert "- classes (10): zero, one, " in text and "## Limitations" in text
     zs, tr = prov["metrics"]["zero_shot_train_accuracy"], prov["metrics"]["train_accuracy"]
-    assert f"the training shots ({prov['data']['n_train']} images; optimistic) | {100 * zs:.1f}% | {100 * tr:.1f}% |" in text
+    assert f"the training shots ({prov['data'].get('n_search', prov['data']['n_train'])} images; optimistic) | {100 * zs:.1f}% | {100 * tr:.1f}% |" in text
     assert 'from_pretrained("org/digits-adapter", client)' in text
     # the card's three lines run as written (pointed at the local copy)
     snippet = text.split("```python\n")[1].split("```")[0].replace("org/digits-adapter", str(path))

@@ -115,6 +115,8 @@ def _tune_command(
     client = _client(model, pretrained, api_key_file)
     auto_dir = out / AUTO_CHECKPOINT
     ckpt = checkpoint_dir if checkpoint_dir is not None else auto_dir
+    if resume and checkpoint_dir is None and not (auto_dir / LEDGER_FILE).exists():
+        raise fail(f"--resume continues a run: pass its --checkpoint-dir (no interrupted run left one in {auto_dir})")
     if not resume and checkpoint_dir is None and (auto_dir / LEDGER_FILE).exists():
         raise fail(f"{auto_dir} holds an interrupted run of this --out; resume it with: {_resume_command(data, ckpt)} "
                    f"(or delete {auto_dir} to start over)")
