@@ -138,6 +138,7 @@ def test_a_model_the_id_cannot_reopen_is_named(my_folder: Path, tiny_model_dir: 
     assert client_args("open_clip/ViT-B-32/openai") == ("ViT-B-32", "openai")
     assert client_hint("open_clip/RN50/random-seed3") == "--model RN50 --pretrained none"
     assert client_args("zeroshot-api:http://h:1/x") == ("zeroshot+http://h:1/x", None)
+    assert client_args("chat:http://h:1/v1?model=m") == ("chat+http://h:1/v1?model=m", None)
 
 
 class _Crash(Exception):

@@ -1,7 +1,7 @@
 """From a recorded model id back to the ``--model``/``--pretrained`` that open a client serving it.
 
 An adapter records the ``model_id`` of the client it was tuned through (``craft-demo-vlm/sha256:…``,
-``open_clip/ViT-B-32/openai``, ``open_clip/local-dir/NAME/sha256:…``, ``zeroshot-api:URL``); `eval` and
+``open_clip/ViT-B-32/openai``, ``open_clip/local-dir/NAME/sha256:…``, ``zeroshot-api:URL``, ``chat:URL?model=NAME``, ``embed:…``); `eval` and
 `predict` default to that model, and a mismatch error names the options to pass.
 """
 
@@ -26,6 +26,9 @@ def client_args(model_id: str) -> tuple[str, str | None] | None:
         return "demo", None
     if model_id.startswith("zeroshot-api:"):
         return "zeroshot+" + model_id[len("zeroshot-api:") :], None
+    for kind in ("chat", "embed"):  # hosted shapes: "chat:URL?model=NAME" is served by "chat+URL?model=NAME"
+        if model_id.startswith(f"{kind}:http"):
+            return f"{kind}+" + model_id[len(kind) + 1 :], None
     m = _OPEN_CLIP.match(model_id)
     if m is None or m["tag"].startswith("sha256:"):
         return None
