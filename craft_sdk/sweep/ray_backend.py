@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from craft_sdk.errors import require
+from craft_sdk.errors import ConfigError, require
 
 from .runner import safe_execute
 from .spec import RunSpec
