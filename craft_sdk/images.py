@@ -20,6 +20,10 @@ ImageLike = Union[Image.Image, np.ndarray, str, Path]
 # PIL's own warning threshold (~0.25 GiB once decoded to RGB): larger files are refused before any
 # pixel is decoded (a 71 KB PNG can declare 150 Mpx); PIL raises DecompressionBombError at twice it
 MAX_PIXELS = 89_478_485
+# what ``craft-sdk predict`` decodes an image to at most (4096 x 4096, far above any VLM's input side): a larger
+# file is resized to it while decoding (a JPEG is decoded at 1/2..1/8 scale first, by ``draft``), so a batch of
+# huge images holds at most one at full size in memory (6 x 88-Mpx PNGs: see BENCHMARKS.md, "Decoding memory")
+PREDICT_MAX_PIXELS = 1 << 24
 _PIL_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
@@ -43,8 +47,22 @@ def too_large(size: tuple[int, int], max_pixels: int = MAX_PIXELS) -> str | None
     return None
 
 
-def decode_file(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def _fit(size: tuple[int, int], limit: int) -> tuple[int, int]:
+    """The largest size of ``size``'s aspect ratio with at most ``limit`` pixels (``size`` itself if it fits)."""
+    w, h = size
+    if w * h <= limit:
+        return size
+    scale = (limit / (w * h)) ** 0.5
+    return max(1, int(w * scale)), max(1, int(h * scale))
+
+
+def decode_file(path: str | Path, max_pixels: int = MAX_PIXELS, reduce_above: int | None = None) -> Image.Image:
     """Decode an image file to RGB after checking its header size against ``max_pixels``.
+
+    Args:
+        reduce_above: if set, an image of more pixels is resized (Lanczos) to the largest size of its aspect
+            ratio within this many pixels while decoding (a JPEG is decoded at reduced scale to begin with),
+            so a batch holds at most one image at full size in memory.
 
     Raises:
         DataError: too large; PIL's own errors (see :func:`header_size`) when unreadable.
@@ -55,8 +73,15 @@ def decode_file(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with Image.open(path) as im:
+            if reduce_above is None or _fit(im.size, reduce_above) == im.size:
+                im.load()
+                return im.convert("RGB")
+            im.draft("RGB", _fit(im.size, reduce_above))  # JPEG only (1/2..1/8 scale); a no-op for other formats
             im.load()
-            return im.convert("RGB")
+            full = im.convert("RGB") if im.mode in ("1", "P", "PA") else im  # palettes resize only by nearest
+            target = _fit(full.size, reduce_above)
+            small = full if target == full.size else full.resize(target, Image.Resampling.LANCZOS, reducing_gap=3.0)
+            return small.convert("RGB")
 
 
 def require_regular(path: str | Path) -> None:
@@ -75,12 +100,12 @@ def require_regular(path: str | Path) -> None:
         raise DataError(f"{path} is not a regular file (a FIFO, device or socket?); predict reads image files only")
 
 
-def read_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def read_image(path: str | Path, max_pixels: int = MAX_PIXELS, reduce_above: int | None = None) -> Image.Image:
     """:func:`decode_file` with every failure as a one-line :class:`DataError` naming the file (a FIFO or
     device is refused before it is opened)."""
     require_regular(path)
     try:
-        return decode_file(path, max_pixels)
+        return decode_file(path, max_pixels, reduce_above)
     except DataError:
         raise
     except FileNotFoundError:

@@ -30,7 +30,7 @@ from PIL import Image
 from .classifier import CraftClassifier, Predictions
 from .data import IMAGE_SUFFIXES  # one list of image suffixes for datasets and prediction
 from .errors import ConfigError, DataError
-from .images import require_regular, to_pil
+from .images import PREDICT_MAX_PIXELS, read_image, require_regular
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def _decode(paths: list[str]) -> _Decoded:
     images, ok, errors = [], [], {}
     for i, path in enumerate(paths):
         try:
-            images.append(to_pil(path))
+            images.append(read_image(path, reduce_above=PREDICT_MAX_PIXELS))
             ok.append(i)
         except DataError as exc:
             errors[i] = str(exc)

@@ -284,6 +284,27 @@ def test_csv_output_neutralises_formula_labels_and_paths(tmp_path: Path, images:
     assert code == 0 and json.loads(stdout)["resumed_after"] == 2, stderr  # resuming matches the neutralised rows
 
 
+def test_predict_decodes_huge_images_reduced_and_small_ones_unchanged(adapter_dir: Path, images: Path, tmp_path: Path) -> None:
+    from craft_sdk.images import PREDICT_MAX_PIXELS, to_pil
+
+    big = tmp_path / "big.png"
+    Image.new("RGB", (5000, 4000), (200, 10, 10)).save(big)  # 20 Mpx: over the 16.8-Mpx decode bound
+    small = files_of(images)[0]
+    seen: list = []
+
+    class Sizes(Spy):
+        def predict(self, images, class_names, template="a photo of a", offsets=None):  # type: ignore[no-untyped-def]
+            seen.extend(images)
+            return super().predict(images, class_names, template, offsets)
+
+    clf = CraftClassifier.from_pretrained(adapter_dir, Sizes())
+    res = list(predict_stream(clf, [str(big), small], batch_size=2))
+    assert res[0].predictions.labels[0] == "red"
+    w, h = seen[0].size
+    assert w * h <= PREDICT_MAX_PIXELS and abs(w / h - 5000 / 4000) < 0.01 and seen[0].getpixel((7, 7)) == (200, 10, 10)
+    assert seen[1].tobytes() == to_pil(small).tobytes()  # an ordinary image is decoded exactly as before
+
+
 def test_ray_data_predictor_on_two_workers(adapter_dir: Path, images: Path, tmp_path: Path) -> None:
     ray = pytest.importorskip("ray")
     pytest.importorskip("ray.data")
