@@ -146,7 +146,8 @@ def test_stream_errors_fail_before_sending_or_skip(adapter_dir: Path, images: Pa
 
 def run(args: list[str], client: Spy, monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, str]:
     monkeypatch.setattr(craft_sdk, "create_client", lambda *a, **k: client)
-    res = CliRunner().invoke(app, ["predict", *args])
+    model = [] if "--model" in args else ["--model", "spy"]  # the spy's id alone cannot reopen it
+    res = CliRunner().invoke(app, ["predict", *args, *model])
     return res.exit_code, res.stdout, res.stderr
 
 
