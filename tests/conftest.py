@@ -84,6 +84,8 @@ def _torch():  # noqa: ANN202
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    for name, text in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {text}")
     torch = _torch()
     if torch is not None:
         torch.set_num_threads(SUITE_THREADS)
@@ -96,3 +98,98 @@ def _suite_thread_count():  # noqa: ANN202
     if torch is not None and torch.get_num_threads() != SUITE_THREADS:
         torch.set_num_threads(SUITE_THREADS)
     yield
+
+
+# ---------------------------------------------------------------------------------------------- test tiers
+# The fast tier is `python -m pytest -q -m "not slow"` (README, Development); the Quickstart's command runs
+# everything. A test is slow when it took over ~2 s (one parametrisation) or ~5 s (its whole family) on a quiet
+# 2-core machine (measured with --durations=0, issue 21); every module keeps fast tests. Markers:
+#   slow: listed below;  subprocess: starts a Python or server process;  server: talks to a server it started.
+SLOW_TESTS = frozenset({
+    "test_classifier.py::test_fit_integer_labels_predicts_integers",
+    "test_cli.py::test_errors_are_one_line_without_traceback",
+    "test_cli.py::test_resume_needs_checkpoint_dir",
+    "test_cli.py::test_tune_eval_inspect",
+    "test_cli.py::test_tune_human_output",
+    "test_cli.py::test_tune_refiner_options_reach_the_adapter",
+    "test_demo_run.py::test_run_demo_writes_everything",
+    "test_demo_tasks.py::test_demo_vlm_zero_shot_digits_matches_record",
+    "test_discrete.py::test_craft_on_a_text_only_client_keeps_the_refiner_and_the_words",
+    "test_discrete.py::test_tuner_searches_the_template_words_of_a_text_only_client",
+    "test_examples.py::test_make_shipped_adapters_smoke",
+    "test_examples.py::test_pretrain_demo_vlm_smoke",
+    "test_examples.py::test_quickstart_adapter",
+    "test_examples.py::test_text_only_api",
+    "test_faults.py::test_ledger_equals_the_servers_bill_when_the_server_refuses",
+    "test_faults.py::test_outage_stops_with_a_clear_error_and_the_run_resumes",
+    "test_faults.py::test_server_budget_stops_the_tune_cleanly",
+    "test_faults.py::test_server_dies_and_comes_back_empty",
+    "test_faults.py::test_tune_through_every_transient_fault_gives_the_same_adapter",
+    "test_http.py::test_cli_tune_through_the_server",
+    "test_http.py::test_serve_command_runs_a_real_server",
+    "test_http.py::test_tune_over_http_equals_in_process",
+    "test_hub.py::test_cli_predict_takes_a_hub_id_offline",
+    "test_onnx.py::test_torch_2_14_exporter_agrees_with_our_graph",
+    "test_predict_batch.py::test_ray_data_predictor_on_two_workers",
+    "test_resume.py::test_cli_checkpoint_every_resume_and_refusal",
+    "test_resume.py::test_resume_after_checkpoint_is_byte_identical",
+    "test_resume.py::test_sigkill_mid_run_then_resume",
+    "test_robust.py::test_adapters_record_every_image_they_saw_whatever_the_entry_point",
+    "test_robust.py::test_inert_prompt_search_stops_and_keeps_the_refiner",
+    "test_robust.py::test_nothing_can_help_ends_in_the_zero_shot_fallback",
+    "test_robust.py::test_paper_protocol_reproduces_the_previous_default",
+    "test_robust.py::test_planned_generations_are_affordable_and_maximal",
+    "test_robust.py::test_robust_pr_trains_the_refiner_whatever_the_budget",
+    "test_robust.py::test_robust_run_resumes_to_the_same_adapter",
+    "test_robust.py::test_selection_and_calibration_spend_no_query",
+    "test_server_hardening.py::test_codec_fuzz_structured_headers_raise_only_wire_errors",
+    "test_server_state.py::test_sigkill_mid_tune_then_resume_within_the_key_budget",
+    "test_server_state.py::test_two_processes_share_one_redis_budget_exactly",
+    "test_server_state.py::test_workers_and_another_process_share_one_sqlite_budget_exactly",
+    "test_shipped_adapters.py::test_shipped_adapter_reproduces_its_table",
+    "test_sklearn.py::test_clone_shares_client_and_ledger_and_is_unfitted",
+    "test_sklearn.py::test_cross_val_score_counts_every_tuning",
+    "test_sklearn.py::test_pipeline",
+    "test_sweep.py::test_killed_cli_sweep_resumes",
+    "test_sweep.py::test_ray_mode_matches_local",
+    "test_sweep.py::test_worker_processes_match_in_process_runs",
+    "test_text_prompts.py::test_cli_inspects_and_predicts_with_a_text_adapter",
+    "test_tuner.py::test_budget_is_a_hard_ceiling_even_with_validation",
+    "test_tuner.py::test_external_ledger_ceiling_stops_run_cleanly",
+    "test_tuner.py::test_modes_learn_what_they_should",
+    "test_tuner.py::test_planted_solution_needs_the_fitness",
+    "test_tuner.py::test_probability_clients_are_tuned_on_log_probs",
+    "test_tuner.py::test_same_seed_gives_byte_identical_adapter",
+    "test_tuner.py::test_text_only_client_searches_words_not_offsets",
+    "test_tuner.py::test_validation_selection_never_sees_test",
+    "test_zeroshot_api.py::test_serve_text_only_flag",
+})
+MARKERS = {
+    "slow": "over ~2 s on a quiet 2-core machine; deselect with -m 'not slow' for the fast tier",
+    "subprocess": "starts a Python or server process",
+    "server": "talks to an HTTP server (in process or not) that the test starts",
+}
+_SUBPROCESS_WORDS = ("subprocess.", "Popen(", "sys.executable")
+_SERVER_WORDS = ("BackgroundServer", "start_server", "Server(", ".url", "srv.", "server.")
+
+
+def _source(item: pytest.Item) -> str:
+    import inspect
+
+    try:
+        return inspect.getsource(item.function)  # type: ignore[attr-defined]
+    except (AttributeError, OSError, TypeError):
+        return ""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        family = item.nodeid.split("[", 1)[0].removeprefix("tests/")
+        if family in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
+        source = _source(item)
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if any(word in source for word in _SUBPROCESS_WORDS):
+            item.add_marker(pytest.mark.subprocess)
+        if fixtures & {"server", "srv", "served"} or any(word in source for word in _SERVER_WORDS):
+            item.add_marker(pytest.mark.server)
