@@ -96,3 +96,12 @@ def test_a_valid_answer_still_parses(hostile) -> None:  # noqa: ANN001
     app.answer = (200, [(b"content-encoding", b"gzip")], gzip.compress(pairs(0.5, 0.5)))
     with ZeroShotAPIClient(f"{srv.url}/v1/zero-shot/x", api_key=KEY, **FAST) as client:
         np.testing.assert_allclose(client.predict(IMAGES, NAMES, "a photo of a"), [[0.5, 0.5]])
+
+
+def test_a_long_error_page_is_cut_and_its_status_still_retried(hostile) -> None:  # noqa: ANN001
+    app, srv = hostile
+    app.answer, app.calls = (503, [(b"retry-after", b"0")], b"<html>" + b"busy " * 200_000 + b"</html>"), 0
+    with ZeroShotAPIClient(f"{srv.url}/v1/zero-shot/x", api_key=KEY, **FAST) as client:
+        with pytest.raises(ClientError, match="failed after 3 attempts: HTTP 503") as err:
+            client.predict(IMAGES, NAMES, "a photo of a")
+    assert "\n" not in str(err.value) and app.calls == 3

@@ -265,11 +265,14 @@ def _answer_limit(names: list[str]) -> int:
 
 
 def _post(http: httpx.Client, url: str, body: bytes, headers: dict[str, str], limit: int) -> httpx.Response:
-    """POST ``body``, reading at most ``limit`` bytes of the (decoded) answer; more is a :class:`ClientError`."""
+    """POST ``body``, reading at most ``limit`` bytes of the (decoded) answer: a longer answer is a
+    :class:`ClientError`, a longer error page is cut (its status decides the retry)."""
     with http.stream("POST", url, content=body, headers=headers) as resp:
         data, size = [], 0
         for chunk in resp.iter_bytes():
             size += len(chunk)
+            if size > limit and resp.status_code >= 400:  # an error page: its start is enough to classify it
+                break
             if size > limit:
                 raise ClientError(f"the endpoint answered more than {limit} bytes, more than any answer for these labels; "
                                   "is it a zero-shot endpoint?")
