@@ -12,6 +12,7 @@ import numpy as np
 from .adapter import Adapter, check_compatible
 from .client.base import PredictionClient
 from .client.ledger import MeteredClient, QueryLedger
+from .client.schemes import parse_model
 from .client.pricing import PriceTable
 from .data import DataSplits, ImageDataset, load_dataset
 from .errors import AdapterError
@@ -41,27 +42,28 @@ def create_client(model: str, pretrained: str | None = _UNSET, *, device: str = 
     Example:
         >>> client = create_client("demo")  # doctest: +SKIP
     """
-    if model.startswith("text-only:"):
+    ref = parse_model(model)  # the one table of schemes (client/schemes.py)
+    if ref.kind == "text-only":
         from .client.zeroshot import TextOnlyClient
 
-        inner = create_client(model[len("text-only:") :], pretrained, device=device, **kwargs)
+        inner = create_client(ref.target, pretrained, device=device, **kwargs)
         return TextOnlyClient(inner, **({"cache_size": kwargs["cache_size"]} if "cache_size" in kwargs else {}))
-    if model.startswith(("zeroshot+http://", "zeroshot+https://")):
+    if ref.kind == "zeroshot":
         from .client.zeroshot import ZeroShotAPIClient
 
-        return ZeroShotAPIClient(model[len("zeroshot+") :], **kwargs)
-    if model.startswith(("chat+http://", "chat+https://")):
+        return ZeroShotAPIClient(ref.target, **kwargs)
+    if ref.kind == "chat":
         from .client.chat import ChatVLMClient
 
-        return ChatVLMClient.from_url(model[len("chat+") :], **kwargs)
-    if model.startswith(("embed+http://", "embed+https://")):
+        return ChatVLMClient.from_url(ref.target, **kwargs)
+    if ref.kind == "embed":
         from .client.embed import EmbeddingClient
 
-        return EmbeddingClient.from_url(model[len("embed+") :], **kwargs)
-    if model.startswith(("http://", "https://")):
+        return EmbeddingClient.from_url(ref.target, **kwargs)
+    if ref.kind == "server":
         from .client.http import HTTPClient
 
-        return HTTPClient(model, **kwargs)
+        return HTTPClient(ref.target, **kwargs)
     from .client.openclip import OpenCLIPClient
 
     if pretrained is _UNSET:

@@ -104,3 +104,64 @@ def test_require_names_the_missing_dependency_of_a_dependency(tmp_path: Path, mo
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(MissingDependencyError, match=r"^X needs craft_inner_missing_pkg: pip install 'craft-sdk\[hub\]'"):
         require("craft_outer_pkg", "hub", "X")
+
+
+# ------------------------------------------------------------------ model-string schemes
+
+
+def test_each_model_scheme_resolves_through_the_one_table(tiny_model_dir: Path) -> None:
+    from craft_sdk import create_client
+    from craft_sdk.cli._app import is_remote as cli_is_remote
+    from craft_sdk.client.chat import ChatVLMClient
+    from craft_sdk.client.embed import EmbeddingClient
+    from craft_sdk.client.http import HTTPClient
+    from craft_sdk.client.openclip import OpenCLIPClient
+    from craft_sdk.client.schemes import SCHEMES, is_remote, parse_model
+    from craft_sdk.client.zeroshot import TextOnlyClient, ZeroShotAPIClient
+
+    local = f"local-dir:{tiny_model_dir}"
+    examples = {  # one model string per row of the table, and the client create_client builds for it
+        "text-only:": (f"text-only:{local}", TextOnlyClient, False),
+        "zeroshot+http://": ("zeroshot+http://127.0.0.1:9/v1/zero-shot/m", ZeroShotAPIClient, True),
+        "zeroshot+https://": ("zeroshot+https://127.0.0.1:9/v1/zero-shot/m", ZeroShotAPIClient, True),
+        "chat+http://": ("chat+http://127.0.0.1:9/v1?model=m", ChatVLMClient, True),
+        "chat+https://": ("chat+https://127.0.0.1:9/v1?model=m", ChatVLMClient, True),
+        "embed+http://": ("embed+http://127.0.0.1:9/v1?model=m", EmbeddingClient, True),
+        "embed+https://": ("embed+https://127.0.0.1:9/v1?model=m", EmbeddingClient, True),
+        "http://": ("http://127.0.0.1:9", HTTPClient, True),
+        "https://": ("https://127.0.0.1:9", HTTPClient, True),
+        "local-dir:": (local, OpenCLIPClient, False),
+        "demo": ("demo", None, False),
+        "craft-demo-vlm": ("craft-demo-vlm", None, False),
+    }
+    assert sorted(examples) == sorted(s.prefix for s in SCHEMES)
+    for scheme in SCHEMES:
+        model, cls, remote = examples[scheme.prefix]
+        ref = parse_model(model)
+        assert (ref.kind, ref.target) == (scheme.kind, model.removeprefix(scheme.strip)), scheme
+        assert is_remote(model) is remote and cli_is_remote(model) is remote and is_remote(f"text-only:{model}") is remote
+        if cls is not None:
+            client = create_client(model, **({"api_key": "k" * 16} if remote else {}))
+            assert type(client) is cls, (model, type(client))
+    assert parse_model("ViT-B-32").kind == "open_clip" and parse_model("demo2").kind == "open_clip"
+    assert parse_model("ftp://x").kind == "open_clip" and not is_remote("ftp://x")
+
+
+def test_no_module_parses_a_model_scheme_itself() -> None:
+    """Outside client/schemes.py no ``startswith`` / ``removeprefix`` / ``==`` tests a scheme's prefix."""
+    from craft_sdk.client.schemes import SCHEMES
+
+    prefixes = {s.prefix for s in SCHEMES if not s.exact} | {s.strip for s in SCHEMES if s.strip}
+    names = {s.prefix for s in SCHEMES if s.exact}  # compared whole (a model id may start with one: card.py)
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name == "schemes.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) in ("startswith", "removeprefix"):
+                args = [a for arg in node.args for a in ast.walk(arg) if isinstance(a, ast.Constant)]
+                found += [f"{path.relative_to(ROOT)}:{node.lineno}" for a in args if a.value in prefixes]
+            if isinstance(node, ast.Compare) and getattr(node.left, "attr", None) != "kind" and any(isinstance(c, ast.Constant) and c.value in prefixes | names
+                                                     for n in node.comparators for c in ast.walk(n)):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert found == []

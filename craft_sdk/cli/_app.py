@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 
 from .._version import __version__
+from ..client.schemes import REMOTE, is_remote  # the one table of model-string schemes
 
 app = typer.Typer(
     name="craft-sdk",
@@ -116,14 +117,6 @@ def guarded(fn: F) -> F:
             raise fail(msg, exit_code(exc)) from None
 
     return wrapper  # type: ignore[return-value]
-
-
-REMOTE = ("http://", "https://", "zeroshot+http://", "zeroshot+https://", "chat+http://", "chat+https://", "embed+http://", "embed+https://")
-
-
-def is_remote(model: str) -> bool:
-    """Whether a ``--model`` value names a server (``text-only:`` views included)."""
-    return model.removeprefix("text-only:").startswith(REMOTE)
 
 
 def open_client(model: str, pretrained: str | None, api_key_file: Any = None, **remote: Any) -> Any:

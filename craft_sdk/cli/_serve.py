@@ -83,10 +83,11 @@ def serve(
 ) -> None:
     """Serve MODEL as a prediction-only HTTP service (logits only, metered per API key, meters persisted)."""
     from ..api import pretrained_kwargs
+    from ..client.schemes import parse_model
     from ..serve import ServerConfig, load_api_keys, open_store, run_server
     from ..serve.runner import check_port
 
-    if model.startswith(("http://", "https://")):
+    if parse_model(model).kind == "server":
         raise fail("serve a local model (demo, an open_clip name or local-dir:), not another server")
     check_port(port)  # everything cheap is checked before the model loads
     _check_free(host, port)

@@ -75,6 +75,7 @@ from ..wire import (
     sha256_hex,
 )
 from .base import DEFAULT_TEMPLATE, BaseClient, Capabilities, Images, ImageSetHandle
+from .schemes import parse_model
 from .usage import ProviderUsage
 
 logger = logging.getLogger(__name__)
@@ -198,7 +199,7 @@ class HTTPClient(BaseClient):
         **overrides: Any,
     ) -> None:
         self.config = client_config(config, overrides, "HTTPClient")
-        if not url.startswith(("http://", "https://")):
+        if parse_model(url).kind != "server":
             raise ConfigError(f"url must start with http:// or https://, got {url!r}")
         self.url = url.rstrip("/")
         key = api_key if api_key is not None else os.environ.get("CRAFT_API_KEY")

@@ -32,11 +32,11 @@ from PIL import Image
 from .._lru import LRU
 from ..errors import ClientError, ConfigError, require
 from .base import DEFAULT_TEMPLATE, BaseClient, Capabilities
+from .schemes import parse_model
 
 logger = logging.getLogger(__name__)
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parents[1] / "demo" / "assets" / "demo-vlm"
-DEMO_MODEL_NAMES = ("demo", "craft-demo-vlm")
 WEIGHTS_FILE = "open_clip_model.safetensors"
 _REQUIRED: Any = object()
 
@@ -91,14 +91,15 @@ def _local_dir(path: Path, label: str, checksum: bool) -> _Resolved:
 
 def _resolve(model_name: str, pretrained: str | None, seed: int) -> _Resolved:
     open_clip, _ = _import_open_clip()
-    if model_name in DEMO_MODEL_NAMES:
+    ref = parse_model(model_name)
+    if ref.kind == "demo":
         if pretrained is not None and pretrained is not _REQUIRED:
             raise ConfigError("the demo model ships with its weights; do not pass pretrained")
         return _local_dir(DEMO_MODEL_DIR, "craft-demo-vlm", checksum=True)
-    if model_name.startswith("local-dir:"):
+    if ref.kind == "local-dir":
         if pretrained is not None and pretrained is not _REQUIRED:
             raise ConfigError("local-dir models take their weights from the folder; do not pass pretrained")
-        path = Path(model_name[len("local-dir:") :]).expanduser()
+        path = Path(ref.target).expanduser()
         return _local_dir(path, f"open_clip/local-dir/{path.name}", checksum=False)
     if model_name.startswith("hf-hub:"):
         raise ClientError("hf-hub: models need a download, which is not possible offline; save them to a local-dir")
