@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from ._adapter_files import ADAPTER_FILES, CONFIG_FILE, ONNX_FILE, WEIGHTS_FILE  # noqa: F401 - ONNX_FILE re-exported
 from ._fileio import umask
 from ._version import __version__
 from .client.base import DEFAULT_TEMPLATE
@@ -33,9 +34,6 @@ from .tuner.projection import GENERATOR, project, projection_matrix
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-ONNX_FILE = "refiner.onnx"
 CANARY_TENSOR = "canary_scores"
 FORMAT_VERSION = 1
 # A is regenerated as float64 then float32 (~20 bytes per element at peak): 2**25 elements is ~670 MB,
@@ -554,7 +552,7 @@ def _swap_in(tmp: Path, target: Path) -> None:
     os.replace(target, old)
     os.replace(tmp, target)
     for extra in old.iterdir():  # keep files we do not own (e.g. an exported refiner.onnx is stale: drop it)
-        if extra.name not in (CONFIG_FILE, WEIGHTS_FILE, ONNX_FILE, "README.md"):  # README.md: the model card
+        if extra.name not in ADAPTER_FILES:
             shutil.move(str(extra), str(target / extra.name))
     shutil.rmtree(old, ignore_errors=True)
 

@@ -13,9 +13,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ._adapter_files import CARD_FILE
 from ._fileio import write_bytes_atomic
 
-CARD_FILE = "README.md"
 TAGS = ("craft-sdk", "craft", "black-box-tuning", "few-shot", "image-classification", "vision-language-model")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _MD_SPECIAL = re.compile(r"([\\`*_\[|~])")  # with < > & escaped too, no emphasis, code, link, table cell or tag

@@ -15,11 +15,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ._adapter_files import ADAPTER_FILES, CONFIG_FILE, ONNX_FILE
 from .errors import AdapterError, require
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "refiner.onnx", "README.md")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -64,8 +64,8 @@ def resolve_adapter_dir(ref: str | Path, *, revision: str | None = None, subfold
     except Exception as exc:  # huggingface_hub's errors: offline cache miss, unknown repo/revision, HTTP
         raise AdapterError(f"cannot get adapter {where} from the Hugging Face Hub: {_why(exc, hf)}") from None
     root = folder / sub if sub else folder
-    if not (root / ADAPTER_FILES[0]).is_file():
-        raise AdapterError(f"Hub repo {where} has no {ADAPTER_FILES[0]}; is it a craft-sdk adapter (or in a subfolder=)?")
+    if not (root / CONFIG_FILE).is_file():
+        raise AdapterError(f"Hub repo {where} has no {CONFIG_FILE}; is it a craft-sdk adapter (or in a subfolder=)?")
     logger.info("adapter %s resolved to %s", where, root)
     return root
 
@@ -148,7 +148,7 @@ def push_adapter(adapter: Any, repo_id: str, *, source_dir: str | Path | None = 
     staging = Path(tempfile.mkdtemp(prefix="craft-push-"))
     try:
         target = adapter.save_pretrained(staging / "adapter", repo_id=repo_id)
-        onnx = Path(source_dir) / ADAPTER_FILES[2] if source_dir is not None else None
+        onnx = Path(source_dir) / ONNX_FILE if source_dir is not None else None
         if onnx is not None and onnx.is_file():
             from .export import OnnxRefiner
 

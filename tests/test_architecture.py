@@ -21,7 +21,7 @@ LAYERS: dict[str, int] = {
     "craft_sdk.demo": 0, "craft_sdk.demo.tasks": 0, "craft_sdk.demo.synth": 0,  # shipped data
     "craft_sdk.client": 1,  # the only door to the model
     "craft_sdk.tuner": 2,  # prompt search + refiner
-    "craft_sdk.adapter": 3, "craft_sdk.export": 3, "craft_sdk.card": 3, "craft_sdk.hub": 3,  # config + tensors
+    "craft_sdk.adapter": 3, "craft_sdk._adapter_files": 3, "craft_sdk.export": 3, "craft_sdk.card": 3, "craft_sdk.hub": 3,  # config + tensors
     "craft_sdk.classifier": 4, "craft_sdk.stream": 4, "craft_sdk.sinks": 4, "craft_sdk.canary": 4,  # deployment
     "craft_sdk.api": 5,  # the verb-named facade
     # 6: applications built on the public API

@@ -165,3 +165,23 @@ def test_no_module_parses_a_model_scheme_itself() -> None:
                                                      for n in node.comparators for c in ast.walk(n)):
                 found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert found == []
+
+
+# ------------------------------------------------------------------ adapter file names
+
+
+def test_adapter_file_names_are_defined_once(tmp_path: Path) -> None:
+    from craft_sdk import adapter, card, hub
+    from craft_sdk._adapter_files import ADAPTER_FILES, CARD_FILE, CONFIG_FILE, ONNX_FILE, WEIGHTS_FILE
+
+    assert ADAPTER_FILES == ("adapter_config.json", "adapter_model.safetensors", "refiner.onnx", "README.md")
+    assert (adapter.CONFIG_FILE, adapter.WEIGHTS_FILE, adapter.ONNX_FILE, card.CARD_FILE) == (CONFIG_FILE, WEIGHTS_FILE, ONNX_FILE, CARD_FILE)
+    assert hub.ADAPTER_FILES is ADAPTER_FILES
+    literal = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name == "_adapter_files.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Constant) and node.value in ADAPTER_FILES:
+                literal.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.value!r}")
+    assert literal == []

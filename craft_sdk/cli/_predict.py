@@ -27,8 +27,10 @@ def _recorded_model_id(root: Path) -> str | None:
     """The ``model_id`` an adapter folder records (None: unreadable; loading it says why)."""
     import json
 
+    from ..adapter import CONFIG_FILE
+
     try:
-        return json.loads((Path(root) / "adapter_config.json").read_text()).get("model_id")
+        return json.loads((Path(root) / CONFIG_FILE).read_text()).get("model_id")
     except (OSError, ValueError, AttributeError):
         return None
 
