@@ -374,3 +374,26 @@ def test_a_noisy_box_sets_its_own_tolerance() -> None:
     same = [check_canary(adapter, box(1.0)) for _ in range(100)]
     assert not any(r.drifted for r in same) and max(r.distance for r in same) < 2.0
     assert check_canary(adapter, box(1.5)).drifted  # a change of the box well above its noise stands out
+
+
+def test_a_small_canary_raises_no_false_alarm() -> None:
+    """1 probe over 2 classes: the unit is one centred difference, so with tolerance 3 an unchanged noisy box
+    alarmed in about 18% of recordings; the tolerance derived from F(d, d) keeps false alarms near 1e-4."""
+    from craft_sdk import AdapterConfig, CallableClient, Capabilities
+    from craft_sdk.tuner.canary import canary_tolerance, record_canary
+
+    rng = np.random.default_rng(0)
+    names = ("a", "b")
+
+    def scores(ims: list, cls: list, template: str, offsets: Any) -> np.ndarray:
+        return np.tile([[2.0, -1.0]], (len(ims), 1)) + rng.normal(0.0, 0.05, (len(ims), len(cls)))  # noise on every call
+
+    box = CallableClient(scores, Capabilities("noisy-box"))
+    alarms = 0
+    for _ in range(300):
+        record = record_canary(box, names, ("a photo of a",), None, "logits", 1, 0)
+        assert record.spec.tolerance == canary_tolerance(1, 2) > 100
+        adapter = Adapter(AdapterConfig("noisy-box", names, "a photo of a", canary=record.spec), canary_scores=record.scores)
+        alarms += check_canary(adapter, box).drifted
+    assert alarms <= 2
+    assert canary_tolerance(16, 6) == canary_tolerance(14, 2) == 3.0 and canary_tolerance(13, 2) > 3.0

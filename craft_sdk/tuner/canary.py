@@ -22,7 +22,10 @@ measures zero noise, and a float32 model rerun on another machine or BLAS differ
 bits (~1e-6 relative), so the floor (1e-3) keeps such a box from raising false alarms. The
 distance of a new scoring is the RMS of its centred difference from the recorded scores, in
 noise units; the box has drifted when it exceeds ``tolerance`` (3: two runs of an unchanged box
-differ by about 1 unit).
+differ by about 1 unit). Both the unit and a check's distance are RMS values over the same
+``d = n_probes x (C - 1)`` centred differences, so for Gaussian noise their squared ratio is F(d, d);
+below d = 14 its 0.9999 quantile exceeds 3², so a small canary (1 probe, 2 classes: d = 1) gets
+the tolerance ``sqrt(F⁻¹(0.9999; d, d))`` instead (:func:`canary_tolerance`) and a warning to use more probes.
 
 Cost: ``2 x contexts`` queries at tune time (1 + 1 for a single prompt; an ensemble sends each of
 its K contexts), charged to the ledger's ``canary`` category and to the run's budget (the plan
@@ -51,6 +54,8 @@ PIXEL_NOISE = 24  # +- amplitude of the per-pixel noise
 FLOOR_RELATIVE = 1e-3
 FLOOR_ABSOLUTE = 1e-6
 TOLERANCE = 3.0
+# sqrt of the 0.9999 quantile of F(d, d) for d = 1..13 (scipy.stats.f.ppf(0.9999, d, d) ** 0.5); from d = 14 on it is <= 3
+_SMALL_DOF_TOLERANCE = (6366.2, 99.99, 25.68, 13.11, 8.77, 6.7, 5.52, 4.77, 4.24, 3.86, 3.57, 3.34, 3.15)
 MAX_PROBES = 256
 MAX_SIZE = 256
 CATEGORY = "canary"
@@ -173,6 +178,19 @@ def distance(spec: CanarySpec, then: np.ndarray, now: np.ndarray) -> float:
     return _rms(centred(now) - centred(then)) / spec.unit
 
 
+def canary_tolerance(n_probes: int, n_classes: int) -> float:
+    """The drift tolerance of a canary of ``n_probes`` probes over ``n_classes`` classes: ``TOLERANCE``, raised
+    where too few centred differences (``n_probes x (n_classes - 1)`` < 14) make the measured noise unit itself
+    noisy (a false alarm at most once in 10,000 recordings of an unchanged Gaussian-noise box).
+
+    Example:
+        >>> canary_tolerance(16, 6), canary_tolerance(1, 2)
+        (3.0, 6366.2)
+    """
+    dof = n_probes * (n_classes - 1)
+    return max(TOLERANCE, _SMALL_DOF_TOLERANCE[dof - 1]) if 1 <= dof <= len(_SMALL_DOF_TOLERANCE) else TOLERANCE
+
+
 def canary_cost(n_contexts: int) -> int:
     """Queries recording a canary costs: the probes scored twice under each deployed context."""
     return 2 * n_contexts
@@ -200,6 +218,10 @@ def record_canary(
     second = score_contexts(client, images, class_names, contexts, offset, output, CATEGORY)
     noise = _rms(centred(second) - centred(first))
     floor = max(FLOOR_RELATIVE * _rms(centred(first)), FLOOR_ABSOLUTE)
-    spec = CanarySpec(seed, n_probes, noise, floor, canary_cost(len(contexts)))
+    tolerance = canary_tolerance(n_probes, len(class_names))
+    if tolerance > TOLERANCE:
+        logger.warning("a canary of %d probes over %d classes measures the noise too coarsely: tolerance %g noise units "
+                       "instead of %g; record more probes (--canary 16) for a sensitive canary", n_probes, len(class_names), tolerance, TOLERANCE)
+    spec = CanarySpec(seed, n_probes, noise, floor, canary_cost(len(contexts)), tolerance)
     logger.info("canary recorded: %d probes, run-to-run noise %.3g (floor %.3g)", n_probes, noise, floor)
     return CanaryRecord(spec, np.asarray(first, dtype=np.float32))
