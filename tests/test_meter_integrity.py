@@ -204,6 +204,27 @@ def test_a_foreign_file_is_refused_before_anything_is_written(tmp_path: Path) ->
     assert res.exit_code == 2 and "not a craft-sdk state" in res.output and app_db.read_bytes() == original
 
 
+
+def test_foreign_files_shaped_like_a_state_are_refused_untouched(tmp_path: Path) -> None:
+    """A database of views only (no table), and one with our old table names but other columns."""
+    views = tmp_path / "views.db"
+    db = sqlite3.connect(views)
+    db.execute("CREATE VIEW report AS SELECT 1 AS x")
+    db.commit()
+    db.close()
+    lookalike = tmp_path / "lookalike.db"
+    db = sqlite3.connect(lookalike)
+    for table in ("usage", "idempotency", "instances", "settings"):
+        db.execute(f"CREATE TABLE {table} (id INTEGER PRIMARY KEY, data TEXT)")
+    db.commit()
+    db.close()
+    for path in (views, lookalike):
+        before = path.read_bytes()
+        with pytest.raises(ConfigError, match="not a craft-sdk state database"):
+            open_store(str(path), default_budget=10)
+        assert path.read_bytes() == before and sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+
+
 OLD_SCHEMA = """
 CREATE TABLE usage (key TEXT PRIMARY KEY, used INTEGER NOT NULL DEFAULT 0, uploads INTEGER NOT NULL DEFAULT 0, budget INTEGER);
 CREATE TABLE idempotency (key TEXT NOT NULL, idem TEXT NOT NULL, request TEXT NOT NULL, status TEXT NOT NULL, owner TEXT NOT NULL,

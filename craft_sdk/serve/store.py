@@ -242,7 +242,8 @@ class MemoryStore(Store):
 
 FORMAT = 1  # the SQLite state format this version writes (0: craft-sdk before the craft_meta table)
 MAGIC = "craft-sdk-state"
-_V0_TABLES = {"usage", "idempotency", "instances", "settings"}
+_V0_COLUMNS = {"usage": {"key", "used", "uploads", "budget"}, "idempotency": {"key", "idem", "request", "status", "owner", "digest", "created"},
+               "instances": {"owner", "beat"}, "settings": {"name", "value"}}  # format 0, column for column
 _SCHEMA = f"""
 CREATE TABLE craft_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 INSERT INTO craft_meta VALUES ('magic', '{MAGIC}'), ('format', '{FORMAT}');
@@ -277,12 +278,15 @@ def _format_of(db: sqlite3.Connection, path: Path) -> int | None:
     except sqlite3.DatabaseError:
         raise ConfigError(f"{path} is not a SQLite database; point --state at a new file or an existing craft-sdk state") from None
     if not tables:
+        objects = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        if objects or db.execute("PRAGMA application_id").fetchone()[0] or db.execute("PRAGMA user_version").fetchone()[0]:
+            raise ConfigError(f"{path} is not a craft-sdk state database (it holds another application's schema); point --state at a new file")
         return None
     if "craft_meta" in tables:
         meta = dict(db.execute("SELECT name, value FROM craft_meta").fetchall())
         if meta.get("magic") == MAGIC and str(meta.get("format", "")).isdigit():
             return int(meta["format"])
-    elif tables == _V0_TABLES:
+    elif set(tables) == set(_V0_COLUMNS) and all({r[1] for r in db.execute(f"PRAGMA table_info({t})")} == cols for t, cols in _V0_COLUMNS.items()):
         return 0
     shown = ", ".join(sorted(tables)[:5])
     raise ConfigError(f"{path} is not a craft-sdk state database (it holds tables {shown}); point --state at a new file")
