@@ -185,3 +185,27 @@ def test_adapter_file_names_are_defined_once(tmp_path: Path) -> None:
             if isinstance(node, ast.Constant) and node.value in ADAPTER_FILES:
                 literal.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.value!r}")
     assert literal == []
+
+
+# ------------------------------------------------------------------ API-key authentication
+
+
+def test_every_metered_route_authenticates_through_the_one_dependency(tiny_client) -> None:  # noqa: ANN001
+    """Every route but health answers 401 without a valid key, and documents the one bearer scheme (serve/auth.py)."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from craft_sdk.serve import create_app
+
+    app = create_app(tiny_client, {"alice": "k" * 32})
+    paths = app.openapi()["paths"]
+    routes = [(m.upper(), p) for p, ops in paths.items() for m in ops if p != "/v1/health"]
+    assert {"/v1/predict", "/v1/usage", "/v1/chat/completions", "/v1/embeddings", "/v1/zero-shot/{name}"} <= set(paths)
+    with TestClient(app) as c:
+        for method, path in routes:
+            assert paths[path][method.lower()]["security"] == [{"HTTPBearer": []}], path
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "k" * 32}):
+                got = c.request(method, path.replace("{name}", "m"), headers=headers)
+                assert got.status_code == 401 and got.headers["www-authenticate"] == "Bearer", (path, got.status_code)
+        assert c.get("/v1/usage", headers={"Authorization": "Bearer " + "k" * 32}).status_code == 200
+        assert "security" not in paths["/v1/health"]["get"] and c.get("/v1/health").status_code == 200

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
-from fastapi import APIRouter, Depends, Request, Response, Security
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
-from fastapi.security import HTTPBearer
 
 from .._version import __version__
 from ..client.base import DEFAULT_TEMPLATE
@@ -25,6 +24,7 @@ from ..images import images_fingerprint
 from ..wire import API, CHECKSUM_HEADER, IDEMPOTENCY_HEADER, SAFETENSORS, encode, sha256_hex
 from . import checks
 from .app import ServerState
+from .auth import authenticator
 from .checks import Problem
 from .config import ServerConfig
 from .state import CachedResponse
@@ -55,13 +55,7 @@ class _Job:
 
 def register(router: APIRouter, state: ServerState) -> None:
     """Add the prediction API of ``docs/wire-format.md`` to ``router`` (mounted at ``/v1``)."""
-    bearer = HTTPBearer(auto_error=False, description="an API key issued by the model owner")
-
-    def authenticate(request: Request, _: Any = Security(bearer)) -> str:
-        key = state.keys.identify(request.headers.get("authorization"))  # constant time over every key
-        if key is None:
-            raise Problem(401, "unauthorized", "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"})
-        return key
+    authenticate = authenticator(state)
 
     safetensors_body = {"requestBody": {"required": True, "content": {SAFETENSORS: {"schema": {"type": "string", "format": "binary"}}}}}
 

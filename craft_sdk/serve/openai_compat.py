@@ -46,6 +46,7 @@ from ..wire import CHECKSUM_HEADER, IDEMPOTENCY_HEADER, WireError, loads_json, s
 from . import checks
 from .api_v1 import _read_body, answer_once, check_idempotency_key
 from .app import ServerState
+from .auth import authenticator
 from .checks import Problem
 from .state import CachedResponse
 from .zeroshot import _decode_image, _respond
@@ -81,11 +82,7 @@ class _Job:
 def register(router: APIRouter, state: ServerState) -> None:
     """Add ``POST /chat/completions``, ``/embeddings`` and ``/embed`` to ``router`` (mounted at ``/v1``)."""
 
-    def authenticate(request: Request) -> str:
-        key = state.keys.identify(request.headers.get("authorization"))
-        if key is None:
-            raise Problem(401, "unauthorized", "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"})
-        return key
+    authenticate = authenticator(state)
 
     for path, kind in (("/chat/completions", "chat"), ("/embeddings", "embeddings"), ("/embed", "embed")):
         router.add_api_route(path, _route(state, kind, authenticate), methods=["POST"], summary=f"{kind} (JSON); billed 1 query")

@@ -39,6 +39,7 @@ from ..wire import CHECKSUM_HEADER, IDEMPOTENCY_HEADER, WireError, loads_json, s
 from . import checks
 from .api_v1 import _read_body, answer_once, check_idempotency_key
 from .app import ServerState
+from .auth import authenticator
 from .checks import Problem
 from .state import CachedResponse
 
@@ -61,11 +62,7 @@ class _Job:
 def register(router: APIRouter, state: ServerState) -> None:
     """Add ``POST /zero-shot/<name>`` to ``router`` (mounted at ``/v1``)."""
 
-    def authenticate(request: Request) -> str:
-        key = state.keys.identify(request.headers.get("authorization"))
-        if key is None:
-            raise Problem(401, "unauthorized", "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"})
-        return key
+    authenticate = authenticator(state)
 
     @router.post(PATH, summary="Zero-shot classification of one base64 image (JSON in and out); billed 1 query",
                  response_class=Response)
