@@ -90,6 +90,7 @@ def main() -> None:
     ap.add_argument("--mode", default="pr")
     ap.add_argument("--budget", type=int, default=50)
     ap.add_argument("--embed-scale", type=float, default=None, help="also run the embedding shape at this logit scale")
+    ap.add_argument("--only", nargs="+", default=None, help="run only the shapes whose name contains one of these words")
     ap.add_argument("--price-in", type=float, default=0.15, help="example price, $ per 1M input tokens")
     ap.add_argument("--price-out", type=float, default=0.60, help="example price, $ per 1M output tokens")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_hosted_shapes.json"))
@@ -102,6 +103,8 @@ def main() -> None:
               "embeddings": f"embed+{url}/v1?model=demo"}
     if args.embed_scale:
         shapes[f"embeddings (scale {args.embed_scale:g})"] = f"embed+{url}/v1?model=demo&scale={args.embed_scale}"
+    if args.only:
+        shapes = {k: v for k, v in shapes.items() if any(w in k for w in args.only)}
     rows: list[dict[str, Any]] = []
     try:
         for seed in args.seeds:  # seed-major: an interrupted run still covers every task
