@@ -64,9 +64,10 @@ def one_run(name: str, model: str, key: str, splits: Any, test: Any, args: argpa
     before_counts, u0, t0 = Counter(counts), units(client), time.perf_counter()
     adapter = craft_sdk.tune(client, splits.train, mode=args.mode, budget=args.budget, seed=seed)
     u1 = units(client)
-    acc = craft_sdk.evaluate(adapter, client, test)["accuracy"]
+    ev = craft_sdk.evaluate(adapter, client, test)
     u2 = units(client)
-    row: dict[str, Any] = {"shape": name, "accuracy": acc, "tune": minus(u1, u0), "eval": minus(u2, u1),
+    row: dict[str, Any] = {"shape": name, "accuracy": ev["accuracy"], "zero_shot_accuracy": ev["zero_shot_accuracy"],
+                           "tune": minus(u1, u0), "eval": minus(u2, u1),
                            "per_1000": {k: round(v * 1000 / len(test), 1) for k, v in minus(u2, u1).items()},
                            "wall_s": round(time.perf_counter() - t0, 1)}
     if model.startswith("embed+"):
