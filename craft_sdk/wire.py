@@ -66,6 +66,20 @@ _BRACKETS = bytes(set(range(256)) - set(b"[]{}"))
 _NUMBER = re.compile(rb"[-+0-9.eE]+")
 
 
+def query_cost(offsets: Any) -> int:
+    """The queries one prediction call costs, the product's billing unit, computed only here.
+
+    No offsets (the plain template) or one context's offsets ``[n_ctx, d]``: 1 query; a batch of P
+    candidate offsets ``[P, n_ctx, d]``: P queries. The client ledger charges it before sending and the
+    server's meter bills it, so the two always agree.
+
+    Example:
+        >>> query_cost(None), query_cost(np.zeros((4, 8))), query_cost(np.zeros((6, 4, 8)))
+        (1, 1, 6)
+    """
+    return 1 if offsets is None or np.ndim(offsets) == 2 else int(np.shape(offsets)[0])
+
+
 def _depth_ok(text: str | bytes, limit: int) -> bool:
     """Whether JSON ``text`` nests at most ``limit`` deep (strings skipped; vectorised, so a 16 MiB header is cheap)."""
     data = text.encode("utf-8", "replace") if isinstance(text, str) else bytes(text)

@@ -7,6 +7,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from craft_sdk.errors import AdapterError, ClientError, ConfigError, MissingDependencyError, require
@@ -209,3 +210,33 @@ def test_every_metered_route_authenticates_through_the_one_dependency(tiny_clien
                 assert got.status_code == 401 and got.headers["www-authenticate"] == "Bearer", (path, got.status_code)
         assert c.get("/v1/usage", headers={"Authorization": "Bearer " + "k" * 32}).status_code == 200
         assert "security" not in paths["/v1/health"]["get"] and c.get("/v1/health").status_code == 200
+
+
+# ------------------------------------------------------------------ the query cost of one call
+
+
+def test_the_ledger_and_the_server_meter_bill_the_one_query_cost(tiny_client) -> None:  # noqa: ANN001
+    """A MeteredClient over HTTP and the server's meter count the same queries, both from wire.query_cost."""
+    pytest.importorskip("fastapi")
+    from conftest import random_images
+
+    from craft_sdk.client.http import HTTPClient
+    from craft_sdk.client.ledger import MeteredClient, QueryLedger
+    from craft_sdk.serve import BackgroundServer, create_app
+    from craft_sdk.wire import query_cost
+
+    caps = tiny_client.capabilities()
+    rng = np.random.default_rng(0)
+    one = rng.normal(0, 0.01, (caps.n_ctx, caps.ctx_dim)).astype(np.float32)
+    batch = rng.normal(0, 0.01, (3, caps.n_ctx, caps.ctx_dim)).astype(np.float32)
+    assert [query_cost(o) for o in (None, one, batch)] == [1, 1, 3]
+    key = "k" * 32
+    with BackgroundServer(create_app(tiny_client, {"alice": key})) as srv, HTTPClient(srv.url, api_key=key) as http:
+        metered = MeteredClient(http, QueryLedger(100))
+        images = random_images(2, seed=5)
+        for offsets in (None, one, batch):
+            before = srv.app.state.craft.store.usage("alice")["used"]
+            was = metered.ledger.used
+            metered.predict(images, ["a", "b"], offsets=offsets)
+            billed = srv.app.state.craft.store.usage("alice")["used"] - before
+            assert billed == metered.ledger.used - was == query_cost(offsets)

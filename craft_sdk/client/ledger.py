@@ -34,6 +34,7 @@ import numpy as np
 
 from ..errors import BudgetExceededError, ClientError, ConfigError
 from ..images import ImageLike
+from ..wire import query_cost
 from .base import DEFAULT_TEMPLATE, Capabilities, Images, ImageSetHandle, PredictionClient
 from .pricing import PriceTable, cost_of
 from .usage import ProviderUsage, estimate_call, estimate_upload, usage_of
@@ -305,7 +306,7 @@ class MeteredClient:
         With a ``max_cost``, the call's priced estimate (the client's ``estimate_usage``) is reserved
         first and the call refused when it does not fit; the usage the client counted is recorded after.
         """
-        n = 1 if offsets is None or np.ndim(offsets) == 2 else int(np.shape(offsets)[0])
+        n = query_cost(offsets)
         n_images = images.n_images if isinstance(images, ImageSetHandle) else len(images)
         uploaded = isinstance(images, ImageSetHandle)
         estimate = estimate_call(self.client, n_images, class_names, template, n, uploaded=uploaded) if self.ledger.max_cost is not None else ProviderUsage()

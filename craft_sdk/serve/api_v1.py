@@ -21,7 +21,7 @@ from .._version import __version__
 from ..client.base import DEFAULT_TEMPLATE
 from ..errors import CraftError, UnknownHandleError
 from ..images import images_fingerprint
-from ..wire import API, CHECKSUM_HEADER, IDEMPOTENCY_HEADER, SAFETENSORS, encode, sha256_hex
+from ..wire import API, CHECKSUM_HEADER, IDEMPOTENCY_HEADER, SAFETENSORS, encode, query_cost, sha256_hex
 from . import checks
 from .app import ServerState
 from .auth import authenticator
@@ -50,7 +50,7 @@ class _Job:
 
     @property
     def queries(self) -> int:
-        return 1 if self.offsets is None or self.offsets.ndim == 2 else int(self.offsets.shape[0])
+        return query_cost(self.offsets)
 
 
 def register(router: APIRouter, state: ServerState) -> None:
