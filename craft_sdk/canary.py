@@ -19,7 +19,7 @@ import numpy as np
 
 from .adapter import Adapter
 from .client.ledger import MeteredClient, QueryLedger
-from .tuner.canary import CATEGORY, distance
+from .tuner.canary import CATEGORY, distance, uncached
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,8 @@ def check_canary(adapter: Adapter, client: Any, *, ledger: QueryLedger | None = 
         return CanaryReport(False, False, None, None, None, None, None, 0, NO_CANARY, **ids)
     metered = client if isinstance(client, MeteredClient) else MeteredClient(client, ledger or QueryLedger())
     before = metered.ledger.counts[CATEGORY]
-    now = adapter.raw_scores(metered, spec.probes(), category=CATEGORY)
+    with uncached(metered):  # the provider now, not a client's cache of its earlier answers
+        now = adapter.raw_scores(metered, spec.probes(), category=CATEGORY)
     dist = distance(spec, then, now)
     drifted = bool(dist > spec.tolerance)
     refined_then, refined_now = adapter.refine(then), adapter.refine(now)

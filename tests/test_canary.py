@@ -399,9 +399,6 @@ def test_a_small_canary_raises_no_false_alarm() -> None:
     assert canary_tolerance(16, 6) == canary_tolerance(14, 2) == 3.0 and canary_tolerance(13, 2) > 3.0
 
 
-@pytest.mark.xfail(strict=True, reason="known defect (review): EmbeddingClient answers the canary from its image/text "
-                   "embedding caches, so a client that recorded or checked once never sees the box change and "
-                   "measures zero noise; needs a cache bypass for canary scorings (BaseClient.upload + EmbeddingClient)")
 def test_the_same_embed_client_sees_a_box_changed_in_place(tmp_path: Path) -> None:
     pytest.importorskip("fastapi")
     pytest.importorskip("openai")

@@ -24,7 +24,8 @@ Two request/response profiles (``docs/wire-format.md``, "Embedding APIs"):
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -109,6 +110,7 @@ class EmbeddingClient(BaseClient):
         self.image_requests = 0
         self._images: LRU[str, np.ndarray] = LRU(self.config.image_cache)
         self._texts: LRU[str, np.ndarray] = LRU(self.config.text_cache)
+        self._fresh = 0  # > 0 inside uncached(): every embedding is fetched again
         self._caps = Capabilities(model_id or f"embed:{base_url}?model={model}", output="logits", logit_scale=self.config.scale)
         self._wire = Transport(base_url, api_key, self.usage, max_retries=self.config.max_retries,
                                timeout=self.config.timeout, max_concurrency=self.config.max_concurrency)
@@ -132,10 +134,22 @@ class EmbeddingClient(BaseClient):
             raise ClientError("the template is empty; use a context such as 'a photo of a'")
         return self._caps
 
+    @contextmanager
+    def uncached(self) -> Iterator[None]:
+        """Inside the block every image and text is embedded again by the provider (what comes back still refreshes
+        the caches): the drift canary must see the provider now, not this client's memory of it."""
+        with self._lock:
+            self._fresh += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._fresh -= 1
+
     def _prepare(self, images: list[Image.Image]) -> np.ndarray:
         """Unit embeddings [N, E]: each image not yet cached is fetched once (one request per image)."""
         digests = [image_digest(im) for im in images]
-        missing = {d: im for d, im in zip(digests, images) if self._images.get(d) is None}
+        missing = {d: im for d, im in zip(digests, images) if self._fresh or self._images.get(d) is None}
         vectors = self._wire.map(self._embed_image, list(missing.values()))
         for d, v in zip(missing, vectors):
             self._images.put(d, v)
@@ -146,7 +160,7 @@ class EmbeddingClient(BaseClient):
 
     def _predict_images(self, prepared: np.ndarray, class_names: list[str], template: str, offsets: np.ndarray | None) -> np.ndarray:
         texts = [f"{template} {name}." for name in class_names]
-        missing = list(dict.fromkeys(t for t in texts if self._texts.get(t) is None))
+        missing = list(dict.fromkeys(t for t in texts if self._fresh or self._texts.get(t) is None))
         batches = [missing[i : i + MAX_TEXTS] for i in range(0, len(missing), MAX_TEXTS)]
         for batch, vectors in zip(batches, self._wire.map(self._embed_texts, batches)):
             for t, v in zip(batch, vectors):

@@ -35,7 +35,8 @@ reserves them), and ``contexts`` queries per check.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -191,6 +192,22 @@ def canary_tolerance(n_probes: int, n_classes: int) -> float:
     return max(TOLERANCE, _SMALL_DOF_TOLERANCE[dof - 1]) if 1 <= dof <= len(_SMALL_DOF_TOLERANCE) else TOLERANCE
 
 
+@contextmanager
+def uncached(client: Any) -> Iterator[None]:
+    """Inside the block, ``client`` and the clients it wraps (``.client``) that keep answers in a cache (the
+    embedding client) ask the provider again: a canary scored from a cache would never see the box change."""
+    with ExitStack() as stack:
+        inner = client
+        for _ in range(8):  # MeteredClient -> TextOnlyClient -> EmbeddingClient, at most a few levels
+            fresh = getattr(inner, "uncached", None)
+            if callable(fresh):
+                stack.enter_context(fresh())
+            inner = getattr(inner, "client", None)
+            if inner is None:
+                break
+        yield
+
+
 def canary_cost(n_contexts: int) -> int:
     """Queries recording a canary costs: the probes scored twice under each deployed context."""
     return 2 * n_contexts
@@ -214,8 +231,9 @@ def record_canary(
     if not 1 <= n_probes <= MAX_PROBES:
         raise AdapterError(f"a canary needs 1 to {MAX_PROBES} probe images, got {n_probes}")
     images = probe_images(seed, n_probes)
-    first = score_contexts(client, images, class_names, contexts, offset, output, CATEGORY)
-    second = score_contexts(client, images, class_names, contexts, offset, output, CATEGORY)
+    with uncached(client):  # both scorings reach the provider: the noise measured is the box's, not a cache's zero
+        first = score_contexts(client, images, class_names, contexts, offset, output, CATEGORY)
+        second = score_contexts(client, images, class_names, contexts, offset, output, CATEGORY)
     noise = _rms(centred(second) - centred(first))
     floor = max(FLOOR_RELATIVE * _rms(centred(first)), FLOOR_ABSOLUTE)
     tolerance = canary_tolerance(n_probes, len(class_names))
