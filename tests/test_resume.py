@@ -75,7 +75,7 @@ def save(result: Any, path: Path) -> Path:
 
 def journal_used(directory: Path) -> int:
     lines = (directory / LEDGER_FILE).read_text().splitlines()
-    return sum(json.loads(line)["n"] for line in lines if line.strip())
+    return sum(json.loads(line).get("n", 0) for line in lines if line.strip())  # usage lines carry no "n"
 
 
 def split_accounting(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:

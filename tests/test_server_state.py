@@ -254,7 +254,7 @@ def test_sigkill_mid_tune_then_resume_within_the_key_budget(tiny_model_dir: Path
     try:
         with HTTPClient(server.url, api_key=KEY, **fast) as client, pytest.raises(ClientError, match="connection failed"):
             Tuner(cfg, checkpoint_dir=ckpt, on_progress=kill_at_generation_2).fit(client, train, val)
-        journal = sum(json.loads(line)["n"] for line in (ckpt / LEDGER_FILE).read_text().splitlines())
+        journal = sum(json.loads(line).get("n", 0) for line in (ckpt / LEDGER_FILE).read_text().splitlines())  # usage lines carry no "n"
         server = Server(tiny_model_dir, key_file, state, key_budget, port=port)  # restarted on the same state file
         with HTTPClient(server.url, api_key=KEY, **fast) as client:
             assert killed and client.usage()["used"] == journal == killed[0]  # continues from the billed count
