@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 # The suite decides its own thread count, not the environment (issue 19): float reductions in torch, OpenMP,
@@ -211,3 +214,38 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.subprocess)
         if fixtures & {"server", "srv", "served"} or any(word in source for word in _SERVER_WORDS):
             item.add_marker(pytest.mark.server)
+
+
+# ------------------------------------------------------------------------------------- serving in a subprocess
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_serve(args: list[str], *, port: int | None = None, stdout: int | None = None, new_session: bool = False,
+                deadline_s: float = 180) -> tuple[subprocess.Popen, str]:
+    """``craft-sdk serve --port PORT *args`` in a subprocess (the suite's thread count), up and answering
+    /v1/health; returns (process, base URL). The one "start serve, poll health" helper of the suite."""
+    import httpx
+
+    port = port or free_port()
+    cmd = [sys.executable, "-m", "craft_sdk.cli", "serve", "--port", str(port), *args]
+    proc = subprocess.Popen(cmd, env=suite_env(), stdout=subprocess.DEVNULL if stdout is None else stdout,
+                            stderr=subprocess.PIPE, start_new_session=new_session)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + deadline_s
+    while True:
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+        try:
+            if httpx.get(f"{url}/v1/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "server did not come up"
+        time.sleep(0.2)

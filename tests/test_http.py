@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
-from conftest import CLASS_NAMES, random_images, suite_env
+from conftest import CLASS_NAMES, free_port, random_images, start_serve
 
 from craft_sdk import Adapter, ClientError, ConfigError, ImageDataset, TuneConfig, create_client
 from craft_sdk.client.http import HTTPClient
@@ -192,31 +188,13 @@ def test_cli_tune_through_the_server(server, tiny_client, tmp_path: Path) -> Non
     assert summary["queries_used"] == 1 + 5 * 7 and Adapter.from_pretrained(tmp_path / "a").config.model_id == tiny_client.capabilities().model_id
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_command_runs_a_real_server(tiny_model_dir: Path, tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     keys.write_text(f"# owner's keys\nalice {KEY}\n")
-    port = _free_port()
-    env = suite_env()
-    cmd = [sys.executable, "-m", "craft_sdk.cli", "serve", "--model", f"local-dir:{tiny_model_dir}", "--port", str(port),
-           "--api-key-file", str(keys), "--budget-per-key", "3"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    port = free_port()
+    proc, _ = start_serve(["--model", f"local-dir:{tiny_model_dir}", "--api-key-file", str(keys), "--budget-per-key", "3"],
+                          port=port, stdout=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
         with HTTPClient(f"http://127.0.0.1:{port}", api_key=KEY, max_retries=0) as c:
             assert c.predict(random_images(2, seed=0), ["a", "b"]).shape == (2, 2)
             assert c.usage() == {"used": 1, "budget": 3, "remaining": 2, "uploads": 1}

@@ -21,8 +21,8 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from conftest import suite_env
-from test_server_state import KEY, free_port, hammer, key_file, redis_url  # noqa: F401  (fixtures)
+from conftest import free_port, start_serve, suite_env
+from test_server_state import KEY, hammer, key_file, redis_url  # noqa: F401  (fixtures)
 from typer.testing import CliRunner
 
 from craft_sdk.errors import ConfigError
@@ -108,22 +108,8 @@ def predict(url: str, handle: str, idem: str, p: int = 2, timeout: float = 60) -
 
 def serve_cli(model_dir: Path, key_file: Path, state: str, *extra: str) -> tuple[subprocess.Popen, str]:
     """``craft-sdk serve`` in a subprocess, up and answering /v1/health."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "craft_sdk.cli", "serve", "--model", f"local-dir:{model_dir}", "--port", str(port),
-           "--api-key-file", str(key_file), "--state", state, *extra]
-    proc = subprocess.Popen(cmd, env=suite_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
-        try:
-            if httpx.get(f"{url}/v1/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "server did not come up"
-        time.sleep(0.2)
+    args = ["--model", f"local-dir:{model_dir}", "--api-key-file", str(key_file), "--state", state, *extra]
+    return start_serve(args, new_session=True)
 
 
 def stop(proc: subprocess.Popen) -> str:

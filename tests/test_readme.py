@@ -8,12 +8,12 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import free_port  # noqa: E402
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SKIP = re.compile(r"^<!-- readme-test: skip \((?P<why>[^)]+)\) -->$")
@@ -39,12 +39,6 @@ def readme_blocks(text: str) -> list[tuple[str, str, str | None, int]]:
     return blocks
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_readme_blocks_are_found_and_skips_are_few() -> None:
     blocks = readme_blocks(README.read_text())
     runnable = [b for b in blocks if b[0] in RUN]
@@ -58,7 +52,7 @@ def test_every_readme_block_runs_as_written(tmp_path: Path) -> None:
     ports: dict[str, str] = {}
 
     def port(m: re.Match) -> str:
-        return ports.setdefault(m.group(0), str(_free_port()))
+        return ports.setdefault(m.group(0), str(free_port()))
 
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
            "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

@@ -9,9 +9,7 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +18,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from conftest import CLASS_NAMES, random_images, suite_env
+from conftest import CLASS_NAMES, free_port, random_images, start_serve
 
 from craft_sdk import ClientError, ImageDataset, TuneConfig
 from craft_sdk.client.http import HTTPClient
@@ -30,12 +28,6 @@ pytest.importorskip("fastapi")
 from craft_sdk.serve.store import MemoryStore, SQLiteStore, Store, open_store  # noqa: E402
 
 KEY = secrets.token_hex(16)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -129,21 +121,9 @@ class Server:
 
     def __init__(self, model_dir: Path, key_file: Path, state: str, budget: int, port: int | None = None, workers: int = 1) -> None:
         self.port = port or free_port()
-        cmd = [sys.executable, "-m", "craft_sdk.cli", "serve", "--model", f"local-dir:{model_dir}", "--port", str(self.port),
-               "--api-key-file", str(key_file), "--budget-per-key", str(budget), "--state", state, "--workers", str(workers)]
-        env = suite_env()
-        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-        self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 180
-        while True:
-            assert self.proc.poll() is None, self.proc.stderr.read().decode()[-2000:] if self.proc.stderr else ""
-            try:
-                if httpx.get(f"{self.url}/v1/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
+        args = ["--model", f"local-dir:{model_dir}", "--api-key-file", str(key_file), "--budget-per-key", str(budget),
+                "--state", state, "--workers", str(workers)]
+        self.proc, self.url = start_serve(args, port=self.port, new_session=True)
 
     def kill(self) -> None:
         os.killpg(self.proc.pid, signal.SIGKILL)  # the whole group: uvicorn's workers too

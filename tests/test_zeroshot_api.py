@@ -6,12 +6,9 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import secrets
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +16,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from conftest import CLASS_NAMES, random_images, suite_env
+from conftest import CLASS_NAMES, free_port, random_images, start_serve
 from faultinject import FaultInjector, restarting_server
 
 from craft_sdk import Adapter, BudgetExceededError, ClientError, ConfigError, ImageDataset, TuneConfig, create_client
@@ -274,30 +271,13 @@ def test_text_only_server_refuses_offsets(model, tiny_client) -> None:  # noqa: 
         assert c.usage()["used"] == 1  # the refused request was not billed
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_text_only_flag(tiny_model_dir: Path, tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     keys.write_text(f"alice {KEY}\n")
-    port = _free_port()
-    cmd = [sys.executable, "-m", "craft_sdk.cli", "serve", "--model", f"local-dir:{tiny_model_dir}", "--port", str(port),
-           "--api-key-file", str(keys), "--text-only"]
-    proc = subprocess.Popen(cmd, env=suite_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    port = free_port()
+    proc, _ = start_serve(["--model", f"local-dir:{tiny_model_dir}", "--api-key-file", str(keys), "--text-only"],
+                          port=port, stdout=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
         url = f"http://127.0.0.1:{port}"
         with HTTPClient(url, api_key=KEY, max_retries=0) as c:
             assert c.capabilities().soft_prompts is False
