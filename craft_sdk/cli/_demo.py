@@ -70,8 +70,9 @@ def demo(
     if report.ece is not None:
         typer.echo(f"calibration: temperature {report.temperature:.2f}, test ECE {report.ece_uncalibrated:.3f} -> {report.ece:.3f}")
     typer.echo(f"wall time: {report.wall_time_s:.1f} s   test images: {report.n_test}")
-    typer.echo("held-out predictions (CraftClassifier, ONNX refiner):")
+    has_onnx = (Path(report.adapter_dir) / "refiner.onnx").is_file()
+    typer.echo(f"held-out predictions (CraftClassifier{', ONNX refiner' if has_onnx else ', no refiner'}):")
     for s in report.samples[:8]:
         mark = "ok " if s["predicted"] == s["true"] else "err"
         typer.echo(f"  [{mark}] true {s['true']:>10s}  predicted {s['predicted']:>10s}  p={s['probability']:.2f}")
-    typer.echo(f"adapter: {report.adapter_dir} (with refiner.onnx)   report: {report.report_png}")
+    typer.echo(f"adapter: {report.adapter_dir} ({'with refiner.onnx' if has_onnx else 'no refiner deployed'})   report: {report.report_png}")

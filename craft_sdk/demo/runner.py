@@ -135,7 +135,8 @@ def run_demo(
     result = Tuner(cfg, on_progress=progress).fit(client, splits.train)
     adapter = Adapter.from_result(result)
     adapter_dir = adapter.save_pretrained(out / "adapter")
-    export_onnx(adapter_dir)
+    if adapter.config.refiner is not None:  # a zero-shot or prompt-only adapter has no refiner to export
+        export_onnx(adapter_dir)
     scores = evaluate(adapter, client, splits.test, ledger=observe.ledger)  # type: ignore[attr-defined]
     clf = CraftClassifier.from_pretrained(adapter_dir, client)
     picks = np.random.default_rng(seed).choice(len(splits.test), size=min(16, len(splits.test)), replace=False)

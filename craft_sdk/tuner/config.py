@@ -21,6 +21,7 @@ lam, beta                   0.1 / C      paper
 protocol                    robust       ours (``paper``: the paper's exact protocol)
 holdout                     0.25         ours: check images per class, robust protocol
 patience                    20           ours: generations without held-out gain
+stop_trend                  0.01         ours: stalled-fitness shortcut (patience / 2)
 cv_folds                    5            ours: refiner selection folds
 z_noise                     1.645        ours: one-sided 95 % noise threshold
 refiner_data                mean         ours (``population``: measured, see BENCHMARKS)
@@ -125,6 +126,9 @@ class TuneConfig:
             the prompt search as check images (ignored when validation data is given).
         patience: robust protocol: stop after this many generations without a held-out
             improvement (None: spend the whole budget).
+        stop_trend: robust protocol: stop after ``patience // 2`` generations without a held-out
+            improvement when the mean search fitness also fell by less than this fraction over the
+            last ``patience // 2`` generations (0: plain patience; :mod:`craft_sdk.tuner.stopping`).
         cv_folds: robust protocol: folds of the refiner's cross-validation.
         z_noise: robust protocol: a behaviour replaces zero-shot only when its held-out gain
             exceeds this many paired standard errors.
@@ -171,6 +175,7 @@ class TuneConfig:
     protocol: str = "robust"
     holdout: float = 0.25
     patience: int | None = 20
+    stop_trend: float = 0.01
     cv_folds: int = 5
     z_noise: float = 1.645
     refiner_data: str = "mean"
@@ -219,6 +224,8 @@ class TuneConfig:
             raise ConfigError(f"holdout must be in [0, 1), got {self.holdout!r}")
         if self.patience is not None and (not isinstance(self.patience, int) or isinstance(self.patience, bool) or self.patience < 1):
             raise ConfigError(f"patience must be a positive integer or None, got {self.patience!r}")
+        if not (isinstance(self.stop_trend, (int, float)) and 0 <= self.stop_trend < 1):
+            raise ConfigError(f"stop_trend must be in [0, 1) (0: plain patience), got {self.stop_trend!r}")
         if not isinstance(self.cv_folds, int) or isinstance(self.cv_folds, bool) or self.cv_folds < 2:
             raise ConfigError(f"cv_folds must be an integer >= 2, got {self.cv_folds!r}")
         if not (isinstance(self.z_noise, (int, float)) and math.isfinite(self.z_noise) and self.z_noise >= 0):

@@ -1,8 +1,9 @@
 """The end of a run: what it deploys.
 
 ``paper`` protocol: the last generation, or the best validation one (``selection``).
-``robust`` protocol: the best check-set snapshot's prompt, then the behaviour, refiner
-and temperature chosen by :mod:`craft_sdk.tuner.selection` from logits already paid for.
+``robust`` protocol: the best select-half snapshot's prompt, then the behaviour (chosen on the
+select half, certified on the certify half), refiner and temperature, by
+:mod:`craft_sdk.tuner.selection` from logits already paid for.
 """
 
 from __future__ import annotations
@@ -68,20 +69,28 @@ def _candidates(run: Run, spec: selection.RefinerTraining) -> dict[str, dict[str
         weights = selection.train_refiner(spec, choice, logits[:n], y, population)
         refined_check = _refine(weights, logits[n:], spec.residual)
         key = "refiner" if name == "zero-shot" else "prompt+refiner"
-        out[key] = {"check": refined_check, "held": np.concatenate([oof, refined_check]),
+        out[key] = {"check": refined_check, "held": np.concatenate([oof, refined_check]), "oof": oof,
                     "held_y": np.concatenate([y, y_check]), "logits": logits, "choice": choice, "population": population}
     return out
 
 
-def _evidence(run: Run, candidates: dict[str, dict[str, Any]]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Per behaviour, (its logits, zero-shot's logits, labels) on its honest held-out images."""
+Evidence = dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def _evidence(run: Run, candidates: dict[str, dict[str, Any]]) -> tuple[Evidence, Evidence, Evidence]:
+    """(select, certify, rank): per behaviour, (its logits, zero-shot's logits, labels) on the select half
+    of the check images, on the images that certify it, and on the certify half (the same images for all)."""
     zero = candidates["zero-shot"]["logits"]
     n, y_check = run.images.n_search, run.images.y_check
-    evidence = {k: (v["check"], zero[n:], y_check) for k, v in candidates.items()}
+    sel, cert = run.images.select, run.images.certify
+    select = {k: (v["check"][sel], zero[n:][sel], y_check[sel]) for k, v in candidates.items()}
+    certify = {k: (v["check"][cert], zero[n:][cert], y_check[cert]) for k, v in candidates.items()}
+    rank = dict(certify)
     if "refiner" in candidates:  # zero-shot logits were fitted to nothing: its out-of-fold predictions count too
         ref = candidates["refiner"]
-        evidence["refiner"] = (ref["held"], zero, ref["held_y"])
-    return evidence
+        certify["refiner"] = (np.concatenate([ref["oof"], ref["check"][cert]]), np.concatenate([zero[:n], zero[n:][cert]]),
+                              np.concatenate([run.images.y, y_check[cert]]))
+    return select, certify, rank
 
 
 def _refine(weights: dict[str, np.ndarray], logits: np.ndarray, residual: bool = True) -> np.ndarray:
@@ -94,14 +103,16 @@ def finish_robust(run: Run) -> dict[str, Any]:
     """TuneResult fields of a robust-protocol run: selection, final refiner fit, calibration."""
     spec = _training_spec(run)
     candidates = _candidates(run, spec)
-    option, reason, estimates = selection.decide(_evidence(run, candidates), run.config.z_noise)
+    select, certify, rank = _evidence(run, candidates)
+    option, reason, estimates = selection.decide(select, certify, selection.alpha_of(run.config.z_noise), rank)
     chosen = candidates[option]
     refiner = None
     if chosen["choice"] is not None:  # refit on every labelled image: search + check
         y_all = np.concatenate([run.images.y, run.images.y_check])
         refiner = selection.train_refiner(spec, chosen["choice"], chosen["logits"], y_all, chosen.get("population"))
-    temperature = selection.fit_temperature(chosen["held"], chosen["held_y"])
-    decision = selection.Decision(option, reason, estimates, len(run.images.y_check), chosen["choice"], temperature)
+    temperature, calibration = selection.calibrate(chosen["held"], chosen["held_y"], run.config.z_noise, run.config.seed)
+    extras = {"calibration": calibration, "plan": run.plan.to_dict()}
+    decision = selection.Decision(option, reason, estimates, len(run.images.y_check), chosen["choice"], temperature, extras)
     uses_prompt = option in ("prompt", "prompt+refiner", "ensemble")
     selected = int(run.best.get("generation", 0)) if uses_prompt else 0
     train_scores = chosen["logits"][: run.images.n_search]

@@ -24,7 +24,7 @@ from ..scores import as_log_scores
 from . import mlp, selection
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from .plan import (
-    ImageSets, baseline_cost, calls_usage, canary_reserve, effective_config, generation_calls, generation_cost,
+    ImageSets, baseline_cost, calls_usage, canary_reserve, certification_plan, effective_config, generation_calls, generation_cost,
     one_generation_problem, plan_generations,
 )
 from .projection import GENERATOR
@@ -48,12 +48,14 @@ class _Images:
     """The run's image sets: ``search`` (what candidates are scored on) and ``scored`` (what the
     mean is scored on: the search images, then — robust protocol — the check images)."""
 
-    def __init__(self, config: Any, train: ImageDataset, val: ImageDataset | None) -> None:
+    def __init__(self, config: Any, train: ImageDataset, val: ImageDataset | None, holdout: bool = True) -> None:
         self.paper_val = val if not config.robust else None
         if not config.robust:
             self.search, self.check = train, None
         elif val is not None:
             self.search, self.check = train, val
+        elif not holdout:  # nothing to certify a prompt with: every image trains (and cross-validates) the refiner
+            self.search, self.check = train, None
         else:
             fit_idx, check_idx = selection.split_holdout(train.labels, config.holdout, config.seed)
             self.search, self.check = train.subset(fit_idx), train.subset(check_idx)
@@ -69,6 +71,10 @@ class _Images:
         self.n_search = len(self.search)
         self.y = self.search.labels
         self.y_check = self.check.labels if self.check is not None else np.zeros(0, np.int64)
+        # positions into the check images: the select half (stopping, generation, ranking) and the certify half
+        self.select, self.certify = selection.split_check(self.y_check, config.seed)
+        if not holdout:  # no search: a given validation set only certifies
+            self.select, self.certify = np.zeros(0, np.int64), np.arange(len(self.y_check))
 
 
 class Run:
@@ -85,13 +91,14 @@ class Run:
         self.ledger = ledger
         self.client = MeteredClient(client, ledger)
         self.train, self.val = train, val
-        self.images = _Images(self.config, train, val)
+        self.plan = certification_plan(self.config, train.labels, val.labels if val is not None else None)
+        self.images = _Images(self.config, train, val, holdout=self.plan.search)
         self.names = list(train.class_names)
         self.lam, self.beta = self.config.kl_weights(len(self.names))
-        self.n_gen = plan_generations(self.config, self.images.paper_val is not None)
+        self.n_gen = plan_generations(self.config, self.images.paper_val is not None) if self.plan.search else 0
         needed = baseline_cost(self.config, self.images.paper_val is not None)
         self.bank: tuple[str, ...] = ()  # ensemble mode: the candidate contexts, one query each
-        if self.config.mode == "ensemble":
+        if self.config.mode == "ensemble" and self.plan.search:
             from .ensemble import ensemble_bank
 
             self.bank = ensemble_bank(self.config)
@@ -106,8 +113,11 @@ class Run:
         self.fitness_rows: list[np.ndarray] = []
         self.metrics: dict[str, Any] = {}
         self.best: dict[str, Any] = {"val": -1.0}  # best snapshot: z, refiner, scored logits, generation
-        self.stopping = EarlyStopping(self.config.patience if self.config.robust else None)
+        self.stopping = EarlyStopping(self.config.patience if self.config.robust else None, min_trend=self.config.stop_trend)
         self.stopped: str | None = None
+        if not self.plan.search and (self.config.uses_prompt or self.config.mode == "ensemble"):
+            self.stopped = f"not searched: {self.plan.reason}"  # plan before paying: nothing could certify the search
+            logger.warning("%s", self.stopped)
         self.prompt_inert = False  # the client ignored every offset: no prompt can be deployed
         self.search_handle: Any = None
         self.scored_handle: Any = None
@@ -121,10 +131,6 @@ class Run:
         self.prompts = create_prompt_space(self.config, self.caps)
         self.point: Any = self.prompts.zero() if self.prompts is not None else None  # the CMA-ES mean (deployable)
         self.refiner = self._setup_refiner()
-        if self.config.robust and self.images.check is None and (self.n_gen > 0 or self.bank):
-            self.n_gen = 0  # nothing could tell a searched prompt (or an ensemble) from zero-shot: do not spend the budget
-            self.stopped = "stopped: too few training images to hold any out, so no gain could be verified"
-            logger.warning("%s; zero-shot behaviour is deployed (use --protocol paper to search anyway)", self.stopped)
 
     # ---------------------------------------------------------------- setup
 
@@ -264,14 +270,16 @@ class Run:
 
     def _check_progress(self, g: int, scored_logits: np.ndarray) -> float:
         """Robust protocol: score the current model on the check images (free) and apply the stopping rule."""
-        check = self._scores(scored_logits[self.images.n_search :])
-        acc = _accuracy(check, self.images.y_check)
-        if self.stopping.update(g, acc, selection.log_loss(check, self.images.y_check)):
+        sel = self.images.select  # the select half only: the certify half is looked at once, in finish_robust
+        check = self._scores(scored_logits[self.images.n_search :][sel])
+        y_sel = self.images.y_check[sel]
+        acc = _accuracy(check, y_sel)
+        if self.stopping.update(g, acc, selection.log_loss(check, y_sel)):
             point = None if self.prompts is None else self.prompts.copy(self.point)
             self.best = {"val": acc, "generation": g, "z": point,
                          "logits": np.array(scored_logits, copy=True),
                          "population": None if self.population is None else np.array(self.population, copy=True)}
-        if g > 0 and self.stopping.should_stop(g):
+        if g > 0 and self.stopping.should_stop(g, [float(row.mean()) for row in self.fitness_rows]):
             self.stopped = self.stopping.reason()
             logger.info("%s", self.stopped)
         return acc
@@ -285,7 +293,7 @@ class Run:
             self.prompt_inert = True
             self.stopped = (
                 f"stopped: the prompt search is inert (every candidate scored the same for {FLAT_GENERATIONS} "
-                "generations: the client ignores the prompt); the refiner is kept"
+                "generations: the client ignores the prompt)" + ("; the refiner is kept" if self.config.uses_refiner else "")
             )
             logger.warning("%s", self.stopped)
 

@@ -308,3 +308,105 @@ def _cost_refusals(plan: TunePlan, price: PriceTable | None, max_cost: float | N
         fits = int((max_cost - price.cost(baseline)) // per) if per > 0 else plan.generations
         plan.warnings.append(f"the plan's estimated cost {plan.estimated_cost:.6g} exceeds --max-cost {max_cost:g}: "
                              f"the run stops at the ceiling, after about {min(fits, plan.generations)} of {plan.generations} generations")
+
+
+MAX_PLANNED_GAIN = 0.5  # the largest gain over zero-shot a plan counts on (the paper's largest, Table 3: ~+30 points)
+
+
+@dataclass(frozen=True)
+class CertificationPlan:
+    """What a run's held-out images can certify, computed before the first query.
+
+    ``min_gain_prompt`` / ``min_gain_refiner``: the smallest gain over zero-shot (a fraction) the
+    certify images can prove at level ``alpha`` (every one of ``min_flips`` wins and no loss), None
+    when no gain can. ``search``: whether the run buys a prompt search (or an ensemble's bank).
+    """
+
+    protocol: str
+    search: bool
+    certified: bool
+    alpha: float
+    min_flips: int
+    n_check: int
+    n_select: int
+    n_certify: int
+    n_refiner: int
+    min_gain_prompt: float | None
+    min_gain_refiner: float | None
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _min_gain(n: int, k: int) -> float | None:
+    return k / n if n >= k else None
+
+
+def _cv_images(labels: np.ndarray) -> int:
+    """Images a refiner's cross-validation can score: all of them when every class has two."""
+    counts = np.bincount(labels)
+    return len(labels) if len(labels) and counts[counts > 0].min() >= 2 else 0
+
+
+def certification_plan(config: TuneConfig, labels: np.ndarray, val_labels: np.ndarray | None = None) -> CertificationPlan:
+    """What the robust protocol can certify with these labels, before any query.
+
+    Args:
+        config: the run's configuration (``z_noise`` sets the level, ``holdout`` the check part).
+        labels: [N] training labels.
+        val_labels: labels of a validation split (then the check images), if any.
+
+    Example:
+        >>> p = certification_plan(TuneConfig(budget=2000), np.arange(8))  # 8 classes, 1 shot
+        >>> p.search, p.n_certify, p.min_gain_prompt
+        (False, 1, None)
+    """
+    from .selection import alpha_of, min_flips, split_check, split_holdout
+
+    labels = np.asarray(labels, np.int64)
+    alpha = alpha_of(config.z_noise)
+    k = min_flips(alpha)
+    if not config.robust:
+        return CertificationPlan(config.protocol, True, False, alpha, k, 0, 0, 0, 0, None, None,
+                                 "paper protocol: the whole budget is searched and nothing is certified")
+    if val_labels is not None:
+        fit_y, check_y = labels, np.asarray(val_labels, np.int64)
+    else:
+        fit_idx, check_idx = split_holdout(labels, config.holdout, config.seed)
+        fit_y, check_y = labels[fit_idx], labels[check_idx]
+    select, certify = split_check(check_y, config.seed)
+    prompt_gain = _min_gain(len(certify), k)
+    wants_search = config.uses_prompt or config.mode == "ensemble"
+    search = wants_search and prompt_gain is not None and prompt_gain <= MAX_PLANNED_GAIN
+    if search:  # the refiner alone: out-of-fold on the search images plus the certify half
+        n_ref = _cv_images(fit_y) + len(certify)
+    else:  # no search: no hold-out either; the refiner is cross-validated on every training image
+        n_ref = _cv_images(labels) + (len(check_y) if val_labels is not None else 0)
+    n_ref = n_ref if config.uses_refiner else 0
+    refiner_gain = _min_gain(n_ref, k) if n_ref else None
+    reason = _plan_reason(config, search, wants_search, len(certify), k, n_ref, prompt_gain, refiner_gain)
+    certified = search or refiner_gain is not None
+    n_sel = len(select) if search else 0
+    n_cert = len(certify) if search else (len(check_y) if val_labels is not None else 0)
+    return CertificationPlan("robust", search, certified, alpha, k, len(check_y) if search or val_labels is not None else 0,
+                             n_sel, n_cert, n_ref, prompt_gain if search else None, refiner_gain, reason)
+
+
+def _plan_reason(config: TuneConfig, search: bool, wants: bool, n_cert: int, k: int, n_ref: int,
+                 prompt_gain: float | None, refiner_gain: float | None) -> str:
+    if search:
+        return (f"a prompt is certified on {n_cert} certify images if it gains at least {100 * prompt_gain:.0f} points "  # type: ignore[operator]
+                f"over zero-shot ({k} wins, no loss): searching")
+    if wants:
+        need = f"need {k} wins without a loss, i.e. +{100 * k / n_cert:.0f} points" if n_cert >= k else f"cannot hold the {k} wins a certificate needs"
+        head = (f"no achievable prompt gain can be certified: {n_cert} certify images {need} "
+                f"(plans count on at most +{100 * MAX_PLANNED_GAIN:.0f}), so no search is bought")
+    else:
+        head = "no prompt to search"
+    if refiner_gain is not None:
+        tail = f"the refiner alone is cross-validated on {n_ref} images (certifiable from +{100 * refiner_gain:.0f} points; 1 query)"
+    else:
+        tail = "zero-shot behaviour is deployed (1 query)"
+    extra = "; --protocol paper searches anyway, uncertified" if wants else ""
+    return f"{head}; {tail}{extra}"

@@ -13,24 +13,28 @@ black box (the ledger proves it in a test).
   stratified k-fold over the fit images' logits chooses the refiner (linear residual
   or the paper's MLP) and its training length (epochs). The refiner is local, so
   this costs CPU, not queries.
-* **The decision** (:func:`decide`): the deployed behaviour is the best of
-  {zero-shot, prompt only, prompt + refiner, refiner only} on held-out evidence, and a
-  candidate replaces zero-shot only when its paired accuracy gain exceeds ``z_noise``
-  McNemar standard errors (a noise-aware threshold: with 40 check images one lucky
-  image is 2.5 points). The evidence is what is honestly held out for each: for
-  behaviours with a searched prompt, the check images only (the prompt was fitted on
-  the others); for the refiner alone, the check images *plus* the out-of-fold
-  predictions on every search image (zero-shot logits were fitted to nothing, so
-  cross-validation there is unbiased) — four times the evidence at 25 % hold-out.
-  Ties go to the simpler behaviour.
-* **Calibration** (:func:`fit_temperature`): one temperature fitted by NLL on the
-  chosen behaviour's held-out predictions (out-of-fold refiner logits plus the check
-  images), stored in the adapter and applied by ``predict_proba``.
+* **The decision** (:func:`decide`), on disjoint evidence. The check images are split
+  (:func:`split_check`, seeded, per class) into a *select* half and a *certify* half. The
+  select half alone drives early stopping, chooses the generation, and rules out behaviours
+  with no paired gain over zero-shot there. The certify half is looked at once, at the end:
+  each remaining candidate (prompt, ensemble, prompt + refiner, refiner only) must beat
+  zero-shot in an exact one-sided sign test (McNemar's, on the images where exactly one of
+  the two is right), Holm-corrected over the candidates, at family-wise level
+  ``alpha = 1 - Phi(z_noise)``. The refiner alone also counts its out-of-fold predictions on
+  every search image (zero-shot logits were fitted to nothing). Among the certified, the one
+  with the largest paired gain on the certify half (the same images for all) is deployed.
+  Guarantee: when no candidate's expected paired accuracy beats zero-shot's, one is deployed
+  with probability at most ``alpha`` (5 %); tests/test_selection.py simulates it.
+* **Calibration** (:func:`calibrate`): one temperature, cross-fitted on the chosen
+  behaviour's held-out predictions (out-of-fold refiner logits plus the check images) over a
+  bounded grid; deployed only when the cross-fitted log-loss beats temperature 1 beyond noise,
+  and then shrunk toward 1 by how clearly it does (else 1.0).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,16 +142,20 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 MIN_CALIBRATION = 20  # held-out predictions below which a fitted temperature is noise: keep 1.0
+T_BOUNDS = (0.25, 10.0)  # the temperature grid; a fit at a bound is logged as a warning
+CALIBRATION_FOLDS = 5
 
 
-def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """The temperature minimising NLL on held-out (logits, labels); 1.0 with fewer than
-    :data:`MIN_CALIBRATION` of them (a temperature fitted on 3 images can be anything)."""
+def fit_temperature(logits: np.ndarray, labels: np.ndarray, warn: bool = True) -> float:
+    """The temperature minimising NLL on (logits, labels) within :data:`T_BOUNDS`; 1.0 with fewer
+    than :data:`MIN_CALIBRATION` of them (a temperature fitted on 3 images can be anything)."""
     if len(labels) < MIN_CALIBRATION:
         return 1.0
-    grid = np.exp(np.linspace(np.log(0.05), np.log(20.0), 121))
+    grid = np.exp(np.linspace(np.log(T_BOUNDS[0]), np.log(T_BOUNDS[1]), 97))
     losses = [log_loss(logits, labels, t) for t in grid]
     i = int(np.argmin(losses))
+    if warn and i in (0, len(grid) - 1):
+        logger.warning("calibration temperature hit the grid's bound %.2f (labels may be noise or the model degenerate)", grid[i])
     lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
     for _ in range(30):  # golden-section refinement on the bracketing interval
         a, b = lo + 0.382 * (hi - lo), lo + 0.618 * (hi - lo)
@@ -156,6 +164,59 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
         else:
             lo = a
     return float((lo + hi) / 2)
+
+
+def _per_image_loss(logits: np.ndarray, labels: np.ndarray, temperature: float) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = z - z.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    return -logp[np.arange(len(labels)), labels]
+
+
+def calibrate(logits: np.ndarray, labels: np.ndarray, z_noise: float, seed: int = 0) -> tuple[float, dict[str, Any]]:
+    """A temperature that is itself checked: (temperature, report).
+
+    Cross-fitting: each of :data:`CALIBRATION_FOLDS` folds gets a temperature fitted on the others
+    and is scored with it and with 1.0; the per-image log-loss differences d give the held-out
+    improvement and its standard error. T != 1 is deployed only when the improvement exceeds
+    ``z_noise`` standard errors (t = mean(-d) / se > z_noise); it is then the temperature fitted on
+    all predictions, shrunk toward 1 in log space by ``w = 1 - (z_noise / t)**2`` (little evidence:
+    close to 1). Otherwise 1.0.
+
+    Args:
+        logits: held-out logits [N, C] of the deployed behaviour.
+        labels: [N] labels.
+        z_noise: standard errors the improvement must clear.
+        seed: seed of the folds.
+
+    Example:
+        >>> rng = np.random.default_rng(0); x = rng.normal(0, 2, (400, 4)); y = x.argmax(-1)
+        >>> calibrate(x, y, 1.645)[0] < 1.0  # right every time: sharpening helps
+        True
+    """
+    n = len(labels)
+    report: dict[str, Any] = {"n": n, "temperature_fitted": None, "improvement": None, "improvement_se": None}
+    if n < MIN_CALIBRATION:
+        report["reason"] = f"fewer than {MIN_CALIBRATION} held-out predictions: temperature 1"
+        return 1.0, report
+    rng = np.random.Generator(np.random.PCG64([seed, 0xCA1]))
+    folds = np.array_split(rng.permutation(n), CALIBRATION_FOLDS)
+    diff = np.zeros(n)
+    for held in folds:
+        rest = np.setdiff1d(np.arange(n), held)
+        t = fit_temperature(logits[rest], labels[rest], warn=False)
+        diff[held] = _per_image_loss(logits[held], labels[held], 1.0) - _per_image_loss(logits[held], labels[held], t)
+    gain, se = float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(n))
+    fitted = fit_temperature(logits, labels)
+    report.update(temperature_fitted=round(fitted, 6), improvement=round(gain, 6), improvement_se=round(se, 6))
+    t_stat = gain / se if se > 0 else (np.inf if gain > 0 else 0.0)
+    if t_stat <= z_noise:
+        report["reason"] = f"held-out log-loss gain {gain:.4f} is within noise (se {se:.4f}): temperature 1"
+        return 1.0, report
+    weight = 1.0 - (z_noise / t_stat) ** 2
+    temperature = float(np.exp(weight * np.log(fitted)))
+    report["reason"] = f"held-out log-loss gain {gain:.4f} (se {se:.4f}): fitted {fitted:.3f}, shrunk to {temperature:.3f}"
+    return temperature, report
 
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
@@ -271,51 +332,126 @@ def train_refiner(
 # ---------------------------------------------------------------- decision
 
 
+def alpha_of(z_noise: float) -> float:
+    """The one-sided level of a ``z_noise``-SE threshold: 1 - Phi(z) (1.645 -> 0.05)."""
+    return 0.5 * math.erfc(z_noise / math.sqrt(2.0))
+
+
+def sign_test_p(b: int, c: int) -> float:
+    """Exact one-sided p-value of McNemar's test: P(X >= b), X ~ Binomial(b + c, 1/2)
+    (b: images only the candidate gets right, c: only zero-shot)."""
+    n = b + c
+    if n == 0 or b == 0:
+        return 1.0
+    return float(sum(math.comb(n, i) for i in range(b, n + 1)) / 2.0**n)
+
+
+def min_flips(alpha: float) -> int:
+    """The fewest images a candidate must win (and none lose) to be certified at ``alpha``."""
+    k = 1
+    while sign_test_p(k, 0) > alpha:
+        k += 1
+    return k
+
+
+def split_check(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(select, certify) positions into the check images: per class, seeded, alternating, the
+    certify half getting the odd one; classes with a single check image alternate between halves."""
+    rng = np.random.Generator(np.random.PCG64([seed, 0xCE27]))
+    select: list[int] = []
+    certify: list[int] = []
+    turn = 0
+    for c in np.unique(labels):
+        for i in rng.permutation(np.flatnonzero(labels == c)):
+            (certify if turn % 2 == 0 else select).append(int(i))
+            turn += 1
+    return np.sort(np.asarray(select, np.int64)), np.sort(np.asarray(certify, np.int64))
+
+
 def _estimate(logits: np.ndarray, labels: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
-    """Accuracy, log-loss and the paired gain over ``reference`` with its McNemar standard error
-    sqrt(b + c) / n (b, c: images only this / only the reference gets right)."""
+    """Accuracy, log-loss and the paired gain over ``reference``: b, c (images only this / only the
+    reference gets right), the McNemar standard error sqrt(b + c) / n and the exact sign-test p-value."""
     correct = logits.argmax(-1) == labels
     ref = reference.argmax(-1) == labels
     b, c, n = int((correct & ~ref).sum()), int((ref & ~correct).sum()), len(labels)
     if n == 0:  # nothing held out: no evidence either way
-        return {"accuracy": None, "log_loss": None, "gain": 0.0, "gain_se": None, "n": 0}  # JSON-safe (adapter config)
+        return {"accuracy": None, "log_loss": None, "gain": 0.0, "gain_se": None, "n": 0, "b": 0, "c": 0, "p_value": 1.0}
     return {
         "accuracy": float(correct.mean()),
         "log_loss": log_loss(logits, labels),
         "gain": (b - c) / n,
         "gain_se": float(np.sqrt(b + c) / n),
-        "n": n,
+        "n": n, "b": b, "c": c,
+        "p_value": sign_test_p(b, c),
     }
 
 
-def decide(
-    held_out: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], z_noise: float
-) -> tuple[str, str, dict[str, dict[str, float]]]:
-    """Pick the deployed behaviour from held-out evidence per option.
+Evidence = dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def _candidates(select: dict[str, dict[str, Any]], options: list[str]) -> list[str]:
+    """The options the select half does not rule out: a positive paired gain over zero-shot there
+    (every option when there are no select images)."""
+    if not any(select.get(k, {}).get("n") for k in options):
+        return list(options)
+    return [k for k in options if select.get(k, {}).get("n") and select[k]["gain"] > 0]
+
+
+def holm(p_values: dict[str, float], alpha: float) -> set[str]:
+    """The hypotheses Holm's step-down procedure rejects at family-wise level ``alpha``."""
+    rejected: set[str] = set()
+    ranked = sorted(p_values, key=p_values.__getitem__)
+    for i, k in enumerate(ranked):
+        if p_values[k] > alpha / (len(ranked) - i):
+            break
+        rejected.add(k)
+    return rejected
+
+
+def decide(select: Evidence, certify: Evidence, alpha: float, rank: Evidence | None = None) -> tuple[str, str, dict[str, dict[str, Any]]]:
+    """Pick the deployed behaviour: rule out on ``select``, certify on ``certify`` (disjoint images).
+
+    Every option with a positive paired gain over zero-shot on the select images is a candidate;
+    each must beat zero-shot in the exact sign test on its certify evidence, Holm-corrected over the
+    candidates (family-wise level ``alpha``), so that with probability at least 1 - alpha *every*
+    certified option beats zero-shot. The deployed one is the certified option with the largest
+    paired gain on ``rank`` (the certify half, the same images for every option; default
+    ``certify``), then on ``select``, then the simpler.
 
     Args:
-        held_out: option -> (its logits, zero-shot's logits, labels) on the images that are
-            honest held-out evidence for it (``zero-shot`` must be present).
-        z_noise: standard errors a gain must clear.
+        select: option -> (its logits, zero-shot's logits, labels) on the select half of the check
+            images (the same images for every option: a paired comparison).
+        certify: option -> the same triple on the images that certify it (the certify half; the
+            refiner alone adds its out-of-fold search images); ``zero-shot`` must be present.
+        alpha: family-wise level of the certification (:func:`alpha_of` of ``z_noise``).
+        rank: option -> the triple on images shared by every option, to choose among the certified.
 
-    A non-zero-shot option qualifies when its paired gain over zero-shot is positive and exceeds
-    ``z_noise`` McNemar standard errors; the qualified option with the largest gain wins (then
-    lower log-loss, then the simpler option). Returns (option, reason, estimates).
+    Returns:
+        (option, reason, estimates): estimates[option] is the certify-stage estimate plus
+        ``select_gain`` / ``select_n``, ``rank_gain`` and ``certified``.
     """
-    estimates = {name: _estimate(lg, y, zero) for name, (lg, zero, y) in held_out.items()}
-    qualified = [k for k, e in estimates.items() if k != "zero-shot" and e["n"] and e["gain"] > 0 and e["gain"] > z_noise * e["gain_se"]]
-    if not qualified:
-        others = [(k, e) for k, e in estimates.items() if k != "zero-shot" and e["n"]]
-        if not others:
-            return "zero-shot", "no held-out images to verify any gain: zero-shot behaviour deployed", estimates
-        k, e = max(others, key=lambda ke: ke[1]["gain"])
-        return (
-            "zero-shot",
-            f"nothing beat zero-shot beyond noise (best: {k} {100 * e['gain']:+.1f} points on {e['n']} held-out images): "
-            "zero-shot behaviour deployed",
-            estimates,
-        )
+    sel = {k: _estimate(lg, y, zero) for k, (lg, zero, y) in select.items()}
+    estimates = {k: _estimate(lg, y, zero) for k, (lg, zero, y) in certify.items()}
+    ranked = {k: _estimate(lg, y, zero) for k, (lg, zero, y) in (rank or certify).items()}
+    options = [k for k in estimates if k != "zero-shot" and estimates[k]["n"]]
+    candidates = _candidates(sel, options)
+    certified = holm({k: estimates[k]["p_value"] for k in candidates}, alpha) if candidates else set()
+    for k, e in estimates.items():
+        e["select_gain"], e["select_n"] = sel.get(k, {}).get("gain"), sel.get(k, {}).get("n", 0)
+        e["rank_gain"], e["certified"] = ranked.get(k, {}).get("gain"), k in certified
     order = {name: i for i, name in enumerate(OPTIONS)}
-    winner = max(qualified, key=lambda k: (estimates[k]["gain"], -estimates[k]["log_loss"], -order[k]))
-    e = estimates[winner]
-    return winner, f"{winner}: {100 * e['gain']:+.1f} points over zero-shot on {e['n']} held-out images", estimates
+    best = sorted(certified, key=lambda k: (-ranked[k]["gain"], -(sel[k]["gain"] if k in sel else 0.0), order[k]))
+    candidates = best or sorted(candidates, key=lambda k: estimates[k]["p_value"])
+    winner = next((k for k in candidates if k in certified), None)
+    if winner is not None:
+        e = estimates[winner]
+        return winner, (f"{winner}: {100 * e['gain']:+.1f} points over zero-shot on {e['n']} certify images "
+                        f"(sign test p = {e['p_value']:.3g} <= {alpha:.3g})"), estimates
+    if not options:
+        return "zero-shot", "no held-out images to verify any gain: zero-shot behaviour deployed", estimates
+    if not candidates:
+        return "zero-shot", "nothing beat zero-shot on the select images: zero-shot behaviour deployed", estimates
+    k = candidates[0]
+    e = estimates[k]
+    return "zero-shot", (f"nothing beat zero-shot beyond noise (best: {k} {100 * e['gain']:+.1f} points on {e['n']} certify "
+                         f"images, p = {e['p_value']:.3g} > {alpha:.3g}): zero-shot behaviour deployed"), estimates

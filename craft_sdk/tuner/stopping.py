@@ -1,10 +1,16 @@
-"""Early stopping on the held-out estimate: stop when a patience window brings nothing new.
+"""Early stopping: a patience window on the held-out estimate, shortened when the search is inert.
 
-The score of generation g is (check accuracy, −check log-loss) of the current model,
-compared lexicographically: accuracy on a few dozen images moves in coarse steps, so
-log-loss breaks ties. A generation *improves* when it beats the best so far; after
-``patience`` generations without an improvement the run stops and the rest of the
-budget stays unspent.
+The score of generation g is (select-half accuracy, −select-half log-loss) of the current
+model, compared lexicographically: accuracy on a few dozen images moves in coarse steps, so
+log-loss breaks ties. A generation *improves* when it beats the best so far. The run stops
+
+* after ``patience`` generations without an improvement (the ceiling), or
+* after ``patience // 2`` generations without one when the search's own objective has
+  stalled too: over the last ``patience // 2`` generations, the mean CMA-ES fitness of the
+  second half is less than ``min_trend`` (relative) below that of the first half. Neither the
+  held-out estimate nor the training objective is moving: nothing is happening.
+
+The rest of the budget stays unspent.
 """
 
 from __future__ import annotations
@@ -12,14 +18,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+MIN_TREND = 0.01  # relative fitness improvement per half-window below which the search counts as stalled
+
 
 @dataclass
 class EarlyStopping:
-    """Patience-window stopping rule.
+    """Patience-window stopping rule with an inert-search shortcut.
 
     Args:
         patience: generations without improvement before stopping (None: never stop).
         min_delta: log-loss improvement that counts when accuracy ties.
+        min_trend: relative fitness improvement over a half-window that still counts as progress
+            (0 disables the shortcut: plain patience).
 
     Example:
         >>> s = EarlyStopping(patience=2)
@@ -31,9 +41,11 @@ class EarlyStopping:
 
     patience: int | None
     min_delta: float = 1e-3
+    min_trend: float = MIN_TREND
     best_generation: int = -1
     best_accuracy: float = float("-inf")
     best_loss: float = float("inf")
+    why: str = ""
 
     def update(self, generation: int, accuracy: float, loss: float) -> bool:
         """Record generation ``generation``'s held-out score; True when it is the new best."""
@@ -44,12 +56,34 @@ class EarlyStopping:
             self.best_generation, self.best_accuracy, self.best_loss = generation, accuracy, loss
         return better
 
-    def should_stop(self, generation: int) -> bool:
-        """Whether ``patience`` generations have passed since the best one."""
-        return self.patience is not None and generation - self.best_generation >= self.patience
+    def stalled(self, fitness: list[float]) -> bool:
+        """Whether the mean fitness per generation (lower is better) stopped falling over the last
+        ``patience // 2`` generations: the average of their second half is less than ``min_trend``
+        (relative) below that of their first half."""
+        w = (self.patience or 0) // 2
+        h = w // 2
+        if h < 1 or self.min_trend <= 0 or len(fitness) < w:
+            return False
+        before, last = sum(fitness[-w:-h] if w - h else []) / (w - h), sum(fitness[-h:]) / h
+        return before - last < self.min_trend * abs(before)
+
+    def should_stop(self, generation: int, fitness: list[float] | None = None) -> bool:
+        """Whether to stop after ``generation`` given the mean fitness of every generation so far."""
+        if self.patience is None:
+            return False
+        waited = generation - self.best_generation
+        if waited >= self.patience:
+            self.why = f"no held-out improvement for {self.patience} generations"
+            return True
+        if fitness is not None and waited >= self.patience // 2 and self.stalled(fitness):
+            self.why = (f"no held-out improvement for {waited} generations and the search fitness fell by "
+                        f"less than {100 * self.min_trend:g} % over the last {self.patience // 2}")
+            return True
+        return False
 
     def reason(self) -> str:
-        return f"stopped: no held-out improvement for {self.patience} generations (best at generation {self.best_generation})"
+        why = self.why or f"no held-out improvement for {self.patience} generations"
+        return f"stopped: {why} (best at generation {self.best_generation})"
 
     def state(self) -> dict[str, Any]:
         return {"best_generation": self.best_generation, "best_accuracy": self.best_accuracy, "best_loss": self.best_loss}
