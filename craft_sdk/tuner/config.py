@@ -23,7 +23,7 @@ holdout                     0.25         ours: check images per class, robust pr
 patience                    20           ours: generations without held-out gain
 stop_trend                  0.01         ours: stalled-fitness shortcut (patience / 2)
 cv_folds                    5            ours: refiner selection folds
-z_noise                     1.645        ours: one-sided 95 % noise threshold
+z_noise                     1.645        ours: one-sided 5 % certification level
 refiner_data                mean         ours (``population``: measured, see BENCHMARKS)
 ensemble_k                  4            ours: templates an ``ensemble`` keeps
 template_bank               clip-imagenet  CLIP's ImageNet contexts (``ensemble`` mode)
@@ -39,9 +39,11 @@ logits, and the last generation (or the best validation one) is deployed as is.
 ``robust`` (the default) searches the prompt on the training images minus a small
 held-out *check* part that rides along, at no extra query, in the one call per
 generation that scores the mean; it stops when the check estimate has not improved
-for ``patience`` generations, then picks the deployed behaviour — zero-shot, prompt
-only, prompt + refiner or refiner only — on the check images with a noise-aware
-threshold (``z_noise``), chooses the refiner's capacity and training length by
+for ``patience`` generations (or half that when the search fitness stalls), then
+picks the deployed behaviour — zero-shot, prompt only, prompt + refiner or refiner
+only — chosen on one half of the check images and certified on the other
+(``z_noise``; :func:`~craft_sdk.tuner.plan.certification_plan` decides first whether
+a search could be certified at all), chooses the refiner's capacity and training length by
 k-fold cross-validation on logits already paid for, and fits a calibration
 temperature (see :mod:`craft_sdk.tuner.selection`).
 
@@ -130,8 +132,9 @@ class TuneConfig:
             improvement when the mean search fitness also fell by less than this fraction over the
             last ``patience // 2`` generations (0: plain patience; :mod:`craft_sdk.tuner.stopping`).
         cv_folds: robust protocol: folds of the refiner's cross-validation.
-        z_noise: robust protocol: a behaviour replaces zero-shot only when its held-out gain
-            exceeds this many paired standard errors.
+        z_noise: robust protocol: a behaviour replaces zero-shot only when certified at level
+            1 - Phi(z_noise) (exact sign test on the certify images, Holm-corrected); a temperature
+            only when its cross-fitted log-loss gain exceeds this many standard errors.
         refiner_data: robust protocol: train the refiner on the mean's logits (``mean``) or
             also on every candidate's logits of the generation (``population``).
         ensemble_k: ``ensemble`` mode: contexts to keep by greedy selection (each costs one query per

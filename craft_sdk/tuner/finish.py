@@ -79,13 +79,13 @@ Evidence = dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 def _evidence(run: Run, candidates: dict[str, dict[str, Any]]) -> tuple[Evidence, Evidence, Evidence]:
     """(select, certify, rank): per behaviour, (its logits, zero-shot's logits, labels) on the select half
-    of the check images, on the images that certify it, and on the certify half (the same images for all)."""
+    of the check images, on the images that certify it, and on every check image (the same for all)."""
     zero = candidates["zero-shot"]["logits"]
     n, y_check = run.images.n_search, run.images.y_check
     sel, cert = run.images.select, run.images.certify
     select = {k: (v["check"][sel], zero[n:][sel], y_check[sel]) for k, v in candidates.items()}
     certify = {k: (v["check"][cert], zero[n:][cert], y_check[cert]) for k, v in candidates.items()}
-    rank = dict(certify)
+    rank = {k: (v["check"], zero[n:], y_check) for k, v in candidates.items()}  # to rank the certified: paired
     if "refiner" in candidates:  # zero-shot logits were fitted to nothing: its out-of-fold predictions count too
         ref = candidates["refiner"]
         certify["refiner"] = (np.concatenate([ref["oof"], ref["check"][cert]]), np.concatenate([zero[:n], zero[n:][cert]]),

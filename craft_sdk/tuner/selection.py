@@ -22,7 +22,9 @@ black box (the ledger proves it in a test).
   the two is right), Holm-corrected over the candidates, at family-wise level
   ``alpha = 1 - Phi(z_noise)``. The refiner alone also counts its out-of-fold predictions on
   every search image (zero-shot logits were fitted to nothing). Among the certified, the one
-  with the largest paired gain on the certify half (the same images for all) is deployed.
+  with the largest paired gain on all the check images (the same images for all) is deployed:
+  a preference, not part of the guarantee (Holm makes every certified option beat zero-shot
+  jointly, so any rule may choose among them).
   Guarantee: when no candidate's expected paired accuracy beats zero-shot's, one is deployed
   with probability at most ``alpha`` (5 %); tests/test_selection.py simulates it.
 * **Calibration** (:func:`calibrate`): one temperature, cross-fitted on the chosen
@@ -415,8 +417,8 @@ def decide(select: Evidence, certify: Evidence, alpha: float, rank: Evidence | N
     each must beat zero-shot in the exact sign test on its certify evidence, Holm-corrected over the
     candidates (family-wise level ``alpha``), so that with probability at least 1 - alpha *every*
     certified option beats zero-shot. The deployed one is the certified option with the largest
-    paired gain on ``rank`` (the certify half, the same images for every option; default
-    ``certify``), then on ``select``, then the simpler.
+    paired gain on ``rank`` (images shared by every option: the run passes all its check images;
+    default ``certify``), then on ``select``, then the simpler.
 
     Args:
         select: option -> (its logits, zero-shot's logits, labels) on the select half of the check
