@@ -5,7 +5,11 @@ same seeds, shots and budgets), writes ``benchmarks/results/sweeps/robust/{runs.
 compare.json}`` and prints the markdown table.
 
     python benchmarks/compare_protocols.py --robust sweeps/robust [--full sweeps/robust_full] \\
-        [--paper benchmarks/results/sweeps/table3/runs.csv] [--population sweeps/refiner_data]
+        [--paper benchmarks/results/sweeps/table3/runs.csv] [--population sweeps/refiner_data] \\
+        [--previous benchmarks/results/sweeps/robust/runs_issue10.csv]
+
+``--previous``: a runs.csv of an earlier robust default (issue 10's rule), compared run by run
+(accuracy, queries) on the runs both have; the calibration summary (issue 23) is always printed.
 """
 
 from __future__ import annotations
@@ -132,6 +136,39 @@ def _count(items: Any) -> dict[str, int]:
     return dict(out)
 
 
+def calibration_summary(rows: list[dict[str, Any]], slack: float = 0.005) -> dict[str, Any]:
+    """Issue 23's calibration targets: runs whose calibrated test ECE is <= the temperature-1 ECE + ``slack``,
+    and the largest rise."""
+    pairs = [(r["ece"], r["ece_uncalibrated"]) for r in rows if r.get("ece") is not None and r.get("ece_uncalibrated") is not None]
+    ok = [e <= e0 + slack for e, e0 in pairs]
+    rises = [e - e0 for e, e0 in pairs]
+    return {"n": len(pairs), "within_slack": sum(ok), "fraction_within_slack": sum(ok) / len(ok) if ok else None,
+            "max_rise": max(rises) if rises else None, "kept_t1": sum(abs(e - e0) < 1e-12 for e, e0 in pairs)}
+
+
+def load_previous(csv_path: Path) -> dict[tuple[str, int, int], dict[str, Any]]:
+    with open(csv_path, newline="", encoding="utf-8") as fh:
+        return {(r["task"], int(r["shots"]), int(r["seed"])): r for r in csv.DictReader(fh) if r["combo"].startswith("robust:")}
+
+
+def previous_summary(robust: list[dict[str, Any]], previous: dict[tuple[str, int, int], dict[str, Any]]) -> dict[str, Any]:
+    """Per shots: mean accuracy and median budget fraction, now and before, over the runs both have."""
+    out: dict[str, Any] = {}
+    for shots in sorted({int(r["shots"]) for r in robust}):
+        both = [(r, previous[(r["task"], int(r["shots"]), int(r["seed"]))]) for r in robust
+                if int(r["shots"]) == shots and (r["task"], int(r["shots"]), int(r["seed"])) in previous]
+        if not both:
+            continue
+        out[str(shots)] = {
+            "n": len(both),
+            "accuracy_now": statistics.mean(r["test_accuracy"] for r, _ in both),
+            "accuracy_before": statistics.mean(float(p["test_accuracy"]) for _, p in both),
+            "median_fraction_now": statistics.median(r["queries_used"] / r["budget"] for r, _ in both),
+            "median_fraction_before": statistics.median(int(p["queries_used"]) / int(p["budget"]) for _, p in both),
+        }
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--robust", type=Path, required=True)
@@ -139,6 +176,7 @@ def main() -> None:
     ap.add_argument("--population", type=Path)
     ap.add_argument("--paper", type=Path, default=Path("benchmarks/results/sweeps/table3/runs.csv"))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/sweeps/robust"))
+    ap.add_argument("--previous", type=Path)
     args = ap.parse_args()
     robust = load_runs(args.robust)
     full = load_runs(args.full) if args.full and (args.full / "runs").is_dir() else []
@@ -152,10 +190,19 @@ def main() -> None:
             for r in rows:
                 combo = f"{group}: " + ", ".join(f"{k}={v}" for k, v in sorted((r.get("combo") or {}).items()))
                 w.writerow([combo if k == "combo" else r.get(k) for k in FIELDS])
+    data["calibration"] = calibration_summary(robust)
+    if args.previous is not None:
+        data["previous"] = previous_summary(robust, load_previous(args.previous))
     (args.out / "compare.md").write_text(md, encoding="utf-8")
     (args.out / "compare.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     print(md)
     print(f"median queries used over all {len(robust)} robust runs: {100 * data['median_budget_fraction_all_runs']:.0f} % of the budget")
+    cal = data["calibration"]
+    if cal["n"]:
+        print(f"calibrated ECE <= T=1 ECE + 0.005: {cal['within_slack']} of {cal['n']} runs; largest rise {cal['max_rise']:+.4f}; T kept at 1: {cal['kept_t1']}")
+    for shots, p in data.get("previous", {}).items():
+        print(f"{shots} shots vs previous ({p['n']} runs): accuracy {100 * p['accuracy_now']:.1f} (was {100 * p['accuracy_before']:.1f}), "
+              f"median queries {100 * p['median_fraction_now']:.1f} % (was {100 * p['median_fraction_before']:.1f} %)")
 
 
 if __name__ == "__main__":
