@@ -217,14 +217,17 @@ def test_plan_splits_and_refusals(tiny_client) -> None:  # noqa: ANN001
     imgs = random_images(16, seed=9)
     labels = np.arange(16) % 4
     train = ImageDataset(imgs, labels, NAMES[:4])
+    # issue 23: 4 shots of 4 classes leave 2 certify images, so the robust plan buys no search and holds nothing out
     plan = plan_tune(TuneConfig(budget=40, popsize=40), tiny_client, train)
-    assert plan.splits == {n: {"train": 3, "check": 1, "test": 0} for n in NAMES[:4]} and plan.upper_bound
-    assert plan.generations == 0 and plan.planned_queries == 1
-    assert any("pays no generation" in r and "at least 42" in r for r in plan.refused)
-    ok = plan_tune(TuneConfig(budget=100, popsize=8), tiny_client, train)
+    assert plan.splits == {n: {"train": 4, "check": 0, "test": 0} for n in NAMES[:4]} and plan.upper_bound
+    assert plan.generations == 0 and plan.planned_queries == 1 and plan.refused == []
+    assert plan.certification["search"] is False and "no search is bought" in plan.certification["reason"]
+    held = plan_tune(TuneConfig(budget=40, popsize=40, protocol="paper", max_generations=None), tiny_client, train)
+    assert any("pays no generation" in r and "at least 42" in r for r in held.refused)
+    ok = plan_tune(TuneConfig(budget=100, popsize=8, protocol="paper"), tiny_client, train)
     assert ok.refused == [] and ok.generations == 11 and ok.planned_queries == 1 + 11 * 9
     assert ok.planned_requests == 0 and ok.estimated_cost is None  # an in-process model bills nothing
-    canary = plan_tune(TuneConfig(budget=100, popsize=8, canary=16), tiny_client, train)  # 2 probe scorings kept back
+    canary = plan_tune(TuneConfig(budget=100, popsize=8, canary=16, protocol="paper"), tiny_client, train)  # 2 probe scorings kept back
     assert canary.generations == 10 and canary.planned_queries == 1 + 10 * 9 + 2
 
 
@@ -267,11 +270,15 @@ def test_dry_run_reports_refusals_and_usage_errors(server, folder: Path, tmp_pat
     base = [str(folder), "--model", model, "--api-key-file", str(key_file)]
     few = cli("tune", *base, "--shots", "16", "--dry-run", check=False)
     assert few.returncode == 1 and "refused:" in few.stdout and "--shots" in few.stdout
-    poor = json.loads(cli("tune", *base, "--shots", "4", "--budget", "40", "--dry-run", "--json", check=False).stdout)
+    # issue 23: at 4 shots the robust plan can certify no prompt, so it buys no search (and says so); the paper
+    # protocol still plans one, and is refused or capped as before
+    robust = cli("tune", *base, "--shots", "4", "--budget", "40", "--dry-run", check=False)
+    assert robust.returncode == 0 and "certification        no achievable prompt gain" in robust.stdout
+    poor = json.loads(cli("tune", *base, "--shots", "4", "--budget", "40", "--protocol", "paper", "--dry-run", "--json", check=False).stdout)
     assert poor["generations"] == 0 and "pays no generation" in poor["refused"][0]
     capped = json.loads(cli("tune", *base, "--shots", "4", "--budget", "200", "--popsize", "4", "--price", "per_request=1",
-                            "--max-cost", "100", "--dry-run", "--json").stdout)
-    assert capped["upper_bound"] and any("exceeds --max-cost 100" in w for w in capped["warnings"])
+                            "--max-cost", "100", "--protocol", "paper", "--dry-run", "--json").stdout)
+    assert not capped["upper_bound"] and any("exceeds --max-cost 100" in w for w in capped["warnings"])
     assert capped["planned_requests"] == capped["planned_queries"] * 0 + capped["planned_images"]
     no_price = cli("tune", *base, "--max-cost", "5", "--dry-run", check=False)
     assert no_price.returncode == 2 and "--price" in no_price.stderr

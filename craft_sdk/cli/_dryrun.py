@@ -64,6 +64,8 @@ def render_plan(plan: Any) -> list[str]:
         f"  estimated cost       {_money(plan.estimated_cost)}"
         + ("" if plan.max_cost is None else f" of --max-cost {plan.max_cost:g}"),
     ]
+    if plan.certification is not None:
+        lines.append(f"  certification        {plan.certification['reason']}")
     lines += [f"  warning: {w}" for w in plan.warnings]
     lines += [f"  refused: {r}" for r in plan.refused]
     if not plan.refused:

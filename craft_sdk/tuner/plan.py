@@ -185,6 +185,7 @@ class TunePlan:
     upper_bound: bool = False
     refused: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    certification: dict[str, Any] | None = None  # :func:`certification_plan`: what the check images can prove
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -197,9 +198,10 @@ def plan_splits(config: TuneConfig, train: Any, val: Any, test: Any) -> tuple[Im
     names = list(train.class_names)
     counts = lambda labels: np.bincount(np.asarray(labels, np.int64), minlength=len(names))  # noqa: E731
     search_labels, check_labels, n_val = train.labels, np.zeros(0, np.int64), 0
+    searches = certification_plan(config, train.labels, None if val is None else val.labels).search
     if config.robust and val is not None:
         check_labels = val.labels
-    elif config.robust:
+    elif config.robust and searches:  # no search bought: no hold-out either (the refiner cross-validates on all)
         fit_idx, check_idx = split_holdout(train.labels, config.holdout, config.seed)
         search_labels, check_labels = train.labels[fit_idx], train.labels[check_idx]
     elif val is not None:
@@ -235,6 +237,7 @@ def plan_tune(
     plan = TunePlan(config.mode, config.protocol, config.budget, list(train.class_names), popsize=config.popsize,
                     max_cost=max_cost, price=None if price is None else price.to_dict(), upper_bound=config.robust)
     sets, plan.splits = plan_splits(config, train, val, test)
+    plan.certification = certification_plan(config, train.labels, None if val is None else val.labels).to_dict()
     caps = client.capabilities(config.template)
     plan.soft_prompts = caps.soft_prompts
     calls, uploads = _planned_calls(config, sets, caps.soft_prompts, plan)
@@ -260,7 +263,7 @@ def _planned_calls(config: TuneConfig, sets: ImageSets, soft_prompts: bool, plan
     calls = baseline_calls(config, sets)
     plan.baseline_queries = baseline_cost(config, sets.val > 0)
     needed = plan.baseline_queries
-    no_check = config.robust and sets.scored == sets.search
+    no_check = config.robust and (sets.scored == sets.search or not (plan.certification or {}).get("search", True))
     bank = 0
     if config.mode == "ensemble":
         try:
@@ -281,8 +284,7 @@ def _planned_calls(config: TuneConfig, sets: ImageSets, soft_prompts: bool, plan
         return calls, uploads
     n_gen = plan_generations(config, sets.val > 0)
     if no_check and (n_gen or config.mode == "ensemble"):
-        plan.warnings.append("too few training images to hold any out: no gain could be verified, so zero-shot is "
-                             "deployed without a search (more --shots, or --protocol paper to search anyway)")
+        plan.warnings.append(f"not searched: {(plan.certification or {}).get('reason')} (more --shots, or --protocol paper)")
         n_gen = 0
     if canary:
         calls.append(Call("canary", config.canary, 1, canary))
