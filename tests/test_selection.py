@@ -29,10 +29,12 @@ def test_certification_plan_says_what_the_check_set_can_prove() -> None:
     ten_16 = certification_plan(TuneConfig(), np.repeat(np.arange(10), 16))  # 40 check images: 20 select, 20 certify
     assert (ten_16.search, ten_16.n_check, ten_16.n_select, ten_16.n_certify) == (True, 40, 20, 20)
     assert ten_16.min_gain_prompt == pytest.approx(5 / 20) and ten_16.n_refiner == 120 + 20
-    ten_4 = certification_plan(TuneConfig(mode="craft"), np.repeat(np.arange(10), 4))  # 5 certify images: +100 points
-    assert not ten_4.search and ten_4.certified and ten_4.n_refiner == 40 and ten_4.min_gain_refiner == pytest.approx(5 / 40)
-    assert "refiner alone is cross-validated on 40 images" in ten_4.reason
-    assert not certification_plan(TuneConfig(mode="pg"), np.repeat(np.arange(10), 4)).certified  # pg has no refiner
+    ten_4 = certification_plan(TuneConfig(mode="craft"), np.repeat(np.arange(10), 4))  # 5 certify images: only +100 points
+    assert ten_4.search and ten_4.min_gain_prompt == pytest.approx(1.0) and ten_4.n_refiner == 30 + 5
+    six_3 = certification_plan(TuneConfig(mode="craft"), np.repeat(np.arange(6), 3))  # 6 check, 3 certify: impossible
+    assert not six_3.search and six_3.certified and six_3.n_refiner == 18 and six_3.min_gain_refiner == pytest.approx(5 / 18)
+    assert "refiner alone is cross-validated on 18 images" in six_3.reason
+    assert not certification_plan(TuneConfig(mode="pg"), np.repeat(np.arange(6), 3)).certified  # pg has no refiner
     paper = certification_plan(TuneConfig(protocol="paper"), np.arange(8))
     assert paper.search and not paper.certified and "nothing is certified" in paper.reason
     stricter = certification_plan(TuneConfig(z_noise=1.96), np.repeat(np.arange(10), 16))

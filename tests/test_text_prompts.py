@@ -260,9 +260,9 @@ def test_a_resumed_ensemble_keeps_its_contexts_and_pays_nothing_again(tmp_path: 
 
     ims, labels = pictures(48)
     train = ImageDataset(ims, labels, NAMES)
-    first = tune(Spy(), train, mode="ensemble", ensemble_k=2, checkpoint_dir=tmp_path, seed=0)
+    first = tune(Spy(), train, mode="ensemble", ensemble_k=2, checkpoint_dir=tmp_path, seed=0, holdout=0.5)  # see _tune
     client, ledger = Spy(), QueryLedger(budget=1000)
-    again = tune(client, train, mode="ensemble", ensemble_k=2, checkpoint_dir=tmp_path, resume=True, seed=0, ledger=ledger)
+    again = tune(client, train, mode="ensemble", ensemble_k=2, checkpoint_dir=tmp_path, resume=True, seed=0, ledger=ledger, holdout=0.5)
     assert client.sent == [] and again.config.prompt == first.config.prompt and again.config.prompt is not None
 
 

@@ -222,7 +222,7 @@ class Run:
             val_acc = _accuracy(self.last_val_logits, self.images.paper_val.labels)  # type: ignore[union-attr]
             self.metrics["zero_shot_val_accuracy"] = val_acc
             self._consider(0, val_acc)
-        if self.images.check is not None:
+        if self.images.check is not None and len(self.images.select):  # no select half (no search): nothing to track
             val_acc = self._check_progress(0, logits)
             self.metrics["zero_shot_check_accuracy"] = val_acc
         self._record(0, float("nan"), self.metrics["zero_shot_train_accuracy"], val_acc, None)

@@ -15,6 +15,7 @@ The rest of the budget stays unspent.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,9 +87,12 @@ class EarlyStopping:
         return f"stopped: {why} (best at generation {self.best_generation})"
 
     def state(self) -> dict[str, Any]:
-        return {"best_generation": self.best_generation, "best_accuracy": self.best_accuracy, "best_loss": self.best_loss}
+        """JSON-safe: the unset (infinite) scores of a run without check images are None."""
+        finite = lambda x: x if math.isfinite(x) else None  # noqa: E731
+        return {"best_generation": self.best_generation, "best_accuracy": finite(self.best_accuracy), "best_loss": finite(self.best_loss)}
 
     def load(self, state: dict[str, Any]) -> None:
         self.best_generation = int(state["best_generation"])
-        self.best_accuracy = float(state["best_accuracy"])
-        self.best_loss = float(state["best_loss"])
+        acc, loss = state["best_accuracy"], state["best_loss"]
+        self.best_accuracy = float("-inf") if acc is None else float(acc)
+        self.best_loss = float("inf") if loss is None else float(loss)
