@@ -107,7 +107,7 @@ class Run:
         if needed > self.config.budget:
             what = f"the zero-shot baseline and {len(self.bank)} ensemble contexts" if self.bank else "the zero-shot baseline"
             raise ConfigError(f"budget {self.config.budget} cannot pay {what} ({needed} queries); raise --budget")
-        if self.config.uses_prompt and self.n_gen == 0 and self.config.max_generations != 0:
+        if self.config.uses_prompt and self.n_gen == 0 and self.config.max_generations != 0 and self.plan.search:
             raise ConfigError(one_generation_problem(self.config, self.images.paper_val is not None))
         self.history: list[dict[str, Any]] = []
         self.fitness_rows: list[np.ndarray] = []
