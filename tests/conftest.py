@@ -109,6 +109,13 @@ def _suite_thread_count():  # noqa: ANN202
 # 2-core machine (measured with --durations=0, issue 21); every module keeps fast tests. Markers:
 #   slow: listed below;  subprocess: starts a Python or server process;  server: talks to a server it started.
 SLOW_TESTS = frozenset({
+    "test_selection.py::test_a_prompt_that_does_nothing_is_deployed_at_most_five_percent_of_the_time",
+    "test_selection.py::test_a_real_client_whose_prompt_does_nothing_rarely_deploys_it",
+    "test_selection.py::test_an_inert_search_stops_in_fewer_queries_than_patience_alone",
+    "test_selection.py::test_a_run_that_can_certify_nothing_buys_no_search",
+    "test_selection.py::test_pg_on_a_client_that_ignores_prompts_keeps_no_refiner_it_never_had",
+    "test_selection.py::test_a_clear_overconfidence_is_corrected_and_shrunk_by_evidence",
+    "test_selection.py::test_a_calibrated_model_keeps_temperature_one",
     "test_first_hour_errors.py::test_sweep_worker_failures_have_no_traceback",
     "test_first_hour.py::test_generations_reported_are_the_generations_run",
     "test_cost.py::test_dry_run_reports_refusals_and_usage_errors",
