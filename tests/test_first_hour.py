@@ -60,8 +60,9 @@ def test_single_folder_with_24_images_per_class_tunes_at_the_default_shots(my_fo
 
 
 def test_a_budget_below_one_generation_is_refused_up_front(my_folder: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    # the paper protocol: at 4 shots of 3 classes the robust protocol can certify no search and buys none (issue 23)
     res = _invoke("tune", str(my_folder), "--model", f"local-dir:{tiny_model_dir}", "--shots", "4", "--budget", "40",
-                  "--out", str(tmp_path / "a"))
+                  "--protocol", "paper", "--out", str(tmp_path / "a"))
     assert res.exit_code == 2, res.output
     line = res.output.strip()
     assert len(line.splitlines()) == 1 and "P + 1 = 41 queries" in line and "--popsize to 38" in line

@@ -165,11 +165,11 @@ def test_default_tune_of_a_text_only_client_uses_halving_and_finds_the_word() ->
 
     client, train = planted_client()
     assert TuneConfig().word_search == "halving"
-    adapter = craft_sdk.tune(client, train, mode="pg", budget=600, seed=0)
+    adapter = craft_sdk.tune(client, train, mode="pg", budget=600, seed=0, holdout=0.5)  # enough images to certify
     spec = adapter.config.prompt
     assert spec is not None and spec.kind == "discrete" and HIDDEN in adapter.config.template.split(), adapter.config.template
     assert adapter.config.hyperparameters["word_search"] == "halving" and adapter.config.provenance["queries_used"] <= 600
-    old = craft_sdk.tune(planted_client()[0], train, mode="pg", budget=600, seed=0, word_search="pg")
+    old = craft_sdk.tune(planted_client()[0], train, mode="pg", budget=600, seed=0, word_search="pg", holdout=0.5)
     assert HIDDEN not in old.config.template.split()
 
 
@@ -194,7 +194,7 @@ def test_resume_after_a_checkpoint_is_byte_identical(tmp_path: Path, monkeypatch
     from craft_sdk.tuner.train import Tuner
 
     client, train = planted_client()
-    cfg = TuneConfig(mode="pg", protocol=protocol, popsize=10, budget=1 + 30 * 11, patience=None, seed=2)
+    cfg = TuneConfig(mode="pg", protocol=protocol, popsize=10, budget=1 + 30 * 11, patience=None, seed=2, holdout=0.5)
     ref = save(Tuner(cfg).fit(client, train), tmp_path / "ref")
     real, saves = loop_mod.save_checkpoint, []
 

@@ -9,6 +9,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from .._adapter_files import ONNX_FILE
 from ._app import app, emit_json, err, fail, guarded
 
 
@@ -70,7 +71,7 @@ def demo(
     if report.ece is not None:
         typer.echo(f"calibration: temperature {report.temperature:.2f}, test ECE {report.ece_uncalibrated:.3f} -> {report.ece:.3f}")
     typer.echo(f"wall time: {report.wall_time_s:.1f} s   test images: {report.n_test}")
-    has_onnx = (Path(report.adapter_dir) / "refiner.onnx").is_file()
+    has_onnx = (Path(report.adapter_dir) / ONNX_FILE).is_file()
     typer.echo(f"held-out predictions (CraftClassifier{', ONNX refiner' if has_onnx else ', no refiner'}):")
     for s in report.samples[:8]:
         mark = "ok " if s["predicted"] == s["true"] else "err"
