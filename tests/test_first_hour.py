@@ -99,7 +99,8 @@ def test_python_tune_reports_progress_and_phases(tiny_client: Any, my_folder: Pa
 
 def test_generations_reported_are_the_generations_run(my_folder: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "a"
-    res = _invoke("tune", str(my_folder), "--model", f"local-dir:{tiny_model_dir}", "--shots", "4", "--budget", "400",
+    # 16 shots: at 4 shots of 3 classes the robust protocol can certify no search and buys none (issue 23)
+    res = _invoke("tune", str(my_folder), "--model", f"local-dir:{tiny_model_dir}", "--shots", "16", "--budget", "400",
                   "--patience", "2", *SMALL, "--out", str(out), "--json")
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout.strip().splitlines()[-1])
@@ -170,7 +171,7 @@ def test_resume_outlook_accounts_for_early_stopping(my_folder: Path, tiny_model_
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     import craft_sdk.cli._tune as tune_cli
 
-    base = ["tune", str(my_folder), "--model", f"local-dir:{tiny_model_dir}", "--shots", "4", "--budget", "401",
+    base = ["tune", str(my_folder), "--model", f"local-dir:{tiny_model_dir}", "--shots", "16", "--budget", "401",
             "--patience", "2", *SMALL, "--json"]  # 80 generations planned = 401 queries: no room for lost ones
     plain = _invoke(*base, "--out", str(tmp_path / "plain"))
     assert plain.exit_code == 0, plain.output
@@ -198,7 +199,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240.0) -> Non
 
 def test_ctrl_c_leaves_a_resumable_run_and_prints_the_command(my_folder: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "adapter"
-    args = ["tune", str(my_folder), "--model", f"local-dir:{tiny_model_dir}", "--shots", "4", "--budget", "3000",
+    args = ["tune", str(my_folder), "--model", f"local-dir:{tiny_model_dir}", "--shots", "16", "--budget", "3000",
             "--patience", "none", "--max-generations", "300", *SMALL, "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

@@ -182,7 +182,8 @@ def test_cli_tune_through_the_server(server, tiny_client, tmp_path: Path) -> Non
     key_file = tmp_path / "key"
     key_file.write_text(KEY + "\n")
     res = CliRunner().invoke(app, ["tune", str(root), "--model", server.url, "--api-key-file", str(key_file), "--shots", "3",
-                                   "--budget", "40", "--popsize", "6", "--intrinsic-dim", "8", "--out", str(tmp_path / "a"), "--json"])
+                                   "--budget", "40", "--popsize", "6", "--intrinsic-dim", "8", "--protocol", "paper",
+                                   "--out", str(tmp_path / "a"), "--json"])  # 9 images certify nothing: paper searches
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["queries_used"] == 1 + 5 * 7 and Adapter.from_pretrained(tmp_path / "a").config.model_id == tiny_client.capabilities().model_id

@@ -220,7 +220,8 @@ def test_sigkill_mid_tune_then_resume_within_the_key_budget(tiny_model_dir: Path
     labels = np.arange(24) % len(CLASS_NAMES)
     train, val = ImageDataset(imgs[:18], labels[:18], CLASS_NAMES), ImageDataset(imgs[18:], labels[18:], CLASS_NAMES)
     key_budget = 60  # the tune's budget too: it ends by itself, within what the key may spend
-    cfg = TuneConfig(mode="craft", budget=key_budget, seed=1, intrinsic_dim=8, popsize=4, refiner_hidden=16, max_generations=30)
+    cfg = TuneConfig(mode="craft", budget=key_budget, seed=1, intrinsic_dim=8, popsize=4, refiner_hidden=16, max_generations=30,
+                     protocol="paper")  # 6 validation images certify nothing: the robust protocol would buy no search
     state, ckpt, port = str(tmp_path / "state.db"), tmp_path / "ckpt", free_port()
     server = Server(tiny_model_dir, key_file, state, key_budget, port=port)
     killed: list[int] = []
