@@ -108,8 +108,11 @@ def test_a_calibrated_model_keeps_temperature_one() -> None:
 def test_a_clear_overconfidence_is_corrected_and_shrunk_by_evidence() -> None:
     t_big, rep = selection.calibrate(*_calibrated_sample(4000, 0, scale=3.0), 1.645)
     assert t_big == pytest.approx(3.0, rel=0.1) and rep["improvement"] > 10 * rep["improvement_se"]
-    t_small, rep_small = selection.calibrate(*_calibrated_sample(60, 1, scale=1.6), 1.645)
+    # 200 images: enough evidence to keep T != 1 (at 60 it is always refused, which made this check vacuous), little
+    # enough that the kept temperature is visibly shrunk toward 1 from the plain fit
+    t_small, rep_small = selection.calibrate(*_calibrated_sample(200, 0, scale=1.6), 1.645)
     assert 1.0 <= t_small < rep_small["temperature_fitted"]  # less evidence: closer to 1 (or exactly 1)
+    assert 1.0 < t_small and rep_small["temperature_fitted"] - t_small > 0.1  # kept, and shrunk
 
 
 def test_a_temperature_at_the_grid_bound_warns(caplog: pytest.LogCaptureFixture) -> None:
