@@ -61,6 +61,21 @@ def random_images(n: int, seed: int, size: int = 32) -> list[Image.Image]:
 CLASS_NAMES = ("annual crop land", "forest", "river", "sea or lake", "highway", "pasture land")
 
 
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small ImageFolder: DATA/train (6 a class) + DATA/test (5 a class), 3 classes of blocky random images."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("test", 5)):
+        for cls in ("annual_crop", "forest", "river"):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(n):
+                img = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+                Image.fromarray(img).resize((32, 32), Image.NEAREST).save(d / f"{i}.png")
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-clip")

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import typer
-from PIL import Image
 from typer.testing import CliRunner
 
 from craft_sdk.api import pretrained_kwargs
@@ -32,20 +29,6 @@ def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     if check and out.returncode != 0:
         raise AssertionError(f"exit {out.returncode}: {out.stderr[-2000:]}")
     return out
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 6), ("test", 5)):
-        for cls in ("annual_crop", "forest", "river"):
-            d = root / split / cls
-            d.mkdir(parents=True)
-            for i in range(n):
-                img = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
-                Image.fromarray(img).resize((32, 32), Image.NEAREST).save(d / f"{i}.png")
-    return root
 
 
 def test_tune_eval_inspect(folder: Path, tiny_model_dir: Path, tmp_path: Path) -> None:

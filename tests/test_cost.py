@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import CLASS_NAMES, random_images
-from PIL import Image
 
 from craft_sdk import BudgetExceededError, ConfigError, ImageDataset, PriceTable, ProviderUsage, TuneConfig
 from craft_sdk.client import MeteredClient, QueryLedger
@@ -50,20 +49,6 @@ def server(model):  # noqa: ANN001, ANN201
     """A fresh server per test: its meter starts at zero."""
     with BackgroundServer(create_app(model, {"alice": KEY})) as srv:
         yield srv
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 6), ("test", 5)):
-        for cls in ("annual_crop", "forest", "river"):
-            d = root / split / cls
-            d.mkdir(parents=True)
-            for i in range(n):
-                img = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
-                Image.fromarray(img).resize((32, 32), Image.NEAREST).save(d / f"{i}.png")
-    return root
 
 
 def meter(srv: Any) -> dict[str, Any]:
