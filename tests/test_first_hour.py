@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from conftest import random_images
 from craft_sdk.cli import app
+from test_resume import CrashingClient  # noqa: E402  (the suite's one crash-injecting client)
 
 pytest.importorskip("torch")
 
@@ -143,30 +143,6 @@ def test_a_model_the_id_cannot_reopen_is_named(my_folder: Path, tiny_model_dir: 
     assert client_args("chat:http://h:1/v1?model=m") == ("chat+http://h:1/v1?model=m", None)
 
 
-class _Crash(Exception):
-    pass
-
-
-class _CrashingClient:
-    """Raises inside the ``crash_at``-th population call, after the ledger charged it (billed and lost)."""
-
-    def __init__(self, client: Any, crash_at: int) -> None:
-        self.client, self.crash_at, self.calls = client, crash_at, 0
-
-    def capabilities(self, template: str = "a photo of a") -> Any:
-        return self.client.capabilities(template)
-
-    def upload(self, images: Any) -> Any:
-        return self.client.upload(images)
-
-    def predict(self, images: Any, names: Any, template: str = "a photo of a", offsets: Any = None) -> Any:
-        if offsets is not None and np.ndim(offsets) == 3:
-            self.calls += 1
-            if self.calls == self.crash_at:
-                raise _Crash()
-        return self.client.predict(images, names, template, offsets)
-
-
 def test_resume_outlook_accounts_for_early_stopping(my_folder: Path, tiny_model_dir: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     import craft_sdk.cli._tune as tune_cli
@@ -177,7 +153,7 @@ def test_resume_outlook_accounts_for_early_stopping(my_folder: Path, tiny_model_
     assert plain.exit_code == 0, plain.output
     ckpt = tmp_path / "ckpt"
     real = tune_cli._client
-    monkeypatch.setattr(tune_cli, "_client", lambda *a: _CrashingClient(real(*a), crash_at=2))
+    monkeypatch.setattr(tune_cli, "_client", lambda *a: CrashingClient(real(*a), crash_at=2))
     assert _invoke(*base, "--checkpoint-dir", str(ckpt), "--out", str(tmp_path / "b")).exit_code != 0
     monkeypatch.setattr(tune_cli, "_client", real)
     resumed = _invoke(*base, "--checkpoint-dir", str(ckpt), "--resume", "--out", str(tmp_path / "b"))
