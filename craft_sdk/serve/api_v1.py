@@ -21,13 +21,13 @@ from .._version import __version__
 from ..client.base import DEFAULT_TEMPLATE
 from ..errors import CraftError, UnknownHandleError
 from ..images import images_fingerprint
-from ..wire import API, CHECKSUM_HEADER, IDEMPOTENCY_HEADER, SAFETENSORS, encode, query_cost, sha256_hex
+from ..wire import API, IDEMPOTENCY_HEADER, SAFETENSORS, encode, query_cost, sha256_hex
 from . import checks
 from .app import ServerState
 from .auth import authenticator
 from .checks import Problem
 from .config import ServerConfig
-from .state import CachedResponse
+from .state import CachedResponse, metered_response
 
 logger = logging.getLogger(__name__)
 
@@ -249,15 +249,7 @@ async def _compute(state: ServerState, key: str, job: _Job, digest: str) -> Cach
         raise Problem(404, "unknown_handle", _GONE, "handle") from None
     except CraftError as exc:
         raise Problem(422, "rejected", checks.first_line(exc)) from None
-    u = await state.meter.usage(key)
-    headers = {
-        CHECKSUM_HEADER: sha256_hex(payload),
-        "X-Craft-Queries": str(job.queries),
-        "X-Craft-Queries-Used": str(u["used"]),
-        "X-Craft-Queries-Remaining": "" if u["remaining"] is None else str(u["remaining"]),
-        "Server-Timing": f"model;dur={model_ms:.1f}",  # lets a client tell network overhead from model time
-    }
-    return CachedResponse(digest, payload, headers)
+    return metered_response(digest, payload, job.queries, await state.meter.usage(key), model_ms)
 
 
 def _respond(resp: CachedResponse, replayed: bool = False) -> Any:

@@ -42,13 +42,13 @@ from ..client.hosted import IMAGE_TOKENS, text_tokens
 from ..errors import ClientError, CraftError
 from ..images import image_digest
 from ..scores import softmax
-from ..wire import CHECKSUM_HEADER, IDEMPOTENCY_HEADER, WireError, loads_json, sha256_hex
+from ..wire import IDEMPOTENCY_HEADER, WireError, loads_json
 from . import checks
 from .api_v1 import _read_body, answer_once, check_idempotency_key
 from .app import ServerState
 from .auth import authenticator
 from .checks import Problem
-from .state import CachedResponse
+from .state import CachedResponse, metered_response
 from .zeroshot import _decode_image, _respond
 
 MAX_TEXTS = 96  # per embedding request (Cohere's limit)
@@ -226,15 +226,7 @@ async def _compute(state: ServerState, key: str, job: _Job, digest: str) -> Cach
     except CraftError as exc:
         raise Problem(422, "rejected", checks.first_line(exc)) from None
     body = json.dumps(payload).encode()
-    u = await state.meter.usage(key)
-    headers = {
-        CHECKSUM_HEADER: sha256_hex(body),
-        "X-Craft-Queries": "1",
-        "X-Craft-Queries-Used": str(u["used"]),
-        "X-Craft-Queries-Remaining": "" if u["remaining"] is None else str(u["remaining"]),
-        "Server-Timing": f"model;dur={1000 * (time.perf_counter() - t0):.1f}",
-    }
-    return CachedResponse(digest, body, headers)
+    return metered_response(digest, body, 1, await state.meter.usage(key), 1000 * (time.perf_counter() - t0))
 
 
 def _scores(state: ServerState, job: _Job) -> np.ndarray:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._lru import LRU
+from ..wire import CHECKSUM_HEADER, sha256_hex
 
 
 class KeyRing:
@@ -35,6 +36,20 @@ class KeyRing:
             if hmac.compare_digest(digest, expected):
                 found = name
         return found
+
+
+def metered_response(digest: str, body: bytes, queries: int, usage: dict[str, Any], model_ms: float) -> CachedResponse:
+    """A metered answer with the headers every metered route sends: checksum, the queries billed, the key's
+    meter after it (``usage``: the store's ``usage(key)``) and the model's time."""
+    remaining = usage["remaining"]
+    headers = {
+        CHECKSUM_HEADER: sha256_hex(body),
+        "X-Craft-Queries": str(queries),
+        "X-Craft-Queries-Used": str(usage["used"]),
+        "X-Craft-Queries-Remaining": "" if remaining is None else str(remaining),
+        "Server-Timing": f"model;dur={model_ms:.1f}",  # lets a client tell network overhead from model time
+    }
+    return CachedResponse(digest, body, headers)
 
 
 @dataclass

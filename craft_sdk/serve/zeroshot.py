@@ -35,13 +35,13 @@ from ..client.base import DEFAULT_TEMPLATE
 from ..client.zeroshot import split_hypothesis
 from ..errors import ClientError, CraftError
 from ..scores import softmax
-from ..wire import CHECKSUM_HEADER, IDEMPOTENCY_HEADER, WireError, loads_json, sha256_hex
+from ..wire import IDEMPOTENCY_HEADER, WireError, loads_json
 from . import checks
 from .api_v1 import _read_body, answer_once, check_idempotency_key
 from .app import ServerState
 from .auth import authenticator
 from .checks import Problem
-from .state import CachedResponse
+from .state import CachedResponse, metered_response
 
 PATH = "/zero-shot/{name:path}"
 DEFAULT_HYPOTHESIS = f"{DEFAULT_TEMPLATE} {{}}."
@@ -124,15 +124,7 @@ async def _compute(state: ServerState, key: str, job: _Job, digest: str) -> Cach
     probs = softmax(scores) if job.output == "logits" else scores / scores.sum()
     order = np.argsort(-probs, kind="stable")
     payload = json.dumps([{"label": job.labels[c], "score": float(probs[c])} for c in order]).encode()
-    u = await state.meter.usage(key)
-    headers = {
-        CHECKSUM_HEADER: sha256_hex(payload),
-        "X-Craft-Queries": "1",
-        "X-Craft-Queries-Used": str(u["used"]),
-        "X-Craft-Queries-Remaining": "" if u["remaining"] is None else str(u["remaining"]),
-        "Server-Timing": f"model;dur={model_ms:.1f}",
-    }
-    return CachedResponse(digest, payload, headers)
+    return metered_response(digest, payload, 1, await state.meter.usage(key), model_ms)
 
 
 def _respond(resp: CachedResponse, replayed: bool = False) -> Any:
