@@ -6,7 +6,7 @@ checks the budget, records the charge and the idempotency record), ``finish`` (m
 done) and ``usage`` (the answer's X-Craft-Queries-* headers). This script times exactly that
 sequence for each backend (median over ``--ops`` requests, each with a fresh idempotency key), and
 the model's compute for one population of ``--popsize`` candidates at each class count
-(``_Model.predict``, the server's own call, median of ``--reps``), then reports the extra cost of a
+(``Model.predict``, the server's own call, median of ``--reps``), then reports the extra cost of a
 persistent store over the in-memory one as a percentage of that compute. End-to-end requests
 through the real app on loopback (``BackgroundServer`` + ``HTTPClient``) are timed too, interleaved
 across backends, as a check that nothing else changed (these are noisy on a shared machine).
@@ -92,7 +92,7 @@ def main() -> None:
     from craft_sdk import create_client
     from craft_sdk.client.http import HTTPClient
     from craft_sdk.serve import BackgroundServer, ServerConfig, create_app, open_store
-    from craft_sdk.serve.app import _Model
+    from craft_sdk.serve.deps import Model
 
     work = Path(tempfile.mkdtemp(prefix="bench_meter_"))
     redis = start_redis(work)
@@ -105,7 +105,7 @@ def main() -> None:
         side = 32
         rng = np.random.default_rng(0)
         images = [rng.integers(0, 256, (side, side, 3), dtype=np.uint8) for _ in range(args.images)]
-        model = _Model(client)
+        model = Model(client)
         from PIL import Image
 
         prepared = model.prepare([Image.fromarray(a) for a in images])

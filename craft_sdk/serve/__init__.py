@@ -6,9 +6,10 @@ when an app is created or run.
 
 from __future__ import annotations
 
-from .app import ServerState, create_app, default_route_sets
+from .app import create_app, default_route_sets
 from .checks import Problem
 from .config import ServerConfig, load_api_keys
+from .deps import ServerState
 from .runner import BackgroundServer, is_loopback, run_server
 from .store import MemoryStore, SQLiteStore, Store, open_store
 

@@ -4,14 +4,12 @@ image-set uploads and metered, idempotent predictions. Imported when an app is c
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
@@ -21,19 +19,17 @@ from .._version import __version__
 from ..client.base import DEFAULT_TEMPLATE
 from ..errors import CraftError, UnknownHandleError
 from ..images import images_fingerprint
-from ..wire import API, IDEMPOTENCY_HEADER, SAFETENSORS, encode, query_cost, sha256_hex
+from ..wire import API, IDEMPOTENCY_HEADER, SAFETENSORS, encode, query_cost
 from . import checks
-from .app import ServerState
 from .auth import authenticator
 from .checks import Problem
-from .config import ServerConfig
+from .deps import ServerState
+from .metered import answer_once, check_idempotency_key, read_body
 from .state import CachedResponse, metered_response
 
 logger = logging.getLogger(__name__)
 
-_IDEM_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-")
 _GONE = "unknown or evicted image-set handle; upload the images again"
-J = TypeVar("J")
 
 
 @dataclass
@@ -86,7 +82,7 @@ def register(router: APIRouter, state: ServerState) -> None:
     @router.post("/image-sets", status_code=201, summary="Upload an image set (safetensors uint8 pixels); not billed",
                  openapi_extra=safetensors_body)
     async def upload(request: Request, key: str = Depends(authenticate)) -> Any:
-        body = await _read_body(request, state.config)
+        body = await read_body(request, state.config)
         images = checks.decode_images(body, state.config)
         handle = hmac.new(state.secret, f"{key}\0{images_fingerprint(images)}".encode(), hashlib.sha256).hexdigest()[:32]
         if state.sets.get(key, handle) is None:  # a key's own sets only: nothing is shared or deduplicated across keys
@@ -101,7 +97,7 @@ def register(router: APIRouter, state: ServerState) -> None:
     @router.post("/predict", summary="Logits of a population of prompts (safetensors in and out); billed P queries",
                  response_class=Response, openapi_extra=safetensors_body)
     async def predict(request: Request, key: str = Depends(authenticate)) -> Any:
-        body = await _read_body(request, state.config)
+        body = await read_body(request, state.config)
         idem = request.headers.get(IDEMPOTENCY_HEADER)
         check_idempotency_key(idem)
         return await _answer(state, key, idem, body)
@@ -121,79 +117,6 @@ async def _answer(state: ServerState, key: str, idem: str | None, body: bytes) -
         state, key, idem, body, job=lambda: _job(state, key, body), queries=lambda job: job.queries,
         compute=lambda job, digest: _compute(state, key, job, digest), respond=_respond, refusal=refusal,
     )
-
-
-async def answer_once(
-    state: ServerState,
-    key: str,
-    idem: str | None,
-    body: bytes,
-    *,
-    job: Callable[[], Awaitable[J]],
-    queries: Callable[[J], int],
-    compute: Callable[[J, str], Awaitable[CachedResponse]],
-    respond: Callable[[CachedResponse, bool], Any],
-    refusal: Callable[[Any, Any, J], str],
-) -> Any:
-    """The idempotent, metered answer of every billed route: validate (``job``), charge ``queries`` in the
-    store, ``compute``, remember the answer under ``(key, idem)``; a replay is answered from memory (or the
-    store) and never billed twice, a duplicate in flight waits for the first, a failure refunds the charge.
-    ``refusal(used, budget, job)`` is the 429 message when the key's budget is spent.
-    """
-    digest = sha256_hex(body)
-    slot = (key, idem or "")
-    while idem is not None:
-        cached = state.answers.get(slot)
-        if cached is not None:
-            if cached.digest != digest:
-                raise Problem(422, "idempotency_key_reused", "this Idempotency-Key was used for a different request", IDEMPOTENCY_HEADER)
-            return respond(cached, True)
-        event = state.inflight.get(slot)
-        if event is None:
-            break
-        await event.wait()
-    event = asyncio.Event()
-    if idem is not None:
-        state.inflight[slot] = event
-    try:
-        todo = await job()
-        cost = queries(todo)
-        begin = await state.meter.begin(key, idem, digest, cost, state.owner)
-        if begin.status == "replay" and begin.answer is not None:  # kept in the store for its TTL: not computed again
-            stored = CachedResponse.from_bytes(begin.answer)
-            state.answers.put(slot, stored, len(stored.body))
-            return respond(stored, True)
-        if begin.status == "mismatch":
-            raise Problem(422, "idempotency_key_reused", "this Idempotency-Key was used for a different request", IDEMPOTENCY_HEADER)
-        if begin.status == "pending":
-            raise Problem(503, "in_progress", "this request is being computed by another server process; retry", headers={"Retry-After": "1"})
-        if begin.status == "refused":
-            u = await state.meter.usage(key)
-            raise Problem(429, "budget_exceeded", refusal(u["used"], u["budget"], todo), headers={"x-should-retry": "false"})
-        billed = begin.status in ("charged", "takeover")  # takeover: charged by a process that died computing it
-        try:
-            resp = await compute(todo, digest)
-        except BaseException:
-            if billed:
-                await state.meter.refund(key, idem, cost)
-            raise
-        if idem is not None:
-            if begin.status == "replay" and begin.digest != resp.digest:
-                logger.warning("a recomputed replay differs from the answer first sent (digest %s, now %s)", begin.digest, resp.digest)
-            if billed:
-                await state.meter.record(key, idem, resp)
-            state.answers.put(slot, resp, len(resp.body))
-        return respond(resp, begin.status == "replay")
-    finally:
-        if idem is not None:
-            state.inflight.pop(slot, None)
-        event.set()
-
-
-def check_idempotency_key(idem: str | None) -> None:
-    """Refuse an ``Idempotency-Key`` header that is not 1-128 characters of [A-Za-z0-9._:-] (422)."""
-    if idem is not None and not (1 <= len(idem) <= 128 and set(idem) <= _IDEM_CHARS):
-        raise Problem(422, "invalid", "Idempotency-Key must be 1-128 characters of [A-Za-z0-9._:-]", IDEMPOTENCY_HEADER)
 
 
 async def _job(state: ServerState, key: str, body: bytes) -> _Job:
@@ -257,26 +180,3 @@ def _respond(resp: CachedResponse, replayed: bool = False) -> Any:
     if replayed:
         headers["Idempotent-Replayed"] = "true"
     return Response(resp.body, 200, headers=headers, media_type=SAFETENSORS)
-
-
-async def _read_body(request: Any, cfg: ServerConfig, limit: int | None = None) -> bytes:
-    """The request body, at most ``limit`` bytes (default ``max_body_bytes``; 413 beyond, refused from its
-    Content-Length or as soon as more arrives), received within ``body_timeout_s`` (408 beyond)."""
-    import anyio
-
-    limit = cfg.max_body_bytes if limit is None else limit
-    declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or len(declared) > 20 or int(declared) > limit):
-        raise Problem(413, "too_large", f"request body exceeds {limit} bytes", "body")
-    chunks, size = [], 0
-    try:
-        with anyio.fail_after(cfg.body_timeout_s):
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise Problem(413, "too_large", f"request body exceeds {limit} bytes", "body")
-                chunks.append(chunk)
-    except TimeoutError:
-        raise Problem(408, "timeout", f"the request body did not arrive within {cfg.body_timeout_s} s", "body",
-                      headers={"Connection": "close"}) from None
-    return b"".join(chunks)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import logging
 import re
+import warnings
 from typing import Any
 
 import numpy as np
@@ -134,3 +138,24 @@ def check_logits(out: Any, want: tuple[int, int, int]) -> np.ndarray:
 
 def first_line(exc: BaseException) -> str:
     return (str(exc).splitlines() or [exc.__class__.__name__])[0][:300]
+
+
+def decode_image_b64(inputs: Any, max_side: int) -> Image.Image:
+    """A base64 image (or a ``data:`` URI's payload) as RGB, at most ``max_side`` pixels a side (413), else 422."""
+    if not isinstance(inputs, str):
+        raise Problem(422, "invalid", "inputs must be a base64-encoded image", "inputs")
+    if inputs.startswith("data:"):
+        inputs = inputs.partition(",")[2]
+    try:
+        raw = base64.b64decode(inputs, validate=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(raw))
+            if max(im.size) > max_side:
+                raise Problem(413, "too_large", f"image size {im.size[0]}x{im.size[1]} exceeds {max_side} pixels per side", "inputs")
+            im.load()
+            return im.convert("RGB")
+    except Problem:
+        raise
+    except (binascii.Error, ValueError, OSError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise Problem(422, "invalid", "inputs is not a base64-encoded image PIL can read", "inputs") from None

@@ -44,12 +44,11 @@ from ..images import image_digest
 from ..scores import softmax
 from ..wire import IDEMPOTENCY_HEADER, WireError, loads_json
 from . import checks
-from .api_v1 import _read_body, answer_once, check_idempotency_key
-from .app import ServerState
 from .auth import authenticator
 from .checks import Problem
+from .deps import ServerState
+from .metered import answer_once, check_idempotency_key, json_response, read_body
 from .state import CachedResponse, metered_response
-from .zeroshot import _decode_image, _respond
 
 MAX_TEXTS = 96  # per embedding request (Cohere's limit)
 _COUNTS: weakref.WeakKeyDictionary[ServerState, Counter[str]] = weakref.WeakKeyDictionary()
@@ -90,7 +89,7 @@ def register(router: APIRouter, state: ServerState) -> None:
 
 def _route(state: ServerState, kind: str, authenticate: Any) -> Any:
     async def handle(request: Request, key: str = Depends(authenticate)) -> Any:
-        body = await _read_body(request, state.config)
+        body = await read_body(request, state.config)
         idem = request.headers.get(IDEMPOTENCY_HEADER)
         check_idempotency_key(idem)
 
@@ -99,7 +98,7 @@ def _route(state: ServerState, kind: str, authenticate: Any) -> Any:
 
         return await answer_once(
             state, key, None if idem is None else f"{kind}\0{idem}", body, job=lambda: _job(state, key, kind, body),
-            queries=lambda job: 1, compute=lambda job, digest: _compute(state, key, job, digest), respond=_respond,
+            queries=lambda job: 1, compute=lambda job, digest: _compute(state, key, job, digest), respond=json_response,
             refusal=refusal,
         )
 
@@ -194,7 +193,7 @@ def _parts(messages: Any) -> tuple[list[str], list[str]]:
 def _image(uri: str, state: ServerState) -> Image.Image:
     if not uri.startswith("data:"):
         raise Problem(422, "invalid", "images must be data: URIs (data:image/png;base64,...); this server fetches nothing", "image_url")
-    return _decode_image(uri, state.config.max_image_side)
+    return checks.decode_image_b64(uri, state.config.max_image_side)
 
 
 def _texts(texts: Any, name: str) -> list[str]:

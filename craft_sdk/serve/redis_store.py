@@ -27,7 +27,7 @@ from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
 from ..errors import ConfigError, StoreError, require
-from .store import IDEMPOTENCY_TTL_S, LOST, MAX_BUDGET, Begin, Store, _check_budget, _report, check_top_up
+from .storebase import IDEMPOTENCY_TTL_S, LOST, MAX_BUDGET, Begin, Store, check_budget, check_top_up, report_usage
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class RedisStore(Store):
 
     def __init__(self, url: str, default_budget: int | None = None, lease_s: float = 10.0, *,
                  timeout_s: float = 10.0, create: bool = True) -> None:
-        _check_budget(default_budget)
+        check_budget(default_budget)
         redis = require("redis", "redis", "a redis:// state")
         self.lease_s, self.url = lease_s, _safe(url)
         self._redis = redis.Redis.from_url(url, password=_password(url), decode_responses=True, socket_timeout=timeout_s,
@@ -219,7 +219,7 @@ class RedisStore(Store):
             raise StoreError(LOST)
         budget = row.get("budget", default)
         try:
-            return _report(int(row.get("used", 0)), int(row.get("uploads", 0)), None if budget == "None" else int(budget))
+            return report_usage(int(row.get("used", 0)), int(row.get("uploads", 0)), None if budget == "None" else int(budget))
         except ValueError:
             raise StoreError(f"the Redis meter of key {key!r} holds a value that is not an integer; fix it with craft-sdk serve-keys set-budget") from None
 
@@ -249,7 +249,7 @@ class RedisStore(Store):
             check_top_up(key, None if out[0] == "unlimited" else int(out[1]), n)  # raises the one-line reason
 
     def set_budget(self, key: str, budget: int | None) -> None:
-        _check_budget(budget)
+        check_budget(budget)
         if budget is None:
             self._redis.hdel(self._usage_key(key), "budget")
         else:

@@ -23,115 +23,13 @@ import secrets
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, StoreError
+from .storebase import IDEMPOTENCY_TTL_S, LOST, MAX_BUDGET, Begin, Store, check_budget, check_top_up, report_usage
 
-IDEMPOTENCY_TTL_S = 24 * 3600
-MAX_BUDGET = 10**15  # queries; integers below 2**53 stay exact everywhere (Redis' Lua numbers are doubles)
-LOST = ("the state store lost its data (a FLUSHALL, an eviction or a restart without persistence); metered routes refuse "
-        "until the operator restores it or restarts the server with --budget-per-key")
-
-
-@dataclass(frozen=True)
-class Begin:
-    """The outcome of :meth:`Store.begin`.
-
-    ``status``: ``charged`` (compute; the charge is recorded), ``takeover`` (compute, already charged by a
-    dead owner), ``replay`` (done before: ``digest`` of the answer and, where the store kept it, the
-    ``answer`` itself), ``pending`` (a live owner is computing it), ``mismatch`` (the idempotency key was
-    used for another request) or ``refused`` (over budget).
-    """
-
-    status: str
-    digest: str | None = None
-    answer: bytes | None = None
-
-
-class Store:
-    """The interface every backend implements (all methods are thread-safe and atomic).
-
-    A store that cannot answer, or that lost its records (settings gone), raises
-    :class:`~craft_sdk.errors.StoreError`: the server then refuses metered routes (503), never
-    serving them unlimited.
-    """
-
-    lease_s: float = 10.0
-
-    def begin(self, key: str, idem: str | None, request: str, n: int, owner: str) -> Begin:
-        raise NotImplementedError
-
-    def finish(self, key: str, idem: str, digest: str, answer: bytes | None = None) -> None:
-        """Mark ``idem`` done; ``answer`` (the encoded response) is kept for replays for the record's TTL."""
-        raise NotImplementedError
-
-    def abort(self, key: str, idem: str | None, n: int) -> None:
-        """Refund ``n`` queries of ``key`` and forget the pending record ``idem``."""
-        raise NotImplementedError
-
-    def count_upload(self, key: str) -> None:
-        raise NotImplementedError
-
-    def usage(self, key: str) -> dict[str, Any]:
-        """``{"used", "budget", "remaining", "uploads"}`` (budget and remaining None when unlimited)."""
-        raise NotImplementedError
-
-    def beat(self, owner: str) -> None:
-        """Renew ``owner``'s lease (a live server process computing pending records)."""
-        raise NotImplementedError
-
-    def ping(self) -> None:
-        """Return when the store can record a charge now; raise :class:`StoreError` (or the backend's error) if not."""
-
-    def secret(self) -> bytes:
-        """A random secret shared by every process on this store (image-set handles are derived from it)."""
-        raise NotImplementedError
-
-    def keys(self) -> list[str]:
-        """Names of every key with a meter."""
-        raise NotImplementedError
-
-    def top_up(self, key: str, n: int) -> None:
-        """Raise ``key``'s budget by ``n`` queries (from the default budget when it has none of its own)."""
-        raise NotImplementedError
-
-    def set_budget(self, key: str, budget: int | None) -> None:
-        """Give ``key`` a budget of its own (None: back to the server's default)."""
-        raise NotImplementedError
-
-    def reset(self, key: str) -> None:
-        """Set ``key``'s used queries to 0."""
-        raise NotImplementedError
-
-    def close(self) -> None:
-        pass
-
-
-def _report(used: int, uploads: int, budget: int | None) -> dict[str, Any]:
-    return {"used": used, "budget": budget, "remaining": None if budget is None else max(0, budget - used), "uploads": uploads}
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _check_budget(budget: int | None) -> None:
-    if budget is not None and (not _is_int(budget) or not 0 <= budget <= MAX_BUDGET):
-        raise ConfigError(f"a budget must be an integer from 0 to {MAX_BUDGET} or None, got {budget!r}")
-
-
-def check_top_up(key: str, budget: int | None, n: Any) -> int:
-    """The budget after topping ``key``'s ``budget`` up by ``n``, or a one-line ConfigError (nothing written)."""
-    if not _is_int(n) or not 1 <= n <= MAX_BUDGET:
-        raise ConfigError(f"a top-up must be an integer from 1 to {MAX_BUDGET} queries, got {n!r}")
-    if budget is None:
-        raise ConfigError(f"key {key!r} has no budget to top up (unlimited); give it one with: craft-sdk serve-keys set-budget {key} N")
-    if budget + n > MAX_BUDGET:
-        raise ConfigError(f"topping up key {key!r} by {n} would give a budget of {budget + n}, over the limit of {MAX_BUDGET}")
-    return budget + n
-
+__all__ = ["IDEMPOTENCY_TTL_S", "LOST", "MAX_BUDGET", "Begin", "MemoryStore", "SQLiteStore", "Store", "check_top_up", "open_store"]
 
 class MemoryStore(Store):
     """Meters in this process (lost on restart; one process only, so never behind ``--workers``).
@@ -143,7 +41,7 @@ class MemoryStore(Store):
     """
 
     def __init__(self, default_budget: int | None = None, lease_s: float = 10.0, answer_bytes: int = 256 << 20) -> None:
-        _check_budget(default_budget)
+        check_budget(default_budget)
         self.default_budget, self.lease_s, self.answer_bytes = default_budget, lease_s, answer_bytes
         self._used: dict[str, int] = {}
         self._uploads: dict[str, int] = {}
@@ -210,7 +108,7 @@ class MemoryStore(Store):
 
     def usage(self, key: str) -> dict[str, Any]:
         with self._lock:
-            return _report(self._used.get(key, 0), self._uploads.get(key, 0), self._budget(key))
+            return report_usage(self._used.get(key, 0), self._uploads.get(key, 0), self._budget(key))
 
     def beat(self, owner: str) -> None:
         with self._lock:
@@ -228,7 +126,7 @@ class MemoryStore(Store):
             self._budgets[key] = check_top_up(key, self._budget(key), n)
 
     def set_budget(self, key: str, budget: int | None) -> None:
-        _check_budget(budget)
+        check_budget(budget)
         with self._lock:
             if budget is None:
                 self._budgets.pop(key, None)
@@ -325,7 +223,7 @@ class SQLiteStore(Store):
 
     def __init__(self, path: str | Path, default_budget: int | None = None, lease_s: float = 10.0, *,
                  timeout_s: float = 30.0, create: bool = True) -> None:
-        _check_budget(default_budget)
+        check_budget(default_budget)
         self.path, self.lease_s = Path(path), lease_s
         if not create and not self.path.is_file():
             raise ConfigError(f"the state database {self.path} does not exist; check --state (craft-sdk serve creates it)")
@@ -435,7 +333,7 @@ class SQLiteStore(Store):
     def usage(self, key: str) -> dict[str, Any]:
         with self._lock:
             used, uploads, budget = self._budget(self._db, key)
-        return _report(used, uploads, budget)
+        return report_usage(used, uploads, budget)
 
     def beat(self, owner: str) -> None:
         with self._lock, self._tx() as db:
@@ -463,7 +361,7 @@ class SQLiteStore(Store):
             db.execute("INSERT INTO usage (key, budget) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET budget = excluded.budget", (key, budget))
 
     def set_budget(self, key: str, budget: int | None) -> None:
-        _check_budget(budget)
+        check_budget(budget)
         with self._lock, self._tx() as db:
             db.execute("INSERT INTO usage (key, budget) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET budget = excluded.budget", (key, budget))
 

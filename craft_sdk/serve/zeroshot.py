@@ -18,12 +18,8 @@ billing again. Imported when an app is created (needs fastapi).
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 import json
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,10 +33,10 @@ from ..errors import ClientError, CraftError
 from ..scores import softmax
 from ..wire import IDEMPOTENCY_HEADER, WireError, loads_json
 from . import checks
-from .api_v1 import _read_body, answer_once, check_idempotency_key
-from .app import ServerState
 from .auth import authenticator
 from .checks import Problem
+from .deps import ServerState
+from .metered import answer_once, check_idempotency_key, json_response, read_body
 from .state import CachedResponse, metered_response
 
 PATH = "/zero-shot/{name:path}"
@@ -67,7 +63,7 @@ def register(router: APIRouter, state: ServerState) -> None:
     @router.post(PATH, summary="Zero-shot classification of one base64 image (JSON in and out); billed 1 query",
                  response_class=Response)
     async def zero_shot(name: str, request: Request, key: str = Depends(authenticate)) -> Any:
-        body = await _read_body(request, state.config, state.config.zero_shot_body_bytes)  # sized to a valid request
+        body = await read_body(request, state.config, state.config.zero_shot_body_bytes)  # sized to a valid request
         idem = request.headers.get(IDEMPOTENCY_HEADER)
         check_idempotency_key(idem)
         return await _answer(state, key, None if idem is None else _SLOT + idem, body)
@@ -81,7 +77,7 @@ async def _answer(state: ServerState, key: str, idem: str | None, body: bytes) -
 
     return await answer_once(
         state, key, idem, body, job=lambda: _job(state, key, body), queries=lambda job: 1,
-        compute=lambda job, digest: _compute(state, key, job, digest), respond=_respond, refusal=refusal,
+        compute=lambda job, digest: _compute(state, key, job, digest), respond=json_response, refusal=refusal,
     )
 
 
@@ -103,7 +99,7 @@ async def _job(state: ServerState, key: str, body: bytes) -> _Job:
     except ClientError as exc:
         raise Problem(422, "invalid", checks.first_line(exc), "hypothesis_template") from None
     names = checks.check_names([label + suffix for label in labels], cfg)
-    image = _decode_image(req.get("inputs"), cfg.max_image_side)
+    image = checks.decode_image_b64(req.get("inputs"), cfg.max_image_side)
     caps = await state.capabilities(key, context)
     return _Job(image, labels, names, context, caps.output)
 
@@ -125,30 +121,3 @@ async def _compute(state: ServerState, key: str, job: _Job, digest: str) -> Cach
     order = np.argsort(-probs, kind="stable")
     payload = json.dumps([{"label": job.labels[c], "score": float(probs[c])} for c in order]).encode()
     return metered_response(digest, payload, 1, await state.meter.usage(key), model_ms)
-
-
-def _respond(resp: CachedResponse, replayed: bool = False) -> Any:
-    headers = dict(resp.headers)
-    if replayed:
-        headers["Idempotent-Replayed"] = "true"
-    return Response(resp.body, 200, headers=headers, media_type="application/json")
-
-
-def _decode_image(inputs: Any, max_side: int) -> Image.Image:
-    if not isinstance(inputs, str):
-        raise Problem(422, "invalid", "inputs must be a base64-encoded image", "inputs")
-    if inputs.startswith("data:"):
-        inputs = inputs.partition(",")[2]
-    try:
-        raw = base64.b64decode(inputs, validate=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(raw))
-            if max(im.size) > max_side:
-                raise Problem(413, "too_large", f"image size {im.size[0]}x{im.size[1]} exceeds {max_side} pixels per side", "inputs")
-            im.load()
-            return im.convert("RGB")
-    except Problem:
-        raise
-    except (binascii.Error, ValueError, OSError, Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise Problem(422, "invalid", "inputs is not a base64-encoded image PIL can read", "inputs") from None

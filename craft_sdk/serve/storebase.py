@@ -1,0 +1,117 @@
+"""The state-store contract every backend implements (:class:`Store`, :class:`Begin`) and the rules they
+share (budget range, top-up, the usage report). The backends (:mod:`~craft_sdk.serve.store`,
+:mod:`~craft_sdk.serve.redis_store`) import this module; it imports neither.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ConfigError
+
+IDEMPOTENCY_TTL_S = 24 * 3600
+MAX_BUDGET = 10**15  # queries; integers below 2**53 stay exact everywhere (Redis' Lua numbers are doubles)
+LOST = ("the state store lost its data (a FLUSHALL, an eviction or a restart without persistence); metered routes refuse "
+        "until the operator restores it or restarts the server with --budget-per-key")
+
+
+@dataclass(frozen=True)
+class Begin:
+    """The outcome of :meth:`Store.begin`.
+
+    ``status``: ``charged`` (compute; the charge is recorded), ``takeover`` (compute, already charged by a
+    dead owner), ``replay`` (done before: ``digest`` of the answer and, where the store kept it, the
+    ``answer`` itself), ``pending`` (a live owner is computing it), ``mismatch`` (the idempotency key was
+    used for another request) or ``refused`` (over budget).
+    """
+
+    status: str
+    digest: str | None = None
+    answer: bytes | None = None
+
+
+class Store:
+    """The interface every backend implements (all methods are thread-safe and atomic).
+
+    A store that cannot answer, or that lost its records (settings gone), raises
+    :class:`~craft_sdk.errors.StoreError`: the server then refuses metered routes (503), never
+    serving them unlimited.
+    """
+
+    lease_s: float = 10.0
+
+    def begin(self, key: str, idem: str | None, request: str, n: int, owner: str) -> Begin:
+        raise NotImplementedError
+
+    def finish(self, key: str, idem: str, digest: str, answer: bytes | None = None) -> None:
+        """Mark ``idem`` done; ``answer`` (the encoded response) is kept for replays for the record's TTL."""
+        raise NotImplementedError
+
+    def abort(self, key: str, idem: str | None, n: int) -> None:
+        """Refund ``n`` queries of ``key`` and forget the pending record ``idem``."""
+        raise NotImplementedError
+
+    def count_upload(self, key: str) -> None:
+        raise NotImplementedError
+
+    def usage(self, key: str) -> dict[str, Any]:
+        """``{"used", "budget", "remaining", "uploads"}`` (budget and remaining None when unlimited)."""
+        raise NotImplementedError
+
+    def beat(self, owner: str) -> None:
+        """Renew ``owner``'s lease (a live server process computing pending records)."""
+        raise NotImplementedError
+
+    def ping(self) -> None:
+        """Return when the store can record a charge now; raise :class:`StoreError` (or the backend's error) if not."""
+
+    def secret(self) -> bytes:
+        """A random secret shared by every process on this store (image-set handles are derived from it)."""
+        raise NotImplementedError
+
+    def keys(self) -> list[str]:
+        """Names of every key with a meter."""
+        raise NotImplementedError
+
+    def top_up(self, key: str, n: int) -> None:
+        """Raise ``key``'s budget by ``n`` queries (from the default budget when it has none of its own)."""
+        raise NotImplementedError
+
+    def set_budget(self, key: str, budget: int | None) -> None:
+        """Give ``key`` a budget of its own (None: back to the server's default)."""
+        raise NotImplementedError
+
+    def reset(self, key: str) -> None:
+        """Set ``key``'s used queries to 0."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+def report_usage(used: int, uploads: int, budget: int | None) -> dict[str, Any]:
+    """What :meth:`Store.usage` returns."""
+    return {"used": used, "budget": budget, "remaining": None if budget is None else max(0, budget - used), "uploads": uploads}
+
+
+def is_int(x: Any) -> bool:
+    """An int, not a bool."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_budget(budget: int | None) -> None:
+    """Refuse a budget that is not None or an integer from 0 to :data:`MAX_BUDGET` (one-line ConfigError)."""
+    if budget is not None and (not is_int(budget) or not 0 <= budget <= MAX_BUDGET):
+        raise ConfigError(f"a budget must be an integer from 0 to {MAX_BUDGET} or None, got {budget!r}")
+
+
+def check_top_up(key: str, budget: int | None, n: Any) -> int:
+    """The budget after topping ``key``'s ``budget`` up by ``n``, or a one-line ConfigError (nothing written)."""
+    if not is_int(n) or not 1 <= n <= MAX_BUDGET:
+        raise ConfigError(f"a top-up must be an integer from 1 to {MAX_BUDGET} queries, got {n!r}")
+    if budget is None:
+        raise ConfigError(f"key {key!r} has no budget to top up (unlimited); give it one with: craft-sdk serve-keys set-budget {key} N")
+    if budget + n > MAX_BUDGET:
+        raise ConfigError(f"topping up key {key!r} by {n} would give a budget of {budget + n}, over the limit of {MAX_BUDGET}")
+    return budget + n
