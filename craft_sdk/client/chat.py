@@ -55,7 +55,7 @@ from PIL import Image
 from ..errors import ClientError, ConfigError
 from .base import DEFAULT_TEMPLATE, BaseClient, Capabilities
 from .hosted import IMAGE_TOKENS, Transport, parse_model_url, text_tokens, usage_tokens
-from .usage import ProviderUsage
+from .usage import TEMPLATE_TOKENS, ProviderUsage, attempt_bound
 
 logger = logging.getLogger(__name__)
 
@@ -243,7 +243,9 @@ class ChatVLMClient(BaseClient):
             return self._wire.openai.chat.completions.create(
                 model=self.model, messages=messages, max_tokens=1, n=n, extra_headers=headers, **params)
 
-        answer = self._wire.call("chat completion", 1, send).model_dump()
+        bound = attempt_bound(texts=[question], images=1, image_tokens=self.config.image_tokens, output_tokens=n,
+                              overhead=TEMPLATE_TOKENS)
+        answer = self._wire.call("chat completion", bound, send).model_dump()
         tokens = usage_tokens(answer) or (text_tokens(question) + self.config.image_tokens, n)
         self.usage.add(input_tokens=tokens[0], output_tokens=tokens[1])
         return answer

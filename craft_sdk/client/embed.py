@@ -38,7 +38,7 @@ from ..images import image_digest
 from .base import DEFAULT_TEMPLATE, BaseClient, Capabilities
 from .chat import _data_uri
 from .hosted import IMAGE_TOKENS, Transport, parse_model_url, text_tokens
-from .usage import ProviderUsage
+from .usage import TEXT_TOKENS, ProviderUsage, attempt_bound
 
 logger = logging.getLogger(__name__)
 
@@ -181,18 +181,19 @@ class EmbeddingClient(BaseClient):
             body = {"model": self.model, "messages": [{"role": "user", "content": content}], "encoding_format": "float"}
         with self._lock:
             self.image_requests += 1
-        return self._request(body, 1, 1)[0]
+        return self._request(body, attempt_bound(images=1, image_tokens=IMAGE_TOKENS, overhead=TEXT_TOKENS), 1)[0]
 
     def _embed_texts(self, texts: list[str]) -> np.ndarray:
         if self.config.profile == "cohere":
             body: dict[str, Any] = {"model": self.model, "input_type": "classification", "embedding_types": ["float"], "texts": texts}
         else:
             body = {"model": self.model, "input": texts, "encoding_format": "float"}
-        return self._request(body, 0, len(texts))
+        return self._request(body, attempt_bound(texts=texts, overhead=TEXT_TOKENS * len(texts)), len(texts))
 
-    def _request(self, body: dict[str, Any], images: int, k: int) -> np.ndarray:
+    def _request(self, body: dict[str, Any], bound: ProviderUsage, k: int) -> np.ndarray:
         path = "/embed" if self.config.profile == "cohere" else "/embeddings"
-        answer = self._wire.post(f"POST {path}", path, body, images)
+        answer = self._wire.post(f"POST {path}", path, body, bound)
+        images = bound.images
         vectors, tokens = _cohere(answer) if self.config.profile == "cohere" else _openai(answer)
         if vectors.ndim != 2 or vectors.shape[0] != k or not np.isfinite(vectors).all():
             raise ClientError(f"the endpoint answered {list(vectors.shape)} embeddings for {k} input(s); is it an embedding endpoint?")

@@ -3,9 +3,14 @@
 The transport is the ``openai`` package (``pip install 'craft-sdk[openai]'``), which users already
 point at every OpenAI-compatible endpoint, over an ``httpx`` client of ours whose request hook counts
 every HTTP attempt (retries included) into the client's :class:`~craft_sdk.client.usage.ProviderUsage`.
-The openai package retries 408/409/429/5xx and dropped connections ``max_retries`` times and honours
-``Retry-After`` (and ``retry-after-ms``) up to 60 s; each of our requests carries one
-``Idempotency-Key`` across its retries. Model strings: ``chat+http(s)://HOST[:PORT]/v1?model=NAME``
+Retries are ours (the openai client is built with ``max_retries=0``), by the openai package's own
+rule: 408/409/429/5xx and dropped connections are retried ``max_retries`` times, ``x-should-retry``
+is obeyed, ``Retry-After`` (and ``retry-after-ms``) is honoured up to 120 s, otherwise 0.5 s doubling
+to 8 s with jitter; each of our requests carries one ``Idempotency-Key`` across its retries. Before
+every attempt, the first and each retry, the attempt's upper bound passes the call's gate
+(:func:`~craft_sdk.client.usage.before_send`): under a ``max_cost`` an attempt that could pass the
+ceiling is refused and never sent. An attempt whose answer was lost after it was sent (the
+connection dropped, a timeout) is recorded at its bound's tokens: the provider may have billed it. Model strings: ``chat+http(s)://HOST[:PORT]/v1?model=NAME``
 and ``embed+http(s)://HOST[:PORT]/v1?model=NAME``: the part before ``?`` is the openai ``base_url``.
 
 **Token rule** (what ``estimate_usage`` assumes and what ``craft-sdk serve`` bills in ``usage``):
@@ -16,10 +21,13 @@ a text costs ``ceil(len(text) / 4)`` tokens (the providers' "about 4 characters 
 from __future__ import annotations
 
 import concurrent.futures
+import email.utils
 import logging
 import math
 import os
+import random
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,11 +38,12 @@ import httpx
 
 from ..errors import BudgetExceededError, ClientError, ConfigError, require
 from ..wire import IDEMPOTENCY_HEADER
-from .usage import ProviderUsage
+from .usage import ProviderUsage, before_send, submit
 
 logger = logging.getLogger(__name__)
 
 IMAGE_TOKENS = 85
+MAX_RETRY_AFTER = 120.0  # the openai package's limit on a server-directed delay
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -95,37 +104,58 @@ class Transport:
         openai = import_openai()
         self.errors = openai
         self.usage = usage
+        self.max_retries = max_retries
         self._local = threading.local()
+        self._jitter = random.Random()
         key = api_key or os.environ.get("CRAFT_API_KEY") or "EMPTY"
         limits = httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency)
         self._http = httpx.Client(timeout=timeout, limits=limits, event_hooks={"request": [self._on_send]})
-        self.openai = openai.OpenAI(base_url=base_url, api_key=key, max_retries=max_retries, timeout=timeout,
+        self.openai = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=timeout,
                                     http_client=self._http)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_concurrency, thread_name_prefix="hosted")
 
     def _on_send(self, request: httpx.Request) -> None:
         self.usage.add(requests=1, images=getattr(self._local, "images", 0))
 
-    def call(self, what: str, images: int, fn: Callable[[dict[str, str]], T]) -> T:
-        """``fn(headers)`` (one openai call, retried inside) with ``images`` counted per attempt; errors mapped."""
-        self._local.images = images
+    def call(self, what: str, bound: ProviderUsage, fn: Callable[[dict[str, str]], T]) -> T:
+        """``fn(headers)`` (one openai call, no retries inside) sent up to ``1 + max_retries`` times; each
+        attempt first passes the gate with ``bound`` (requests 1, its images, at most its tokens); errors mapped."""
         headers = {IDEMPOTENCY_HEADER: uuid.uuid4().hex}
-        try:
-            return fn(headers)
-        except self.errors.APIStatusError as exc:
-            raise _status_error(what, exc) from None
-        except self.errors.APIConnectionError as exc:  # timeouts included
-            raise ClientError(f"{what}: the endpoint could not be reached after its retries ({exc.__class__.__name__})") from None
-        finally:
-            self._local.images = 0
+        for attempt in range(self.max_retries + 1):
+            before_send(bound)  # may refuse: then nothing of this attempt is sent
+            self._local.images = bound.images
+            try:
+                return fn(headers)
+            except self.errors.APIStatusError as exc:
+                if attempt == self.max_retries or not _should_retry(exc.response):
+                    raise _status_error(what, exc) from None
+                delay = self._delay(attempt, exc.response)
+            except self.errors.APIConnectionError as exc:  # timeouts included
+                if not isinstance(exc.__cause__, (httpx.ConnectError, httpx.ConnectTimeout)):
+                    self.usage.add(input_tokens=bound.input_tokens, output_tokens=bound.output_tokens)  # maybe billed
+                if attempt == self.max_retries:
+                    raise ClientError(f"{what}: the endpoint could not be reached after its retries ({exc.__class__.__name__})") from None
+                delay = self._delay(attempt, None)
+            finally:
+                self._local.images = 0
+            logger.info("%s: retry %d of %d in %.2fs", what, attempt + 1, self.max_retries, delay)
+            time.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
 
-    def post(self, what: str, path: str, body: dict[str, Any], images: int) -> Any:
+    def _delay(self, attempt: int, response: httpx.Response | None) -> float:
+        """The openai package's rule: the server's Retry-After when 0 < it <= 120 s, else 0.5 s x 2^attempt up to 8 s, less 0-25 %."""
+        after = None if response is None else _retry_after(response.headers)
+        if after is not None and 0 < after <= MAX_RETRY_AFTER:
+            return after
+        return min(0.5 * 2.0**attempt, 8.0) * (1 - 0.25 * self._jitter.random())
+
+    def post(self, what: str, path: str, body: dict[str, Any], bound: ProviderUsage) -> Any:
         """POST a JSON ``body`` to ``base_url + path``; the decoded JSON answer."""
-        return self.call(what, images, lambda h: self.openai.post(path, cast_to=object, body=body, options={"headers": h}))
+        return self.call(what, bound, lambda h: self.openai.post(path, cast_to=object, body=body, options={"headers": h}))
 
     def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
         """``fn`` over ``items``, ``max_concurrency`` at a time; the first failure cancels the rest and is raised."""
-        futures = [self._pool.submit(fn, item) for item in items]
+        futures = [submit(self._pool, fn, item) for item in items]
         try:
             return [f.result() for f in futures]
         except BaseException:
@@ -137,6 +167,34 @@ class Transport:
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._http.close()
+
+
+def _retry_after(headers: httpx.Headers) -> float | None:
+    """Seconds from ``retry-after-ms``, or ``retry-after`` (seconds or an HTTP date); None when absent or unreadable."""
+    try:
+        if "retry-after-ms" in headers:
+            return float(headers["retry-after-ms"]) / 1000
+        raw = headers.get("retry-after")
+        if raw is None:
+            return None
+        try:
+            return float(raw)
+        except ValueError:
+            when = email.utils.parsedate_to_datetime(raw)
+            return when.timestamp() - time.time()
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _should_retry(response: httpx.Response) -> bool:
+    """The openai package's rule: not past a 120 s Retry-After; ``x-should-retry`` obeyed; 408, 409, 429 and 5xx retried."""
+    after = _retry_after(response.headers)
+    if after is not None and math.isfinite(after) and after > MAX_RETRY_AFTER:
+        return False
+    flag = response.headers.get("x-should-retry")
+    if flag in ("true", "false"):
+        return flag == "true"
+    return response.status_code in (408, 409, 429) or response.status_code >= 500
 
 
 def _status_error(what: str, exc: Any) -> ClientError:

@@ -76,7 +76,7 @@ from ..wire import (
 )
 from .base import DEFAULT_TEMPLATE, BaseClient, Capabilities, Images, ImageSetHandle
 from .schemes import parse_model
-from .usage import ProviderUsage
+from .usage import ProviderUsage, before_send, submit
 
 logger = logging.getLogger(__name__)
 
@@ -397,7 +397,8 @@ class HTTPClient(BaseClient):
             return self._predict_chunk(prepared, class_names, template, offsets)
         chunks = [offsets[i : i + step] for i in range(0, p, step)]
         with concurrent.futures.ThreadPoolExecutor(self.config.max_concurrency) as pool:
-            outs = list(pool.map(lambda ch: self._predict_chunk(prepared, class_names, template, ch), chunks))
+            futures = [submit(pool, self._predict_chunk, prepared, class_names, template, ch) for ch in chunks]
+            outs = [f.result() for f in futures]
         try:
             return np.concatenate(outs)
         except ValueError as exc:
@@ -447,7 +448,8 @@ class HTTPClient(BaseClient):
 
 
 def _counted(usage: ProviderUsage, send: Callable[[], httpx.Response], images: int = 0) -> httpx.Response:
-    """Count one request (carrying ``images`` images), then send it."""
+    """Pass the call's gate, count one request (carrying ``images`` images), then send it."""
+    before_send(ProviderUsage(requests=1, images=images))  # under a max_cost: refused here, never sent
     usage.add(requests=1, images=images)
     return send()
 

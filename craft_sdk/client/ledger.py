@@ -12,12 +12,16 @@ Next to queries, the ledger records what the provider billed, in its own units
 (:class:`~craft_sdk.client.usage.ProviderUsage`: requests, images, input/output tokens),
 per category (uploads under ``upload``), journaled like the charges so a resumed run keeps
 them. With a :class:`~craft_sdk.client.pricing.PriceTable` they become money, and
-``max_cost`` is a hard ceiling like the budget: before each call the client's estimate of
-the call (``estimate_usage``) is priced and reserved, and a call whose estimate does not
-fit beside what was spent and what calls in flight reserved is refused, never sent. After
-the call its actual usage replaces the reservation. A call's retries are counted as sent
-(what a provider bills at most), so a call that needed retries can cost more than its
-estimate: the ceiling then refuses every later call.
+``max_cost`` is a hard ceiling like the budget, held per send attempt: before each call the
+client's estimate of the call (``estimate_usage``) is priced and reserved, and a call whose
+estimate does not fit beside what was spent and what calls in flight reserved is refused, never
+sent. Then every HTTP attempt of the call, the first and each retry, reserves its upper bound
+(:func:`~craft_sdk.client.usage.attempt_bound`: one request, its images, one token per byte of
+its text, its ``max_tokens``) before it is sent, drawing first on the call's estimate; an attempt
+that would pass the ceiling is refused (:class:`~craft_sdk.errors.BudgetExceededError`) and not
+sent. When the call ends its actual usage is recorded and its reservations released in one step,
+so spent + reserved never falls below what the provider can have billed, and the total never
+passes the ceiling while the provider bills within the bounds.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from ..images import ImageLike
 from ..wire import query_cost
 from .base import DEFAULT_TEMPLATE, Capabilities, Images, ImageSetHandle, PredictionClient
 from .pricing import PriceTable, cost_of
-from .usage import ProviderUsage, estimate_call, estimate_upload, usage_of
+from .usage import Gate, ProviderUsage, estimate_call, estimate_upload, send_gate, usage_of
 
 logger = logging.getLogger(__name__)
 
@@ -145,26 +149,55 @@ class QueryLedger:
         assert self.price is not None and self.max_cost is not None
         return self.price.cost(self.usage) + self._reserved + amount <= self.max_cost * (1 + 1e-12)
 
-    def reserve(self, estimate: ProviderUsage, what: str) -> float:
-        """Reserve the priced ``estimate`` of a call under ``max_cost`` (0 without one), or refuse the call."""
+    def reserve(self, estimate: ProviderUsage, what: str) -> Reservation:
+        """Reserve the priced ``estimate`` of a call under ``max_cost`` (nothing without one), or refuse the call.
+
+        The returned :class:`Reservation` is the call's gate: each send attempt reserves its bound through
+        it (:meth:`Reservation.attempt`); :meth:`close_call` (or :meth:`release`) ends it."""
+        spend = Reservation(self, what)
         if self.max_cost is None or self.price is None:
-            return 0.0
+            return spend
         amount = self.price.cost(estimate)
         with self._lock:
             if not self._fits(amount):
-                spent = self.price.cost(self.usage)
-                raise BudgetExceededError(
-                    f"cost ceiling reached: {spent:.6g} spent and {self._reserved:.6g} in flight of --max-cost "
-                    f"{self.max_cost:.6g}; the next call ({what}) is estimated at {amount:.6g}; raise --max-cost to continue",
-                    unbilled=True,
-                )
+                raise self._refusal(f"the next call ({what}) is estimated at {amount:.6g}", unbilled=True)
             self._reserved += amount
-        return amount
+            spend.held = spend.unclaimed = amount
+        return spend
 
-    def release(self, amount: float) -> None:
-        """Give back a reservation (the call ended: its actual usage is recorded instead)."""
+    def _refusal(self, why: str, *, unbilled: bool) -> BudgetExceededError:
+        assert self.price is not None and self.max_cost is not None
+        spent = self.price.cost(self.usage)
+        return BudgetExceededError(
+            f"cost ceiling reached: {spent:.6g} spent and {self._reserved:.6g} in flight of --max-cost "
+            f"{self.max_cost:.6g}; {why}; raise --max-cost to continue",
+            unbilled=unbilled,
+        )
+
+    def _attempt(self, spend: Reservation, bound: ProviderUsage) -> None:
+        """Reserve one send attempt's ``bound`` for ``spend``'s call, from its estimate first, or refuse it."""
+        if self.max_cost is None or self.price is None:
+            return
+        amount = self.price.cost(bound)
         with self._lock:
-            self._reserved = max(self._reserved - amount, 0.0)
+            claimed = min(amount, spend.unclaimed)
+            extra = amount - claimed
+            if extra > 0 and not self._fits(extra):
+                raise self._refusal(f"a send attempt of {spend.what} could cost {amount:.6g}; it was not sent",
+                                    unbilled=spend.attempts == 0)
+            spend.unclaimed -= claimed
+            spend.held += extra
+            self._reserved += extra
+            spend.attempts += 1
+
+    def release(self, spend: Reservation) -> None:
+        """Give back what a call reserved (it ended without usage to record)."""
+        with self._lock:
+            self._release(spend)
+
+    def _release(self, spend: Reservation) -> None:
+        self._reserved = max(self._reserved - spend.held, 0.0)
+        spend.held = spend.unclaimed = 0.0
 
     def open_call(self, meter: ProviderUsage) -> None:
         """A call through a client counting into ``meter`` starts (see :meth:`close_call`)."""
@@ -174,15 +207,18 @@ class QueryLedger:
                 entry = self._meters[id(meter)] = _Meter(meter, meter.snapshot())
             entry.in_flight += 1
 
-    def close_call(self, meter: ProviderUsage, category: str) -> ProviderUsage:
+    def close_call(self, meter: ProviderUsage, category: str, spend: Reservation | None = None) -> ProviderUsage:
         """Record what ``meter`` counted since it was last recorded (exact for one call at a time; calls
-        that overlap are each counted once, under the category of the call that ends first)."""
+        that overlap are each counted once, under the category of the call that ends first) and release
+        ``spend`` in the same step, so the recorded and the reserved never both miss a unit."""
         with self._lock:
             entry = self._meters[id(meter)]
             now = meter.snapshot()
             delta, entry.seen = now.minus(entry.seen), now
             entry.in_flight -= 1
             self._record_usage(delta, category)
+            if spend is not None:
+                self._release(spend)
             return delta
 
     def _record_usage(self, delta: ProviderUsage, category: str) -> None:
@@ -253,6 +289,25 @@ class QueryLedger:
         }
 
 
+class Reservation:
+    """What one call holds under a ledger's ``max_cost``: ``held`` (money reserved), ``unclaimed`` (the part of
+    its estimate no attempt drew on yet), ``attempts`` reserved; :attr:`gate` is None without a ceiling."""
+
+    def __init__(self, ledger: QueryLedger, what: str) -> None:
+        self.ledger, self.what = ledger, what
+        self.held = self.unclaimed = 0.0
+        self.attempts = 0
+
+    @property
+    def gate(self) -> Gate | None:
+        """The gate each send attempt of the call passes (:func:`~craft_sdk.client.usage.before_send`)."""
+        return self.attempt if self.ledger.max_cost is not None and self.ledger.price is not None else None
+
+    def attempt(self, bound: ProviderUsage) -> None:
+        """Reserve one send attempt bounded by ``bound``, or raise :class:`BudgetExceededError` (not sent)."""
+        self.ledger._attempt(self, bound)
+
+
 class _Meter:
     """A client's usage counter as a ledger watches it: the counts already recorded, calls in flight."""
 
@@ -279,14 +334,14 @@ class MeteredClient:
 
     def upload(self, images: Sequence[ImageLike]) -> ImageSetHandle:
         """Upload through the client; its provider usage (if any) is recorded under ``upload``."""
-        reserved = self.ledger.reserve(estimate_upload(self.client, len(images)), "upload")
+        spend = self.ledger.reserve(estimate_upload(self.client, len(images)), "upload")
         meter = usage_of(self.client)
         self.ledger.open_call(meter)
         try:
-            handle = self.client.upload(images)
+            with send_gate(spend.gate):
+                handle = self.client.upload(images)
         finally:
-            self.ledger.close_call(meter, "upload")
-            self.ledger.release(reserved)
+            self.ledger.close_call(meter, "upload", spend)
         self.ledger.uploads += 1
         return handle
 
@@ -310,20 +365,20 @@ class MeteredClient:
         n_images = images.n_images if isinstance(images, ImageSetHandle) else len(images)
         uploaded = isinstance(images, ImageSetHandle)
         estimate = estimate_call(self.client, n_images, class_names, template, n, uploaded=uploaded) if self.ledger.max_cost is not None else ProviderUsage()
-        reserved = self.ledger.reserve(estimate, f"{category}, {n} quer{'y' if n == 1 else 'ies'} on {n_images} images")
+        spend = self.ledger.reserve(estimate, f"{category}, {n} quer{'y' if n == 1 else 'ies'} on {n_images} images")
         try:
             self.ledger.charge(n, category)
         except BaseException:
-            self.ledger.release(reserved)
+            self.ledger.release(spend)
             raise
         meter = usage_of(self.client)
         self.ledger.open_call(meter)
         try:
-            return self.client.predict(images, class_names, template, offsets)
+            with send_gate(spend.gate):
+                return self.client.predict(images, class_names, template, offsets)
         except ClientError as exc:
             if exc.unbilled:
                 self.ledger.refund(n, category)
             raise
         finally:
-            self.ledger.close_call(meter, category)
-            self.ledger.release(reserved)
+            self.ledger.close_call(meter, category, spend)

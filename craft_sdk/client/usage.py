@@ -7,17 +7,29 @@ sends: one request per HTTP request sent (retries included: what a provider bill
 at most), the images carried by those requests, and the tokens of the provider's
 ``usage`` field where it gives one (an estimate by the client's documented rule
 where it does not). Clients that run in process report zeros.
+
+**Every send attempt passes a gate first** (:func:`before_send`): a client calls it with the
+attempt's upper bound (:func:`attempt_bound`) before each HTTP attempt, the first and each retry.
+A :class:`~craft_sdk.client.ledger.QueryLedger` with a ``max_cost`` installs the gate for the
+duration of a call (:func:`send_gate`) and refuses an attempt that would pass the ceiling, so
+nothing is sent. The gate travels into the client's request threads with the call's context
+(:func:`submit`).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextvars
 import inspect
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 USAGE_FIELDS = ("requests", "images", "input_tokens", "output_tokens")
+TEMPLATE_TOKENS = 16  # tokens a chat template adds to a request at most (role markers, separators)
+TEXT_TOKENS = 2  # tokens an embedding input adds at most (begin/end markers)
 
 
 @dataclass
@@ -133,3 +145,42 @@ def estimate_upload(client: Any, n_images: int) -> ProviderUsage:
     (most shapes upload nothing: the images travel with each prediction)."""
     method = _estimator(client, "estimate_upload")
     return ProviderUsage() if method is None else method(n_images)
+
+
+Gate = Callable[["ProviderUsage"], None]
+_GATE: contextvars.ContextVar[Gate | None] = contextvars.ContextVar("craft_send_gate", default=None)
+
+
+def attempt_bound(*, texts: Sequence[str] = (), images: int = 0, image_tokens: int = 0, output_tokens: int = 0,
+                  overhead: int = 0) -> ProviderUsage:
+    """An upper bound on what one HTTP attempt can bill: one request, its ``images``, one input token per
+    UTF-8 byte of its ``texts`` (no tokenizer makes more tokens than bytes) plus ``overhead`` and
+    ``image_tokens`` per image, and ``output_tokens`` (``max_tokens x n``, which the provider cannot pass)."""
+    text = sum(len(t.encode("utf-8")) for t in texts)
+    return ProviderUsage(1, int(images), text + int(overhead) + int(images) * int(image_tokens), int(output_tokens))
+
+
+def before_send(bound: ProviderUsage) -> None:
+    """Pass the gate of the current call (if any) before one send attempt bounded by ``bound``.
+
+    Raises:
+        BudgetExceededError: the attempt would pass ``max_cost``; it must not be sent.
+    """
+    gate = _GATE.get()
+    if gate is not None:
+        gate(bound)
+
+
+@contextmanager
+def send_gate(gate: Gate | None) -> Iterator[None]:
+    """Install ``gate`` for the send attempts made inside the block (and in threads started with :func:`submit`)."""
+    token = _GATE.set(gate)
+    try:
+        yield
+    finally:
+        _GATE.reset(token)
+
+
+def submit(pool: concurrent.futures.Executor, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
+    """``pool.submit(fn, *args)`` run in a copy of the caller's context, so the call's gate goes with it."""
+    return pool.submit(contextvars.copy_context().run, fn, *args)

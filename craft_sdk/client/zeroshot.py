@@ -47,7 +47,7 @@ from ..errors import ClientError, ConfigError
 from ..wire import IDEMPOTENCY_HEADER, WireError, loads_json
 from .base import DEFAULT_TEMPLATE, BaseClient, Capabilities, PredictionClient
 from .http import HTTPClient, HTTPClientConfig, client_config
-from .usage import ProviderUsage
+from .usage import ProviderUsage, before_send, submit
 
 PLACEHOLDER = "{}"
 SUM_TOLERANCE = 0.01  # answered probabilities must sum to 1 within this (scores rounded to a few decimals)
@@ -181,7 +181,7 @@ class ZeroShotAPIClient(BaseClient):
         """
         hypothesis = hypothesis_template(template)
         batch = _Batch()
-        futures = [self._pool.submit(self._classify, b64, class_names, hypothesis, batch) for b64 in prepared]
+        futures = [submit(self._pool, self._classify, b64, class_names, hypothesis, batch) for b64 in prepared]
         try:
             rows = [f.result() for f in futures]
         except BaseException as exc:
@@ -210,6 +210,7 @@ class ZeroShotAPIClient(BaseClient):
             nonlocal reached
             if batch.failed.is_set():
                 raise _Cancelled("cancelled: another request of this prediction failed")
+            before_send(ProviderUsage(requests=1, images=1))  # under a max_cost: refused here, never sent
             self.usage.add(requests=1, images=1)
             try:
                 resp = post()
