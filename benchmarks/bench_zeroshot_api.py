@@ -7,7 +7,7 @@ one request per image). For each client concurrency (``--concurrency``, default 
 * ``predict``: zero-shot probabilities of ``--test-images`` test images of the demo digits task
   (1 query, N requests);
 * ``tune craft``: ``craft_sdk.tune(mode="craft")`` on the ``--shots``-shot training set: the
-  tuner's discrete prompt space (a text-only client: :class:`~craft_sdk.tuner.discrete.DiscretePrompts`,
+  tuner's discrete prompt space (a text-only client: :class:`~craft_sdk.tuner.prompts.DiscretePrompts`,
   ``--generations`` x ``--popsize`` candidate contexts) with the refiner, robust protocol; then
   ``craft_sdk.evaluate`` of the adapter (its learned template and refiner) on the test images;
 * ``select ensemble`` / ``predict ensemble`` (at the last concurrency only): greedy forward selection

@@ -45,7 +45,6 @@ import numpy as np
 
 from .._fileio import read_lines
 from ..errors import ConfigError, CraftError
-from .config import MAX_CONTEXT_CHARS
 from .templates import CLIP_IMAGENET_CONTEXTS
 
 _COMMON = """
@@ -272,74 +271,3 @@ class DiscretePromptSearch:
         from .search import replay
 
         replay(self, fitness_history, digests, REPLAY_MISMATCH)
-
-
-class DiscretePrompts:
-    """The prompt space of a text-only client: contexts of words, searched by successive halving over words
-    (:class:`~craft_sdk.tuner.wordsearch.WordHalvingSearch`, ``word_search="halving"``, the default) or by
-    :class:`DiscretePromptSearch` (``word_search="pg"``).
-
-    The tuner's loop (:mod:`craft_sdk.tuner.loop`) uses it exactly as the continuous space
-    (:class:`~craft_sdk.tuner.prompts.ContinuousPrompts`): a point is a context string, the zero
-    point is the configured template (zero-shot), a population of P contexts costs P queries
-    (one call each), the same fitness (CE + λ KL) drives ``tell``, and checkpoints store the
-    fitness rows (replayed on resume) and points as word indices. The deployed point becomes the
-    adapter's ``template``; there is no offset.
-
-    Args:
-        config: the run's configuration (template, popsize, seed).
-        caps: the client's capabilities (text only).
-    """
-
-    kind = "discrete"
-
-    def __init__(self, config: Any, caps: Any) -> None:
-        self.config = config
-        vocabulary = load_vocabulary(config.vocabulary)
-        self.search: Any
-        if config.word_search == "halving":
-            from .wordsearch import WordHalvingSearch
-
-            self.search = WordHalvingSearch.from_template(config.template, popsize=config.popsize, seed=config.seed, vocabulary=vocabulary)
-        else:
-            self.search = DiscretePromptSearch.from_template(config.template, popsize=config.popsize, seed=config.seed, vocabulary=vocabulary, lr=config.word_lr)
-        longest = max(len(w) for w in self.search.vocabulary)
-        if self.search.n_slots * (longest + 1) > MAX_CONTEXT_CHARS:
-            raise ConfigError(
-                f"{self.search.n_slots} words of up to {longest} characters can exceed the {MAX_CONTEXT_CHARS}-character "
-                "context an adapter stores; use a shorter template or shorter words"
-            )
-        self._index = {w: j for j, w in enumerate(self.search.vocabulary)}
-
-    def zero(self) -> str:
-        return " ".join(self.config.template.split())
-
-    def offsets(self, point: Any) -> None:
-        return None
-
-    def score(self, client: Any, handle: Any, names: list[str], points: Any, category: str) -> np.ndarray:
-        """Scores [P, N, C] for a list of contexts (P calls, one query each), [N, C] for one context."""
-        if isinstance(points, str):
-            return np.asarray(client.predict(handle, names, points, None, category=category))
-        return np.stack([np.asarray(client.predict(handle, names, t, None, category=category)) for t in points])
-
-    def score_one(self, client: Any, handle: Any, names: list[str], point: str, category: str) -> np.ndarray:
-        return self.score(client, handle, names, point, category)
-
-    def encode(self, point: str) -> np.ndarray:
-        """Word indices int64 [n_slots] (every word of a point is in the vocabulary)."""
-        return np.asarray([self._index[w] for w in point.split()], np.int64)
-
-    def decode(self, tensor: np.ndarray) -> str:
-        return self.search.render(np.asarray(tensor, np.int64))
-
-    def copy(self, point: str) -> str:
-        return point
-
-    def result(self, point: str | None) -> dict[str, Any]:
-        """No offset; ``template``: the context to deploy (the configured one when no prompt is deployed);
-        ``text_prompt``: what the adapter's discrete prompt spec records (None when no prompt is deployed)."""
-        out: dict[str, Any] = {"z": None, "offset": None, "projection_std": None, "template": self.zero() if point is None else point}
-        if point is not None:
-            out["text_prompt"] = {"kind": "discrete", "text": point, "initial": self.zero(), "n_slots": self.search.n_slots, "vocabulary_size": len(self.search.vocabulary)}
-        return out

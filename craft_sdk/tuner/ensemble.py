@@ -16,8 +16,9 @@ only cost after the zero-shot baseline).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -25,9 +26,6 @@ from .._fileio import read_lines
 from ..errors import BudgetExceededError, ConfigError
 from .config import MAX_ENSEMBLE, context_problem
 from .templates import CLIP_IMAGENET_CONTEXTS, CLIP_SELECTED, ensemble_log_probs, greedy_templates, score_templates
-
-if TYPE_CHECKING:
-    from .loop import Run
 
 logger = logging.getLogger(__name__)
 
@@ -68,21 +66,29 @@ def ensemble_bank(config: Any) -> tuple[str, ...]:
     return bank
 
 
-def select_ensemble(run: Run) -> dict[str, Any]:
-    """Score the bank (one query per context), pick ``ensemble_k`` contexts greedily on the search
-    images; returns ``{"texts", "logits"}`` (the ensemble's log-probabilities on the scored images)."""
-    c = run.config
-    bank = run.bank
-    k = len(bank) if c.ensemble_k == 0 else c.ensemble_k
-    if not run.ledger.can_afford(len(bank)):
+@dataclass(frozen=True)
+class EnsemblePick:
+    """``ensemble`` mode: the picked contexts, their log-probabilities on the scored images [N, C], the bank's name."""
+
+    texts: tuple[str, ...]
+    logits: np.ndarray
+    bank: str
+
+
+def select_ensemble(
+    config: Any, bank: tuple[str, ...], client: Any, ledger: Any, handle: Any, names: list[str], search_labels: np.ndarray
+) -> EnsemblePick:
+    """Score ``bank`` (one query per context) on the images behind ``handle`` (the search images first),
+    pick ``ensemble_k`` contexts greedily on the search images (``search_labels``, [N_search])."""
+    k = len(bank) if config.ensemble_k == 0 else config.ensemble_k
+    if not ledger.can_afford(len(bank)):
         raise BudgetExceededError(
-            f"the ensemble scores {len(bank)} contexts ({len(bank)} queries) but {run.ledger.remaining} of the budget remain; "
+            f"the ensemble scores {len(bank)} contexts ({len(bank)} queries) but {ledger.remaining} of the budget remain; "
             "raise --budget or use a smaller --template-bank"
         )
-    scores = score_templates(run.client, run.scored_handle, run.names, bank, category="search")
-    n = run.images.n_search
-    picked = greedy_templates(scores[:, :n], run.images.y, k)
+    scores = score_templates(client, handle, names, bank, category="search")
+    picked = greedy_templates(scores[:, : len(search_labels)], search_labels, k)
     texts = tuple(bank[i] for i in picked)
     logits = ensemble_log_probs(scores[picked])
     logger.info("ensemble of %d of %d contexts: %s", k, len(bank), list(texts))
-    return {"texts": texts, "logits": np.asarray(logits), "bank": c.template_bank}
+    return EnsemblePick(texts, np.asarray(logits), config.template_bank)

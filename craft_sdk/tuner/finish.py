@@ -4,58 +4,82 @@
 ``robust`` protocol: the best select-half snapshot's prompt, then the behaviour (chosen on the
 select half, certified on the certify half), refiner and temperature, by
 :mod:`craft_sdk.tuner.selection` from logits already paid for.
+
+Each function reads the run's :class:`~craft_sdk.tuner.state.RunState` and returns a
+:class:`Finish`; none assigns to the state.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
 from ..errors import ClientError
 from . import selection
 from .canary import CanaryRecord, canary_cost, record_canary
-
-if TYPE_CHECKING:
-    from .loop import Run
+from .result import Metrics, SelectionReport
+from .state import CheckSnapshot, EnsembleSnapshot, RunState, ValSnapshot, snapshot_generation
 
 logger = logging.getLogger(__name__)
 
 
-def finish_paper(run: Run) -> dict[str, Any]:
-    """TuneResult fields of a paper-protocol run."""
-    use_best = run.config.selection == "best-val" and "generation" in run.best
-    z = run.best["z"] if use_best else (run.point if run.prompts is not None else None)
-    refiner = run.best["refiner"] if use_best else (run.refiner.model.numpy_weights() if run.refiner else None)
-    selected = run.best["generation"] if use_best else (run.history[-1]["generation"] if run.history else 0)
+@dataclass(frozen=True)
+class Finish:
+    """What a run deploys: the point (``z``), the contexts of a deployed ensemble (``texts``), the
+    refiner's weights, and the run's final metrics; robust protocol: the selection record too."""
+
+    z: Any
+    texts: tuple[str, ...] | None
+    refiner: dict[str, np.ndarray] | None
+    selected_generation: int
+    metrics: Metrics
+    refiner_shape: tuple[int, int] | None = None
+    selection: SelectionReport | None = None
+    temperature: float | None = None
+
+
+def finish_paper(run: RunState) -> Finish:
+    """What a paper-protocol run deploys: the last generation, or the best validation one (``best-val``)."""
+    best = run.best
+    use_best = run.config.selection == "best-val" and isinstance(best, (ValSnapshot, EnsembleSnapshot))
+    if isinstance(best, ValSnapshot) and use_best:
+        z, refiner = best.z, best.refiner
+    elif use_best:  # an ensemble's pick: no point, no refiner
+        z, refiner = None, None
+    else:
+        z = run.point if run.prompts is not None else None
+        refiner = run.refiner.model.numpy_weights() if run.refiner else None
+    selected = snapshot_generation(best) if use_best else (run.history[-1]["generation"] if run.history else 0)
     last = run.history[-1] if run.history else {}
-    run.metrics["train_accuracy"] = next(
-        (h["train_accuracy"] for h in run.history if h["generation"] == selected), last.get("train_accuracy")
-    )
+    train_accuracy = next((h["train_accuracy"] for h in run.history if h["generation"] == selected), last.get("train_accuracy"))
+    metrics = replace(run.metrics, train_accuracy=train_accuracy)
     if use_best:
-        run.metrics["val_accuracy"] = run.best["val"]
-    texts = run.ensemble["texts"] if run.ensemble is not None else None
-    return {"z": z, "refiner": refiner, "selected_generation": int(selected), "texts": texts}
+        metrics = replace(metrics, val_accuracy=best.val)
+    texts = run.ensemble.texts if run.ensemble is not None else None
+    return Finish(z, texts, refiner, int(selected), metrics)
 
 
-def _training_spec(run: Run) -> selection.RefinerTraining:
+def _training_spec(run: RunState) -> selection.RefinerTraining:
     c = run.config  # candidates: a linear map and the configured MLP depth
     layers = tuple(sorted({1, c.refiner_layers}))
-    return selection.RefinerTraining(c.refiner_hidden, c.lr, c.weight_decay, c.batch_size, run.beta, c.seed, layers, residual=c.residual)
+    return selection.RefinerTraining(c.refiner_hidden, c.lr, c.weight_decay, c.batch_size, run.setup.kl_weights[1], c.seed, layers, residual=c.residual)
 
 
-def _candidates(run: Run, spec: selection.RefinerTraining) -> dict[str, dict[str, Any]]:
+def _candidates(run: RunState, spec: selection.RefinerTraining) -> dict[str, dict[str, Any]]:
     """Each behaviour's logits on the check images, its held-out logits for calibration, and its refiner choice."""
     n, y, y_check = run.images.n_search, run.images.y, run.images.y_check
     zero = run.zero_logits if run.zero_logits is not None else run.last_logits
     assert zero is not None
     bases: dict[str, tuple[np.ndarray, np.ndarray | None]] = {"zero-shot": (zero, None)}
-    searched = run.config.uses_prompt and not run.prompt_inert and int(run.best.get("generation", 0)) > 0
-    if searched and run.best.get("z") is not None:
-        bases["prompt"] = (run.best["logits"], run.best.get("population"))
+    best = run.best
+    searched = run.config.uses_prompt and not run.prompt_inert and snapshot_generation(best) > 0
+    if searched and isinstance(best, CheckSnapshot) and best.z is not None:
+        bases["prompt"] = (best.logits, best.population)
     if run.ensemble is not None:  # ensemble mode: the picked contexts, judged like a prompt
-        bases["ensemble"] = (run.ensemble["logits"], None)
+        bases["ensemble"] = (run.ensemble.logits, None)
     out: dict[str, dict[str, Any]] = {}
     for name, (logits, population) in bases.items():
         held = logits if name == "zero-shot" else logits[n:]  # zero-shot fitted nothing: every image is held out
@@ -77,7 +101,7 @@ def _candidates(run: Run, spec: selection.RefinerTraining) -> dict[str, dict[str
 Evidence = dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
-def _evidence(run: Run, candidates: dict[str, dict[str, Any]]) -> tuple[Evidence, Evidence, Evidence]:
+def _evidence(run: RunState, candidates: dict[str, dict[str, Any]]) -> tuple[Evidence, Evidence, Evidence]:
     """(select, certify, rank): per behaviour, (its logits, zero-shot's logits, labels) on the select half
     of the check images, on the images that certify it, and on every check image (the same for all)."""
     zero = candidates["zero-shot"]["logits"]
@@ -99,8 +123,8 @@ def _refine(weights: dict[str, np.ndarray], logits: np.ndarray, residual: bool =
     return mlp.forward(weights, logits, residual)
 
 
-def finish_robust(run: Run) -> dict[str, Any]:
-    """TuneResult fields of a robust-protocol run: selection, final refiner fit, calibration."""
+def finish_robust(run: RunState) -> Finish:
+    """What a robust-protocol run deploys: selection, final refiner fit, calibration."""
     spec = _training_spec(run)
     candidates = _candidates(run, spec)
     select, certify, rank = _evidence(run, candidates)
@@ -111,41 +135,47 @@ def finish_robust(run: Run) -> dict[str, Any]:
         y_all = np.concatenate([run.images.y, run.images.y_check])
         refiner = selection.train_refiner(spec, chosen["choice"], chosen["logits"], y_all, chosen.get("population"))
     temperature, calibration = selection.calibrate(chosen["held"], chosen["held_y"], run.config.z_noise, run.config.seed)
-    extras = {"calibration": calibration, "plan": run.plan.to_dict()}
+    extras = {"calibration": calibration, "plan": run.setup.plan.to_dict()}
     decision = selection.Decision(option, reason, estimates, len(run.images.y_check), chosen["choice"], temperature, extras)
     uses_prompt = option in ("prompt", "prompt+refiner", "ensemble")
-    selected = int(run.best.get("generation", 0)) if uses_prompt else 0
+    selected = snapshot_generation(run.best) if uses_prompt else 0
     train_scores = chosen["logits"][: run.images.n_search]
     if refiner is not None:
         train_scores = _refine(refiner, train_scores, spec.residual)
-    run.metrics["train_accuracy"] = selection.accuracy(train_scores, run.images.y)
-    run.metrics["val_accuracy"] = estimates[option]["accuracy"] if len(run.images.y_check) else None
-    run.metrics["deployed"] = option
+    metrics = replace(
+        run.metrics,
+        train_accuracy=selection.accuracy(train_scores, run.images.y),
+        val_accuracy=estimates[option]["accuracy"] if len(run.images.y_check) else None,
+        deployed=option,
+    )
     logger.info("deployed %s (%s); temperature %.3f", option, reason, temperature)
     shape = (chosen["choice"].layers, chosen["choice"].hidden) if chosen["choice"] is not None else None
-    return {
-        "z": run.best["z"] if uses_prompt else None,
-        "texts": run.ensemble["texts"] if option == "ensemble" else None,
-        "refiner": refiner,
-        "selected_generation": selected,
-        "refiner_shape": shape,
-        "selection": decision.to_dict(),
-        "temperature": temperature,
-    }
+    return Finish(
+        z=run.best.z if uses_prompt and isinstance(run.best, CheckSnapshot) else None,
+        texts=run.ensemble.texts if option == "ensemble" and run.ensemble is not None else None,
+        refiner=refiner,
+        selected_generation=selected,
+        metrics=metrics,
+        refiner_shape=shape,
+        selection=SelectionReport.from_dict(decision.to_dict()),
+        temperature=temperature,
+    )
 
 
-def record_run_canary(run: Run, contexts: tuple[str, ...], offset: np.ndarray | None) -> CanaryRecord | None:
+def record_run_canary(
+    config: Any, client: Any, ledger: Any, names: tuple[str, ...], output: str, contexts: tuple[str, ...], offset: np.ndarray | None
+) -> CanaryRecord | None:
     """The drift canary under the deployed prompt (``config.canary`` probes), or None: none asked for, or
     the budget or the black box refused it (a warning; the tuned adapter is kept either way)."""
-    n_probes = run.config.canary
+    n_probes = config.canary
     if not n_probes:
         return None
     cost = canary_cost(len(contexts))
-    if not run.ledger.can_afford(cost):
-        logger.warning("no drift canary recorded: it costs %d queries and %s remain", cost, run.ledger.remaining)
+    if not ledger.can_afford(cost):
+        logger.warning("no drift canary recorded: it costs %d queries and %s remain", cost, ledger.remaining)
         return None
     try:
-        return record_canary(run.client, run.names, contexts, offset, run.caps.output, n_probes, run.config.seed)
+        return record_canary(client, list(names), contexts, offset, output, n_probes, config.seed)
     except ClientError as exc:
         logger.warning("no drift canary recorded: the black box failed (%s)", exc)
         return None

@@ -12,7 +12,7 @@ The loop (:mod:`craft_sdk.tuner.loop`) only needs, from a prompt space,
 * ``offsets(point)``: the context offsets a caller can send to observe the point (or None).
 
 :class:`ContinuousPrompts` is the paper's space: p = p0 + A z with CMA-ES over z. A
-text-only client gets a discrete space instead (contexts as words; see
+text-only client gets a discrete space instead (contexts as words: :class:`DiscretePrompts`; see
 :mod:`craft_sdk.tuner.discrete`), plugged in through the same methods.
 """
 
@@ -25,7 +25,7 @@ import numpy as np
 
 from ..client.base import Capabilities
 from ..errors import ConfigError
-from .config import TuneConfig
+from .config import MAX_CONTEXT_CHARS, TuneConfig
 from .projection import project, projection_matrix
 
 
@@ -86,13 +86,84 @@ class ContinuousPrompts:
         return {"z": z, "offset": self.offsets(z), "projection_std": self.std}
 
 
+class DiscretePrompts:
+    """The prompt space of a text-only client: contexts of words, searched by successive halving over words
+    (:class:`~craft_sdk.tuner.wordsearch.WordHalvingSearch`, ``word_search="halving"``, the default) or by
+    :class:`~craft_sdk.tuner.discrete.DiscretePromptSearch` (``word_search="pg"``).
+
+    The tuner's loop (:mod:`craft_sdk.tuner.loop`) uses it exactly as the continuous space
+    (:class:`ContinuousPrompts`): a point is a context string, the zero
+    point is the configured template (zero-shot), a population of P contexts costs P queries
+    (one call each), the same fitness (CE + λ KL) drives ``tell``, and checkpoints store the
+    fitness rows (replayed on resume) and points as word indices. The deployed point becomes the
+    adapter's ``template``; there is no offset.
+
+    Args:
+        config: the run's configuration (template, popsize, seed).
+        caps: the client's capabilities (text only).
+    """
+
+    kind = "discrete"
+
+    def __init__(self, config: Any, caps: Any) -> None:
+        self.config = config
+        from .discrete import DiscretePromptSearch, load_vocabulary
+        from .wordsearch import WordHalvingSearch
+
+        vocabulary = load_vocabulary(config.vocabulary)
+        self.search: Any
+        if config.word_search == "halving":
+
+            self.search = WordHalvingSearch.from_template(config.template, popsize=config.popsize, seed=config.seed, vocabulary=vocabulary)
+        else:
+            self.search = DiscretePromptSearch.from_template(config.template, popsize=config.popsize, seed=config.seed, vocabulary=vocabulary, lr=config.word_lr)
+        longest = max(len(w) for w in self.search.vocabulary)
+        if self.search.n_slots * (longest + 1) > MAX_CONTEXT_CHARS:
+            raise ConfigError(
+                f"{self.search.n_slots} words of up to {longest} characters can exceed the {MAX_CONTEXT_CHARS}-character "
+                "context an adapter stores; use a shorter template or shorter words"
+            )
+        self._index = {w: j for j, w in enumerate(self.search.vocabulary)}
+
+    def zero(self) -> str:
+        return " ".join(self.config.template.split())
+
+    def offsets(self, point: Any) -> None:
+        return None
+
+    def score(self, client: Any, handle: Any, names: list[str], points: Any, category: str) -> np.ndarray:
+        """Scores [P, N, C] for a list of contexts (P calls, one query each), [N, C] for one context."""
+        if isinstance(points, str):
+            return np.asarray(client.predict(handle, names, points, None, category=category))
+        return np.stack([np.asarray(client.predict(handle, names, t, None, category=category)) for t in points])
+
+    def score_one(self, client: Any, handle: Any, names: list[str], point: str, category: str) -> np.ndarray:
+        return self.score(client, handle, names, point, category)
+
+    def encode(self, point: str) -> np.ndarray:
+        """Word indices int64 [n_slots] (every word of a point is in the vocabulary)."""
+        return np.asarray([self._index[w] for w in point.split()], np.int64)
+
+    def decode(self, tensor: np.ndarray) -> str:
+        return self.search.render(np.asarray(tensor, np.int64))
+
+    def copy(self, point: str) -> str:
+        return point
+
+    def result(self, point: str | None) -> dict[str, Any]:
+        """No offset; ``template``: the context to deploy (the configured one when no prompt is deployed);
+        ``text_prompt``: what the adapter's discrete prompt spec records (None when no prompt is deployed)."""
+        out: dict[str, Any] = {"z": None, "offset": None, "projection_std": None, "template": self.zero() if point is None else point}
+        if point is not None:
+            out["text_prompt"] = {"kind": "discrete", "text": point, "initial": self.zero(), "n_slots": self.search.n_slots, "vocabulary_size": len(self.search.vocabulary)}
+        return out
+
+
 def create_prompt_space(config: TuneConfig, caps: Capabilities) -> Any:
     """The prompt space a run searches: None when the mode searches no prompt; the template's words
     (:class:`~craft_sdk.tuner.discrete.DiscretePrompts`) for a text-only client."""
     if not config.uses_prompt:
         return None
     if not caps.soft_prompts:
-        from .discrete import DiscretePrompts
-
         return DiscretePrompts(config, caps)
     return ContinuousPrompts(config, caps)

@@ -39,8 +39,9 @@ from ..data import ImageDataset
 from ..errors import ConfigError, DataError
 from .checkpoint import LEDGER_FILE
 from .config import TuneConfig
-from .loop import Run
+from .loop import run_tuning
 from .result import Progress, TuneResult
+from .state import RunOptions
 
 __all__ = ["Progress", "TuneResult", "Tuner"]
 
@@ -107,7 +108,8 @@ class Tuner:
                 self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
                 ledger = QueryLedger(self.config.budget, journal=self.checkpoint_dir / LEDGER_FILE, price=self.price, max_cost=self.max_cost)
         ledger = ledger if ledger is not None else QueryLedger(self.config.budget, price=self.price, max_cost=self.max_cost)
-        return Run(self, client, ledger, train, val).execute()
+        options = RunOptions(self.checkpoint_dir, self.checkpoint_every, self.resume, self.on_progress)
+        return run_tuning(self.config, options, client, ledger, train, val)
 
     def _check_checkpoint_dir(self) -> None:
         assert self.checkpoint_dir is not None
