@@ -169,19 +169,19 @@ def test_robust_run_resumes_to_the_same_adapter(planted_bias, tmp_path: Path, mo
     ref = Adapter.from_result(Tuner(cfg).fit(box.client(), train))
     import craft_sdk.tuner.loop as loop
 
-    original = loop.Run._generation
+    original = loop._generation
     calls = {"n": 0}
 
-    def crash(self, g):  # noqa: ANN001, ANN202
+    def crash(state, io, g):  # noqa: ANN001, ANN202
         calls["n"] += 1
         if calls["n"] == 9:
             raise KeyboardInterrupt
-        return original(self, g)
+        return original(state, io, g)
 
-    monkeypatch.setattr(loop.Run, "_generation", crash)
+    monkeypatch.setattr(loop, "_generation", crash)
     with pytest.raises(KeyboardInterrupt):
         Tuner(cfg, checkpoint_dir=tmp_path / "ck").fit(box.client(), train)
-    monkeypatch.setattr(loop.Run, "_generation", original)
+    monkeypatch.setattr(loop, "_generation", original)
     resumed = Adapter.from_result(Tuner(cfg, checkpoint_dir=tmp_path / "ck", resume=True).fit(box.client(), train))
     assert resumed.tensors().keys() == ref.tensors().keys()
     for k, v in ref.tensors().items():
