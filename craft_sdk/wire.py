@@ -28,6 +28,7 @@ SAFETENSORS = "application/x-safetensors"
 CHECKSUM_HEADER = "X-Craft-Body-SHA256"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 MODEL_FAULT = "model_fault"  # the error code of a 5xx a retry cannot fix: the model's scores for a valid request are unusable
+STORE_UNAVAILABLE = "store_unavailable"  # 503: the state store cannot record a charge now; nothing was computed or billed
 MAX_HEADER_BYTES = 16 << 20
 MAX_NDIM = 8
 MAX_DIM = 1 << 40  # any larger dimension cannot describe bytes of a body we accept

@@ -125,6 +125,11 @@ def test_saved_canary_round_trips_and_old_adapters_still_load(tuned: tuple[Adapt
     assert "canary" not in json.loads((tmp_path / "old" / CONFIG_FILE).read_text())  # same bytes as before canaries
     report = check_canary(Adapter.from_pretrained(tmp_path / "old"), tiny_client)
     assert not report.recorded and not report.drifted and report.queries_used == 0 and "no canary recorded" in report.summary()
+    from craft_sdk.cli import app
+
+    gate = CliRunner().invoke(app, ["check", str(tmp_path / "old"), "--model", "demo", "--fail-on-drift"])  # a gate that checks nothing
+    assert gate.exit_code == 1 and "--canary N" in gate.output and len(gate.output.strip().splitlines()) == 1, gate.output
+    assert CliRunner().invoke(app, ["check", str(tmp_path / "old"), "--model", "demo"]).exit_code == 0  # without the gate: says so
 
 
 def test_corrupt_canaries_are_refused(saved: Path, tmp_path: Path) -> None:

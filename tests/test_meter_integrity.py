@@ -488,3 +488,172 @@ def test_replays_beyond_the_memory_cache_are_answered_from_the_store(tiny_client
         assert httpx.get(f"{restarted.url}/v1/usage", headers=AUTH, timeout=30).json()["used"] == 8
     finally:
         restarted.stop()
+
+
+# ------------------------------------------------------------------ issue 20 leftovers: fail closed, legacy values, upgrades
+
+
+def refused_to_start(args: list[str]) -> str:
+    """``craft-sdk serve ARGS`` must exit at once (before serving); its stderr."""
+    cmd = [sys.executable, "-m", "craft_sdk.cli", "serve", "--port", str(free_port()), *args]
+    proc = subprocess.Popen(cmd, env=suite_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"serve {args} started serving")
+    assert proc.returncode == 2, err.decode()
+    return err.decode()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_a_store_without_meters_needs_a_budget_or_no_budget(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    spec = spec_for(kind, tmp_path, request)  # a new file, or a flushed Redis
+    with pytest.raises(ConfigError, match="--budget-per-key N, or --no-budget"):
+        open_store(spec, budget_required=True)
+    if kind == "sqlite":
+        assert not Path(spec).exists()  # nothing written: a second start without the flag is refused too
+    else:
+        import redis
+
+        assert redis.Redis.from_url(spec).dbsize() == 0
+    with pytest.raises(ConfigError, match="--no-budget"):
+        open_store(spec, budget_required=True)
+    open_store(spec, budget_required=True, unlimited=True).close()  # the explicit opt-out, stored
+    again = open_store(spec, budget_required=True)  # an intact store: a restart without flags keeps what it holds
+    assert again.usage("alice")["budget"] is None
+    again.close()
+    open_store(spec, 30, budget_required=True).close()
+    assert open_store(spec, budget_required=True).usage("alice")["budget"] == 30  # defect 1 still held
+    with pytest.raises(ConfigError, match="not both"):
+        open_store(spec, 5, unlimited=True)
+
+
+def test_serve_on_a_flushed_redis_without_the_budget_flag_refuses_to_start(tiny_model_dir: Path, key_file: Path,  # noqa: F811
+                                                                          redis_url: str) -> None:  # noqa: F811
+    import redis
+
+    r = redis.Redis.from_url(redis_url)
+    r.flushdb()
+    open_store(redis_url, default_budget=40).close()  # served with --budget-per-key 40 before
+    r.flushall()  # the data is gone (or a Redis restarted without persistence)
+    err = refused_to_start(["--model", f"local-dir:{tiny_model_dir}", "--api-key-file", str(key_file), "--state", redis_url])
+    assert len(err.strip().splitlines()) == 1 and "--budget-per-key N, or --no-budget" in err, err
+    assert r.dbsize() == 0  # not "starting a new one" unlimited
+    both = refused_to_start(["--model", f"local-dir:{tiny_model_dir}", "--api-key-file", str(key_file), "--state", redis_url,
+                             "--budget-per-key", "5", "--no-budget"])
+    assert "not both" in both and len(both.strip().splitlines()) == 1
+
+
+def test_legacy_float_budgets_never_break_the_listing(redis_url: str, tmp_path: Path) -> None:  # noqa: F811
+    import redis
+
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    r.flushdb()
+    store = open_store(redis_url, default_budget=100)
+    for name in ("alice", "bob", "carol", "dave"):
+        store.begin(name, None, "", 2, "me")
+    r.hset("craft:usage:bob", "budget", "150.0")  # what an older craft-sdk wrote: an integral float
+    r.hset("craft:usage:carol", "budget", "1e+17")  # the float a huge top-up left behind
+    r.hset("craft:usage:dave", "budget", "7.5")
+    sqlite_state = tmp_path / "state.db"
+    lite = SQLiteStore(sqlite_state, default_budget=100)
+    for name in ("alice", "bob", "carol"):
+        lite.begin(name, None, "", 2, "me")
+    db = sqlite3.connect(sqlite_state)
+    db.execute("UPDATE usage SET budget = 150.0 WHERE key = 'bob'")
+    db.execute("UPDATE usage SET budget = 1e17 WHERE key = 'carol'")
+    db.commit()
+    db.close()
+    run = CliRunner().invoke
+    for state, broken in ((redis_url, ("carol", "dave")), (str(sqlite_state), ("carol",))):
+        listed = run(cli, ["serve-keys", "list", "--state", state, "--json"])
+        assert listed.exit_code == 0, listed.output
+        rows = json.loads(listed.stdout)
+        assert rows["alice"] == {"used": 2, "budget": 100, "remaining": 98, "uploads": 0}
+        assert rows["bob"] == {"used": 2, "budget": 150, "remaining": 148, "uploads": 0}  # read as the integer it is
+        for name in broken:
+            assert f"serve-keys set-budget {name} N" in rows[name]["error"], rows[name]  # that key only, with the fix
+        table = run(cli, ["serve-keys", "list", "--state", state])
+        assert table.exit_code == 0 and "150" in table.stdout and "set-budget carol" in table.stdout
+    store.top_up("bob", 10)  # a legacy integral float tops up to an integer
+    assert r.hget("craft:usage:bob", "budget") == "160" and store.begin("bob", None, "", 1, "me").status == "charged"
+    from craft_sdk.errors import StoreError
+
+    with pytest.raises(StoreError, match="set-budget carol"):
+        store.begin("carol", None, "", 1, "me")  # refused for that key, never an unlimited budget
+    store.set_budget("carol", 50)
+    assert store.usage("carol")["budget"] == 50 and store.begin("carol", None, "", 1, "me").status == "charged"
+    store.close()
+
+
+def test_an_old_format_redis_with_percent_names_upgrades_without_mixing_tenants(redis_url: str) -> None:  # noqa: F811
+    import redis
+
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    for attempt in range(2):  # either order of the two old names in Redis' scan
+        r.flushdb()
+        r.hset("craft:settings", mapping={"default_budget": "10", "secret": "00" * 32})  # format 0: no 'format' field
+        first, second = ("a:b", "a%3Ab") if attempt == 0 else ("a%3Ab", "a:b")
+        r.hset(f"craft:usage:{first}", mapping={"used": "3", "uploads": "0"})
+        r.hset(f"craft:usage:{second}", mapping={"used": "5", "uploads": "0"})
+        r.hset("craft:idem:a%3Ab:k", mapping={"request": "h-old", "status": "done", "owner": "x", "digest": "d"})  # old tenant 'a%3Ab'
+        store = open_store(redis_url)
+        assert set(store.keys()) == {"a:b", "a%3Ab"}
+        assert store.usage(first)["used"] == 3 and store.usage(second)["used"] == 5
+        assert store.begin("a:b", "k", "h-new", 1, "me").status == "charged"  # not the old tenant's record
+        assert r.hget("craft:settings", "format") == "1" and not r.keys("craft:migrating:*")
+        store.close()
+
+
+def test_serve_store_timeout_option(tiny_model_dir: Path, key_file: Path, tmp_path: Path) -> None:  # noqa: F811
+    state = tmp_path / "state.db"
+    assert "--store-timeout" in CliRunner().invoke(cli, ["serve", "--help"]).output
+    proc, url = serve_cli(tiny_model_dir, key_file, str(state), "--budget-per-key", "10", "--store-timeout", "2")
+    try:
+        other = sqlite3.connect(state, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # the store is locked from outside
+        health = httpx.get(f"{url}/v1/health", timeout=60)
+        other.execute("ROLLBACK")
+        other.close()
+    finally:
+        stop(proc)
+    assert health.status_code == 503 and "within 2 s" in health.json()["store"], health.text
+
+
+def test_httpclient_counts_a_store_outage_as_unbilled(tiny_client: Any, tmp_path: Path) -> None:
+    """A 503 store_unavailable was refused before computing: HTTPClient marks it unbilled, so the client's own
+    ledger refunds it and equals the server's meter (it counted the refused queries as spent)."""
+    from craft_sdk.client.http import HTTPClient, HTTPClientConfig
+    from craft_sdk.client.ledger import MeteredClient, QueryLedger
+    from craft_sdk.errors import ClientError
+
+    path = tmp_path / "state.db"
+    server = serving(tiny_client, SQLiteStore(path, default_budget=100), budget_per_key=100, store_timeout_s=1)
+    config = HTTPClientConfig(max_retries=1, backoff=0.05, max_backoff=0.1, timeout=120)
+    try:
+        with HTTPClient(server.url, api_key=KEY, config=config) as http:
+            ledger = QueryLedger(budget=100)
+            client = MeteredClient(http, ledger)
+            images = [np.zeros((32, 32, 3), np.uint8)] * 2
+            handle = http.upload(images)
+            caps = http.capabilities()
+            offsets = np.full((3, caps.n_ctx, caps.ctx_dim), 0.01, np.float32)
+            client.predict(handle, ["a", "b"], offsets=offsets)
+            other = sqlite3.connect(path, isolation_level=None)
+            other.execute("BEGIN IMMEDIATE")  # the store is stalled: every charge times out (503 store_unavailable)
+            try:
+                with pytest.raises(ClientError) as failed:
+                    client.predict(handle, ["a", "b"], offsets=offsets * 2)
+            finally:
+                other.execute("ROLLBACK")
+                other.close()
+            assert failed.value.unbilled, str(failed.value)
+            deadline = time.monotonic() + 60  # a charge the store recorded late is refunded by the server
+            while http.usage()["used"] != 3:
+                assert time.monotonic() < deadline, http.usage()
+                time.sleep(0.5)
+            assert ledger.used == 3, ledger.used
+    finally:
+        server.stop()

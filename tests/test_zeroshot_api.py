@@ -275,7 +275,7 @@ def test_serve_text_only_flag(tiny_model_dir: Path, tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     keys.write_text(f"alice {KEY}\n")
     port = free_port()
-    proc, _ = start_serve(["--model", f"local-dir:{tiny_model_dir}", "--api-key-file", str(keys), "--text-only"],
+    proc, _ = start_serve(["--model", f"local-dir:{tiny_model_dir}", "--api-key-file", str(keys), "--text-only", "--no-budget"],
                           port=port, stdout=subprocess.PIPE)
     try:
         url = f"http://127.0.0.1:{port}"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ._app import app, emit_json, err, guarded, open_client
+from ._app import app, emit_json, err, fail, guarded, open_client
 
 DRIFT_EXIT = 3  # --fail-on-drift: the box drifted (1 and 2 stay errors)
 MODEL_HELP = "the black box to check: demo, an open_clip name, local-dir:/path, http(s)://server, zeroshot+http(s)://endpoint, or text-only:<any of these>"
@@ -24,11 +24,15 @@ def check(
     fail_on_drift: bool = typer.Option(False, "--fail-on-drift", help=f"exit {DRIFT_EXIT} when the box has drifted (to gate a deployment)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
 ) -> None:
-    """Re-score the adapter's drift canary through MODEL: unchanged (exit 0) or drifted (exit 3 with --fail-on-drift)."""
+    """Re-score the adapter's drift canary through MODEL: unchanged (exit 0) or drifted (exit 3 with --fail-on-drift;
+    exit 1 when the adapter has no canary)."""
     from ..adapter import Adapter
     from ..canary import check_canary
 
     loaded = Adapter.from_pretrained(adapter, revision=revision, subfolder=subfolder)
+    if fail_on_drift and loaded.config.canary is None:  # nothing to check: a gate that always passes is no gate
+        raise fail(f"{adapter} has no drift canary, so --fail-on-drift cannot gate anything; re-tune it with --canary N "
+                   "(or drop --fail-on-drift)", 1)
     report = check_canary(loaded, open_client(model, pretrained, api_key_file))
     if as_json:
         emit_json({"adapter": adapter, "model": model, **report.to_dict()})

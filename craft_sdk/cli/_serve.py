@@ -19,7 +19,9 @@ STATE_HELP = ("where meters, budgets and idempotency records persist: a SQLite f
               "'craft-sdk\\[redis]'; its password from the CRAFT_REDIS_PASSWORD environment variable or the file named by "
               "CRAFT_REDIS_PASSWORD_FILE, never in the URL)")  # "\\[": rich markup would eat "[redis]"
 BUDGET_HELP = ("queries each key may use (same unit as the tuner's ledger); stored in --state, so a restart without "
-               "this option keeps the stored budget")
+               "this option keeps the stored budget. A state that holds no meters yet (new, or a flushed Redis) needs it, or --no-budget")
+NO_BUDGET_HELP = "serve without any query budget (stored in --state like a budget); the explicit opt-out a new state needs"
+STORE_TIMEOUT_HELP = "seconds one state-store call may take; beyond it metered routes answer 503 (Retry-After) and /v1/health says why"
 
 
 def default_state(api_key_file: Path) -> str:
@@ -73,11 +75,13 @@ def serve(
     port: int = typer.Option(8765, help="TCP port"),
     api_key_file: Path = typer.Option(..., help="file of API keys: one KEY or 'NAME KEY' per line"),
     budget_per_key: int | None = typer.Option(None, help=BUDGET_HELP),
+    no_budget: bool = typer.Option(False, "--no-budget", help=NO_BUDGET_HELP),
     state: str | None = typer.Option(None, "--state", help=STATE_HELP),
     workers: int = typer.Option(1, help="server processes sharing the port and the state (each loads the model)"),
     max_body_mb: int = typer.Option(256, help="largest request body in MiB"),
     cache_size: int = typer.Option(8, help="uploaded image sets whose features are kept, per key"),
     max_prompts: int = typer.Option(16_384, help="P x C prompts one request may ask (its compute; raise it on a GPU)"),
+    store_timeout: int = typer.Option(5, "--store-timeout", help=STORE_TIMEOUT_HELP),
     device: str = typer.Option("cpu", help="torch device of the model"),
     text_only: bool = typer.Option(False, "--text-only", help="refuse context offsets (a text-only provider); /v1/zero-shot/* still answers"),
 ) -> None:
@@ -93,15 +97,19 @@ def serve(
     _check_free(host, port)
     if workers < 1:
         raise fail(f"--workers must be >= 1, got {workers}")
+    if no_budget and budget_per_key is not None:
+        raise fail("give either --budget-per-key or --no-budget, not both")
     if workers > 1 and state == "memory":
         raise fail("--state memory keeps meters in one process, so --workers would multiply every budget; use a SQLite file or redis://")
     check_state_url(state)
     keys = load_api_keys(api_key_file)
     config = ServerConfig(budget_per_key=budget_per_key, max_body_bytes=max_body_mb << 20, max_image_sets=cache_size,
-                          max_prompts=max_prompts)
+                          max_prompts=max_prompts, store_timeout_s=store_timeout)
     spec = {"model": model, "pretrained": pretrained_kwargs(pretrained), "device": device, "text_only": text_only,
             "api_key_file": str(api_key_file), "config": asdict(config), "state": state or default_state(api_key_file)}
-    store = open_store(spec["state"], config.budget_per_key, config.lease_s)  # a bad --state fails now; logs Redis persistence problems
+    # a bad --state fails now, and so does a state without meters and no budget (fail closed); logs Redis persistence problems
+    store = open_store(spec["state"], config.budget_per_key, config.lease_s, timeout_s=config.store_timeout_s, budget_required=True,
+                       unlimited=no_budget)
     stored = store.usage("")["budget"]  # the default budget every process on this state enforces
     store.close()
     where = "memory (lost on restart)" if spec["state"] == "memory" else spec["state"]
@@ -171,14 +179,27 @@ def keys_list(state: str | None = STATE_OPT, api_key_file: Path | None = KEYS_OP
         from ..serve import load_api_keys
 
         names |= set(load_api_keys(api_key_file))
-    rows = {name: store.usage(name) for name in sorted(names)}
+    rows = {name: _usage_or_error(store, name) for name in sorted(names)}
     if as_json:
         emit_json(rows)
         return
     typer.echo(f"{'key':<24} {'used':>10} {'budget':>10} {'remaining':>10} {'uploads':>8}")
     for name, u in rows.items():
+        if "error" in u:
+            typer.echo(f"{name:<24} {u['error']}")
+            continue
         fmt = [("-" if u[k] is None else str(u[k])) for k in ("used", "budget", "remaining", "uploads")]
         typer.echo(f"{name:<24} {fmt[0]:>10} {fmt[1]:>10} {fmt[2]:>10} {fmt[3]:>8}")
+
+
+def _usage_or_error(store: Any, name: str) -> dict[str, Any]:
+    """A key's usage, or ``{"error": why}`` when its record cannot be read (one bad key never hides the others)."""
+    from ..errors import StoreError
+
+    try:
+        return store.usage(name)  # type: ignore[no-any-return]
+    except StoreError as exc:
+        return {"error": str(exc).splitlines()[0]}
 
 
 @keys_app.command("top-up")

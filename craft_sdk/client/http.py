@@ -66,6 +66,7 @@ from ..wire import (
     IDEMPOTENCY_HEADER,
     MODEL_FAULT,
     SAFETENSORS,
+    STORE_UNAVAILABLE,
     WireError,
     encode,
     encode_images,
@@ -311,7 +312,9 @@ class HTTPClient(BaseClient):
         if resp.status_code >= 500 and code == MODEL_FAULT:  # the same request fails the same way: not retried
             raise ClientError(f"{self.url} could not score this request (HTTP {resp.status_code} {code}): {message}", unbilled=True)
         if resp.status_code in RETRY_STATUSES:
-            billed = resp.status_code >= 500 and code != "in_progress"  # a 5xx may follow a computation
+            # a 5xx may follow a computation; not in_progress, nor store_unavailable (refused before computing: the
+            # server refunds a charge its store recorded late, and delivers any answer it computed)
+            billed = resp.status_code >= 500 and code not in ("in_progress", STORE_UNAVAILABLE)
             raise _Retry(f"HTTP {resp.status_code} {code or _one_line(resp.reason_phrase, 40)}", _retry_after(resp), billed)
         if resp.status_code == 404 and code == "unknown_handle":
             raise _HandleGone(message)

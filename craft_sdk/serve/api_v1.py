@@ -172,7 +172,7 @@ async def _compute(state: ServerState, key: str, job: _Job, digest: str) -> Cach
         raise Problem(404, "unknown_handle", _GONE, "handle") from None
     except CraftError as exc:
         raise Problem(422, "rejected", checks.first_line(exc)) from None
-    return metered_response(digest, payload, job.queries, await state.meter.usage(key), model_ms)
+    return metered_response(digest, payload, job.queries, await state.meter.usage_of_delivered(key), model_ms)
 
 
 def _respond(resp: CachedResponse, replayed: bool = False) -> Any:

@@ -25,6 +25,7 @@ import numpy as np
 from .._lru import LRU
 from ..client.base import BaseClient, PredictionClient, check_offsets
 from ..errors import ConfigError, CraftError, StoreError
+from ..wire import STORE_UNAVAILABLE
 from . import checks
 from .checks import Problem
 from .config import ServerConfig
@@ -104,6 +105,15 @@ class Meter:
         except Problem as p:
             logger.error("could not record the answer of key %r (Idempotency-Key %s): %s", key, idem, p.message)
 
+    async def usage_of_delivered(self, key: str) -> dict[str, Any]:
+        """``key``'s usage for the headers of an answer already computed and charged; a store failing now gives
+        empty meter headers, never a 503 (the answer is delivered: it was billed)."""
+        try:
+            return await self.call("usage", key)  # type: ignore[no-any-return]
+        except Problem as p:
+            logger.warning("could not read the meter of key %r for an answer's headers: %s", key, p.message)
+            return {"used": "", "budget": None, "remaining": None, "uploads": ""}
+
     async def health(self) -> str | None:
         """None when the store can record a charge now, else why not (one line)."""
         try:
@@ -119,7 +129,7 @@ class Meter:
 
 
 def store_unavailable(message: str) -> Problem:
-    return Problem(503, "store_unavailable", f"{message}; retry later", headers={"Retry-After": "5"})
+    return Problem(503, STORE_UNAVAILABLE, f"{message}; retry later", headers={"Retry-After": "5"})
 
 
 class ServerState:

@@ -42,7 +42,7 @@ from ..client.hosted import IMAGE_TOKENS, text_tokens
 from ..errors import ClientError, CraftError
 from ..images import image_digest
 from ..scores import softmax
-from ..wire import IDEMPOTENCY_HEADER, WireError, loads_json
+from ..wire import IDEMPOTENCY_HEADER, WireError, loads_json, query_cost
 from . import checks
 from .auth import authenticator
 from .checks import Problem
@@ -77,6 +77,12 @@ class _Job:
     seed: int | None = None
     prompt_tokens: int = 0
 
+    @property
+    def queries(self) -> int:
+        """The billing rule of every route (:func:`~craft_sdk.wire.query_cost`): a request scores (or embeds) under
+        no offsets, so it is 1 query, whatever ``n`` or the number of texts (README, "Billing")."""
+        return query_cost(None)
+
 
 def register(router: APIRouter, state: ServerState) -> None:
     """Add ``POST /chat/completions``, ``/embeddings`` and ``/embed`` to ``router`` (mounted at ``/v1``)."""
@@ -98,7 +104,7 @@ def _route(state: ServerState, kind: str, authenticate: Any) -> Any:
 
         return await answer_once(
             state, key, None if idem is None else f"{kind}\0{idem}", body, job=lambda: _job(state, key, kind, body),
-            queries=lambda job: 1, compute=lambda job, digest: _compute(state, key, job, digest), respond=json_response,
+            queries=lambda job: job.queries, compute=lambda job, digest: _compute(state, key, job, digest), respond=json_response,
             refusal=refusal,
         )
 
@@ -225,7 +231,7 @@ async def _compute(state: ServerState, key: str, job: _Job, digest: str) -> Cach
     except CraftError as exc:
         raise Problem(422, "rejected", checks.first_line(exc)) from None
     body = json.dumps(payload).encode()
-    return metered_response(digest, body, 1, await state.meter.usage(key), 1000 * (time.perf_counter() - t0))
+    return metered_response(digest, body, job.queries, await state.meter.usage_of_delivered(key), 1000 * (time.perf_counter() - t0))
 
 
 def _scores(state: ServerState, job: _Job) -> np.ndarray:

@@ -27,7 +27,18 @@ from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
 from ..errors import ConfigError, StoreError, require
-from .storebase import IDEMPOTENCY_TTL_S, LOST, MAX_BUDGET, Begin, Store, check_budget, check_top_up, report_usage
+from .storebase import (
+    IDEMPOTENCY_TTL_S,
+    LOST,
+    MAX_BUDGET,
+    Begin,
+    Store,
+    check_budget,
+    check_top_up,
+    new_store_budget,
+    report_usage,
+    stored_int,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +46,10 @@ PREFIX = "craft:"
 FORMAT = 1  # 0: names unescaped (craft-sdk before the format field)
 PASSWORD_ENV, PASSWORD_FILE_ENV = "CRAFT_REDIS_PASSWORD", "CRAFT_REDIS_PASSWORD_FILE"
 
-# KEYS: usage hash, idem hash ('' = none), settings. ARGV: n, request, owner, ttl, instance prefix
+# a budget field must be an integer from 0 to the max (a legacy float such as 150.0 counts as its integer)
+_BAD_BUDGET = "local b = tonumber(budget) if b == nil or b ~= math.floor(b) or b < 0 or b > tonumber(ARGV[{max}]) then return {{'bad', budget}} end"
+
+# KEYS: usage hash, idem hash ('' = none), settings. ARGV: n, request, owner, ttl, instance prefix, max budget
 _BEGIN = """
 if redis.call('EXISTS', KEYS[3]) == 0 then return {'lost'} end
 if KEYS[2] ~= '' and redis.call('EXISTS', KEYS[2]) == 1 then
@@ -47,6 +61,7 @@ if KEYS[2] ~= '' and redis.call('EXISTS', KEYS[2]) == 1 then
   return {'takeover'}
 end
 local budget = redis.call('HGET', KEYS[1], 'budget') or redis.call('HGET', KEYS[3], 'default_budget') or 'None'
+if budget ~= 'None' then """ + _BAD_BUDGET.format(max=6) + """ end
 local used = tonumber(redis.call('HGET', KEYS[1], 'used') or '0')
 local n = tonumber(ARGV[1])
 if budget ~= 'None' and used + n > tonumber(budget) then return {'refused'} end
@@ -72,9 +87,9 @@ _TOP_UP = """
 if redis.call('EXISTS', KEYS[2]) == 0 then return {'lost'} end
 local budget = redis.call('HGET', KEYS[1], 'budget') or redis.call('HGET', KEYS[2], 'default_budget') or 'None'
 if budget == 'None' then return {'unlimited'} end
-if tonumber(budget) + tonumber(ARGV[1]) > tonumber(ARGV[2]) then return {'over', budget} end
-redis.call('HSET', KEYS[1], 'budget', budget)
-redis.call('HINCRBY', KEYS[1], 'budget', ARGV[1])
+""" + _BAD_BUDGET.format(max=2) + """
+if b + tonumber(ARGV[1]) > tonumber(ARGV[2]) then return {'over', budget} end
+redis.call('HSET', KEYS[1], 'budget', string.format('%.0f', b + tonumber(ARGV[1])))
 return {'ok'}
 """
 
@@ -108,21 +123,25 @@ class RedisStore(Store):
         default_budget: queries per key unless a key has a budget of its own; None keeps the stored value.
         timeout_s: seconds one Redis call may take.
         create: False refuses a Redis that holds no craft-sdk state (``serve-keys`` on a wrong URL).
+        budget_required: refuse a Redis that holds no craft-sdk state (new, or flushed) when ``default_budget`` is
+            None, unless ``unlimited`` (``craft-sdk serve``: ``--budget-per-key N`` or ``--no-budget``); nothing written.
+        unlimited: store "no budget" as the default, explicitly (``--no-budget``).
 
     Example:
         >>> store = RedisStore("redis://127.0.0.1:6379/0", default_budget=8000)   # doctest: +SKIP
     """
 
     def __init__(self, url: str, default_budget: int | None = None, lease_s: float = 10.0, *,
-                 timeout_s: float = 10.0, create: bool = True) -> None:
+                 timeout_s: float = 10.0, create: bool = True, budget_required: bool = False, unlimited: bool = False) -> None:
         check_budget(default_budget)
+        new_store_budget("", default_budget, False, unlimited)
         redis = require("redis", "redis", "a redis:// state")
         self.lease_s, self.url = lease_s, _safe(url)
         self._redis = redis.Redis.from_url(url, password=_password(url), decode_responses=True, socket_timeout=timeout_s,
                                            socket_connect_timeout=min(5.0, timeout_s))
         self._settings = PREFIX + "settings"
         try:
-            self._open(default_budget, create)
+            self._open(default_budget, create, budget_required, unlimited)
             self.warnings = self.persistence_problems()
         except redis.RedisError as exc:
             raise ConfigError(f"cannot reach the Redis state at {self.url}: {str(exc).splitlines()[0][:120]}; is redis-server running?") from None
@@ -132,10 +151,12 @@ class RedisStore(Store):
         self._abort = self._redis.register_script(_ABORT)
         self._top_up = self._redis.register_script(_TOP_UP)
 
-    def _open(self, default_budget: int | None, create: bool) -> None:
+    def _open(self, default_budget: int | None, create: bool, budget_required: bool, unlimited: bool) -> None:
         settings = self._redis.hgetall(self._settings)
         if not settings and not create:
             raise ConfigError(f"the Redis state at {self.url} holds no craft-sdk state (never served, or its data was lost); check --state")
+        if not settings:
+            new_store_budget(f"the Redis state at {self.url}", default_budget, budget_required, unlimited)
         fmt = settings.get("format", "0" if settings else str(FORMAT))
         if not fmt.isdigit() or int(fmt) > FORMAT:
             raise ConfigError(f"the Redis state at {self.url} has format {fmt!r}, written by a newer craft-sdk; upgrade craft-sdk")
@@ -146,19 +167,31 @@ class RedisStore(Store):
                            "unlimited" if default_budget is None else default_budget)
         pipe = self._redis.pipeline()
         pipe.hsetnx(self._settings, "default_budget", "None")
-        if default_budget is not None:
+        if default_budget is not None or unlimited:
             pipe.hset(self._settings, "default_budget", str(default_budget))
         pipe.hsetnx(self._settings, "secret", secrets.token_hex(32))
         pipe.hset(self._settings, "format", str(FORMAT))
         pipe.execute()
 
     def _migrate_names(self) -> None:
-        """Format 0 -> 1: rename each ``usage:<name>`` to its escaped name (idempotency records just expire)."""
+        """Format 0 -> 1 in one transaction: every ``usage:<name>`` renamed to its escaped name, in two steps
+        (through a temporary name) so an old name that looks escaped (``a%3Ab``) is never overwritten by the
+        escaped form of another (``a:b``); the old idempotency records are dropped, since ``idem:<key>:<idem>``
+        cannot be split unambiguously when names hold ``:`` (a replay of one is computed, and billed, again)."""
         start = len(self._usage_key(""))
-        for k in list(self._redis.scan_iter(PREFIX + "usage:*", count=1000)):
-            escaped = self._usage_key(k[start:])
-            if escaped != k:
-                self._redis.rename(k, escaped)
+        old = list(self._redis.scan_iter(PREFIX + "usage:*", count=1000))
+        idem = list(self._redis.scan_iter(PREFIX + "idem:*", count=1000))
+        pipe = self._redis.pipeline(transaction=True)  # MULTI/EXEC: all of it, or (a crash before EXEC) none
+        for i, k in enumerate(old):
+            pipe.rename(k, f"{PREFIX}migrating:{i}")
+        for i, k in enumerate(old):
+            pipe.rename(f"{PREFIX}migrating:{i}", self._usage_key(k[start:]))
+        if idem:
+            pipe.delete(*idem)
+        pipe.hset(self._settings, "format", str(FORMAT))
+        pipe.execute()
+        logger.warning("the Redis state at %s was upgraded to format %d: %d key meters renamed, %d idempotency records of the "
+                       "previous version dropped", self.url, FORMAT, len(old), len(idem))
 
     def persistence_problems(self) -> list[str]:
         """What in Redis' configuration can lose meters (no AOF and no RDB, evicting keys); [] when CONFIG is disabled."""
@@ -188,10 +221,12 @@ class RedisStore(Store):
     def begin(self, key: str, idem: str | None, request: str, n: int, owner: str) -> Begin:
         out = self._begin(
             keys=[self._usage_key(key), self._idem_key(key, idem), self._settings],
-            args=[n, request, owner, IDEMPOTENCY_TTL_S, f"{PREFIX}instance:"],
+            args=[n, request, owner, IDEMPOTENCY_TTL_S, f"{PREFIX}instance:", MAX_BUDGET],
         )
         if out[0] == "lost":
             raise StoreError(LOST)
+        if out[0] == "bad":
+            stored_int(out[1], key)  # raises the one-line reason
         if out[0] == "replay":
             return Begin("replay", out[1] or None, base64.b64decode(out[2]) if out[2] else None)
         return Begin(out[0])
@@ -218,10 +253,8 @@ class RedisStore(Store):
         if default is None:
             raise StoreError(LOST)
         budget = row.get("budget", default)
-        try:
-            return report_usage(int(row.get("used", 0)), int(row.get("uploads", 0)), None if budget == "None" else int(budget))
-        except ValueError:
-            raise StoreError(f"the Redis meter of key {key!r} holds a value that is not an integer; fix it with craft-sdk serve-keys set-budget") from None
+        used, uploads = stored_int(row.get("used", 0), key, "used queries"), stored_int(row.get("uploads", 0), key, "uploads")
+        return report_usage(used, uploads, None if budget == "None" else stored_int(budget, key if "budget" in row else None))
 
     def beat(self, owner: str) -> None:
         self._redis.set(f"{PREFIX}instance:{owner}", "1", px=int(self.lease_s * 1000))
@@ -245,6 +278,8 @@ class RedisStore(Store):
         out = self._top_up(keys=[self._usage_key(key), self._settings], args=[n, MAX_BUDGET])
         if out[0] == "lost":
             raise StoreError(LOST)
+        if out[0] == "bad":
+            stored_int(out[1], key)  # raises the one-line reason
         if out[0] != "ok":
             check_top_up(key, None if out[0] == "unlimited" else int(out[1]), n)  # raises the one-line reason
 

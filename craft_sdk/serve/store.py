@@ -27,7 +27,18 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, StoreError
-from .storebase import IDEMPOTENCY_TTL_S, LOST, MAX_BUDGET, Begin, Store, check_budget, check_top_up, report_usage
+from .storebase import (
+    IDEMPOTENCY_TTL_S,
+    LOST,
+    MAX_BUDGET,
+    Begin,
+    Store,
+    check_budget,
+    check_top_up,
+    new_store_budget,
+    report_usage,
+    stored_int,
+)
 
 __all__ = ["IDEMPOTENCY_TTL_S", "LOST", "MAX_BUDGET", "Begin", "MemoryStore", "SQLiteStore", "Store", "check_top_up", "open_store"]
 
@@ -216,36 +227,49 @@ class SQLiteStore(Store):
             and ``craft-sdk serve-keys`` see it; None keeps the stored value (unlimited in a new store).
         timeout_s: seconds to wait for another process's transaction before giving up.
         create: False refuses a missing file (``serve-keys`` on a mistyped path).
+        budget_required: refuse (ConfigError, nothing written) a new or empty file when ``default_budget`` is None,
+            unless ``unlimited`` (``craft-sdk serve`` fails closed: ``--budget-per-key N`` or ``--no-budget``).
+        unlimited: store "no budget" as the default, explicitly (``--no-budget``).
 
     Example:
         >>> store = SQLiteStore("/var/lib/craft/state.db", default_budget=8000)   # doctest: +SKIP
     """
 
     def __init__(self, path: str | Path, default_budget: int | None = None, lease_s: float = 10.0, *,
-                 timeout_s: float = 30.0, create: bool = True) -> None:
+                 timeout_s: float = 30.0, create: bool = True, budget_required: bool = False, unlimited: bool = False) -> None:
         check_budget(default_budget)
+        new_store_budget("", default_budget, False, unlimited)
         self.path, self.lease_s = Path(path), lease_s
         if not create and not self.path.is_file():
             raise ConfigError(f"the state database {self.path} does not exist; check --state (craft-sdk serve creates it)")
+        created = False
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if not self.path.exists():
-                os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+                try:
+                    os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600))
+                    created = True
+                except FileExistsError:  # another process created it just now
+                    pass
             self._db = sqlite3.connect(str(self.path), timeout=timeout_s, isolation_level=None, check_same_thread=False)
             self._db.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
-            self._open(default_budget)
+            self._open(default_budget, budget_required, unlimited)
         except (sqlite3.Error, OSError) as exc:
             raise ConfigError(f"cannot open the state database {self.path}: {exc}; check the path and its permissions") from None
         except ConfigError:
             self._db.close()
+            if created:  # refused before anything was written: leave no empty file that a later start would accept
+                self.path.unlink(missing_ok=True)
             raise
         _private(self.path)
         self._lock = threading.Lock()
         self._finished = 0
 
-    def _open(self, default_budget: int | None) -> None:
+    def _open(self, default_budget: int | None, budget_required: bool, unlimited: bool) -> None:
         """Check (read only) that the file is ours, then switch to WAL, create or upgrade the schema, store the budget."""
         fmt = _format_of(self._db, self.path)  # refuses another application's database before anything is written
+        if fmt is None:
+            new_store_budget(f"the state {self.path}", default_budget, budget_required, unlimited)
         if fmt is not None and fmt > FORMAT:
             raise ConfigError(f"{self.path} is a state of format {fmt}, written by a newer craft-sdk (this one reads up to {FORMAT}); upgrade craft-sdk")
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -258,7 +282,7 @@ class SQLiteStore(Store):
                 for statement in _statements(_MIGRATIONS[fmt]):
                     db.execute(statement)
                 fmt += 1
-            if default_budget is not None:
+            if default_budget is not None or unlimited:
                 db.execute("INSERT OR REPLACE INTO settings VALUES ('default_budget', ?)", (str(default_budget),))
             db.execute("INSERT OR IGNORE INTO settings VALUES ('secret', ?)", (secrets.token_hex(32),))
 
@@ -280,12 +304,12 @@ class SQLiteStore(Store):
         row = db.execute("SELECT value FROM settings WHERE name = 'default_budget'").fetchone()
         if row is None:
             raise StoreError(LOST)
-        return None if row[0] == "None" else int(row[0])
+        return None if row[0] == "None" else stored_int(row[0], None)
 
     def _budget(self, db: sqlite3.Connection, key: str) -> tuple[int, int, int | None]:
         row = db.execute("SELECT used, uploads, budget FROM usage WHERE key = ?", (key,)).fetchone()
         used, uploads, own = row if row is not None else (0, 0, None)
-        return used, uploads, own if own is not None else self._default(db)
+        return stored_int(used, key, "used queries"), int(uploads), stored_int(own, key) if own is not None else self._default(db)
 
     def begin(self, key: str, idem: str | None, request: str, n: int, owner: str) -> Begin:
         with self._lock, self._tx() as db:
@@ -375,21 +399,24 @@ class SQLiteStore(Store):
 
 
 def open_store(spec: str | Path | None, default_budget: int | None = None, lease_s: float = 10.0, *,
-               timeout_s: float = 30.0, create: bool = True) -> Store:
+               timeout_s: float = 30.0, create: bool = True, budget_required: bool = False, unlimited: bool = False) -> Store:
     """The store named by ``spec``: None or ``"memory"``, a SQLite file path, or ``redis://host:port/db``.
 
     ``default_budget`` None keeps a persistent store's stored default (a restart without
-    ``--budget-per-key`` does not erase it); ``create`` False refuses a store that does not exist yet.
+    ``--budget-per-key`` does not erase it); ``create`` False refuses a store that does not exist yet;
+    ``budget_required`` refuses a persistent store that holds no meters (new, flushed, deleted) when
+    ``default_budget`` is None, unless ``unlimited`` (stored explicitly: no budget).
 
     Example:
         >>> open_store("memory", default_budget=100).usage("alice")["remaining"]
         100
     """
     if spec is None or str(spec) == "memory":
+        new_store_budget("", default_budget, False, unlimited)
         return MemoryStore(default_budget, lease_s)
     text = str(spec)
     if text.startswith(("redis://", "rediss://", "unix://")):
         from .redis_store import RedisStore
 
-        return RedisStore(text, default_budget, lease_s, timeout_s=timeout_s, create=create)
-    return SQLiteStore(text, default_budget, lease_s, timeout_s=timeout_s, create=create)
+        return RedisStore(text, default_budget, lease_s, timeout_s=timeout_s, create=create, budget_required=budget_required, unlimited=unlimited)
+    return SQLiteStore(text, default_budget, lease_s, timeout_s=timeout_s, create=create, budget_required=budget_required, unlimited=unlimited)

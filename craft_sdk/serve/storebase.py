@@ -12,6 +12,8 @@ from ..errors import ConfigError
 
 IDEMPOTENCY_TTL_S = 24 * 3600
 MAX_BUDGET = 10**15  # queries; integers below 2**53 stay exact everywhere (Redis' Lua numbers are doubles)
+NO_METERS = ("{where} holds no meters (a new store, or one whose data was lost), and no budget was given; pass "
+             "--budget-per-key N, or --no-budget to serve without limits")
 LOST = ("the state store lost its data (a FLUSHALL, an eviction or a restart without persistence); metered routes refuse "
         "until the operator restores it or restarts the server with --budget-per-key")
 
@@ -115,3 +117,33 @@ def check_top_up(key: str, budget: int | None, n: Any) -> int:
     if budget + n > MAX_BUDGET:
         raise ConfigError(f"topping up key {key!r} by {n} would give a budget of {budget + n}, over the limit of {MAX_BUDGET}")
     return budget + n
+
+
+def new_store_budget(where: str, default_budget: int | None, budget_required: bool, unlimited: bool) -> None:
+    """Refuse, before anything is written, to start a store that holds no meters without a budget when one is
+    required (``craft-sdk serve`` fails closed: a flushed Redis or a deleted file must not mean "unlimited")."""
+    if unlimited and default_budget is not None:
+        raise ConfigError(f"give either a budget ({default_budget}) or no budget (unlimited), not both")
+    if budget_required and default_budget is None and not unlimited:
+        raise ConfigError(NO_METERS.format(where=where))
+
+
+def stored_int(value: Any, key: str | None, what: str = "budget") -> int:
+    """A meter value read back from a store as an int: a legacy integral float (``150.0``, written by an older
+    craft-sdk) is that int; anything else (fractional, out of range, not a number) is a one-line StoreError
+    naming ``key`` (None: the default budget) and the fix."""
+    from ..errors import StoreError
+
+    if is_int(value) and 0 <= value <= MAX_BUDGET:
+        return int(value)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if number.is_integer() and 0 <= number <= MAX_BUDGET:
+        return int(number)
+    if key is None:
+        raise StoreError(f"the default budget in the state is {str(value)[:40]!r}, not an integer from 0 to {MAX_BUDGET}; "
+                         "restart the server with --budget-per-key N")
+    fix = f"craft-sdk serve-keys set-budget {key} N" if what == "budget" else f"craft-sdk serve-keys reset {key}"
+    raise StoreError(f"the {what} of key {key!r} in the state is {str(value)[:40]!r}, not an integer from 0 to {MAX_BUDGET}; fix it with {fix}")

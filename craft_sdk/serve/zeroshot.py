@@ -31,7 +31,7 @@ from ..client.base import DEFAULT_TEMPLATE
 from ..client.zeroshot import split_hypothesis
 from ..errors import ClientError, CraftError
 from ..scores import softmax
-from ..wire import IDEMPOTENCY_HEADER, WireError, loads_json
+from ..wire import IDEMPOTENCY_HEADER, WireError, loads_json, query_cost
 from . import checks
 from .auth import authenticator
 from .checks import Problem
@@ -53,6 +53,11 @@ class _Job:
     names: list[str]  # label + the hypothesis template's suffix: what the model scores
     context: str
     output: str
+
+    @property
+    def queries(self) -> int:
+        """The billing rule of every route (:func:`~craft_sdk.wire.query_cost`): one prompt, no offsets = 1 query."""
+        return query_cost(None)
 
 
 def register(router: APIRouter, state: ServerState) -> None:
@@ -76,7 +81,7 @@ async def _answer(state: ServerState, key: str, idem: str | None, body: bytes) -
         return f"the query budget of this API key is spent ({used} of {budget} used); ask the model owner for more"
 
     return await answer_once(
-        state, key, idem, body, job=lambda: _job(state, key, body), queries=lambda job: 1,
+        state, key, idem, body, job=lambda: _job(state, key, body), queries=lambda job: job.queries,
         compute=lambda job, digest: _compute(state, key, job, digest), respond=json_response, refusal=refusal,
     )
 
@@ -120,4 +125,4 @@ async def _compute(state: ServerState, key: str, job: _Job, digest: str) -> Cach
     probs = softmax(scores) if job.output == "logits" else scores / scores.sum()
     order = np.argsort(-probs, kind="stable")
     payload = json.dumps([{"label": job.labels[c], "score": float(probs[c])} for c in order]).encode()
-    return metered_response(digest, payload, 1, await state.meter.usage(key), model_ms)
+    return metered_response(digest, payload, job.queries, await state.meter.usage_of_delivered(key), model_ms)
