@@ -42,7 +42,7 @@ import numpy as np
 from craft_sdk import Adapter, ClassifierConfig, CraftClassifier, TuneConfig, check_canary
 from craft_sdk.client.openclip import OpenCLIPClient
 from craft_sdk.demo.tasks import load_demo_task
-from craft_sdk.tuner.canary import record_canary
+from craft_sdk.client.canary import record_canary
 from craft_sdk.tuner.train import Tuner
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "craft_sdk" / "demo" / "assets" / "demo-vlm"

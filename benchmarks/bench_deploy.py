@@ -79,7 +79,7 @@ def child(backend: str, adapter_dir: str, reps: int) -> dict[str, Any]:
     assert adapter.refiner is not None
     c = adapter.n_classes
     if backend == "onnx":
-        from craft_sdk.export import OnnxRefiner
+        from craft_sdk.adapter.export import OnnxRefiner
 
         refine: Callable[[np.ndarray], np.ndarray] = OnnxRefiner(Path(adapter_dir) / "refiner.onnx", adapter, threads=1)
     elif backend == "numpy":
@@ -133,7 +133,7 @@ def make_adapter(n_classes: int, root: Path) -> Path:
     """A synthetic adapter with the paper's shapes, saved with its refiner.onnx."""
     from craft_sdk import Adapter, AdapterConfig, export_onnx
     from craft_sdk.adapter import PromptSpec, RefinerSpec
-    from craft_sdk.tuner import mlp
+    from craft_sdk import mlp
     from craft_sdk.tuner.projection import project, projection_matrix
 
     spec = PromptSpec(N_CTX, CTX_DIM, INTRINSIC, seed=0, std=0.01)

@@ -54,7 +54,7 @@ def write_images(folder: Path, n: int) -> list[str]:
 
 
 def run_stream(clf: Any, paths: list[str], batch_size: int, concurrency: int) -> dict[str, Any]:
-    from craft_sdk.stream import predict_stream
+    from craft_sdk.deploy.stream import predict_stream
 
     seconds = {"decode": 0.0, "black_box": 0.0, "refiner": 0.0}
     labels: list[str] = []
@@ -161,7 +161,7 @@ def main() -> None:
         tmp = Path(tmp_name)
         paths = write_images(tmp / "images", args.images)
         global ADAPTER  # a copy with a refiner.onnx exported by this craft-sdk (a shipped one may predate it)
-        from craft_sdk.export import export_onnx
+        from craft_sdk.adapter.export import export_onnx
 
         ADAPTER = craft_sdk.load_adapter(str(ADAPTER)).save_pretrained(tmp / "adapter")
         export_onnx(ADAPTER)

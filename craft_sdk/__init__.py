@@ -7,11 +7,11 @@ refiner) → adapter (config + tensors on disk) → classifier (client + adapter
 
 from __future__ import annotations
 
+from ._deprecation import install as _install_moved_paths
 from ._version import __version__
 from .adapter import Adapter, AdapterConfig
+from .adapter.export import export_onnx
 from .api import check_compatible, create_client, evaluate, load_data, tune
-from .canary import CanaryReport, check_canary
-from .classifier import ClassifierConfig, CraftClassifier, Predictions
 from .client import (
     DEFAULT_TEMPLATE,
     BaseClient,
@@ -25,6 +25,8 @@ from .client import (
     QueryLedger,
 )
 from .data import DataSplits, ImageDataset, load_dataset
+from .deploy.canary import CanaryReport, check_canary
+from .deploy.classifier import ClassifierConfig, CraftClassifier, Predictions
 from .errors import (
     AdapterError,
     BudgetExceededError,
@@ -36,8 +38,9 @@ from .errors import (
     MissingDependencyError,
     NotFittedError,
 )
-from .export import export_onnx
 from .tuner.config import TuneConfig
+
+_install_moved_paths()  # the old import paths of moved modules, for one release (CHANGELOG: Deprecated)
 
 
 def __getattr__(name: str) -> object:

@@ -15,6 +15,7 @@ from .client.ledger import MeteredClient, QueryLedger
 from .client.schemes import parse_model
 from .client.pricing import PriceTable
 from .data import DataSplits, ImageDataset, load_dataset
+from .deploy.query import raw_scores
 from .errors import AdapterError
 from .scores import as_log_scores, softmax
 from .tuner.config import TuneConfig
@@ -198,7 +199,7 @@ def evaluate(
     zero_template = adapter.zero_shot_template
     zero = as_log_scores(metered.predict(handle, list(test.class_names), zero_template, None, category="eval"), adapter.config.output)
     same = adapter.offset is None and adapter.contexts == (zero_template,)  # the adapter sends what zero-shot sends
-    raw = zero if same else adapter.raw_scores(metered, handle, category="eval")
+    raw = zero if same else raw_scores(adapter, metered, handle, category="eval")
     refined = adapter.refine(raw)
     from .tuner.selection import expected_calibration_error
 

@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 import craft_sdk
-from craft_sdk.card import write_model_card
+from craft_sdk.adapter.card import write_model_card
 from craft_sdk.demo import list_demo_tasks, load_demo_task
-from craft_sdk.export import export_onnx
+from craft_sdk.adapter.export import export_onnx
 
 
 def main() -> None:

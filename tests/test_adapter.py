@@ -14,7 +14,7 @@ from safetensors.numpy import load_file, save_file
 
 from craft_sdk import Adapter, AdapterConfig, AdapterError, load_adapter
 from craft_sdk.adapter import CONFIG_FILE, WEIGHTS_FILE, PromptSpec, RefinerSpec
-from craft_sdk.tuner import mlp
+from craft_sdk import mlp
 from craft_sdk.tuner.projection import project, projection_matrix
 from conftest import suite_env  # noqa: E402
 
@@ -257,7 +257,7 @@ def test_huge_projection_is_refused_on_load(tmp_path: Path) -> None:
 def test_inspect_regenerates_no_projection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
-    import craft_sdk.adapter as adapter_mod
+    import craft_sdk.adapter.format as adapter_mod
     from craft_sdk.cli import app
 
     make_adapter().save_pretrained(tmp_path / "ad")

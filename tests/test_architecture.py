@@ -15,18 +15,19 @@ PACKAGE = Path(__file__).resolve().parents[1] / "craft_sdk"
 
 # most specific prefix wins
 LAYERS: dict[str, int] = {
-    # 0: foundations shared by every layer (errors, file and score helpers, images, datasets, wire codec)
-    "craft_sdk.errors": 0, "craft_sdk._version": 0, "craft_sdk._fileio": 0, "craft_sdk._lru": 0, "craft_sdk.scores": 0,
-    "craft_sdk.images": 0, "craft_sdk.data": 0, "craft_sdk.wire": 0,
-    "craft_sdk.demo": 0, "craft_sdk.demo.tasks": 0, "craft_sdk.demo.synth": 0,  # shipped data
-    "craft_sdk.client": 1,  # the only door to the model
-    "craft_sdk.tuner": 2,  # prompt search + refiner
-    "craft_sdk.adapter": 3, "craft_sdk._adapter_files": 3, "craft_sdk.export": 3, "craft_sdk.card": 3, "craft_sdk.hub": 3,  # config + tensors
-    "craft_sdk.classifier": 4, "craft_sdk.stream": 4, "craft_sdk.sinks": 4, "craft_sdk.canary": 4,  # deployment
+    # 0: foundations shared by every layer (errors, file and score helpers, images, datasets, wire codec, the numpy refiner)
+    "craft_sdk.errors": 0, "craft_sdk._version": 0, "craft_sdk._fileio": 0, "craft_sdk._lru": 0, "craft_sdk._deprecation": 0,
+    "craft_sdk.scores": 0, "craft_sdk.images": 0, "craft_sdk.data": 0, "craft_sdk.wire": 0, "craft_sdk.mlp": 0,
+    "craft_sdk.demo": 0,  # shipped data (tasks, synth, assets)
+    "craft_sdk.client": 1,  # the only door to the model (and what is scored through it: contexts, canary probes)
+    "craft_sdk.tuner": 2,  # prompt search + refiner training
+    "craft_sdk.adapter": 3,  # format, io, hub, card, ONNX export/runtime
+    "craft_sdk.deploy": 4,  # classifier, stream, sinks, canary checks, the query policy
     "craft_sdk.api": 5,  # the verb-named facade
-    # 6: applications built on the public API
+    # 6: applications built on the public API (and the one-release deprecation shims at the old paths)
     "craft_sdk": 6, "craft_sdk.__main__": 6, "craft_sdk.cli": 6, "craft_sdk.serve": 6, "craft_sdk.sweep": 6,
-    "craft_sdk.integrations": 6, "craft_sdk.demo.runner": 6,
+    "craft_sdk.integrations": 6, "craft_sdk.apps": 6,
+    "craft_sdk.demo.runner": 6,  # deprecation shim: craft_sdk.apps.demo (removed in the next release)
 }
 
 
@@ -92,18 +93,18 @@ def test_no_module_imports_a_layer_above_it() -> None:
 
 def test_the_check_catches_an_upward_import(tmp_path: Path) -> None:
     """The walker must see a lazy upward import (so the test above can fail)."""
-    fake = PACKAGE / "classifier.py"
+    fake = PACKAGE / "deploy" / "classifier.py"
     lazy = [t for _, t in imports(fake)]
     assert "craft_sdk.adapter" in lazy
     probe = tmp_path / "probe.py"
     probe.write_text("def f():\n    from craft_sdk.api import tune\n")
-    assert imports(probe, "craft_sdk.classifier") == [(2, "craft_sdk.api")]
-    assert layer_of("craft_sdk.api") > layer_of("craft_sdk.classifier")
+    assert imports(probe, "craft_sdk.deploy.classifier") == [(2, "craft_sdk.api")]
+    assert layer_of("craft_sdk.api") > layer_of("craft_sdk.deploy.classifier")
 
 
 def test_importing_the_classifier_does_not_import_the_facade() -> None:
-    """``import craft_sdk.classifier`` (module and everything it imports, lazily or not) never reaches ``api``."""
-    seen, todo = set(), ["craft_sdk.classifier"]
+    """``import craft_sdk.deploy.classifier`` (module and everything it imports, lazily or not) never reaches ``api``."""
+    seen, todo = set(), ["craft_sdk.deploy.classifier"]
     while todo:
         mod = todo.pop()
         if mod in seen:

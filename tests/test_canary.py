@@ -32,7 +32,7 @@ from craft_sdk import (
     check_canary,
 )
 from craft_sdk.adapter import CONFIG_FILE, WEIGHTS_FILE
-from craft_sdk.tuner.canary import probe_images, splitmix64
+from craft_sdk.client.canary import probe_images, splitmix64
 
 pytest.importorskip("torch")
 pytest.importorskip("cma")
@@ -219,7 +219,7 @@ def test_classifier_raises_or_warns_on_drift(tuned: tuple[Adapter, Any], tmp_pat
         clf.predict(random_images(4, seed=4))
     lenient = ClassifierConfig(batch_size=4, canary_every=10, allow_model_mismatch=True, on_drift="warn")
     clf = CraftClassifier.from_adapter(adapter, drifted, config=lenient)
-    with caplog.at_level(logging.WARNING, logger="craft_sdk.classifier"):
+    with caplog.at_level(logging.WARNING, logger="craft_sdk.deploy.classifier"):
         assert len(clf.predict(random_images(8, seed=4))) == 8
     assert sum("craft-sdk check" in r.getMessage() for r in caplog.records) == 1 and clf.ledger.counts["canary"] == 1
 
@@ -361,7 +361,7 @@ def test_text_only_view_with_searched_words(tiny_client: Any, tmp_path: Path) ->
 def test_a_noisy_box_sets_its_own_tolerance() -> None:
     """A box whose answers carry run-to-run noise: the unit is the measured noise, not the floor."""
     from craft_sdk import AdapterConfig, CallableClient, Capabilities
-    from craft_sdk.tuner.canary import record_canary
+    from craft_sdk.client.canary import record_canary
 
     rng = np.random.default_rng(0)
     names = ("a", "b", "c", "d")
@@ -385,7 +385,7 @@ def test_a_small_canary_raises_no_false_alarm() -> None:
     """1 probe over 2 classes: the unit is one centred difference, so with tolerance 3 an unchanged noisy box
     alarmed in about 18% of recordings; the tolerance derived from F(d, d) keeps false alarms near 1e-4."""
     from craft_sdk import AdapterConfig, CallableClient, Capabilities
-    from craft_sdk.tuner.canary import canary_tolerance, record_canary
+    from craft_sdk.client.canary import canary_tolerance, record_canary
 
     rng = np.random.default_rng(0)
     names = ("a", "b")

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import craft_sdk
-from craft_sdk.card import TAGS, render_model_card
+from craft_sdk.adapter.card import TAGS, render_model_card
 
 yaml = pytest.importorskip("yaml")
 markdown_it = pytest.importorskip("markdown_it")

@@ -24,10 +24,10 @@ from craft_sdk import (
     NotFittedError,
     QueryLedger,
     export_onnx,
+    mlp,
 )
 from craft_sdk.adapter import ONNX_FILE, PromptSpec, RefinerSpec
 from craft_sdk.cli import app
-from craft_sdk.tuner import mlp
 from craft_sdk.tuner.projection import project, projection_matrix
 
 torch = pytest.importorskip("torch")

@@ -12,7 +12,7 @@ pytest.importorskip("matplotlib")
 
 
 def test_run_demo_writes_everything(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from craft_sdk.demo.runner import run_demo
+    from craft_sdk.apps.demo import run_demo
 
     seen = []
     report = run_demo(

@@ -17,11 +17,10 @@ import pytest
 from PIL import Image
 from safetensors.numpy import load_file
 
-from craft_sdk import CallableClient, Capabilities, CraftClassifier, QueryLedger, load_adapter
+from craft_sdk import CallableClient, Capabilities, CraftClassifier, QueryLedger, load_adapter, mlp
 from craft_sdk.adapter import ONNX_FILE
-from craft_sdk.classifier import ClassifierConfig
-from craft_sdk.export import OnnxRefiner
-from craft_sdk.tuner import mlp
+from craft_sdk.adapter.export import OnnxRefiner
+from craft_sdk.deploy.classifier import ClassifierConfig
 
 HERE = Path(__file__).resolve().parent
 FIXTURES = HERE / "fixtures"
@@ -131,7 +130,7 @@ def test_text_adapter_sends_its_words_through_onnx() -> None:
 def test_ensemble_adapter_deploys_without_torch(tmp_path: Path) -> None:
     from craft_sdk import Adapter, AdapterConfig
     from craft_sdk.adapter import EnsemblePromptSpec
-    from craft_sdk.tuner.templates import ensemble_log_probs
+    from craft_sdk.client.contexts import ensemble_log_probs
 
     texts = ("a sketch of a", "itap of a")
     cfg = AdapterConfig(TEXT_CAPS.model_id, ("cat", "dog", "bird", "fish"), texts[0], prompt=EnsemblePromptSpec(texts, bank="clip-imagenet"))
@@ -148,7 +147,7 @@ def test_drift_canary_records_and_checks_without_torch() -> None:
     import dataclasses
 
     from craft_sdk import check_canary
-    from craft_sdk.tuner.canary import record_canary
+    from craft_sdk.client.canary import record_canary
 
     adapter = load_adapter(str(ADAPTER_DIR))
     client = CallableClient(pixel_stats, CAPS)
@@ -165,8 +164,9 @@ def test_drift_canary_records_and_checks_without_torch() -> None:
 def test_import_does_not_pull_torch_or_runtimes() -> None:
     code = (
         "import sys\n"
-        "import craft_sdk, craft_sdk.cli\n"
+        "import craft_sdk, craft_sdk.cli, craft_sdk.deploy, craft_sdk.deploy.query, craft_sdk.adapter.export\n"
         "from craft_sdk import CraftClassifier, export_onnx\n"
+        "assert not [m for m in sys.modules if m.startswith('craft_sdk.tuner.') and m != 'craft_sdk.tuner.config' and m != 'craft_sdk.tuner.projection'], sorted(sys.modules)\n"
         "heavy = [m for m in ('torch', 'open_clip', 'onnx', 'onnxruntime', 'cma') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )

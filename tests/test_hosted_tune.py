@@ -79,7 +79,8 @@ def test_cli_tune_pr_over_chat_then_predict(server, tmp_path: Path) -> None:  # 
 
 
 def test_robust_craft_over_embed_then_onnx_deploy(server, tmp_path: Path) -> None:  # noqa: ANN001
-    from craft_sdk.export import export_onnx
+    from craft_sdk.adapter.export import export_onnx
+    from craft_sdk.deploy.query import raw_scores
 
     counts = image_embedding_counts(server.app.state.craft)
     train_imgs, test_imgs = random_images(12, seed=300), random_images(6, seed=301)
@@ -94,7 +95,7 @@ def test_robust_craft_over_embed_then_onnx_deploy(server, tmp_path: Path) -> Non
     if adapter.refiner is not None:  # the exported refiner.onnx is what runs
         assert clf.refiner_backend_ == "onnx"
     out = clf.predict_all(test_imgs)
-    raw = adapter.raw_scores(client, client.upload(test_imgs))
+    raw = raw_scores(adapter, client, client.upload(test_imgs))
     np.testing.assert_allclose(out.logits, adapter.refine(raw), atol=1e-4)
     clf.predict_all(test_imgs[:3])  # a second stream over seen images: no new image embedding
     assert sum(counts.values()) - before == 18 and max(counts.values()) == 1  # every image embedded once, by the server's count

@@ -16,7 +16,7 @@ import pytest
 import craft_sdk
 from craft_sdk import AdapterError, MissingDependencyError, load_adapter
 from craft_sdk.adapter import ONNX_FILE
-from craft_sdk.card import CARD_FILE, render_model_card, write_model_card
+from craft_sdk.adapter.card import CARD_FILE, render_model_card, write_model_card
 from conftest import suite_env  # noqa: E402
 
 hf = pytest.importorskip("huggingface_hub")
@@ -31,7 +31,7 @@ COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
 @pytest.fixture(scope="module")
 def shipped(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shipped digits adapter with a refiner.onnx exported by this craft-sdk (the shipped one may be stale)."""
-    from craft_sdk.export import export_onnx
+    from craft_sdk.adapter.export import export_onnx
 
     pytest.importorskip("onnx")
     path = load_adapter(str(SOURCE)).save_pretrained(tmp_path_factory.mktemp("shipped") / "digits")

@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from craft_sdk import Adapter, AdapterConfig, AdapterError, export_onnx
+from craft_sdk import Adapter, AdapterConfig, AdapterError, export_onnx, mlp
 from craft_sdk.adapter import ONNX_FILE, RefinerSpec
+from craft_sdk.adapter.export import ATOL, META_CLASSES, META_FINGERPRINT, OPSET, RTOL, OnnxRefiner, build_refiner_model
 from craft_sdk.cli import app
-from craft_sdk.export import ATOL, META_CLASSES, META_FINGERPRINT, OPSET, RTOL, OnnxRefiner, build_refiner_model
-from craft_sdk.tuner import mlp
 
 onnx = pytest.importorskip("onnx")
 torch = pytest.importorskip("torch")
@@ -93,7 +92,7 @@ def test_foreign_weights_with_a_copied_fingerprint_are_refused(tmp_path: Path) -
 
 
 def test_foreign_weights_are_refused_without_the_onnx_package(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
-    import craft_sdk.export as export_mod
+    import craft_sdk.adapter.runtime as export_mod
 
     a, forged = _forged_onnx(tmp_path)
     monkeypatch.setattr(export_mod, "_initializers", lambda path: None)  # a deploy install: onnxruntime only
@@ -257,7 +256,7 @@ def test_a_graph_exported_before_calibration_still_loads(tmp_path: Path) -> None
 def test_load_check_never_refuses_a_true_export_on_random_probes(tmp_path: Path) -> None:
     """OnnxRefiner's load-time probe compares row-scaled: the shipped digits refiner passes 300 random
     probe batches (entry-wise allclose refused ~6 % of them: the hub test flaked), a foreign one never does."""
-    from craft_sdk.export import refiners_agree
+    from craft_sdk.adapter.export import refiners_agree
 
     adapter = Adapter.from_pretrained(Path(__file__).resolve().parents[1] / "adapters" / "digits")
     ort = OnnxRefiner(export_onnx(adapter, tmp_path / "r.onnx"), adapter)

@@ -17,11 +17,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import craft_sdk
-from craft_sdk import Adapter, AdapterConfig, CallableClient, Capabilities, ClientError, CraftClassifier, DataError
+from craft_sdk import Adapter, AdapterConfig, CallableClient, Capabilities, ClientError, CraftClassifier, DataError, mlp
 from craft_sdk.adapter import RefinerSpec
 from craft_sdk.cli import app
-from craft_sdk.stream import iter_image_paths, predict_stream
-from craft_sdk.tuner import mlp
+from craft_sdk.deploy.stream import iter_image_paths, predict_stream
 
 NAMES = ("red", "green", "blue")
 
@@ -370,9 +369,9 @@ def test_streaming_deploy_path_needs_no_torch_sklearn_or_hub(adapter_dir: Path, 
         "for m in ('torch', 'sklearn', 'huggingface_hub', 'ray'): sys.modules[m] = None\n"
         "import numpy as np\n"
         "from craft_sdk import CallableClient, Capabilities, CraftClassifier\n"
-        "from craft_sdk.sinks import PredictionSink, rows_of\n"
-        "from craft_sdk.stream import iter_image_paths, predict_stream\n"
-        "import craft_sdk.integrations.ray, craft_sdk.card, craft_sdk.hub\n"
+        "from craft_sdk.deploy.sinks import PredictionSink, rows_of\n"
+        "from craft_sdk.deploy.stream import iter_image_paths, predict_stream\n"
+        "import craft_sdk.integrations.ray, craft_sdk.adapter.card, craft_sdk.adapter.hub\n"
         "client = CallableClient(lambda ims, n, t, o: np.ones((len(ims), len(n))), Capabilities('spy/1'))\n"
         "clf = CraftClassifier.from_pretrained(sys.argv[1], client)\n"
         "with PredictionSink(sys.argv[3], 'jsonl', 1, {}, resume=False) as sink:\n"
@@ -389,7 +388,7 @@ def test_streaming_deploy_path_needs_no_torch_sklearn_or_hub(adapter_dir: Path, 
 def test_sink_repairs_and_counts_in_chunks(tmp_path: Path) -> None:
     import io
 
-    from craft_sdk.sinks import PredictionSink, _last_newline_end
+    from craft_sdk.deploy.sinks import PredictionSink, _last_newline_end
 
     data = b'{"image": "a"}\n{"image": "bb"}\n{"image": "ccc"}\n{"image": "to'
     for chunk in (1, 3, 4, 1 << 20):

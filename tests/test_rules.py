@@ -172,15 +172,16 @@ def test_no_module_parses_a_model_scheme_itself() -> None:
 
 
 def test_adapter_file_names_are_defined_once(tmp_path: Path) -> None:
-    from craft_sdk import adapter, card, hub
-    from craft_sdk._adapter_files import ADAPTER_FILES, CARD_FILE, CONFIG_FILE, ONNX_FILE, WEIGHTS_FILE
+    from craft_sdk import adapter
+    from craft_sdk.adapter import card, hub
+    from craft_sdk.adapter.files import ADAPTER_FILES, CARD_FILE, CONFIG_FILE, ONNX_FILE, WEIGHTS_FILE
 
     assert ADAPTER_FILES == ("adapter_config.json", "adapter_model.safetensors", "refiner.onnx", "README.md")
     assert (adapter.CONFIG_FILE, adapter.WEIGHTS_FILE, adapter.ONNX_FILE, card.CARD_FILE) == (CONFIG_FILE, WEIGHTS_FILE, ONNX_FILE, CARD_FILE)
     assert hub.ADAPTER_FILES is ADAPTER_FILES
     literal = []
     for path in sorted(PACKAGE.rglob("*.py")):
-        if path.name == "_adapter_files.py":
+        if path.relative_to(PACKAGE).as_posix() == "adapter/files.py":
             continue
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Constant) and node.value in ADAPTER_FILES:

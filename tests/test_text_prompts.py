@@ -9,13 +9,13 @@ one query per bank context and picks the contexts a planted black box rewards.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import suite_env  # noqa: E402
 from PIL import Image
 
 from craft_sdk import (
@@ -27,12 +27,12 @@ from craft_sdk import (
     ImageDataset,
     QueryLedger,
     load_adapter,
+    mlp,
 )
 from craft_sdk.adapter import CONFIG_FILE, DiscretePromptSpec, EnsemblePromptSpec, PromptSpec, RefinerSpec
 from craft_sdk.client import CallableClient, Capabilities
-from craft_sdk.tuner import mlp
+from craft_sdk.deploy.query import raw_scores
 from craft_sdk.tuner.templates import CLIP_IMAGENET_CONTEXTS, ensemble_log_probs
-from conftest import suite_env  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 NAMES = ("cat", "dog", "bird")
@@ -118,7 +118,7 @@ def test_continuous_prompts_say_so_and_kindless_configs_load_as_continuous(tmp_p
     assert "kind" not in json.loads((tmp_path / "re" / CONFIG_FILE).read_text())["prompt"]
     assert (tmp_path / "re" / CONFIG_FILE).read_bytes() == (HERE / "fixtures" / "deploy_adapter" / CONFIG_FILE).read_bytes()
     assert load_adapter(str(tmp_path / "re")).fingerprint() == old.fingerprint()
-    from craft_sdk.export import OnnxRefiner
+    from craft_sdk.adapter.export import OnnxRefiner
 
     OnnxRefiner(HERE / "fixtures" / "deploy_adapter" / "refiner.onnx", load_adapter(str(tmp_path / "re")))
 
@@ -177,7 +177,7 @@ def test_classifier_sends_the_learned_words_and_no_offset() -> None:
 
 
 def test_an_ensemble_costs_one_query_per_context_and_averages_their_log_probabilities() -> None:
-    from craft_sdk.classifier import ClassifierConfig
+    from craft_sdk.deploy.classifier import ClassifierConfig
 
     client, ledger = Spy(), QueryLedger(budget=100)
     adapter = ensemble_adapter()
@@ -198,7 +198,7 @@ def test_an_ensemble_prediction_is_paid_in_full_or_not_at_all() -> None:
 
     client, ledger = Spy(), QueryLedger(budget=2)
     with pytest.raises(BudgetExceededError, match="sends 3 contexts"):
-        ensemble_adapter().raw_scores(MeteredClient(client, ledger), pictures(4)[0])
+        raw_scores(ensemble_adapter(), MeteredClient(client, ledger), pictures(4)[0])
     assert ledger.used == 0 and client.sent == []
 
 

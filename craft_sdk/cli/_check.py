@@ -27,7 +27,7 @@ def check(
     """Re-score the adapter's drift canary through MODEL: unchanged (exit 0) or drifted (exit 3 with --fail-on-drift;
     exit 1 when the adapter has no canary)."""
     from ..adapter import Adapter
-    from ..canary import check_canary
+    from ..deploy.canary import check_canary
 
     loaded = Adapter.from_pretrained(adapter, revision=revision, subfolder=subfolder)
     if fail_on_drift and loaded.config.canary is None:  # nothing to check: a gate that always passes is no gate

@@ -9,7 +9,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .._adapter_files import ONNX_FILE
+from ..adapter.files import ONNX_FILE
 from ._app import app, emit_json, err, fail, guarded
 
 
@@ -37,7 +37,7 @@ def demo(
         for info in infos:
             typer.echo(f"{info.name:20s} {len(info.class_names):3d} classes  {info.description}")
         return
-    from ..demo.runner import run_demo
+    from ..apps.demo import run_demo
     from ..errors import DataError
 
     try:

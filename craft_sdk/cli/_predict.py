@@ -96,11 +96,11 @@ def predict(
 ) -> None:
     """Classify images with a tuned adapter, streaming over any number of files in batches."""
     from .. import ClassifierConfig, CraftClassifier
-    from ..hub import resolve_adapter_dir
-    from ..sinks import PredictionSink, infer_format, rows_of
+    from ..adapter.hub import resolve_adapter_dir
+    from ..deploy.sinks import PredictionSink, infer_format, rows_of
     from ..client.pricing import PriceTable
     from ..client.usage import usage_of
-    from ..stream import IMAGE_SUFFIXES, check_inputs, iter_image_paths, predict_stream
+    from ..deploy.stream import IMAGE_SUFFIXES, check_inputs, iter_image_paths, predict_stream
 
     if not inputs and files_from is None:
         raise fail("name images, directories or glob patterns, or pass --files-from LIST")
@@ -185,7 +185,7 @@ def export_onnx_cmd(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
 ) -> None:
     """Export the adapter's refiner to ONNX (logits in, refined logits out; no softmax)."""
-    from ..export import OPSET, export_onnx
+    from ..adapter.export import OPSET, export_onnx
 
     path = export_onnx(adapter_dir, out)
     size = path.stat().st_size

@@ -314,7 +314,7 @@ def inspect(
     """Describe an adapter without loading any model."""
     from .. import load_adapter
     from ..adapter import describe_prompt
-    from ..hub import resolve_adapter_dir
+    from ..adapter.hub import resolve_adapter_dir
 
     root = resolve_adapter_dir(adapter_dir, revision=revision, subfolder=subfolder)
     adapter = load_adapter(str(root), verify_projection=False)  # describing it regenerates nothing

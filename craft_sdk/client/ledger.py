@@ -6,7 +6,7 @@ refused with :class:`~craft_sdk.errors.BudgetExceededError` and never sent.
 Queries are counted per purpose (``search``: CMA-ES candidates, ``refine``: the
 current prompt scored to train the refiner, ``validation``: model selection,
 ``eval``: test-set evaluation, ``predict``: deployment, ``canary``: the drift canary, recorded at
-tune time and re-scored by ``craft-sdk check``; see :mod:`craft_sdk.canary`).
+tune time and re-scored by ``craft-sdk check``; see :mod:`craft_sdk.deploy.canary`).
 
 Next to queries, the ledger records what the provider billed, in its own units
 (:class:`~craft_sdk.client.usage.ProviderUsage`: requests, images, input/output tokens),

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..classifier import ClassifierConfig, CraftClassifier
+from ..deploy.classifier import ClassifierConfig, CraftClassifier
 
 logger = logging.getLogger(__name__)
 

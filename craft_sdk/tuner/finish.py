@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from ..client.canary import CanaryRecord, canary_cost, record_canary
 from ..errors import ClientError
 from . import selection
-from .canary import CanaryRecord, canary_cost, record_canary
 from .result import Metrics, SelectionReport
 from .state import CheckSnapshot, EnsembleSnapshot, RunState, ValSnapshot, snapshot_generation
 
@@ -118,7 +118,7 @@ def _evidence(run: RunState, candidates: dict[str, dict[str, Any]]) -> tuple[Evi
 
 
 def _refine(weights: dict[str, np.ndarray], logits: np.ndarray, residual: bool = True) -> np.ndarray:
-    from . import mlp
+    from .. import mlp
 
     return mlp.forward(weights, logits, residual)
 

@@ -24,7 +24,8 @@ from ..client.ledger import MeteredClient, QueryLedger
 from ..data import ImageDataset, seen_fingerprints
 from ..errors import BudgetExceededError, ConfigError
 from ..scores import as_log_scores
-from . import mlp, selection
+from .. import mlp
+from . import selection
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from .config import TuneConfig
 from .ensemble import ensemble_bank, select_ensemble

@@ -40,8 +40,8 @@ def baseline_cost(config: TuneConfig, has_val: bool) -> int:
 
 
 def canary_reserve(config: TuneConfig, n_contexts: int = 1) -> int:
-    """Queries a run keeps back for its drift canary (0 without one): :func:`~craft_sdk.tuner.canary.canary_cost`."""
-    from .canary import canary_cost
+    """Queries a run keeps back for its drift canary (0 without one): :func:`~craft_sdk.client.canary.canary_cost`."""
+    from ..client.canary import canary_cost
 
     return canary_cost(n_contexts) if config.canary else 0
 

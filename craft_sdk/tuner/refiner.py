@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import mlp
+from .. import mlp
 
 
 class Refiner(nn.Module):
-    """refined = logits + g(logits − mean) (see :mod:`craft_sdk.tuner.mlp` for the numpy twin).
+    """refined = logits + g(logits − mean) (see :mod:`craft_sdk.mlp` for the numpy twin).
 
     Args:
         weights: initial weights by name (``refiner.{i}.weight`` / ``.bias``).
@@ -76,7 +76,7 @@ class RefinerTrainer:
     Loss: CE(f + g(f), y) + β · KL(softmax(f) ‖ softmax(f + g(f))).
 
     Args:
-        weights: initial weights (from :func:`craft_sdk.tuner.mlp.init_weights`).
+        weights: initial weights (from :func:`craft_sdk.mlp.init_weights`).
         residual, lr, weight_decay, batch_size: see :class:`~craft_sdk.tuner.config.TuneConfig`.
         seed: seed of the mini-batch order.
     """

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..client.base import Capabilities
-from .canary import CanaryRecord
+from ..client.canary import CanaryRecord
 from .config import TuneConfig
 
 logger = logging.getLogger(__name__)
@@ -224,7 +224,7 @@ class TuneResult:
     ``temperature`` the calibration temperature (None: uncalibrated). ``text_prompt``
     is a deployed text prompt as the adapter records it (``kind`` ``discrete`` or ``ensemble``,
     see :mod:`craft_sdk.adapter`), None otherwise. ``canary`` is the drift canary taken under the
-    deployed prompt (``config.canary`` probes; :mod:`craft_sdk.tuner.canary`), None without one.
+    deployed prompt (``config.canary`` probes; :mod:`craft_sdk.client.canary`), None without one.
     ``n_generations`` counts the generations actually run (early stopping ends runs before the plan);
     ``planned_generations`` is what the budget planned.
     """

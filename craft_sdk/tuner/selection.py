@@ -257,7 +257,7 @@ def _train_and_score(
     spec: RefinerTraining, layers: int, train_x: np.ndarray, train_y: np.ndarray, eval_x: list[np.ndarray], fold_seed: int
 ) -> list[list[np.ndarray]]:
     """Train one refiner for max(epoch_grid) epochs; return its outputs on each ``eval_x`` at every grid epoch."""
-    from . import mlp
+    from .. import mlp
     from .refiner import RefinerTrainer
 
     n_classes = train_x.shape[-1]
@@ -318,7 +318,7 @@ def train_refiner(
     spec: RefinerTraining, choice: RefinerChoice, logits: np.ndarray, labels: np.ndarray, extra: np.ndarray | None = None
 ) -> dict[str, np.ndarray]:
     """Train the chosen refiner on all given rows; returns numpy weights."""
-    from . import mlp
+    from .. import mlp
     from .refiner import RefinerTrainer
 
     x, y = logits, labels

@@ -22,12 +22,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .adapter import ONNX_FILE, Adapter, check_compatible
-from .client.base import PredictionClient
-from .client.ledger import MeteredClient, QueryLedger
-from .errors import AdapterError, ConfigError, DataError, DriftError, NotFittedError
-from .images import ImageLike, to_pil_list
-from .scores import as_log_scores
+from ..adapter import ONNX_FILE, Adapter, check_compatible
+from ..client.base import PredictionClient
+from ..client.ledger import MeteredClient, QueryLedger
+from ..errors import AdapterError, ConfigError, DataError, DriftError, NotFittedError
+from ..images import ImageLike, to_pil_list
+from ..scores import as_log_scores
+from .query import raw_scores
 
 logger = logging.getLogger(__name__)
 
@@ -264,7 +265,7 @@ class CraftClassifier:
             >>> clf.predict(["cat.jpg", "dog.png"])                          # doctest: +SKIP
             array(['cat', 'dog'], dtype='<U3')
         """
-        from .hub import resolve_adapter_dir
+        from ..adapter.hub import resolve_adapter_dir
 
         root = resolve_adapter_dir(adapter, revision=revision, subfolder=subfolder)
         loaded = Adapter.from_pretrained(root)
@@ -300,9 +301,7 @@ class CraftClassifier:
         if backend == "onnx" and not has_file:
             raise AdapterError("backend 'onnx' needs a refiner.onnx next to the adapter; run craft-sdk export-onnx ADAPTER")
         if backend == "onnx" or (backend == "auto" and has_file):
-            from .export import OnnxRefiner
-
-            return OnnxRefiner(onnx_path, adapter, self._runtime.threads), "onnx"  # type: ignore[arg-type]
+            return adapter.onnx_refiner(onnx_path, self._runtime.threads), "onnx"  # type: ignore[arg-type]
         return adapter.refine, "numpy"
 
     # ------------------------------------------------------------ learning
@@ -325,9 +324,9 @@ class CraftClassifier:
         Example:
             >>> clf = CraftClassifier(client, mode="pg", budget=2000).fit(paths, labels)  # doctest: +SKIP
         """
-        from .data import ImageDataset, sample_k_shot
-        from .tuner.config import TuneConfig
-        from .tuner.train import Tuner
+        from ..data import ImageDataset, sample_k_shot
+        from ..tuner.config import TuneConfig
+        from ..tuner.train import Tuner
 
         labels = np.asarray(y)
         if labels.ndim != 1 or len(labels) != _n_images(X):
@@ -412,7 +411,7 @@ class CraftClassifier:
             batch = to_pil_list(X[start : start + bs])
             self._canary_gate(adapter, metered)
             t0 = time.perf_counter()
-            raw = adapter.raw_scores(metered, batch, category="predict")  # one query per context sent
+            raw = raw_scores(adapter, metered, batch, category="predict")  # one query per context sent
             t1 = time.perf_counter()
             refined.append(self.refiner_(raw))
             seconds["black_box"] += t1 - t0

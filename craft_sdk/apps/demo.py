@@ -7,7 +7,7 @@ Everything runs offline on the shipped demo VLM and a shipped demo task:
    generations for an accuracy-vs-queries curve (queries counted separately as
    ``eval``; nothing observed feeds back into training);
 3. save the adapter, export ``refiner.onnx``, and classify a few held-out images with
-   :class:`~craft_sdk.classifier.CraftClassifier` (ONNX Runtime refiner);
+   :class:`~craft_sdk.deploy.classifier.CraftClassifier` (ONNX Runtime refiner);
 4. write ``report.png`` (accuracy vs queries, predicted test images) and ``summary.json``.
 """
 
@@ -27,8 +27,8 @@ from ..adapter import Adapter
 from ..api import evaluate
 from ..client.ledger import MeteredClient, QueryLedger
 from ..data import ImageDataset
+from ..demo.tasks import load_demo_task
 from ..tuner.config import TuneConfig
-from .tasks import load_demo_task
 
 logger = logging.getLogger(__name__)
 
@@ -111,9 +111,9 @@ def run_demo(
         >>> report.accuracy > report.zero_shot_accuracy  # doctest: +SKIP
         True
     """
-    from ..classifier import CraftClassifier
+    from ..adapter.export import export_onnx
     from ..client.openclip import OpenCLIPClient
-    from ..export import export_onnx
+    from ..deploy.classifier import CraftClassifier
     from ..tuner.plan import plan_generations
     from ..tuner.train import Tuner
 

@@ -4,7 +4,7 @@
 deterministic order (memory does not grow with the number of files);
 :func:`predict_stream` decodes the next batches on a background thread while the
 black box answers the current ones, keeps at most ``concurrency`` calls in flight,
-and yields :class:`BatchResult` in input order. :mod:`craft_sdk.sinks` writes them
+and yields :class:`BatchResult` in input order. :mod:`craft_sdk.deploy.sinks` writes them
 to a resumable JSONL or CSV file.
 """
 
@@ -27,10 +27,10 @@ from typing import Any
 
 from PIL import Image
 
+from ..data import IMAGE_SUFFIXES  # one list of image suffixes for datasets and prediction
+from ..errors import ConfigError, DataError
+from ..images import PREDICT_MAX_PIXELS, read_image, require_regular
 from .classifier import CraftClassifier, Predictions
-from .data import IMAGE_SUFFIXES  # one list of image suffixes for datasets and prediction
-from .errors import ConfigError, DataError
-from .images import PREDICT_MAX_PIXELS, read_image, require_regular
 
 logger = logging.getLogger(__name__)
 

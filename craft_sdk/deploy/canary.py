@@ -2,7 +2,7 @@
 
 An adapter tuned with ``canary`` probes (``craft-sdk tune ... --canary 16``) holds the scores
 the box returned for synthetic probe images under the deployed prompt, and the box's run-to-run
-noise (:mod:`craft_sdk.tuner.canary`). :func:`check_canary` regenerates the probes from their
+noise (:mod:`craft_sdk.client.canary`). :func:`check_canary` regenerates the probes from their
 seed, scores them again through ``client`` (one query per context the adapter sends, ledger
 category ``canary``) and reports the distance in noise units, whether it passes the tolerance,
 and what the change does to the adapter: how many of its predictions on the probes stay the
@@ -17,9 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from .adapter import Adapter
-from .client.ledger import MeteredClient, QueryLedger
-from .tuner.canary import CATEGORY, distance, uncached
+from ..adapter import Adapter
+from ..client.canary import CATEGORY, distance, uncached
+from ..client.ledger import MeteredClient, QueryLedger
+from .query import raw_scores
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def check_canary(adapter: Adapter, client: Any, *, ledger: QueryLedger | None = 
     metered = client if isinstance(client, MeteredClient) else MeteredClient(client, ledger or QueryLedger())
     before = metered.ledger.counts[CATEGORY]
     with uncached(metered):  # the provider now, not a client's cache of its earlier answers
-        now = adapter.raw_scores(metered, spec.probes(), category=CATEGORY)
+        now = raw_scores(adapter, metered, spec.probes(), category=CATEGORY)
     dist = distance(spec, then, now)
     drifted = bool(dist > spec.tolerance)
     refined_then, refined_now = adapter.refine(then), adapter.refine(now)

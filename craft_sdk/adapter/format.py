@@ -1,9 +1,16 @@
-"""The adapter: a JSON config plus safetensors tensors in a directory (PEFT's convention).
+"""The adapter's format: a JSON config plus safetensors tensors in a directory (PEFT's convention).
 
 ``ADAPTER/adapter_config.json`` says what the adapter is; ``ADAPTER/adapter_model.safetensors``
 holds ``z`` (float64 [D]), ``prompt_offset`` (float32 [n_ctx, d], the materialised A z)
 and the refiner (``refiner.{i}.weight`` / ``.bias``). Loading needs numpy and
 safetensors only, and every inconsistency is a one-line :class:`AdapterError`.
+
+The package splits by concern, lowest first: :mod:`~craft_sdk.adapter.files` (the file names),
+:mod:`~craft_sdk.adapter.card` (model cards), :mod:`~craft_sdk.adapter.hub` (the Hub round trip),
+:mod:`~craft_sdk.adapter.io` (atomic disk I/O), :mod:`~craft_sdk.adapter.runtime` (running a
+``refiner.onnx``), this module (what an adapter is, its validation, and the methods that save, load
+and push it through those), then :mod:`~craft_sdk.adapter.export` (writing ``refiner.onnx``).
+How the adapter is *queried* is deployment's: :mod:`craft_sdk.deploy.query`.
 """
 
 from __future__ import annotations
@@ -11,9 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -21,16 +26,20 @@ from typing import Any
 
 import numpy as np
 
-from ._adapter_files import ADAPTER_FILES, CONFIG_FILE, ONNX_FILE, WEIGHTS_FILE  # noqa: F401 - ONNX_FILE re-exported
-from ._fileio import umask
-from ._version import __version__
-from .client.base import DEFAULT_TEMPLATE
-from .errors import AdapterError
-from .scores import softmax
-from .tuner import mlp
-from .tuner.canary import CanarySpec
-from .tuner.config import MAX_CONTEXT_CHARS, MAX_ENSEMBLE, TuneConfig, context_problem
-from .tuner.projection import GENERATOR, project, projection_matrix
+from .. import mlp
+from .._version import __version__
+from ..client.base import DEFAULT_TEMPLATE
+from ..client.canary import CanarySpec
+from ..client.contexts import score_contexts
+from ..errors import AdapterError
+from ..scores import softmax
+from ..tuner.config import MAX_CONTEXT_CHARS, MAX_ENSEMBLE, TuneConfig, context_problem
+from ..tuner.projection import GENERATOR, project, projection_matrix
+from .card import render_model_card
+from .files import ADAPTER_FILES, CONFIG_FILE, ONNX_FILE, WEIGHTS_FILE  # noqa: F401 - re-exported (craft_sdk.adapter.*_FILE)
+from .hub import push_adapter, resolve_adapter_dir
+from .io import read_adapter_dir, write_adapter_dir
+from .runtime import OnnxRefiner
 
 logger = logging.getLogger(__name__)
 
@@ -230,7 +239,7 @@ class AdapterConfig:
         calibration: temperature scaling for probabilities, or None (temperature 1).
         hyperparameters: the tuning configuration.
         provenance: mode, seed, shots, queries, data fingerprint, history...
-        canary: the drift canary taken at tune time (:mod:`craft_sdk.canary`), or None (none recorded);
+        canary: the drift canary taken at tune time (:mod:`craft_sdk.deploy.canary`), or None (none recorded);
             its scores are the tensor ``canary_scores``.
     """
 
@@ -412,12 +421,10 @@ class Adapter:
         return spec.texts if isinstance(spec, EnsemblePromptSpec) else (self.config.template,)
 
     def raw_scores(self, client: Any, images: Any, *, category: str = "predict") -> np.ndarray:
-        """The black box's log-scores [N, C] as this adapter asks for them: the template with the
-        prompt offset (one query), or the average of an ensemble's log-probabilities (one query per
-        context). ``client`` is a :class:`~craft_sdk.client.ledger.MeteredClient` (charged ``category``)
-        or any client; ``images`` are images or an uploaded handle."""
-        from .tuner.templates import score_contexts
-
+        """Deprecated: use :func:`craft_sdk.deploy.query.raw_scores` (the query policy is deployment's;
+        this method is removed in the next release)."""
+        warnings.warn("Adapter.raw_scores is deprecated: use craft_sdk.deploy.query.raw_scores(adapter, client, images)",
+                      DeprecationWarning, stacklevel=2)
         return score_contexts(client, images, self.config.class_names, self.contexts, self.offset, self.config.output, category)
 
     def tensors(self) -> dict[str, np.ndarray]:
@@ -447,27 +454,8 @@ class Adapter:
 
         ``repo_id`` is the Hub id shown in the card's loading snippet (default: a placeholder path).
         """
-        from safetensors.numpy import save_file
-
-        from .card import write_model_card
-
         target = Path(directory)
-        if target.exists() and not target.is_dir():
-            raise AdapterError(f"{target} exists and is not a directory; choose another --out")
-        if target.is_dir() and any(target.iterdir()) and not (target / CONFIG_FILE).exists():
-            raise AdapterError(f"{target} is a non-empty directory that is not an adapter; choose another --out")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
-            (tmp / CONFIG_FILE).write_bytes(_config_bytes(self.config))
-            save_file(self.tensors(), str(tmp / WEIGHTS_FILE), metadata={"format": "craft-sdk-adapter"})
-            write_model_card(tmp, self, repo_id=repo_id)
-            _default_permissions(tmp)
-            _swap_in(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        logger.info("saved adapter to %s", target)
-        return target
+        return write_adapter_dir(target, _config_bytes(self.config), self.tensors(), render_model_card(self, repo_id=repo_id))
 
     @classmethod
     def from_pretrained(
@@ -476,28 +464,11 @@ class Adapter:
         """Load and validate an adapter directory, or a Hugging Face Hub repo id ``"org/name"`` (``[hub]`` extra).
 
         ``revision`` (branch, tag, commit) and ``subfolder`` select the files on the Hub; the Hub
-        cache and ``HF_HUB_OFFLINE=1`` are honoured (see :mod:`craft_sdk.hub`).
+        cache and ``HF_HUB_OFFLINE=1`` are honoured (see :mod:`craft_sdk.adapter.hub`).
         """
-        from safetensors import SafetensorError
-        from safetensors.numpy import load_file
-
-        from .hub import resolve_adapter_dir
-
         root = resolve_adapter_dir(directory, revision=revision, subfolder=subfolder)
-        cfg_path, w_path = root / CONFIG_FILE, root / WEIGHTS_FILE
-        for p in (cfg_path, w_path):
-            if not p.is_file():
-                raise AdapterError(f"{p} is missing; {root} is not a complete adapter directory")
-        try:
-            config = AdapterConfig.from_dict(json.loads(cfg_path.read_text(encoding="utf-8")))
-        except json.JSONDecodeError as exc:
-            raise AdapterError(f"{cfg_path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-        except RecursionError:
-            raise AdapterError(f"{cfg_path} is nested too deeply to be an adapter config; it is damaged or not one") from None
-        try:
-            tensors = load_file(str(w_path))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise AdapterError(f"{w_path} is not a readable safetensors file ({exc})") from None
+        data, tensors = read_adapter_dir(root)
+        config = AdapterConfig.from_dict(data)
         refiner = {k: v for k, v in tensors.items() if k.startswith(mlp.PREFIX)} or None
         adapter = cls(config, tensors.get("z"), tensors.get("prompt_offset"), refiner, tensors.get(CANARY_TENSOR))
         if verify_projection:
@@ -507,12 +478,15 @@ class Adapter:
     def push_to_hub(self, repo_id: str, *, source_dir: str | Path | None = None, **kwargs: Any) -> str:
         """Upload the adapter (tensors, config, model card; ``refiner.onnx`` from ``source_dir``) to the Hub.
 
-        ``kwargs``: ``revision``, ``private``, ``token``, ``commit_message`` (see :func:`craft_sdk.hub.push_folder`).
+        ``kwargs``: ``revision``, ``private``, ``token``, ``commit_message`` (see :func:`craft_sdk.adapter.hub.push_folder`).
         Returns the commit URL.
         """
-        from .hub import push_adapter
-
         return push_adapter(self, repo_id, source_dir=source_dir, **kwargs)
+
+    def onnx_refiner(self, path: str | Path, threads: int = 1) -> OnnxRefiner:
+        """The ONNX Runtime refiner of ``path`` (an exported ``refiner.onnx``), refused with an
+        :class:`AdapterError` when it is stale or another adapter's (:class:`~craft_sdk.adapter.runtime.OnnxRefiner`)."""
+        return OnnxRefiner(path, self, threads)
 
     def verify_projection(self, rtol: float = 1e-5) -> None:
         """Check that A z regenerated from the recorded seed equals the stored offset."""
@@ -529,32 +503,10 @@ class Adapter:
             raise AdapterError(f"stored prompt_offset differs from A z regenerated from seed {spec.seed} (max error {err:.3g}); the adapter is corrupt")
 
 
-def _default_permissions(directory: Path) -> None:
-    """Give a directory made by mkdtemp (0700) and its files the modes a plain mkdir/open would."""
-    mask = umask()
-    os.chmod(directory, 0o777 & ~mask)
-    for f in directory.iterdir():
-        os.chmod(f, 0o666 & ~mask)
-
-
 def _config_bytes(config: AdapterConfig) -> bytes:
     """The config file's bytes, also what the fingerprint hashes (a continuous prompt names no kind,
     so adapters and refiner.onnx files from before ``prompt.kind`` keep their fingerprint)."""
     return (json.dumps(config.to_dict(), indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
-
-
-def _swap_in(tmp: Path, target: Path) -> None:
-    if not target.exists():
-        os.replace(tmp, target)
-        return
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(target, old)
-    os.replace(tmp, target)
-    for extra in old.iterdir():  # keep files we do not own (e.g. an exported refiner.onnx is stale: drop it)
-        if extra.name not in ADAPTER_FILES:
-            shutil.move(str(extra), str(target / extra.name))
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _check_finite(name: str, arr: np.ndarray) -> None:
@@ -614,7 +566,7 @@ def check_compatible(adapter: Adapter, client: Any, allow_model_mismatch: bool =
     """Raise :class:`AdapterError` when ``client`` cannot serve ``adapter``."""
     caps = client.capabilities(adapter.config.template)
     if caps.model_id != adapter.config.model_id and not allow_model_mismatch:
-        from .client.model_ids import client_hint
+        from ..client.model_ids import client_hint
 
         raise AdapterError(
             f"adapter was tuned on {adapter.config.model_id} but the client serves {caps.model_id}; "

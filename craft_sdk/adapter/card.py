@@ -13,8 +13,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ._adapter_files import CARD_FILE
-from ._fileio import write_bytes_atomic
+from .._fileio import write_bytes_atomic
+from .files import CARD_FILE
 
 TAGS = ("craft-sdk", "craft", "black-box-tuning", "few-shot", "image-classification", "vision-language-model")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

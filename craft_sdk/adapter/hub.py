@@ -15,8 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ._adapter_files import ADAPTER_FILES, CONFIG_FILE, ONNX_FILE
-from .errors import AdapterError, require
+from ..errors import AdapterError, require
+from .files import ADAPTER_FILES, CONFIG_FILE, ONNX_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +139,8 @@ def push_adapter(adapter: Any, repo_id: str, *, source_dir: str | Path | None = 
         adapter: an :class:`~craft_sdk.Adapter`.
         repo_id: the Hub repo ``"org/name"``.
         source_dir: the adapter's directory, whose exported ``refiner.onnx`` is uploaded
-            too when it matches the adapter.
+            too when it matches the adapter (checked by ``adapter.onnx_refiner``: the Hub round trip
+            does not depend on the exporter).
         **kwargs: see :func:`push_folder` (``revision``, ``private``, ``token``, ``commit_message``).
     """
     if not _REPO_ID.match(repo_id):
@@ -150,9 +151,7 @@ def push_adapter(adapter: Any, repo_id: str, *, source_dir: str | Path | None = 
         target = adapter.save_pretrained(staging / "adapter", repo_id=repo_id)
         onnx = Path(source_dir) / ONNX_FILE if source_dir is not None else None
         if onnx is not None and onnx.is_file():
-            from .export import OnnxRefiner
-
-            OnnxRefiner(onnx, adapter)  # refuses a stale or foreign refiner.onnx before anything is sent
+            adapter.onnx_refiner(onnx)  # refuses a stale or foreign refiner.onnx before anything is sent
             shutil.copy2(onnx, target / onnx.name)
         return push_folder(target, repo_id, **kwargs)
     finally:

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from ._fileio import write_bytes_atomic
-from .errors import ConfigError, DataError
+from .._fileio import write_bytes_atomic
+from ..errors import ConfigError, DataError
 from .stream import BatchResult
 
 FORMATS = ("jsonl", "csv")

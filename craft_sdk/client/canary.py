@@ -3,7 +3,7 @@
 A canary is ``n_probes`` synthetic probe images and the log-scores the box returned for them
 under the *deployed* prompt (the context offset, the searched words, the ensemble's contexts,
 or the template as given), plus the box's own run-to-run noise, measured by sending the very
-same request a second time. :mod:`craft_sdk.canary` re-scores the probes later and says whether
+same request a second time. :mod:`craft_sdk.deploy.canary` re-scores the probes later and says whether
 the box still behaves the same.
 
 Why synthetic probes. They are regenerated from the stored ``seed`` by a tiny integer generator
@@ -44,7 +44,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import AdapterError
-from .templates import score_contexts
+from .contexts import score_contexts
 
 logger = logging.getLogger(__name__)
 
