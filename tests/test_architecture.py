@@ -24,10 +24,9 @@ LAYERS: dict[str, int] = {
     "craft_sdk.adapter": 3,  # format, io, hub, card, ONNX export/runtime
     "craft_sdk.deploy": 4,  # classifier, stream, sinks, canary checks, the query policy
     "craft_sdk.api": 5,  # the verb-named facade
-    # 6: applications built on the public API (and the one-release deprecation shims at the old paths)
+    # 6: applications built on the public API
     "craft_sdk": 6, "craft_sdk.__main__": 6, "craft_sdk.cli": 6, "craft_sdk.serve": 6, "craft_sdk.sweep": 6,
     "craft_sdk.integrations": 6, "craft_sdk.apps": 6,
-    "craft_sdk.demo.runner": 6,  # deprecation shim: craft_sdk.apps.demo (removed in the next release)
 }
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from craft_sdk import Adapter, Capabilities, ImageDataset, QueryLedger, TuneConfig
-from craft_sdk._adapter_files import WEIGHTS_FILE
+from craft_sdk.adapter.files import WEIGHTS_FILE
 from craft_sdk.tuner.result import DataInfo, Metrics, QueryReport, SelectionReport
 
 pytest.importorskip("torch")
