@@ -657,3 +657,129 @@ def test_httpclient_counts_a_store_outage_as_unbilled(tiny_client: Any, tmp_path
             assert ledger.used == 3, ledger.used
     finally:
         server.stop()
+
+
+# ------------------------------------------------------------------ a per-request compute budget; leases lapsing in a store stall
+
+
+class SlowModel:
+    """The tiny model, taking ``delay`` seconds per model call (a big model on a busy machine), counting its calls."""
+
+    def __new__(cls, model: Any, delay: float) -> Any:
+        from craft_sdk.client.base import BaseClient
+
+        class Slow(BaseClient):
+            def __init__(self) -> None:
+                super().__init__()
+                self.calls: list[int] = []
+
+            def capabilities(self, template: str = "a photo of a") -> Any:
+                return model.capabilities(template)
+
+            def _prepare(self, images: list[Any]) -> Any:
+                return model._prepare(images)
+
+            def _predict_images(self, prepared: Any, class_names: list[str], template: str, offsets: Any) -> np.ndarray:
+                time.sleep(delay)
+                self.calls.append(0 if offsets is None else len(offsets))
+                return model._predict_images(prepared, class_names, template, offsets)
+
+        return Slow()
+
+
+def used(url: str) -> int:
+    return int(httpx.get(f"{url}/v1/usage", headers=AUTH, timeout=60).json()["used"])
+
+
+def test_a_request_over_its_time_budget_stops_and_is_not_billed(tiny_client: Any) -> None:
+    slow = SlowModel(tiny_client, 0.6)
+    server = serving(slow, None, budget_per_key=100, max_request_s=1, chunk_prompts=2)  # 1 candidate a chunk (2 classes)
+    try:
+        caps = httpx.get(f"{server.url}/v1/capabilities", headers=AUTH, timeout=60).json()
+        assert caps["max_request_s"] == 1 and caps["max_prompts"] == 16_384
+        assert httpx.get(f"{server.url}/v1/limits", headers=AUTH, timeout=60).json()["max_request_s"] == 1
+        handle = upload(server.url)
+        res = predict(server.url, handle, "long", p=8)  # 8 chunks of 0.6 s on a budget of 1 s
+        assert res.status_code == 413 and res.json()["error"]["code"] == "compute_budget", res.text
+        assert "max_request_s" in res.json()["error"]["message"]
+        assert 2 <= len(slow.calls) < 8 and used(server.url) == 0  # stopped between chunks; refunded whole
+        assert predict(server.url, handle, "short", p=1).status_code == 200 and used(server.url) == 1
+        again = predict(server.url, handle, "long", p=8)  # not remembered as answered: refused again, never billed
+        assert again.status_code == 413 and used(server.url) == 1
+    finally:
+        server.stop()
+
+
+def test_a_request_whose_client_left_mid_computation_stops_and_is_refunded(tiny_client: Any) -> None:
+    slow = SlowModel(tiny_client, 0.5)
+    server = serving(slow, None, budget_per_key=100, chunk_prompts=2)
+    try:
+        handle = upload(server.url)
+        predict(server.url, handle, "warm", p=1)
+        slow.calls.clear()
+        with pytest.raises(httpx.ReadTimeout):
+            predict(server.url, handle, "abandoned", p=10, timeout=1.2)  # the client gives up after about 2 chunks
+        deadline = time.monotonic() + 60
+        while used(server.url) != 1:  # the abandoned request's 10 queries are refunded
+            assert time.monotonic() < deadline, used(server.url)
+            time.sleep(0.3)
+        time.sleep(1.5)
+        assert len(slow.calls) < 10, slow.calls  # it stopped computing, and does not start again
+    finally:
+        server.stop()
+
+
+def test_a_lease_lapsing_in_a_redis_stall_never_leaves_an_answer_unbilled(tmp_path: Path, redis_dir: list[Redis]) -> None:
+    """Process A charges a request; Redis stalls (SIGSTOP) longer than A's lease; process B takes the request over,
+    fails and refunds it; A then delivers its answer. The answer is billed once and its record stays whole."""
+    import redis
+
+    r = Redis(tmp_path / "r", "--save", "", "--appendonly", "no")
+    redis_dir.append(r)
+    a = open_store(r.url, default_budget=100, lease_s=1)
+    b = open_store(r.url, lease_s=1)
+    raw = redis.Redis.from_url(r.url, decode_responses=True)
+
+    def stall(seconds: float) -> None:
+        os.kill(r.proc.pid, signal.SIGSTOP)
+        time.sleep(seconds)  # no lease renewal reaches Redis meanwhile
+        os.kill(r.proc.pid, signal.SIGCONT)
+
+    a.beat("A")
+    assert a.begin("alice", "k", "h", 2, "A").status == "charged"
+    stall(2.5)
+    assert b.begin("alice", "k", "h", 2, "B").status == "takeover"  # A's lease lapsed in the stall
+    b.abort("alice", "k", 2, "B")  # B's computation failed: it refunds
+    assert a.usage("alice")["used"] == 0
+    a.finish("alice", "k", "h", b"answer of A", 2)  # A delivers its answer: billed again, the record whole
+    assert a.usage("alice")["used"] == 2
+    record = raw.hgetall("craft:idem:alice:k")
+    assert record["request"] == "h" and record["status"] == "done", record
+    replay = b.begin("alice", "k", "h", 2, "C")
+    assert replay.status == "replay" and replay.answer == b"answer of A" and a.usage("alice")["used"] == 2
+
+    a.beat("A")  # the other order: A fails after B took over; A refunds nothing, B's answer is billed once
+    assert a.begin("alice", "k2", "h2", 3, "A").status == "charged"
+    stall(2.5)
+    assert b.begin("alice", "k2", "h2", 3, "B").status == "takeover"
+    a.abort("alice", "k2", 3, "A")
+    assert a.usage("alice")["used"] == 5
+    b.finish("alice", "k2", "h2", b"answer of B", 3)
+    a.finish("alice", "k2", "h2", b"late answer of A", 3)  # a record already done is kept, not billed again
+    assert a.usage("alice")["used"] == 5 and b.begin("alice", "k2", "h2", 3, "C").answer == b"answer of B"
+    a.close()
+    b.close()
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_finish_never_recreates_a_partial_record(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    store = open_store(spec_for(kind, tmp_path, request), default_budget=100, lease_s=1)
+    assert store.begin("alice", "k", "h", 4, "A").status == "charged"
+    time.sleep(1.2)  # A never beat: its lease is lapsed
+    assert store.begin("alice", "k", "h", 4, "B").status == "takeover"
+    store.abort("alice", "k", 4, "B")
+    store.finish("alice", "k", "h", b"answer", 4)
+    assert store.usage("alice")["used"] == 4
+    replay = store.begin("alice", "k", "h", 4, "C")
+    assert replay.status == "replay" and replay.answer == b"answer"
+    store.close()

@@ -82,6 +82,7 @@ def serve(
     cache_size: int = typer.Option(8, help="uploaded image sets whose features are kept, per key"),
     max_prompts: int = typer.Option(16_384, help="P x C prompts one request may ask (its compute; raise it on a GPU)"),
     store_timeout: int = typer.Option(5, "--store-timeout", help=STORE_TIMEOUT_HELP),
+    max_request_s: int = typer.Option(60, "--max-request-s", help="seconds of model time one request may use; beyond, it stops (413, not billed)"),
     device: str = typer.Option("cpu", help="torch device of the model"),
     text_only: bool = typer.Option(False, "--text-only", help="refuse context offsets (a text-only provider); /v1/zero-shot/* still answers"),
 ) -> None:
@@ -104,7 +105,8 @@ def serve(
     check_state_url(state)
     keys = load_api_keys(api_key_file)
     config = ServerConfig(budget_per_key=budget_per_key, max_body_bytes=max_body_mb << 20, max_image_sets=cache_size,
-                          max_prompts=max_prompts, store_timeout_s=store_timeout)
+                          max_prompts=max_prompts, store_timeout_s=store_timeout,
+                          max_request_s=max_request_s)
     spec = {"model": model, "pretrained": pretrained_kwargs(pretrained), "device": device, "text_only": text_only,
             "api_key_file": str(api_key_file), "config": asdict(config), "state": state or default_state(api_key_file)}
     # a bad --state fails now, and so does a state without meters and no budget (fail closed); logs Redis persistence problems

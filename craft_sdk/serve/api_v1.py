@@ -76,7 +76,7 @@ def register(router: APIRouter, state: ServerState) -> None:
         checks.check_template(template, state.config)
         caps = await state.capabilities(key, template)
         shown = {k: getattr(caps, k) for k in ("model_id", "n_ctx", "ctx_dim", "output", "ctx_rms", "logit_scale")}
-        bounds = ("max_abs_offset", "max_population", "max_prompts")  # what one request may ask of the model
+        bounds = ("max_abs_offset", "max_population", "max_prompts", "max_request_s")  # what one request may ask of the model
         return {**shown, **{k: getattr(state.config, k) for k in bounds}}
 
     @router.post("/image-sets", status_code=201, summary="Upload an image set (safetensors uint8 pixels); not billed",
@@ -153,26 +153,38 @@ async def _job(state: ServerState, key: str, body: bytes) -> _Job:
 
 
 async def _compute(state: ServerState, key: str, job: _Job, digest: str) -> CachedResponse:
-    """Run the model on ``job`` (the caller has billed it) and encode the answer."""
-
-    def work() -> tuple[bytes, float]:
-        t0 = time.perf_counter()
-        out = state.model.predict(job.prepared, job.n_images, job.names, job.template, job.offsets)
-        model_ms = 1000 * (time.perf_counter() - t0)
-        logits = checks.check_logits(out, (job.queries, job.n_images, len(job.names)))
-        if job.offsets is None or job.offsets.ndim == 2:
-            logits = logits[0]
-        payload = encode({"logits": logits.astype(np.float16 if job.dtype == "float16" else np.float32)}, {"queries": str(job.queries)})
-        return payload, model_ms
-
+    """Run the model on ``job`` (the caller has billed it) in chunks of whole candidates, then encode the answer."""
+    t0 = time.perf_counter()
     try:
-        payload, model_ms = await state.run(key, work)
+        parts = await state.run_chunks(key, lambda offsets: state.model.predict(job.prepared, job.n_images, job.names, job.template, offsets),
+                                       _chunks(job.offsets, len(job.names), state.config.chunk_prompts))
     except UnknownHandleError:  # the black box itself forgot the set (a client without feature access)
         state.sets.pop(key, job.handle)
         raise Problem(404, "unknown_handle", _GONE, "handle") from None
     except CraftError as exc:
         raise Problem(422, "rejected", checks.first_line(exc)) from None
+    model_ms = 1000 * (time.perf_counter() - t0)
+
+    def encoded() -> bytes:
+        out = parts[0] if len(parts) == 1 else np.concatenate([np.asarray(p) for p in parts])
+        logits = checks.check_logits(out, (job.queries, job.n_images, len(job.names)))
+        if job.offsets is None or job.offsets.ndim == 2:
+            logits = logits[0]
+        return encode({"logits": logits.astype(np.float16 if job.dtype == "float16" else np.float32)}, {"queries": str(job.queries)})
+
+    import anyio
+
+    payload = await anyio.to_thread.run_sync(encoded)
     return metered_response(digest, payload, job.queries, await state.meter.usage_of_delivered(key), model_ms)
+
+
+def _chunks(offsets: np.ndarray | None, n_classes: int, chunk_prompts: int) -> list[np.ndarray | None]:
+    """A population [P, n_ctx, d] in chunks of whole candidates, about ``chunk_prompts`` prompts each (no offsets, or
+    one context's: one chunk)."""
+    if offsets is None or offsets.ndim == 2:
+        return [offsets]
+    step = max(1, chunk_prompts // max(n_classes, 1))
+    return [offsets[i : i + step] for i in range(0, offsets.shape[0], step)]
 
 
 def _respond(resp: CachedResponse, replayed: bool = False) -> Any:

@@ -45,6 +45,12 @@ class ServerConfig:
         store_timeout_s: seconds one state-store call may take (off the event loop); beyond it, or
             when the store is down, metered routes answer 503 with Retry-After and ``/v1/health``
             reports the store unavailable.
+        max_request_s: seconds of model time one request may use (its compute budget, beside
+            ``max_prompts``): a population is computed in chunks of ``chunk_prompts`` prompts, and
+            between chunks a request over this budget stops (413 ``compute_budget``) and one whose
+            client left stops (499); both are refunded whole (nothing delivered, nothing billed).
+        chunk_prompts: P x C prompts computed per chunk of a prediction (whole candidates; at least
+            one candidate a chunk): how often a request checks its time budget and its client.
 
     Example:
         >>> ServerConfig(budget_per_key=8000).max_classes
@@ -70,6 +76,8 @@ class ServerConfig:
     body_timeout_s: int = 60
     lease_s: int = 10
     store_timeout_s: int = 5
+    max_request_s: int = 60
+    chunk_prompts: int = 4096
 
     def __post_init__(self) -> None:
         if self.budget_per_key is not None and self.budget_per_key < 0:
@@ -81,7 +89,7 @@ class ServerConfig:
     def limits(self) -> dict[str, int]:
         """The size limits, as the ``/v1/limits`` endpoint reports them."""
         shown = ("max_body_bytes", "max_images", "max_image_side", "max_classes", "max_class_name_chars",
-                 "max_template_chars", "max_population", "max_answer_bytes", "max_prompts", "max_abs_offset")
+                 "max_template_chars", "max_population", "max_answer_bytes", "max_prompts", "max_abs_offset", "max_request_s")
         return {**{k: getattr(self, k) for k in shown}, "max_zero_shot_body_bytes": self.zero_shot_body_bytes}
 
     @property

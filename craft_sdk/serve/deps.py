@@ -15,9 +15,10 @@ import concurrent.futures
 import contextvars
 import logging
 import threading
+import time
 import uuid
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -87,21 +88,23 @@ class Meter:
 
         def undo(begin: Any) -> None:
             if begin.status in ("charged", "takeover"):
-                self.store.abort(key, idem, n)
+                self.store.abort(key, idem, n, owner)
 
         return await self.call("begin", key, idem, request, n, owner, late=undo)
 
-    async def refund(self, key: str, idem: str | None, n: int) -> None:
-        """:meth:`Store.abort` after a failed computation; a store down now is logged (the original error wins)."""
+    async def refund(self, key: str, idem: str | None, n: int, owner: str) -> None:
+        """:meth:`Store.abort` after a failed computation (only while ``owner`` holds the record); a store down now
+        is logged (the original error wins)."""
         try:
-            await self.call("abort", key, idem, n, late=None)
+            await self.call("abort", key, idem, n, owner, late=None)
         except Problem as p:
             logger.error("could not refund %d queries of key %r: %s", n, key, p.message)
 
-    async def record(self, key: str, idem: str, resp: CachedResponse) -> None:
-        """:meth:`Store.finish` with the answer kept for replays; the answer is sent even if the store fails now."""
+    async def record(self, key: str, idem: str, resp: CachedResponse, n: int) -> None:
+        """:meth:`Store.finish` with the answer kept for replays (``n``: its queries, charged again if another process
+        refunded the record meanwhile); the answer is sent even if the store fails now."""
         try:
-            await self.call("finish", key, idem, resp.digest, resp.to_bytes())
+            await self.call("finish", key, idem, resp.digest, resp.to_bytes(), n)
         except Problem as p:
             logger.error("could not record the answer of key %r (Idempotency-Key %s): %s", key, idem, p.message)
 
@@ -159,6 +162,12 @@ class ServerState:
 
     async def run(self, key: str, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a model call in a worker thread when ``key``'s turn comes (round-robin between keys); 429 when too many wait."""
+        return (await self.run_chunks(key, lambda _: fn(*args), [None]))[0]
+
+    async def run_chunks(self, key: str, fn: Callable[[Any], Any], chunks: Sequence[Any]) -> list[Any]:
+        """``fn(chunk)`` for every chunk, each in a worker thread, all in one turn of ``key``. Before each chunk the
+        request stops if its client left (499) or, after the first, if it has used ``max_request_s`` of model time
+        (413 ``compute_budget``); the caller refunds it (nothing delivered). A running chunk is never interrupted."""
         import anyio
 
         if self.pending >= self.config.max_pending:
@@ -166,11 +175,18 @@ class ServerState:
         self.pending += 1
         try:
             async with self.scheduler.turn(key):
-                request = CURRENT_REQUEST.get()
-                if request is not None and await request.is_disconnected():  # nobody will read it: not computed
-                    logger.info("client of %s %s left before its turn; not computed (its charge is refunded)", request.method, request.url.path)
-                    raise Problem(499, "client_disconnected", "client disconnected before the model computed its request")
-                return await anyio.to_thread.run_sync(fn, *args)  # a running computation cannot be interrupted
+                request, started, out = CURRENT_REQUEST.get(), time.monotonic(), []
+                for i, chunk in enumerate(chunks):
+                    if request is not None and await request.is_disconnected():  # nobody will read it: stop computing
+                        logger.info("client of %s %s left; stopped after %d of %d chunks (its charge is refunded)",
+                                    request.method, request.url.path, i, len(chunks))
+                        raise Problem(499, "client_disconnected", "client disconnected before the model computed its request")
+                    if i and time.monotonic() - started > self.config.max_request_s:
+                        raise Problem(413, "compute_budget", f"the request needs more than {self.config.max_request_s} s of model "
+                                      f"time (max_request_s; stopped after {i} of {len(chunks)} chunks, not billed); split the "
+                                      "population (HTTPClientConfig.max_batch)", "offsets")
+                    out.append(await anyio.to_thread.run_sync(fn, chunk))
+                return out
         finally:
             self.pending -= 1
 

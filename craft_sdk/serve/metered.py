@@ -74,13 +74,13 @@ async def answer_once(
             resp = await compute(todo, digest)
         except BaseException:
             if billed:
-                await state.meter.refund(key, idem, cost)
+                await state.meter.refund(key, idem, cost, state.owner)
             raise
         if idem is not None:
             if begin.status == "replay" and begin.digest != resp.digest:
                 logger.warning("a recomputed replay differs from the answer first sent (digest %s, now %s)", begin.digest, resp.digest)
             if billed:
-                await state.meter.record(key, idem, resp)
+                await state.meter.record(key, idem, resp, cost)
             state.answers.put(slot, resp, len(resp.body))
         return respond(resp, begin.status == "replay")
     finally:

@@ -73,13 +73,37 @@ end
 return {'charged'}
 """
 
-# KEYS: usage hash, idem hash ('' = none). ARGV: n. Integer arithmetic only (HINCRBY): no float ever stored.
+# KEYS: usage hash, idem hash ('' = none). ARGV: n, owner ('' = any). Integer arithmetic only (HINCRBY): no float ever stored.
+# Only the owner of a pending record refunds it (one whose record was taken over refunds nothing).
 _ABORT = """
+if KEYS[2] ~= '' and ARGV[2] ~= '' then
+  local r = redis.call('HMGET', KEYS[2], 'status', 'owner')
+  if r[1] ~= 'pending' or r[2] ~= ARGV[2] then return 0 end
+end
 local used = tonumber(redis.call('HGET', KEYS[1], 'used') or '0')
 local back = math.min(used, tonumber(ARGV[1]))
 if back > 0 then redis.call('HINCRBY', KEYS[1], 'used', -back) end
 if KEYS[2] ~= '' then redis.call('DEL', KEYS[2]) end
 return 1
+"""
+
+# KEYS: settings, usage hash, idem hash. ARGV: digest, answer ('' = none), n, ttl. A done record is kept; a pending one
+# is marked done; a missing one (refunded by a failed takeover while this answer was computed) is re-created whole
+# and charged again when n > 0 (the answer is delivered), never left partial.
+_FINISH = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 'lost' end
+local exists = redis.call('EXISTS', KEYS[3]) == 1
+if exists and redis.call('HGET', KEYS[3], 'status') == 'done' then return 'done' end
+if not exists then
+  if tonumber(ARGV[3]) <= 0 then return 'gone' end
+  redis.call('HINCRBY', KEYS[2], 'used', ARGV[3])
+  redis.call('HSET', KEYS[3], 'request', ARGV[1], 'owner', '')
+end
+redis.call('HSET', KEYS[3], 'status', 'done', 'digest', ARGV[1])
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[3], 'answer', ARGV[2]) end
+redis.call('EXPIRE', KEYS[3], ARGV[4])
+if exists then return 'ok' end
+return 'recharged'
 """
 
 # KEYS: usage hash, settings. ARGV: n, max budget. Checked whole before anything is written.
@@ -149,6 +173,7 @@ class RedisStore(Store):
             logger.warning("%s", warning)
         self._begin = self._redis.register_script(_BEGIN)
         self._abort = self._redis.register_script(_ABORT)
+        self._finish = self._redis.register_script(_FINISH)
         self._top_up = self._redis.register_script(_TOP_UP)
 
     def _open(self, default_budget: int | None, create: bool, budget_required: bool, unlimited: bool) -> None:
@@ -231,16 +256,18 @@ class RedisStore(Store):
             return Begin("replay", out[1] or None, base64.b64decode(out[2]) if out[2] else None)
         return Begin(out[0])
 
-    def finish(self, key: str, idem: str, digest: str, answer: bytes | None = None) -> None:
-        k = self._idem_key(key, idem)
-        fields = {"status": "done", "digest": digest} | ({} if answer is None else {"answer": base64.b64encode(answer).decode()})
-        pipe = self._redis.pipeline()
-        pipe.hset(k, mapping=fields)
-        pipe.expire(k, IDEMPOTENCY_TTL_S)
-        pipe.execute()
+    def finish(self, key: str, idem: str, digest: str, answer: bytes | None = None, n: int = 0) -> None:
+        encoded = "" if answer is None else base64.b64encode(answer).decode()
+        out = self._finish(keys=[self._settings, self._usage_key(key), self._idem_key(key, idem)],
+                           args=[digest, encoded, n, IDEMPOTENCY_TTL_S])
+        if out == "lost":
+            raise StoreError(LOST)
+        if out == "recharged":
+            logger.warning("key %r: the record of Idempotency-Key %s was refunded by another process while this one computed "
+                           "it; the answer delivered is billed again (%d queries)", key, idem, n)
 
-    def abort(self, key: str, idem: str | None, n: int) -> None:
-        self._abort(keys=[self._usage_key(key), self._idem_key(key, idem)], args=[n])
+    def abort(self, key: str, idem: str | None, n: int, owner: str | None = None) -> None:
+        self._abort(keys=[self._usage_key(key), self._idem_key(key, idem)], args=[n, owner or ""])
 
     def count_upload(self, key: str) -> None:
         self._redis.hincrby(self._usage_key(key), "uploads", 1)

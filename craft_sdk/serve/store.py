@@ -95,10 +95,14 @@ class MemoryStore(Store):
         if rec is not None and rec["answer"] is not None:
             self._kept -= len(rec["answer"])
 
-    def finish(self, key: str, idem: str, digest: str, answer: bytes | None = None) -> None:
+    def finish(self, key: str, idem: str, digest: str, answer: bytes | None = None, n: int = 0) -> None:
         with self._lock:
             rec = self._records.get((key, idem))
-            if rec is not None:
+            if rec is None and n > 0:  # refunded by a failed takeover while this answer was computed: bill it again
+                self._used[key] = self._used.get(key, 0) + n
+                rec = self._records[(key, idem)] = {"request": digest, "status": "pending", "owner": "", "digest": None,
+                                                    "answer": None, "t": time.time()}
+            if rec is not None and rec["status"] != "done":
                 rec.update(status="done", digest=digest, answer=answer)
                 self._kept += len(answer or b"")
             if len(self._records) > 65536 or self._kept > self.answer_bytes:  # bounded: forget the oldest finished records
@@ -107,8 +111,11 @@ class MemoryStore(Store):
                         break
                     self._forget(slot)
 
-    def abort(self, key: str, idem: str | None, n: int) -> None:
+    def abort(self, key: str, idem: str | None, n: int, owner: str | None = None) -> None:
         with self._lock:
+            rec = self._records.get((key, idem)) if idem is not None else None
+            if owner is not None and idem is not None and (rec is None or rec["status"] != "pending" or rec["owner"] != owner):
+                return  # taken over (or finished) by another process: its charge is not ours to refund
             self._used[key] = max(0, self._used.get(key, 0) - n)
             if idem is not None:
                 self._forget((key, idem))
@@ -337,15 +344,23 @@ class SQLiteStore(Store):
                 db.execute("INSERT INTO idempotency VALUES (?, ?, ?, 'pending', ?, NULL, ?, NULL)", (key, idem, request, owner, time.time()))
             return Begin("charged")
 
-    def finish(self, key: str, idem: str, digest: str, answer: bytes | None = None) -> None:
+    def finish(self, key: str, idem: str, digest: str, answer: bytes | None = None, n: int = 0) -> None:
         with self._lock, self._tx() as db:
-            db.execute("UPDATE idempotency SET status = 'done', digest = ?, answer = ? WHERE key = ? AND idem = ?", (digest, answer, key, idem))
+            cur = db.execute("UPDATE idempotency SET status = 'done', digest = ?, answer = ? WHERE key = ? AND idem = ? AND status = 'pending'",
+                             (digest, answer, key, idem))
+            if cur.rowcount == 0 and n > 0 and db.execute("SELECT 1 FROM idempotency WHERE key = ? AND idem = ?", (key, idem)).fetchone() is None:
+                # refunded by a failed takeover while this answer was computed: the answer is delivered, so bill it again
+                db.execute("INSERT INTO usage (key, used) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET used = used + excluded.used", (key, n))
+                db.execute("INSERT INTO idempotency VALUES (?, ?, ?, 'done', '', ?, ?, ?)", (key, idem, digest, digest, time.time(), answer))
             self._finished += 1
             if self._finished % 256 == 0:  # bounded: forget finished records after their TTL
                 db.execute("DELETE FROM idempotency WHERE status = 'done' AND created < ?", (time.time() - IDEMPOTENCY_TTL_S,))
 
-    def abort(self, key: str, idem: str | None, n: int) -> None:
+    def abort(self, key: str, idem: str | None, n: int, owner: str | None = None) -> None:
         with self._lock, self._tx() as db:
+            if owner is not None and idem is not None and db.execute(
+                    "SELECT 1 FROM idempotency WHERE key = ? AND idem = ? AND status = 'pending' AND owner = ?", (key, idem, owner)).fetchone() is None:
+                return  # taken over (or finished) by another process: its charge is not ours to refund
             db.execute("UPDATE usage SET used = MAX(0, used - ?) WHERE key = ?", (n, key))
             if idem is not None:
                 db.execute("DELETE FROM idempotency WHERE key = ? AND idem = ?", (key, idem))

@@ -46,12 +46,19 @@ class Store:
     def begin(self, key: str, idem: str | None, request: str, n: int, owner: str) -> Begin:
         raise NotImplementedError
 
-    def finish(self, key: str, idem: str, digest: str, answer: bytes | None = None) -> None:
-        """Mark ``idem`` done; ``answer`` (the encoded response) is kept for replays for the record's TTL."""
+    def finish(self, key: str, idem: str, digest: str, answer: bytes | None = None, n: int = 0) -> None:
+        """Mark the pending record ``idem`` done; ``answer`` (the encoded response) is kept for replays for its TTL.
+
+        A record already done (another process finished first) is left as it is. A record that is gone (another
+        process took it over while this one was stalled, failed and refunded it) is re-created whole and its ``n``
+        queries charged again, since this answer is being delivered; with ``n`` 0 nothing is written (never a
+        partial record).
+        """
         raise NotImplementedError
 
-    def abort(self, key: str, idem: str | None, n: int) -> None:
-        """Refund ``n`` queries of ``key`` and forget the pending record ``idem``."""
+    def abort(self, key: str, idem: str | None, n: int, owner: str | None = None) -> None:
+        """Refund ``n`` queries of ``key`` and forget the pending record ``idem`` — only while ``owner`` still holds
+        it pending (a process whose record was taken over refunds nothing; None: unconditionally)."""
         raise NotImplementedError
 
     def count_upload(self, key: str) -> None:
