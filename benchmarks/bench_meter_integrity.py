@@ -10,13 +10,16 @@ queries answered (200) against the budget:
 * ``--workers 2`` on each store (``memory`` must be refused at start);
 * Redis ``FLUSHALL`` once half the budget is spent, and a Redis restart there, without persistence or with AOF;
 * store outages: the SQLite file write-locked by another process for ``--outage`` seconds, Redis stopped for as
-  long, while requests and ``/v1/health`` keep coming (its slowest answer is reported).
+  long, while requests and ``/v1/health`` keep coming (its slowest answer is reported);
+* a flushed Redis restarted without ``--budget-per-key`` (it must refuse to start, not serve unlimited);
+* one long request (the largest population, P x C = 16,384 prompts) under ``--max-request-s 1``, and the same
+  request abandoned by its client after 1 s: the queries billed for it, and the model time it kept using.
 
 "held" means answered <= budget. Prints a table and writes JSON.
 
 Usage:
     OMP_NUM_THREADS=1 python benchmarks/bench_meter_integrity.py [--budget 40] [--popsize 4] [--outage 6]
-        [--out benchmarks/results/bench_meter_integrity.json]
+        [--only flushed-restart,long-request] [--out benchmarks/results/bench_meter_integrity.json]
 """
 
 from __future__ import annotations
@@ -229,13 +232,72 @@ def outage(key_file: Path, store: str, spec: str, a: argparse.Namespace, rs: Red
                f"during: {dict(during[0]) if during else {}}", health_max_s=round(max(health_s), 2))
 
 
+def flushed_restart(key_file: Path, work: Path, a: argparse.Namespace) -> dict[str, Any]:
+    import redis
+
+    rs = RedisServer(work / "redis-flushed", "--appendonly", "yes")
+    first = Serve(key_file, rs.url, "--budget-per-key", str(a.budget))
+    parts = [ask(first.url, half(a), a.popsize)]
+    first.stop()
+    redis.Redis(port=rs.port).flushall()  # the data is gone; the operator restarts the server as usual
+    second = Serve(key_file, rs.url)
+    note = f"restart refused (exit {second.proc.returncode}): {second.error[:80]}" if not second.up else "restart served"
+    if second.up:
+        parts.append(ask(second.url, 3 * a.budget // a.popsize - half(a), a.popsize))
+    second.stop()
+    rs.stop()
+    return row("flushed Redis, restart without --budget-per-key", "redis", a.budget, a.popsize, parts, note)
+
+
+def _long_body(url: str, p: int, n_classes: int) -> tuple[bytes, str]:
+    from craft_sdk.wire import encode
+
+    caps = httpx.get(f"{url}/v1/capabilities", headers=AUTH, timeout=60).json()
+    handle = httpx.post(f"{url}/v1/image-sets", content=encode({"images": np.zeros((2, 32, 32, 3), np.uint8)}), headers=AUTH,
+                        timeout=60).json()["handle"]
+    offsets = np.full((p, caps["n_ctx"], caps["ctx_dim"]), 0.01, np.float32)
+    names = [f"class {i}" for i in range(n_classes)]
+    return encode({"offsets": offsets}, {"request": json.dumps({"handle": handle, "class_names": names})}), str(caps.get("max_request_s"))
+
+
+def long_request(key_file: Path, work: Path, a: argparse.Namespace, leave: bool) -> dict[str, Any]:
+    """One request of P = 256 candidates x 64 classes (16,384 prompts): under --max-request-s 1 (when the server has
+    it), or abandoned by its client after 1 s. Billed queries and the model time it used (a small request's wait)."""
+    help_text = subprocess.run([sys.executable, "-m", "craft_sdk.cli", "serve", "--help"], capture_output=True, text=True).stdout
+    extra = ["--max-request-s", "1"] if ("--max-request-s" in help_text and not leave) else []
+    server = Serve(key_file, str(work / f"long-{leave}.db"), "--budget-per-key", "100000", *extra)
+    body, limit = _long_body(server.url, 256, 64)
+    t0, status = time.monotonic(), 0
+    try:
+        status = httpx.post(f"{server.url}/v1/predict", content=body, headers={**AUTH, "Idempotency-Key": "long"},
+                            timeout=1.0 if leave else 600).status_code
+    except httpx.TimeoutException:
+        status = 0  # the client left
+    after_s = time.monotonic() - t0
+    probe = _long_body(server.url, 1, 2)[0]
+    t1 = time.monotonic()
+    httpx.post(f"{server.url}/v1/predict", content=probe, headers={**AUTH, "Idempotency-Key": "probe"}, timeout=600)
+    busy_s = after_s + time.monotonic() - t1  # until the model was free for the next request
+    time.sleep(2)
+    billed = int(httpx.get(f"{server.url}/v1/usage", headers=AUTH, timeout=60).json()["used"]) - 1
+    server.stop()
+    what = "client left after 1 s" if leave else f"max_request_s {limit}"
+    return row(f"one long request (16,384 prompts), {what}", "sqlite", 256, 256, [collections.Counter({status: 1})],
+               f"status {status or 'none (client left)'}; billed {billed} of 256; model busy {busy_s:.1f} s", billed=billed,
+               model_busy_s=round(busy_s, 1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", type=int, default=40)
     ap.add_argument("--popsize", type=int, default=4)
     ap.add_argument("--outage", type=float, default=6.0)
+    ap.add_argument("--only", default="", help="comma-separated: flushed-restart, long-request (default: every scenario)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_meter_integrity.json")
     a = ap.parse_args()
+    if a.only:
+        _only(a)
+        return
     work = Path(tempfile.mkdtemp(prefix="bench_meter_integrity_"))
     key_file = work / "keys.txt"
     key_file.write_text(f"alice {KEY}\n")
@@ -263,6 +325,29 @@ def main() -> None:
     meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "budget": a.budget, "popsize": a.popsize,
             "outage_s": a.outage, "machine": f"{os.cpu_count()} CPUs (shared)"}
     a.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"wrote {a.out}")
+
+
+def _only(a: argparse.Namespace) -> None:
+    """Run the named scenarios and add (or replace) their rows in ``--out``."""
+    work = Path(tempfile.mkdtemp(prefix="bench_meter_integrity_"))
+    key_file = work / "keys.txt"
+    key_file.write_text(f"alice {KEY}\n")
+    rows = []
+    for name in a.only.split(","):
+        if name == "flushed-restart":
+            rows.append(flushed_restart(key_file, work, a))
+        elif name == "long-request":
+            rows += [long_request(key_file, work, a, leave=False), long_request(key_file, work, a, leave=True)]
+        else:
+            raise SystemExit(f"unknown scenario {name!r}")
+    for r in rows:
+        print(f"{r['scenario']:<52} {r['store']:<7} {r['budget']:>6} {r['answered']:>8}  {r['note']}")
+    old = json.loads(a.out.read_text()) if a.out.exists() else {"meta": {}, "rows": []}
+    names = {r["scenario"] for r in rows}
+    old["rows"] = [r for r in old["rows"] if r["scenario"] not in names] + rows
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(old, indent=1))
     print(f"wrote {a.out}")
 
 

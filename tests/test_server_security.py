@@ -209,7 +209,7 @@ def test_response_holds_only_logits(server) -> None:  # noqa: ANN001
     want = model([im for im in images], ["cat", "dog", "eel"], "", offsets)
     assert np.array_equal(read(r.content, entries["logits"], "logits"), want)
     assert set(caps) == {"model_id", "n_ctx", "ctx_dim", "output", "ctx_rms", "logit_scale",
-                         "max_abs_offset", "max_population", "max_prompts"}  # what one request may ask
+                         "max_abs_offset", "max_population", "max_prompts", "max_request_s"}  # what one request may ask
 
 
 def test_idempotency_replays_without_billing(server) -> None:  # noqa: ANN001
