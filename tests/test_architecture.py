@@ -131,3 +131,142 @@ def test_no_function_is_over_80_lines_of_code(limit: int) -> None:
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and _code_lines(node) > limit:
                 long.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} ({_code_lines(node)} lines)")
     assert not long, "functions over 80 lines of code:\n" + "\n".join(long)
+
+
+# --- the import graph: no cycles, folders are layers, no private names across modules (issue 21) ---
+
+
+def _graph_imports(path: Path, name: str, modules: set[str]) -> list[tuple[int, str, str | None]]:
+    """(line, imported module, imported name or None) for every craft_sdk import: module-level, lazy and
+    ``if TYPE_CHECKING`` ones alike. ``from pkg import sub`` resolves to the submodule when it is one."""
+    tree = ast.parse(path.read_text())
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found: list[tuple[int, str, str | None]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.split(".")[0] != "craft_sdk":
+                continue
+            for alias in node.names:
+                sub = f"{target}.{alias.name}"
+                found.append((node.lineno, sub, None) if sub in modules else (node.lineno, target, alias.name))
+        elif isinstance(node, ast.Import):
+            found += [(node.lineno, a.name, None) for a in node.names if a.name.split(".")[0] == "craft_sdk"]
+    return found
+
+
+def _all_modules() -> dict[str, Path]:
+    return {module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = _all_modules()
+    return {
+        name: {t for _, t, _ in _graph_imports(path, name, set(modules)) if t in modules and t != name}
+        for name, path in modules.items()
+    }
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one node (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph.get(child, ())))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+def folder_of(module: str) -> str:
+    """The top-level folder a module lives in (``craft_sdk.tuner.loop`` -> ``craft_sdk.tuner``); a top-level
+    file is its own folder."""
+    return ".".join(module.split(".")[:2])
+
+
+def test_there_is_no_import_cycle_between_modules() -> None:
+    found = cycles(import_graph())
+    assert not found, "import cycles (lazy and TYPE_CHECKING imports count):\n" + "\n".join(" <-> ".join(c) for c in found)
+
+
+def test_there_is_no_import_cycle_between_folders() -> None:
+    folders: dict[str, set[str]] = {}
+    for source, targets in import_graph().items():
+        if source == "craft_sdk":
+            continue  # the package root re-exports the public API; it is the top of every folder
+        folders.setdefault(folder_of(source), set()).update(
+            folder_of(t) for t in targets if t != "craft_sdk" and folder_of(t) != folder_of(source)
+        )
+    found = cycles(folders)
+    assert not found, "folders importing each other:\n" + "\n".join(" <-> ".join(c) for c in found)
+
+
+def test_a_folder_is_one_layer() -> None:
+    """Every module in a folder has the folder's layer: the folders show the README's layer table."""
+    mixed = [
+        f"{m} is layer {layer_of(m)} but its folder {folder_of(m)} is layer {layer_of(folder_of(m))}"
+        for m in _all_modules()
+        if m != "craft_sdk" and layer_of(m) != layer_of(folder_of(m))
+    ]
+    assert not mixed, "\n".join(mixed)
+
+
+def test_no_private_name_is_imported_from_another_module() -> None:
+    """``from craft_sdk.x import _helper`` couples two modules through a name one of them declared private.
+    Private *modules* (``_fileio``) are package-private and may be imported inside the package."""
+    modules = _all_modules()
+    private = []
+    for name, path in modules.items():
+        for line, target, imported in _graph_imports(path, name, set(modules)):
+            if imported and imported.startswith("_") and not imported.startswith("__") and target != name:
+                private.append(f"{path.relative_to(PACKAGE.parent)}:{line} imports {imported} from {target}")
+    assert not private, "private names imported across modules:\n" + "\n".join(private)
+
+
+def test_the_graph_checks_can_fail(tmp_path: Path) -> None:
+    """The cycle finder sees a two- and a three-module cycle, and the walker sees lazy and TYPE_CHECKING imports."""
+    assert cycles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [["a", "b"]]
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from craft_sdk.api import tune\n"
+        "def f():\n    from craft_sdk.errors import _private\n"
+    )
+    got = _graph_imports(probe, "craft_sdk.probe", {"craft_sdk.api", "craft_sdk.errors"})
+    assert (3, "craft_sdk.api", "tune") in got and (5, "craft_sdk.errors", "_private") in got
