@@ -109,12 +109,12 @@ def test_chat_sampled_answers_are_smoothed_frequencies(model, server) -> None:  
 
 
 def test_chat_route_replays_an_idempotent_request_and_refuses_urls(server) -> None:  # noqa: ANN001
-    from craft_sdk.client.chat import _data_uri
+    from craft_sdk.client.chat import data_uri
 
     question = build_question("a photo of a", NAMES)
     body = {"model": "tiny", "max_tokens": 1, "logprobs": True, "top_logprobs": 3, "n": 2, "temperature": 0,
             "messages": [{"role": "user", "content": [{"type": "text", "text": question},
-                                                      {"type": "image_url", "image_url": {"url": _data_uri(random_images(1, 6)[0])}}]}]}
+                                                      {"type": "image_url", "image_url": {"url": data_uri(random_images(1, 6)[0])}}]}]}
     headers = {"Authorization": f"Bearer {KEY}", "Idempotency-Key": "replay-1"}
     before = used(server)
     a = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=headers, timeout=60)

@@ -197,7 +197,7 @@ class ChatVLMClient(BaseClient):
         return self._caps
 
     def _prepare(self, images: list[Image.Image]) -> list[str]:
-        return [_data_uri(im) for im in images]
+        return [data_uri(im) for im in images]
 
     def _predict_images(self, prepared: list[str], class_names: list[str], template: str, offsets: np.ndarray | None) -> np.ndarray:
         bad = [n for n in class_names if "\n" in n]
@@ -333,7 +333,7 @@ def _option_probs(top: list[dict[str, Any]], k: int) -> np.ndarray | None:
     return listed / listed.sum()
 
 
-def _data_uri(image: Image.Image) -> str:
+def data_uri(image: Image.Image) -> str:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")

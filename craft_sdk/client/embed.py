@@ -36,7 +36,7 @@ from .._lru import LRU
 from ..errors import ClientError, ConfigError
 from ..images import image_digest
 from .base import DEFAULT_TEMPLATE, BaseClient, Capabilities
-from .chat import _data_uri
+from .chat import data_uri
 from .hosted import IMAGE_TOKENS, Transport, parse_model_url, text_tokens
 from .usage import TEXT_TOKENS, ProviderUsage, attempt_bound
 
@@ -173,7 +173,7 @@ class EmbeddingClient(BaseClient):
     # ------------------------------------------------------------------ the two profiles
 
     def _embed_image(self, image: Image.Image) -> np.ndarray:
-        uri = _data_uri(image)
+        uri = data_uri(image)
         if self.config.profile == "cohere":
             body: dict[str, Any] = {"model": self.model, "input_type": "image", "embedding_types": ["float"], "images": [uri]}
         else:
