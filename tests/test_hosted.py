@@ -128,6 +128,28 @@ def test_chat_route_replays_an_idempotent_request_and_refuses_urls(server) -> No
     assert bad.status_code == 422 and "data: URI" in bad.json()["error"]["message"]
 
 
+def test_every_route_bills_the_one_query_cost_rule(server) -> None:  # noqa: ANN001
+    """Each metered route bills ``wire.query_cost`` of what it scores (no offsets: 1), whatever ``n`` or the number of
+    texts, and says so in ``X-Craft-Queries``: the header, the meter and the rule agree."""
+    from craft_sdk.client.chat import _data_uri
+    from craft_sdk.wire import query_cost
+
+    uri = _data_uri(random_images(1, 7)[0])
+    question = build_question("a photo of a", NAMES)
+    bodies = {
+        "/v1/chat/completions": {"model": "tiny", "n": 3, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": question}, {"type": "image_url", "image_url": {"url": uri}}]}]},
+        "/v1/embeddings": {"model": "tiny", "input": ["a cat", "a dog", "an eel"]},
+        "/v1/embed": {"model": "tiny", "texts": ["a cat", "a dog"], "embedding_types": ["float"]},
+        "/v1/zero-shot/tiny": {"inputs": uri.partition(",")[2], "parameters": {"candidate_labels": NAMES}},
+    }
+    for path, body in bodies.items():
+        before = used(server)
+        r = httpx.post(f"{server.url}{path}", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+        assert r.status_code == 200, (path, r.text)
+        assert int(r.headers["X-Craft-Queries"]) == used(server) - before == query_cost(None), path
+
+
 def test_budget_exceeded_is_final_not_retried(model) -> None:  # noqa: ANN001
     app = create_app(model, {"alice": KEY}, ServerConfig(budget_per_key=2))
     with BackgroundServer(app) as srv:
