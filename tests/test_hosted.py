@@ -131,10 +131,10 @@ def test_chat_route_replays_an_idempotent_request_and_refuses_urls(server) -> No
 def test_every_route_bills_the_one_query_cost_rule(server) -> None:  # noqa: ANN001
     """Each metered route bills ``wire.query_cost`` of what it scores (no offsets: 1), whatever ``n`` or the number of
     texts, and says so in ``X-Craft-Queries``: the header, the meter and the rule agree."""
-    from craft_sdk.client.chat import _data_uri
+    from craft_sdk.client.chat import data_uri
     from craft_sdk.wire import query_cost
 
-    uri = _data_uri(random_images(1, 7)[0])
+    uri = data_uri(random_images(1, 7)[0])
     question = build_question("a photo of a", NAMES)
     bodies = {
         "/v1/chat/completions": {"model": "tiny", "n": 3, "messages": [{"role": "user", "content": [
