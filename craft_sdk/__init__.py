@@ -11,7 +11,7 @@ from ._deprecation import install as _install_moved_paths
 from ._version import __version__
 from .adapter import Adapter, AdapterConfig
 from .adapter.export import export_onnx
-from .api import check_compatible, create_client, evaluate, load_data, tune
+from .api import check_compatible, create_client, evaluate, load_data, tune, tune_run
 from .client import (
     DEFAULT_TEMPLATE,
     BaseClient,
@@ -99,4 +99,5 @@ __all__ = [
     "load_data",
     "load_dataset",
     "tune",
+    "tune_run",
 ]

@@ -1,4 +1,4 @@
-"""Verb-named entry points composing client → tuner → adapter: what the CLI calls."""
+"""Verb-named entry points composing client → tuner → adapter (through :mod:`craft_sdk.tuning`): what the CLI calls."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ from typing import Any
 
 import numpy as np
 
+from . import tuning
 from .adapter import Adapter, check_compatible
 from .client.base import PredictionClient
 from .client.ledger import MeteredClient, QueryLedger
-from .client.schemes import parse_model
 from .client.pricing import PriceTable
+from .client.schemes import parse_model
 from .data import DataSplits, ImageDataset, load_dataset
 from .deploy.query import raw_scores
 from .errors import AdapterError
@@ -127,6 +128,7 @@ def tune(
     config: TuneConfig | None = None,
     *,
     checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 1,
     resume: bool = False,
     on_progress: Callable[..., None] | None = None,
     ledger: QueryLedger | None = None,
@@ -135,14 +137,14 @@ def tune(
     progress: bool | Callable[..., None] | None = None,
     **overrides: Any,
 ) -> Adapter:
-    """Tune an adapter for ``train`` through ``client``.
+    """Tune an adapter for ``train`` through ``client`` (:func:`tune_run` without the run's result).
 
     Args:
         client: the black box.
         train: the few-shot training set.
         val: optional validation set for model selection.
         config: a :class:`TuneConfig`; keyword ``overrides`` replace its fields.
-        checkpoint_dir, resume, on_progress: see :class:`craft_sdk.tuner.train.Tuner`.
+        checkpoint_dir, checkpoint_every, resume, on_progress: see :class:`craft_sdk.tuner.train.Tuner`.
         ledger: charge the queries to this ledger (default: a new one with the config's budget).
         price: a :class:`~craft_sdk.client.pricing.PriceTable`: the adapter records what the tune cost.
         max_cost: a hard ceiling on that cost (needs ``price``; ignored when ``ledger`` is given: set it there).
@@ -154,19 +156,42 @@ def tune(
     Example:
         >>> adapter = tune(create_client("demo"), splits.train, mode="craft", budget=2000)  # doctest: +SKIP
     """
-    from .tuner.train import Tuner
+    return tune_run(client, train, val, config, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
+                    on_progress=on_progress, ledger=ledger, price=price, max_cost=max_cost, progress=progress, **overrides).adapter
 
-    base = (config or TuneConfig()).to_dict()
-    base.update(overrides)
-    cfg = TuneConfig.from_dict(base)
+
+def tune_run(
+    client: PredictionClient,
+    train: ImageDataset,
+    val: ImageDataset | None = None,
+    config: TuneConfig | None = None,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 1,
+    resume: bool = False,
+    on_progress: Callable[..., None] | None = None,
+    ledger: QueryLedger | None = None,
+    price: PriceTable | None = None,
+    max_cost: float | None = None,
+    progress: bool | Callable[..., None] | None = None,
+    **overrides: Any,
+) -> tuning.TuneRun:
+    """:func:`tune`, returning the adapter with the run's full result (:class:`~craft_sdk.tuning.TuneRun`:
+    ``.adapter``, ``.result``: metrics, queries, selection, history); same arguments.
+
+    The composition itself is :func:`craft_sdk.tuning.tune_run`, the one place client → tuner → adapter
+    is run; the facade checks the training set first.
+
+    Example:
+        >>> run = tune_run(create_client("demo"), splits.train, mode="craft", budget=2000)  # doctest: +SKIP
+        >>> run.result.metrics["train_accuracy"], run.adapter.temperature                 # doctest: +SKIP
+    """
     from .data import require_classes
-    from .tuner.progress import progress_display
 
+    cfg = tuning.merged_config(config, overrides)
     require_classes(train, "the training set")
-    with progress_display(progress, cfg.budget, on_progress) as callback:
-        tuner = Tuner(cfg, checkpoint_dir=checkpoint_dir, resume=resume, on_progress=callback, price=price, max_cost=max_cost)
-        result = tuner.fit(client, train, val, ledger=ledger)
-    return Adapter.from_result(result)  # the result records every trained/selected-on image's digest
+    return tuning.tune_run(client, train, val, cfg, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
+                           on_progress=on_progress, ledger=ledger, price=price, max_cost=max_cost, progress=progress)
 
 
 def evaluate(

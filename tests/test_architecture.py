@@ -22,11 +22,12 @@ LAYERS: dict[str, int] = {
     "craft_sdk.client": 1,  # the only door to the model (and what is scored through it: contexts, canary probes)
     "craft_sdk.tuner": 2,  # prompt search + refiner training
     "craft_sdk.adapter": 3,  # format, io, hub, card, ONNX export/runtime
-    "craft_sdk.deploy": 4,  # classifier, stream, sinks, canary checks, the query policy
-    "craft_sdk.api": 5,  # the verb-named facade
-    # 6: applications built on the public API
-    "craft_sdk": 6, "craft_sdk.__main__": 6, "craft_sdk.cli": 6, "craft_sdk.serve": 6, "craft_sdk.sweep": 6,
-    "craft_sdk.integrations": 6, "craft_sdk.apps": 6,
+    "craft_sdk.tuning": 4,  # the one composition client -> tuner -> adapter (tune_run)
+    "craft_sdk.deploy": 5,  # classifier, stream, sinks, canary checks, the query policy
+    "craft_sdk.api": 6,  # the verb-named facade
+    # 7: applications built on the public API
+    "craft_sdk": 7, "craft_sdk.__main__": 7, "craft_sdk.cli": 7, "craft_sdk.serve": 7, "craft_sdk.sweep": 7,
+    "craft_sdk.integrations": 7, "craft_sdk.apps": 7,
 }
 
 
@@ -270,3 +271,30 @@ def test_the_graph_checks_can_fail(tmp_path: Path) -> None:
     )
     got = _graph_imports(probe, "craft_sdk.probe", {"craft_sdk.api", "craft_sdk.errors"})
     assert (3, "craft_sdk.api", "tune") in got and (5, "craft_sdk.errors", "_private") in got
+
+
+def test_one_composition_site() -> None:
+    """client → tuner → adapter is composed in one place (issue 21): only ``craft_sdk/tuning.py`` runs a ``Tuner``
+    and builds an ``Adapter`` from its result; the facade, the CLI's tune, the demo runner and
+    ``CraftClassifier.fit`` call its ``tune_run`` (the classifier directly: the facade is a layer above it)."""
+    sites: dict[str, set[str]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+                if name in ("Tuner", "from_result"):
+                    sites.setdefault(name, set()).add(path.relative_to(PACKAGE).as_posix())
+    assert sites == {"Tuner": {"tuning.py"}, "from_result": {"tuning.py"}}
+    for rel in ("api.py", "cli/_tune.py", "apps/demo.py", "deploy/classifier.py"):
+        calls = [n.func for n in ast.walk(ast.parse((PACKAGE / rel).read_text())) if isinstance(n, ast.Call)]
+        names = {f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", None) for f in calls}
+        assert "tune_run" in names, f"{rel} does not tune through tune_run"
+
+
+def test_the_deploy_package_imports_no_training_module() -> None:
+    """deploy/ (lazy imports included) never imports craft_sdk.tuner: the numpy refiner is craft_sdk.mlp, context
+    scoring and canary probes are in client/, and ``CraftClassifier.fit`` tunes through craft_sdk.tuning."""
+    found = [f"{path.name}:{line} {target}" for path in sorted((PACKAGE / "deploy").rglob("*.py"))
+             for line, target in imports(path) if target.startswith("craft_sdk.tuner")]
+    assert found == []
+    assert any(t == "craft_sdk.tuning" for _, t in imports(PACKAGE / "deploy" / "classifier.py"))

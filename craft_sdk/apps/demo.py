@@ -23,8 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ..adapter import Adapter
-from ..api import evaluate
+from ..api import evaluate, tune_run
 from ..client.ledger import MeteredClient, QueryLedger
 from ..data import ImageDataset
 from ..demo.tasks import load_demo_task
@@ -115,7 +114,6 @@ def run_demo(
     from ..client.openclip import OpenCLIPClient
     from ..deploy.classifier import CraftClassifier
     from ..tuner.plan import plan_generations
-    from ..tuner.train import Tuner
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -132,8 +130,8 @@ def run_demo(
         if on_progress is not None:
             on_progress(p)
 
-    result = Tuner(cfg, on_progress=progress).fit(client, splits.train)
-    adapter = Adapter.from_result(result)
+    run = tune_run(client, splits.train, config=cfg, on_progress=progress, progress=False)
+    result, adapter = run.result, run.adapter
     adapter_dir = adapter.save_pretrained(out / "adapter")
     if adapter.config.refiner is not None:  # a zero-shot or prompt-only adapter has no refiner to export
         export_onnx(adapter_dir)

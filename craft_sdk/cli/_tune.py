@@ -89,11 +89,10 @@ def _tune_command(
 ) -> None:
     """Tune a CraFT adapter on DATA through a prediction-only black box (every TuneConfig field is an option)."""
     from .. import load_data
-    from ..adapter import Adapter
+    from ..api import tune_run
     from ..data import require_classes
     from ..tuner.checkpoint import LEDGER_FILE
     from ..tuner.progress import RichProgress
-    from ..tuner.train import Tuner
     from ._options import config_from
 
     if shots < 1:
@@ -123,20 +122,19 @@ def _tune_command(
     resume_matches = _resume_outlook(config, ckpt, splits.val is not None) if resume else None
     try:
         with RichProgress(budget, console=err) as bar:
-            tuner = Tuner(config, checkpoint_dir=ckpt, checkpoint_every=checkpoint_every, resume=resume, on_progress=bar,
-                          price=price, max_cost=max_cost)
-            result = tuner.fit(client, splits.train, splits.val)
+            run = tune_run(client, splits.train, splits.val, config, checkpoint_dir=ckpt, checkpoint_every=checkpoint_every,
+                           resume=resume, progress=bar, price=price, max_cost=max_cost)
     except KeyboardInterrupt:
         err.print(f"interrupted; the run is saved in {ckpt}. Resume it with:\n  {_resume_command(data, ckpt)}", highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
     except Exception:
         _after_failure(ckpt, auto_dir)
         raise
+    result, adapter = run.result, run.adapter
     if resume_matches is False and _early_stopping(config):
         resume_matches = _resume_result(result)
     if ckpt.resolve() == auto_dir.resolve():
         shutil.rmtree(auto_dir, ignore_errors=True)  # finished: the adapter replaces the automatic checkpoint
-    adapter = Adapter.from_result(result)
     adapter.config.provenance["data"] = {**adapter.config.provenance.get("data", {}), "test_fraction": test_fraction}
     adapter.save_pretrained(out)
     summary = {

@@ -325,8 +325,7 @@ class CraftClassifier:
             >>> clf = CraftClassifier(client, mode="pg", budget=2000).fit(paths, labels)  # doctest: +SKIP
         """
         from ..data import ImageDataset, sample_k_shot
-        from ..tuner.config import TuneConfig
-        from ..tuner.train import Tuner
+        from ..tuning import merged_config, tune_run
 
         labels = np.asarray(y)
         if labels.ndim != 1 or len(labels) != _n_images(X):
@@ -351,8 +350,8 @@ class CraftClassifier:
         if clash:
             raise ConfigError(f"tune_options sets {clash}; pass them as CraftClassifier arguments instead")
         val = dataset(val_idx) if len(val_idx) else None
-        config = TuneConfig.from_dict({**options, "mode": self.mode, "budget": self.budget, "seed": self.seed})
-        adapter = Adapter.from_result(Tuner(config).fit(self.client, dataset(train_idx), val, ledger=self.ledger))
+        config = merged_config(None, {**options, "mode": self.mode, "budget": self.budget, "seed": self.seed})
+        adapter = tune_run(self.client, dataset(train_idx), val, config, ledger=self.ledger, progress=False).adapter
         self._learn(adapter, None, classes)
         return self
 
