@@ -184,7 +184,7 @@ def tune_run(
 
     Example:
         >>> run = tune_run(create_client("demo"), splits.train, mode="craft", budget=2000)  # doctest: +SKIP
-        >>> run.result.metrics["train_accuracy"], run.adapter.temperature                 # doctest: +SKIP
+        >>> run.result.n_generations, run.adapter.temperature                              # doctest: +SKIP
     """
     from .data import require_classes
 
