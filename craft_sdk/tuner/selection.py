@@ -13,20 +13,25 @@ black box (the ledger proves it in a test).
   stratified k-fold over the fit images' logits chooses the refiner (linear residual
   or the paper's MLP) and its training length (epochs). The refiner is local, so
   this costs CPU, not queries.
-* **The decision** (:func:`decide`), on disjoint evidence. The check images are split
-  (:func:`split_check`, seeded, per class) into a *select* half and a *certify* half. The
-  select half alone drives early stopping, chooses the generation, and rules out behaviours
-  with no paired gain over zero-shot there. The certify half is looked at once, at the end:
-  each remaining candidate (prompt, ensemble, prompt + refiner, refiner only) must beat
-  zero-shot in an exact one-sided sign test (McNemar's, on the images where exactly one of
-  the two is right), Holm-corrected over the candidates, at family-wise level
-  ``alpha = 1 - Phi(z_noise)``. The refiner alone also counts its out-of-fold predictions on
-  every search image (zero-shot logits were fitted to nothing). Among the certified, the one
-  with the largest paired gain on all the check images (the same images for all) is deployed:
-  a preference, not part of the guarantee (Holm makes every certified option beat zero-shot
+* **The decision** (:func:`decide`). The search never sees the check images' labels; they decide
+  only *when* it stops (:mod:`craft_sdk.tuner.stopping`), and the run deploys the generation it
+  stops at, not the one that scored best on them, so the check images choose no generation. Every
+  option (prompt, ensemble, prompt + refiner, refiner only) must then beat zero-shot on every
+  check image in an exact one-sided sign test (McNemar's, on the images where exactly one of the
+  two is right), Holm-corrected over all the options, at family-wise level
+  ``alpha = 1 - Phi(z_noise)``. The refiner alone also counts its out-of-fold predictions on every
+  search image (zero-shot logits were fitted to nothing). Among the certified, the one with the
+  largest paired gain on all the check images (the same images for all) is deployed: a
+  preference, not part of the guarantee (Holm makes every certified option beat zero-shot
   jointly, so any rule may choose among them).
-  Guarantee: when no candidate's expected paired accuracy beats zero-shot's, one is deployed
-  with probability at most ``alpha`` (5 %); tests/test_selection.py simulates it.
+  Guarantee: when no option's expected paired accuracy beats zero-shot's, one is deployed with
+  probability at most ``alpha`` (5 %) -- exactly so if the check images had chosen nothing. The
+  one thing they choose is the stopping time: the run stops at a generation that is *not* a new
+  best on them, which pushes its score down, not up, unless the search repeats itself with a
+  period (a repeat of its best generation would then be deployed; CMA-ES's mean does not). That
+  step is not proved: tests/test_selection.py simulates it (independent and correlated
+  generations of a prompt that does nothing; a real client whose prompts carry no information)
+  and asserts at most 5 %.
 * **Calibration** (:func:`calibrate`): one temperature, cross-fitted on the chosen
   behaviour's held-out predictions (out-of-fold refiner logits plus the check images) over a
   bounded grid; deployed only when the cross-fitted log-loss beats temperature 1 beyond noise,
@@ -357,17 +362,17 @@ def min_flips(alpha: float) -> int:
 
 
 def split_check(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(select, certify) positions into the check images: per class, seeded, alternating, the
-    certify half getting the odd one; classes with a single check image alternate between halves."""
-    rng = np.random.Generator(np.random.PCG64([seed, 0xCE27]))
-    select: list[int] = []
-    certify: list[int] = []
-    turn = 0
-    for c in np.unique(labels):
-        for i in rng.permutation(np.flatnonzero(labels == c)):
-            (certify if turn % 2 == 0 else select).append(int(i))
-            turn += 1
-    return np.sort(np.asarray(select, np.int64)), np.sort(np.asarray(certify, np.int64))
+    """(stop, certify) positions into the check images: both are every check image.
+
+    Issue 23 first split them into disjoint halves (the select half chose the generation, the
+    certify half certified it). That halved the evidence for both, and a prompt's lead over the
+    refiner alone (2-3 of 40 images) was lost to it. Now the run deploys the generation it stops at
+    (:class:`~craft_sdk.tuner.stopping.EarlyStopping`, ``keep="last"``), so the check images choose
+    no generation and may certify on their whole: the stopping rule and the certificate both read
+    every check image. ``seed`` is kept for the callers' signature.
+    """
+    every = np.arange(len(labels), dtype=np.int64)
+    return every, every
 
 
 def _estimate(logits: np.ndarray, labels: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
@@ -391,14 +396,6 @@ def _estimate(logits: np.ndarray, labels: np.ndarray, reference: np.ndarray) -> 
 Evidence = dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
-def _candidates(select: dict[str, dict[str, Any]], options: list[str]) -> list[str]:
-    """The options the select half does not rule out: a positive paired gain over zero-shot there
-    (every option when there are no select images)."""
-    if not any(select.get(k, {}).get("n") for k in options):
-        return list(options)
-    return [k for k in options if select.get(k, {}).get("n") and select[k]["gain"] > 0]
-
-
 def holm(p_values: dict[str, float], alpha: float) -> set[str]:
     """The hypotheses Holm's step-down procedure rejects at family-wise level ``alpha``."""
     rejected: set[str] = set()
@@ -411,19 +408,19 @@ def holm(p_values: dict[str, float], alpha: float) -> set[str]:
 
 
 def decide(select: Evidence, certify: Evidence, alpha: float, rank: Evidence | None = None) -> tuple[str, str, dict[str, dict[str, Any]]]:
-    """Pick the deployed behaviour: rule out on ``select``, certify on ``certify`` (disjoint images).
+    """Pick the deployed behaviour: certify every option on ``certify``, rank the certified on ``rank``.
 
-    Every option with a positive paired gain over zero-shot on the select images is a candidate;
-    each must beat zero-shot in the exact sign test on its certify evidence, Holm-corrected over the
-    candidates (family-wise level ``alpha``), so that with probability at least 1 - alpha *every*
-    certified option beats zero-shot. The deployed one is the certified option with the largest
-    paired gain on ``rank`` (images shared by every option: the run passes all its check images;
-    default ``certify``), then on ``select``, then the simpler.
+    Each option must beat zero-shot in the exact sign test on its certify evidence, Holm-corrected
+    over *all* the options (family-wise level ``alpha``; no option is ruled out first on the same
+    images, which would shrink the family after a look), so that with probability at least
+    1 - alpha *every* certified option beats zero-shot. The deployed one is the certified option
+    with the largest paired gain on ``rank`` (images shared by every option: the run passes all its
+    check images; default ``certify``), then on ``select``, then the simpler.
 
     Args:
-        select: option -> (its logits, zero-shot's logits, labels) on the select half of the check
-            images (the same images for every option: a paired comparison).
-        certify: option -> the same triple on the images that certify it (the certify half; the
+        select: option -> (its logits, zero-shot's logits, labels) on the images the stopping rule
+            read (the run: every check image); reported, and breaks ties in the ranking.
+        certify: option -> the same triple on the images that certify it (every check image; the
             refiner alone adds its out-of-fold search images); ``zero-shot`` must be present.
         alpha: family-wise level of the certification (:func:`alpha_of` of ``z_noise``).
         rank: option -> the triple on images shared by every option, to choose among the certified.
@@ -436,14 +433,13 @@ def decide(select: Evidence, certify: Evidence, alpha: float, rank: Evidence | N
     estimates = {k: _estimate(lg, y, zero) for k, (lg, zero, y) in certify.items()}
     ranked = {k: _estimate(lg, y, zero) for k, (lg, zero, y) in (rank or certify).items()}
     options = [k for k in estimates if k != "zero-shot" and estimates[k]["n"]]
-    candidates = _candidates(sel, options)
-    certified = holm({k: estimates[k]["p_value"] for k in candidates}, alpha) if candidates else set()
+    certified = holm({k: estimates[k]["p_value"] for k in options}, alpha) if options else set()
     for k, e in estimates.items():
         e["select_gain"], e["select_n"] = sel.get(k, {}).get("gain"), sel.get(k, {}).get("n", 0)
         e["rank_gain"], e["certified"] = ranked.get(k, {}).get("gain"), k in certified
     order = {name: i for i, name in enumerate(OPTIONS)}
     best = sorted(certified, key=lambda k: (-ranked[k]["gain"], -(sel[k]["gain"] if k in sel else 0.0), order[k]))
-    candidates = best or sorted(candidates, key=lambda k: estimates[k]["p_value"])
+    candidates = best or sorted(options, key=lambda k: estimates[k]["p_value"])
     winner = next((k for k in candidates if k in certified), None)
     if winner is not None:
         e = estimates[winner]
@@ -451,8 +447,6 @@ def decide(select: Evidence, certify: Evidence, alpha: float, rank: Evidence | N
                         f"(sign test p = {e['p_value']:.3g} <= {alpha:.3g})"), estimates
     if not options:
         return "zero-shot", "no held-out images to verify any gain: zero-shot behaviour deployed", estimates
-    if not candidates:
-        return "zero-shot", "nothing beat zero-shot on the select images: zero-shot behaviour deployed", estimates
     k = candidates[0]
     e = estimates[k]
     return "zero-shot", (f"nothing beat zero-shot beyond noise (best: {k} {100 * e['gain']:+.1f} points on {e['n']} certify "

@@ -11,6 +11,13 @@ log-loss breaks ties. A generation *improves* when it beats the best so far. The
   held-out estimate nor the training objective is moving: nothing is happening.
 
 The rest of the budget stays unspent.
+
+Which generation is deployed: by default (``keep="last"``) the one the run stops at, not the best
+one. The held-out images then choose only *when* the search stops, and the generation it stops at
+is by construction not a new best on them, so they can certify it on their whole without the
+winner's curse of deploying the best of many looks (:mod:`craft_sdk.tuner.selection`).
+``keep="best"`` deploys the best generation (its held-out score is then biased upward: certify it
+on other images).
 """
 
 from __future__ import annotations
@@ -31,31 +38,42 @@ class EarlyStopping:
         min_delta: log-loss improvement that counts when accuracy ties.
         min_trend: relative fitness improvement over a half-window that still counts as progress
             (0 disables the shortcut: plain patience).
+        keep: ``"last"`` (:meth:`update` keeps every generation as the deployment candidate, so the
+            run deploys the one it stops at) or ``"best"`` (only a new best).
 
     Example:
-        >>> s = EarlyStopping(patience=2)
+        >>> s = EarlyStopping(patience=2, keep="best")
         >>> [s.update(g, acc, 1.0) for g, acc in enumerate([0.5, 0.6, 0.6, 0.6])]
         [True, True, False, False]
         >>> s.should_stop(3)
         True
+        >>> EarlyStopping(patience=2, keep="last").update(0, 0.5, 1.0), s.update(4, 0.5, 1.0)
+        (True, False)
     """
 
     patience: int | None
     min_delta: float = 1e-3
     min_trend: float = MIN_TREND
+    keep: str = "last"
     best_generation: int = -1
     best_accuracy: float = float("-inf")
     best_loss: float = float("inf")
     why: str = ""
 
+    def __post_init__(self) -> None:
+        if self.keep not in ("last", "best"):
+            raise ValueError(f"EarlyStopping.keep must be 'last' or 'best', got {self.keep!r}")
+
     def update(self, generation: int, accuracy: float, loss: float) -> bool:
-        """Record generation ``generation``'s held-out score; True when it is the new best."""
+        """Record generation ``generation``'s held-out score. Returns True when the run should keep this
+        generation as its deployment candidate: with ``keep="last"`` every generation (the one it stops
+        at is deployed), with ``keep="best"`` only a new best."""
         better = accuracy > self.best_accuracy + 1e-12 or (
             abs(accuracy - self.best_accuracy) <= 1e-12 and loss < self.best_loss - self.min_delta
         )
         if better:
             self.best_generation, self.best_accuracy, self.best_loss = generation, accuracy, loss
-        return better
+        return better or self.keep == "last"
 
     def stalled(self, fitness: list[float]) -> bool:
         """Whether the mean fitness per generation (lower is better) stopped falling over the last
