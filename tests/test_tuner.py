@@ -103,7 +103,7 @@ def test_modes_learn_what_they_should(tiny_client, planted) -> None:  # noqa: AN
             assert r.metrics["train_accuracy"] > r.metrics["zero_shot_train_accuracy"]
     assert shapes["zero-shot"] == (False, False, 1)
     assert shapes["pr"] == (False, True, 1)
-    # issue 23: craft's deployed behaviour is certified on half of the check images and ranked on all of them; here
+    # issue 23: craft's deployed behaviour is certified and ranked on the check images; here
     # the refiner alone may win, so only the refiner is asserted (the search ran: the query count below)
     assert shapes["pg"][:2] == (True, False) and shapes["craft"][1]
     assert shapes["craft"][2] == 1 + 22 * 9  # baseline + 22 generations of (8 candidates + 1 mean)
