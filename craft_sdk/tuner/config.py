@@ -41,7 +41,7 @@ held-out *check* part that rides along, at no extra query, in the one call per
 generation that scores the mean; it stops when the check estimate has not improved
 for ``patience`` generations (or half that when the search fitness stalls), then
 picks the deployed behaviour — zero-shot, prompt only, prompt + refiner or refiner
-only — chosen on one half of the check images and certified on the other
+only — the generation it stops at, certified against zero-shot on all the check images
 (``z_noise``; :func:`~craft_sdk.tuner.plan.certification_plan` decides first whether
 a search could be certified at all), chooses the refiner's capacity and training length by
 k-fold cross-validation on logits already paid for, and fits a calibration

@@ -1,8 +1,8 @@
 """The end of a run: what it deploys.
 
 ``paper`` protocol: the last generation, or the best validation one (``selection``).
-``robust`` protocol: the best select-half snapshot's prompt, then the behaviour (chosen on the
-select half, certified on the certify half), refiner and temperature, by
+``robust`` protocol: the prompt of the generation the run stopped at, then the behaviour (certified
+and ranked on all the check images), refiner and temperature, by
 :mod:`craft_sdk.tuner.selection` from logits already paid for.
 
 Each function reads the run's :class:`~craft_sdk.tuner.state.RunState` and returns a
@@ -102,8 +102,8 @@ Evidence = dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
 def _evidence(run: RunState, candidates: dict[str, dict[str, Any]]) -> tuple[Evidence, Evidence, Evidence]:
-    """(select, certify, rank): per behaviour, (its logits, zero-shot's logits, labels) on the select half
-    of the check images, on the images that certify it, and on every check image (the same for all)."""
+    """(select, certify, rank): per behaviour, (its logits, zero-shot's logits, labels) on the check images
+    the stopping rule read, on the images that certify it, and on every check image (the same for all)."""
     zero = candidates["zero-shot"]["logits"]
     n, y_check = run.images.n_search, run.images.y_check
     sel, cert = run.images.select, run.images.certify

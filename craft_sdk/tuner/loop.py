@@ -229,7 +229,7 @@ def _baseline(state: RunState, io: RunIO) -> int:
         val_acc = _accuracy(state.last_val_logits, images.paper_val.labels)
         state.metrics = replace(state.metrics, zero_shot_val_accuracy=val_acc)
         _consider(state, 0, val_acc)
-    if images.check is not None and len(images.select):  # no select half (no search): nothing to track
+    if images.check is not None and len(images.select):  # no search (nothing stops on them): nothing to track
         val_acc = _check_progress(state, 0, logits)
         state.metrics = replace(state.metrics, zero_shot_check_accuracy=val_acc)
     _record(state, io, 0, float("nan"), train_acc, val_acc, None)
@@ -282,7 +282,7 @@ def _ensemble(state: RunState, io: RunIO) -> None:
 def _check_progress(state: RunState, g: int, scored_logits: np.ndarray) -> float:
     """Robust protocol: score the current model on the check images (free) and apply the stopping rule."""
     images = state.images
-    sel = images.select  # the select half only: the certify half is looked at once, in finish_robust
+    sel = images.select  # every check image (selection.split_check): the run deploys the generation it stops at
     check = state.scores(scored_logits[images.n_search :][sel])
     y_sel = images.y_check[sel]
     acc = _accuracy(check, y_sel)

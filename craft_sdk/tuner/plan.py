@@ -381,7 +381,7 @@ def certification_plan(config: TuneConfig, labels: np.ndarray, val_labels: np.nd
     prompt_gain = _min_gain(len(certify), k)
     wants_search = config.uses_prompt or config.mode == "ensemble"
     search = wants_search and prompt_gain is not None and prompt_gain <= MAX_PLANNED_GAIN
-    if search:  # the refiner alone: out-of-fold on the search images plus the certify half
+    if search:  # the refiner alone: out-of-fold on the search images plus the certify images (every check image)
         n_ref = _cv_images(fit_y) + len(certify)
     else:  # no search: no hold-out either; the refiner is cross-validated on every training image
         n_ref = _cv_images(labels) + (len(check_y) if val_labels is not None else 0)

@@ -64,7 +64,7 @@ class DictAccess:
 class Metrics(DictAccess):
     """A run's accuracies and how it ended (fractions in [0, 1]; None: not measured).
 
-    ``zero_shot_*``: the baseline on the search (train), validation (paper) or select-half check
+    ``zero_shot_*``: the baseline on the search (train), validation (paper) or check
     (robust) images. ``train_accuracy`` / ``val_accuracy``: the deployed model's (``val_accuracy``:
     the best validation generation's, paper ``best-val``; the held-out estimate, robust).
     ``deployed``: the behaviour the robust protocol chose. ``stopped``: why the search ended

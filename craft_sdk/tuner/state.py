@@ -8,7 +8,7 @@
   :mod:`~craft_sdk.tuner.ensemble` read it and return values.
 * The best snapshot, a tagged union: :class:`NoSnapshot` (nothing yet), :class:`ValSnapshot`
   (paper protocol: the best validation generation), :class:`CheckSnapshot` (robust protocol: the
-  best select-half generation) and :class:`EnsembleSnapshot` (``ensemble`` mode's pick).
+  generation the stopping rule keeps: the one it stops at) and :class:`EnsembleSnapshot` (``ensemble`` mode's pick).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class ValSnapshot:
 
 @dataclass(frozen=True)
 class CheckSnapshot:
-    """Robust protocol: the generation the stopping rule holds best on the select half, with the
+    """Robust protocol: the generation the stopping rule keeps (the one it stops at), with the
     logits selection needs (scored images [N, C]; the candidates' [P, N_search, C] when the refiner trains on them)."""
 
     val: float
@@ -116,7 +116,7 @@ class ImageSplit:
         self.n_search = len(self.search)
         self.y = self.search.labels
         self.y_check = self.check.labels if self.check is not None else np.zeros(0, np.int64)
-        # positions into the check images: the select half (stopping, generation, ranking) and the certify half
+        # positions into the check images that stop the search and certify: both every check image (selection.split_check)
         self.select, self.certify = selection.split_check(self.y_check, config.seed)
         if not holdout:  # no search: a given validation set only certifies
             self.select, self.certify = np.zeros(0, np.int64), np.arange(len(self.y_check))
