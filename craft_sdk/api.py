@@ -13,8 +13,9 @@ from . import tuning
 from .adapter import Adapter, check_compatible
 from .client.base import PredictionClient
 from .client.ledger import MeteredClient, QueryLedger
-from .client.pricing import PriceTable
+from .client.pricing import PriceTable, usage_summary
 from .client.schemes import parse_model
+from .client.usage import usage_of
 from .data import DataSplits, ImageDataset, load_dataset
 from .deploy.query import raw_scores
 from .errors import AdapterError
@@ -201,6 +202,7 @@ def evaluate(
     *,
     ledger: QueryLedger | None = None,
     allow_model_mismatch: bool = False,
+    price: PriceTable | None = None,
 ) -> dict[str, Any]:
     """Test accuracy of zero-shot and of ``adapter`` (two queries: one per prompt).
 
@@ -210,7 +212,10 @@ def evaluate(
     Returns:
         ``accuracy``, ``ece`` (15-bin expected calibration error of ``predict_proba``),
         ``ece_uncalibrated`` (the same at temperature 1), ``zero_shot_accuracy``, ``n_test``,
-        ``n_excluded`` (test images dropped because the adapter saw them), ``queries_used``.
+        ``n_excluded`` (test images dropped because the adapter saw them), ``queries_used``, and what the
+        adapter's predictions sent to the provider (the upload and the adapter's scoring, not the zero-shot
+        reference): ``provider_usage``, ``cost`` at ``price`` (default: the ledger's; None without one) and
+        ``per_1000_images`` (both per 1,000 predictions).
     """
     if tuple(test.class_names) != adapter.config.class_names:
         raise AdapterError(
@@ -220,11 +225,16 @@ def evaluate(
     check_compatible(adapter, client, allow_model_mismatch)
     ledger = ledger if ledger is not None else QueryLedger()
     metered = MeteredClient(client, ledger)
+    meter = usage_of(client)
+    u0 = meter.snapshot()
     handle = metered.upload(test.images)
+    u1 = meter.snapshot()
     zero_template = adapter.zero_shot_template
     zero = as_log_scores(metered.predict(handle, list(test.class_names), zero_template, None, category="eval"), adapter.config.output)
+    u2 = meter.snapshot()
     same = adapter.offset is None and adapter.contexts == (zero_template,)  # the adapter sends what zero-shot sends
     raw = zero if same else raw_scores(adapter, metered, handle, category="eval")
+    sent = u1.minus(u0).plus(u2.minus(u1) if same else meter.snapshot().minus(u2))  # upload + the adapter's calls
     refined = adapter.refine(raw)
     from .tuner.selection import expected_calibration_error
 
@@ -236,6 +246,7 @@ def evaluate(
         "n_test": len(test),
         "n_excluded": n_excluded,
         "queries_used": ledger.used,
+        **usage_summary(sent, len(test), price if price is not None else ledger.price),
     }
 
 

@@ -8,9 +8,29 @@ Tensor names: ``refiner.{i}.weight`` [out, in] and ``refiner.{i}.bias`` [out].
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 PREFIX = "refiner."
+INPUT_RMS = 3.0  # the spread the refiner's defaults were chosen for (the demo VLM at its own scale: 2.2-3.2);
+# a client whose logit scale is arbitrary has its logits brought to it (craft_sdk.tuner.refiner)
+
+
+def input_rms_for(caps: Any) -> float | None:
+    """:data:`INPUT_RMS` for a client whose logit scale is arbitrary (``Capabilities.scale_arbitrary``), else None."""
+    return INPUT_RMS if getattr(caps, "scale_arbitrary", False) else None
+
+
+def input_temperature(logits: np.ndarray, target_rms: float | None) -> float:
+    """The temperature ``T`` that brings the row-centred logits' RMS to ``target_rms`` (1.0 without a target,
+    or for constant logits). Equivariant: ``input_temperature(k * x, r) == k * input_temperature(x, r)``."""
+    if target_rms is None:
+        return 1.0
+    x = np.asarray(logits, dtype=np.float64)
+    h = x - x.mean(axis=-1, keepdims=True)
+    rms = float(np.sqrt((h**2).mean())) if h.size else 0.0
+    return rms / target_rms if rms > 0 else 1.0
 
 
 def layer_dims(n_classes: int, hidden: int, layers: int) -> list[tuple[int, int]]:

@@ -44,13 +44,9 @@ def _progress() -> Progress:
 
 def cost_summary(usage: Any, n_images: int, price: Any) -> dict[str, Any]:
     """Provider usage of a predict run, its cost (None without a price), and both per 1,000 images classified."""
-    from ..client.pricing import cost_of
+    from ..client.pricing import usage_summary
 
-    cost = cost_of(price, usage)
-    scale = 1000.0 / n_images if n_images else 0.0
-    per = {k: round(v * scale, 3) for k, v in usage.to_dict().items()}
-    per["cost"] = None if cost is None else round(cost * scale, 9)
-    return {"provider_usage": usage.to_dict(), "cost": cost, "per_1000_images": per if n_images else None}
+    return usage_summary(usage, n_images, price)
 
 
 def _per_1000_text(summary: dict[str, Any]) -> str:

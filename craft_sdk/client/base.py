@@ -43,6 +43,9 @@ class Capabilities:
         ctx_rms: RMS of the template's context-token embeddings, the natural scale of
             a prompt offset; None when the service does not disclose it.
         logit_scale: the scale the black box applies to cosine similarities, if disclosed.
+        scale_arbitrary: the logits' scale was chosen by the client, not the model (an embedding API's
+            ``scale x cosine`` at the default scale): the tuner's refiner then standardises its input
+            (:mod:`craft_sdk.tuner.refiner`).
     """
 
     model_id: str
@@ -51,6 +54,7 @@ class Capabilities:
     output: OutputKind = "logits"
     ctx_rms: float | None = None
     logit_scale: float | None = None
+    scale_arbitrary: bool = False
 
     def __post_init__(self) -> None:
         if not self.model_id:

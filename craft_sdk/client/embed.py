@@ -5,8 +5,10 @@ an image set of N new images costs N requests, once; a later prediction, a new u
 ``predict`` stream over the same images costs nothing more. Class prompts
 ``"{template} {class name}."`` (the text :class:`~craft_sdk.client.openclip.OpenCLIPClient` builds)
 are embedded per (context, class), also cached, up to 96 per request. Logits are
-:data:`SCALE` (100, CLIP's cap) times the cosine of the unit-normalised embeddings; the refiner
-learns any other scale.
+:data:`SCALE` (100, CLIP's cap) times the cosine of the unit-normalised embeddings. That scale is the
+client's, not the model's (``Capabilities.scale_arbitrary``), so the tuner standardises the refiner's
+input to a fixed spread (:mod:`craft_sdk.tuner.refiner`): an adapter does not depend on it. With
+``&scale=S`` (the model's own logit scale, when known) the logits are used as they are.
 
 Two request/response profiles (``docs/wire-format.md``, "Embedding APIs"):
 
@@ -54,6 +56,9 @@ class EmbedConfig:
     Args:
         profile: ``"openai"`` (OpenAI/vLLM ``/embeddings``) or ``"cohere"`` (Cohere v2 ``/embed``).
         scale: logits = scale x cosine.
+        scale_arbitrary: the scale is the client's default, not the model's own (True unless ``scale`` is given):
+            the tuner then standardises the refiner's input (:mod:`craft_sdk.tuner.refiner`), so the
+            default scale does not matter to the adapter's accuracy.
         max_concurrency: requests in flight at once.
         max_retries: the openai client's retries (429 honours Retry-After).
         timeout: seconds per request.
@@ -63,6 +68,7 @@ class EmbedConfig:
 
     profile: str = "openai"
     scale: float = SCALE
+    scale_arbitrary: bool = True
     max_concurrency: int = 8
     max_retries: int = 6
     timeout: float = 120.0
@@ -100,6 +106,8 @@ class EmbeddingClient(BaseClient):
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, *, model_id: str | None = None,
                  config: EmbedConfig | None = None, **overrides: Any) -> None:
+        if "scale" in overrides and "scale_arbitrary" not in overrides:
+            overrides["scale_arbitrary"] = False  # a scale given is the user's statement of the model's own
         try:
             self.config = replace(config or EmbedConfig(), **overrides)
         except TypeError:
@@ -111,7 +119,8 @@ class EmbeddingClient(BaseClient):
         self._images: LRU[str, np.ndarray] = LRU(self.config.image_cache)
         self._texts: LRU[str, np.ndarray] = LRU(self.config.text_cache)
         self._fresh = 0  # > 0 inside uncached(): every embedding is fetched again
-        self._caps = Capabilities(model_id or f"embed:{base_url}?model={model}", output="logits", logit_scale=self.config.scale)
+        self._caps = Capabilities(model_id or f"embed:{base_url}?model={model}", output="logits", logit_scale=self.config.scale,
+                                  scale_arbitrary=self.config.scale_arbitrary)
         self._wire = Transport(base_url, api_key, self.usage, max_retries=self.config.max_retries,
                                timeout=self.config.timeout, max_concurrency=self.config.max_concurrency)
 
@@ -205,22 +214,24 @@ class EmbeddingClient(BaseClient):
     # ------------------------------------------------------------------ cost
 
     def estimate_usage(self, n_images: int, class_names: Sequence[str], template: str = DEFAULT_TEMPLATE,
-                       n_prompts: int = 1, *, images_cached: bool = False) -> ProviderUsage:
+                       n_prompts: int = 1, *, images_cached: bool = False, texts_cached: bool = False) -> ProviderUsage:
         """What ``n_prompts`` predictions over ``n_images`` new images would bill, before sending anything.
 
         Rule: one request and :data:`~craft_sdk.client.hosted.IMAGE_TOKENS` per image (none when
         ``images_cached``: an image is embedded once per client), and ``ceil(texts / 96)`` requests
-        for the ``n_prompts x C`` class prompts at ``ceil(chars / 4)`` tokens each (an upper bound:
-        prompts already cached, or repeated across prompts, cost nothing); no output tokens.
+        for the ``n_prompts x C`` class prompts at ``ceil(chars / 4)`` tokens each (none when
+        ``texts_cached``: the context was embedded before; otherwise an upper bound: prompts already
+        cached, or repeated across prompts, cost nothing); no output tokens.
         """
-        texts = [f"{template} {name}." for name in class_names] * n_prompts
+        texts = [] if texts_cached else [f"{template} {name}." for name in class_names] * n_prompts
         images = 0 if images_cached else n_images
         requests = images + -(-len(texts) // MAX_TEXTS)
         return ProviderUsage(requests, images, images * IMAGE_TOKENS + sum(map(text_tokens, texts)), 0)
 
-    def estimate_upload(self, n_images: int) -> ProviderUsage:
-        """Uploading an image set embeds its images (an upper bound: images already cached cost nothing)."""
-        return self.estimate_usage(n_images, [], n_prompts=0)
+    def estimate_upload(self, n_images: int, *, seen: int = 0) -> ProviderUsage:
+        """Uploading an image set embeds its images, but for ``seen`` of them embedded by an earlier upload
+        (an upper bound: other images already cached cost nothing either)."""
+        return self.estimate_usage(max(n_images - seen, 0), [], n_prompts=0)
 
     def close(self) -> None:
         """Stop the request threads and close the connections."""

@@ -229,13 +229,16 @@ class HTTPClient(BaseClient):
         # (1 request each), retries included; ``usage()`` is the server's own query meter
         self.provider_usage = ProviderUsage()
 
-    def estimate_usage(self, n_images: int, class_names: list[str], template: str, n_prompts: int = 1) -> ProviderUsage:
-        """One ``predict`` call on an uploaded image set, before it is sent: one request per ``max_batch``
-        candidates (a whole population by default; server limits known so far also split it), no images."""
+    def estimate_usage(self, n_images: int, class_names: list[str], template: str, n_prompts: int = 1, *,
+                       images_cached: bool = True) -> ProviderUsage:
+        """One ``predict`` call, before it is sent: one request per ``max_batch`` candidates (a whole population
+        by default; server limits known so far also split it); on raw images (``images_cached=False``) also
+        their upload first, one request carrying ``n_images`` images."""
         step = self.config.max_batch or n_prompts
         if self._limits is not None and self._limits.get("max_population"):
             step = min(step, self._limits["max_population"])
-        return ProviderUsage(requests=-(-int(n_prompts) // max(step, 1)))
+        predict = ProviderUsage(requests=-(-int(n_prompts) // max(step, 1)))
+        return predict if images_cached else predict.plus(self.estimate_upload(n_images))
 
     def estimate_upload(self, n_images: int) -> ProviderUsage:
         """Uploading an image set: one request carrying ``n_images`` images."""

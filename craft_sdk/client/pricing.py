@@ -89,3 +89,18 @@ class PriceTable:
 def cost_of(price: PriceTable | None, usage: ProviderUsage) -> float | None:
     """``price.cost(usage)`` rounded to 1e-9, or None without a price table."""
     return None if price is None else round(price.cost(usage), 9)
+
+
+def usage_summary(usage: ProviderUsage, n_predictions: int, price: PriceTable | None) -> dict[str, Any]:
+    """``provider_usage``, its ``cost`` (None without a price) and both per 1,000 predictions (``per_1000_images``:
+    one prediction is one image; None without predictions).
+
+    Example:
+        >>> usage_summary(ProviderUsage(requests=4, images=4), 4, PriceTable(per_request=0.01))["per_1000_images"]["cost"]
+        10.0
+    """
+    cost = cost_of(price, usage)
+    scale = 1000.0 / n_predictions if n_predictions else 0.0
+    per: dict[str, Any] = {k: round(v * scale, 3) for k, v in usage.to_dict().items()}
+    per["cost"] = None if cost is None else round(cost * scale, 9)
+    return {"provider_usage": usage.to_dict(), "cost": cost, "per_1000_images": per if n_predictions else None}

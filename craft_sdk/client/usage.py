@@ -126,26 +126,37 @@ def _estimator(client: Any, name: str) -> Any:
 
 
 def estimate_call(
-    client: Any, n_images: int, class_names: Sequence[str], template: str, n_prompts: int = 1, *, uploaded: bool = True
+    client: Any, n_images: int, class_names: Sequence[str], template: str, n_prompts: int = 1, *, uploaded: bool = True,
+    seen: bool = False,
 ) -> ProviderUsage:
     """The client's pre-send estimate of one ``predict`` call (its ``estimate_usage``); zeros for a
     client without one (in-process clients, which bill nothing). ``uploaded``: the call is on an
     uploaded image set, passed on as ``images_cached`` to an ``estimate_usage`` that takes it (a client
-    that pays for images at upload, as the embedding client)."""
+    that pays for images at upload, as the embedding client, or at predict, as a ``craft-sdk serve`` URL
+    given raw images). ``seen``: the call's context was scored before, passed on as ``texts_cached``
+    (the embedding client embeds a text once)."""
     method = _estimator(client, "estimate_usage")
     if method is None:
         return ProviderUsage()
-    if "images_cached" in inspect.signature(method).parameters:
-        return method(n_images, list(class_names), template, n_prompts, images_cached=uploaded)
-    return method(n_images, list(class_names), template, n_prompts)
+    params = inspect.signature(method).parameters
+    extra: dict[str, bool] = {}
+    if "images_cached" in params:
+        extra["images_cached"] = uploaded
+    if "texts_cached" in params:
+        extra["texts_cached"] = seen
+    return method(n_images, list(class_names), template, n_prompts, **extra)
 
 
-def estimate_upload(client: Any, n_images: int) -> ProviderUsage:
+def estimate_upload(client: Any, n_images: int, *, seen: int = 0) -> ProviderUsage:
     """The client's pre-send estimate of uploading ``n_images`` (its ``estimate_upload``); zeros without one
-    (most shapes upload nothing: the images travel with each prediction)."""
+    (most shapes upload nothing: the images travel with each prediction). ``seen`` of them were in an
+    earlier upload, passed on to an ``estimate_upload`` that takes it (a client that caches images by content)."""
     method = _estimator(client, "estimate_upload")
-    return ProviderUsage() if method is None else method(n_images)
-
+    if method is None:
+        return ProviderUsage()
+    if seen and "seen" in inspect.signature(method).parameters:
+        return method(n_images, seen=seen)
+    return method(n_images)
 
 Gate = Callable[["ProviderUsage"], None]
 _GATE: contextvars.ContextVar[Gate | None] = contextvars.ContextVar("craft_send_gate", default=None)

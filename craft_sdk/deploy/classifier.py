@@ -25,6 +25,7 @@ from PIL import Image
 from ..adapter import ONNX_FILE, Adapter, check_compatible
 from ..client.base import PredictionClient
 from ..client.ledger import MeteredClient, QueryLedger
+from ..client.pricing import PriceTable, usage_summary
 from ..errors import AdapterError, ConfigError, DataError, DriftError, NotFittedError
 from ..images import ImageLike, to_pil_list
 from ..scores import as_log_scores
@@ -55,6 +56,8 @@ class ClassifierConfig:
             check costs one query per context the adapter sends (ledger category ``canary``).
         on_drift: ``raise`` a :class:`~craft_sdk.errors.DriftError` (the batch is not sent) or ``warn``
             (log a warning and go on) when the canary has drifted.
+        price: a :class:`~craft_sdk.client.pricing.PriceTable` for the ledger the classifier creates: its
+            :meth:`CraftClassifier.provider_cost` then reports money too (pass your own ``ledger`` instead to share one).
     """
 
     batch_size: int = 64
@@ -64,6 +67,7 @@ class ClassifierConfig:
     budget: int | None = None
     canary_every: int = 0
     on_drift: str = "raise"
+    price: PriceTable | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -168,7 +172,8 @@ class CraftClassifier:
         self.class_names = class_names
         self.tune_options = tune_options
         self.config = config
-        self.ledger = ledger if ledger is not None else QueryLedger(None if config is None else config.budget)
+        self.ledger = ledger if ledger is not None else QueryLedger(None if config is None else config.budget,
+                                                                     price=None if config is None else config.price)
 
     # ------------------------------------------------------------ scikit-learn protocol
 
@@ -234,8 +239,8 @@ class CraftClassifier:
             AdapterError: the client cannot serve the adapter (model id, soft prompts, output
                 kind), or ``onnx_path`` holds a refiner exported from another adapter.
         """
-        if ledger is not None and config is not None and config.budget is not None:
-            raise ConfigError("pass either a ledger or config.budget, not both; set the budget on your ledger")
+        if ledger is not None and config is not None and (config.budget is not None or config.price is not None):
+            raise ConfigError("pass either a ledger or config.budget/config.price, not both; set them on your ledger")
         clf = cls(client, config=config, ledger=ledger)
         clf._learn(adapter, onnx_path, np.array(adapter.config.class_names))
         return clf
@@ -419,7 +424,18 @@ class CraftClassifier:
         if not raws:
             raise DataError("the image list is empty")
         logits = np.concatenate(refined)
+        self.predicted_images_ = getattr(self, "predicted_images_", 0) + len(logits)  # for provider_cost()
         return Predictions(np.concatenate(raws), logits, self.classes_, adapter.probabilities(logits), seconds)
+
+    def provider_cost(self) -> dict[str, Any]:
+        """What this classifier's predictions sent to the provider (ledger category ``predict``): ``provider_usage``,
+        ``cost`` at the ledger's price (None without one) and both per 1,000 images predicted (``per_1000_images``).
+
+        Example:
+            >>> clf = CraftClassifier.from_pretrained("my-adapter", client, config=ClassifierConfig(price=price))  # doctest: +SKIP
+            >>> clf.predict(images); clf.provider_cost()["per_1000_images"]["cost"]  # doctest: +SKIP
+        """
+        return usage_summary(self.ledger.usage_by_category["predict"], getattr(self, "predicted_images_", 0), self.ledger.price)
 
     def _canary_gate(self, adapter: Adapter, metered: MeteredClient) -> None:
         """Count one batch; before the first and every ``canary_every``-th, check the drift canary.

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..client.canary import CanaryRecord, canary_cost, record_canary
+from .. import mlp
 from ..errors import ClientError
 from . import selection
 from .result import Metrics, SelectionReport
@@ -65,7 +66,8 @@ def finish_paper(run: RunState) -> Finish:
 def _training_spec(run: RunState) -> selection.RefinerTraining:
     c = run.config  # candidates: a linear map and the configured MLP depth
     layers = tuple(sorted({1, c.refiner_layers}))
-    return selection.RefinerTraining(c.refiner_hidden, c.lr, c.weight_decay, c.batch_size, run.setup.kl_weights[1], c.seed, layers, residual=c.residual)
+    return selection.RefinerTraining(c.refiner_hidden, c.lr, c.weight_decay, c.batch_size, run.setup.kl_weights[1], c.seed, layers, residual=c.residual,
+                                     input_rms=mlp.input_rms_for(run.setup.caps))
 
 
 def _candidates(run: RunState, spec: selection.RefinerTraining) -> dict[str, dict[str, Any]]:

@@ -170,7 +170,7 @@ def _new_refiner(setup: RunSetup) -> Any:
     from .refiner import RefinerTrainer
 
     weights = mlp.init_weights(len(setup.names), c.refiner_hidden, c.refiner_layers, c.residual, c.seed)
-    return RefinerTrainer(weights, c.residual, c.lr, c.weight_decay, c.batch_size, c.seed + 1)
+    return RefinerTrainer(weights, c.residual, c.lr, c.weight_decay, c.batch_size, c.seed + 1, mlp.input_rms_for(setup.caps))
 
 
 def _upload(images: ImageSplit, client: MeteredClient) -> Handles:

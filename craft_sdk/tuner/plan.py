@@ -109,12 +109,16 @@ class ImageSets:
 
 @dataclass(frozen=True)
 class Call:
-    """``count`` predict calls of ``n_prompts`` prompts each on an image set of ``n_images`` (category ``category``)."""
+    """``count`` predict calls of ``n_prompts`` prompts each on an image set of ``n_images`` (category ``category``).
+
+    ``seen``: the call's context was scored earlier in the run, so a client that caches per context (the
+    embedding client's text embeddings) sends nothing new for it."""
 
     category: str
     n_images: int
     n_prompts: int = 1
     count: int = 1
+    seen: bool = False
 
     @property
     def queries(self) -> int:
@@ -127,19 +131,27 @@ def _scoring(category: str, n_images: int, prompts: int, soft_prompts: bool) -> 
 
 
 def baseline_calls(config: TuneConfig, sets: ImageSets) -> list[Call]:
-    """The calls before generation 1 (:func:`baseline_cost` queries)."""
+    """The calls before generation 1 (:func:`baseline_cost` queries); the validation call scores the template again."""
     calls = [Call("refine", sets.scored)]
     if sets.val and not config.robust:
-        calls.append(Call("validation", sets.val))
+        calls.append(Call("validation", sets.val, seen=True))
     return calls
 
 
 def generation_calls(config: TuneConfig, g: int, n_generations: int, sets: ImageSets, soft_prompts: bool) -> list[Call]:
     """The calls of generation ``g`` (:func:`generation_cost` queries): the candidates on the search images,
-    the mean on the scored images, and the validation set when it validates."""
-    calls = [_scoring("search", sets.search, config.popsize, soft_prompts), Call("refine", sets.scored)]
+    the mean on the scored images, and the validation set when it validates.
+
+    The word search by halving (text-only clients) scores contexts it scored before: candidate 0 of every
+    generation is the incumbent, and the mean scored next is the best candidate so far (``seen`` calls)."""
+    halving = not soft_prompts and config.word_search == "halving"
+    if halving and config.popsize > 1:
+        search = [Call("search", sets.search, 1, 1, seen=True), Call("search", sets.search, 1, config.popsize - 1)]
+    else:
+        search = [_scoring("search", sets.search, config.popsize, soft_prompts)]
+    calls = [*search, Call("refine", sets.scored, seen=halving)]
     if _validates(config, g, n_generations, sets.val > 0):
-        calls.append(Call("validation", sets.val))
+        calls.append(Call("validation", sets.val, seen=halving))
     return calls
 
 
@@ -147,7 +159,7 @@ def calls_usage(client: Any, calls: list[Call], class_names: list[str], template
     """The client's estimate of ``calls`` in provider units (zeros for an in-process client)."""
     total = ProviderUsage()
     for c in calls:
-        total = total.plus(estimate_call(client, c.n_images, class_names, template, c.n_prompts).times(c.count))
+        total = total.plus(estimate_call(client, c.n_images, class_names, template, c.n_prompts, seen=c.seen).times(c.count))
     return total
 
 
@@ -243,8 +255,8 @@ def plan_tune(
     calls, uploads = _planned_calls(config, sets, caps.soft_prompts, plan)
     names, template = list(train.class_names), config.template
     usage = calls_usage(client, calls, names, template)
-    for n_images in uploads:
-        usage = usage.plus(estimate_upload(client, n_images))
+    for i, n_images in enumerate(uploads):  # the scored set holds the search images (a client may cache them)
+        usage = usage.plus(estimate_upload(client, n_images, seen=sets.search if i == 1 and sets.scored != sets.search else 0))
     plan.planned_uploads = len(uploads)
     plan.planned_queries = sum(c.queries for c in calls)
     plan.planned_requests, plan.planned_images = usage.requests, usage.images

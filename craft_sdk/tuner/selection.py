@@ -256,6 +256,7 @@ class RefinerTraining:
     architectures: tuple[int, ...] = (1, 3)
     epoch_grid: tuple[int, ...] = EPOCH_GRID
     residual: bool = True
+    input_rms: float | None = None  # standardise the refiner's input (refiner.input_rms_for)
 
 
 def _train_and_score(
@@ -267,7 +268,7 @@ def _train_and_score(
 
     n_classes = train_x.shape[-1]
     weights = mlp.init_weights(n_classes, spec.hidden, layers, spec.residual, spec.seed + fold_seed)
-    trainer = RefinerTrainer(weights, spec.residual, spec.lr, spec.weight_decay, spec.batch_size, spec.seed + 1 + fold_seed)
+    trainer = RefinerTrainer(weights, spec.residual, spec.lr, spec.weight_decay, spec.batch_size, spec.seed + 1 + fold_seed, spec.input_rms)
     outputs: list[list[np.ndarray]] = []
     done = 0
     for epochs in spec.epoch_grid:
@@ -331,7 +332,7 @@ def train_refiner(
         x = np.concatenate([x, extra.reshape(-1, logits.shape[-1])])
         y = np.concatenate([y, np.tile(labels[: extra.shape[1]], extra.shape[0])])
     weights = mlp.init_weights(logits.shape[-1], spec.hidden, choice.layers, spec.residual, spec.seed)
-    trainer = RefinerTrainer(weights, spec.residual, spec.lr, spec.weight_decay, spec.batch_size, spec.seed + 1)
+    trainer = RefinerTrainer(weights, spec.residual, spec.lr, spec.weight_decay, spec.batch_size, spec.seed + 1, spec.input_rms)
     trainer.train(x, y, spec.beta, choice.epochs)
     return trainer.model.numpy_weights()
 
