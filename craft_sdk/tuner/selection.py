@@ -311,7 +311,10 @@ def cross_validate_refiners(
             outs = _train_and_score(spec, layers, x, y, [logits[held]], f)
             for e, out in zip(spec.epoch_grid, outs):
                 oof[(layers, e)][held] = out[0]
-    scored = {g: (accuracy(o, labels), log_loss(o, labels)) for g, o in oof.items()}
+    from .mlp import input_temperature
+
+    t = input_temperature(logits, spec.input_rms)  # 1.0 unless standardised: log-loss compared at the trained scale
+    scored = {g: (accuracy(o, labels), log_loss(o, labels, t)) for g, o in oof.items()}
     # chosen by out-of-fold log-loss, not accuracy: smoother, so the max over the grid is less
     # flattered by noise (the accuracy gain estimated next is then close to unbiased)
     best = min(grid, key=lambda g: (round(scored[g][1], 9), g[0], g[1]))
