@@ -13,7 +13,7 @@ images, input/output tokens and the cost at one example price (``--price``). Sha
 Usage:
     nice -n 10 python benchmarks/bench_dry_run.py [--task digits] [--shots 4] [--budget 90] [--popsize 8]
         [--samples 4] [--price input_per_1m=0.5,output_per_1m=1.5,per_request=0.0001]
-        [--out benchmarks/results/bench_dry_run.json]
+        [--only embeddings ...] [--out benchmarks/results/bench_dry_run.json]
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--popsize", type=int, default=8)
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--price", default="input_per_1m=0.5,output_per_1m=1.5,per_request=0.0001")
+    ap.add_argument("--only", nargs="+", default=None, help="run only the shapes whose name contains one of these words, in this order")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/bench_dry_run.json")
     args = ap.parse_args()
     price = PriceTable.parse(args.price)
@@ -79,14 +80,16 @@ def main() -> None:
     key = secrets.token_hex(16)
     rows: dict[str, Any] = {}
     with BackgroundServer(create_app(craft_sdk.create_client("demo"), {"bench": key})) as srv:
-        for name, model in shapes(srv.url, args.samples).items():
+        every = shapes(srv.url, args.samples)
+        chosen = every if not args.only else {k: every[k] for w in args.only for k in every if w in k}  # in --only's order
+        for name, model in chosen.items():
             rows[name] = one(model, key, config, splits.train, price)
             err = rows[name]["relative_error"]
             print(f"{name:<22} " + "  ".join(f"{u} {rows[name]['used'][u]!s:>8} ({'n/a' if err[u] is None else f'{100 * err[u]:+.1f}%'})"
                                               for u in UNITS), flush=True)
-    out = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": platform.platform(),
-           "args": {k: str(v) for k, v in vars(args).items()}, "config": config.to_dict(), "shapes": rows}
-    args.out.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
+            out = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": platform.platform(),
+                   "args": {k: str(v) for k, v in vars(args).items()}, "config": config.to_dict(), "shapes": rows}
+            args.out.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")  # complete after every shape
     print(f"wrote {args.out}")
 
 
