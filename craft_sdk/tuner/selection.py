@@ -311,7 +311,7 @@ def cross_validate_refiners(
             outs = _train_and_score(spec, layers, x, y, [logits[held]], f)
             for e, out in zip(spec.epoch_grid, outs):
                 oof[(layers, e)][held] = out[0]
-    from .mlp import input_temperature
+    from ..mlp import input_temperature
 
     t = input_temperature(logits, spec.input_rms)  # 1.0 unless standardised: log-loss compared at the trained scale
     scored = {g: (accuracy(o, labels), log_loss(o, labels, t)) for g, o in oof.items()}
