@@ -165,14 +165,14 @@ def main() -> None:
     found = [r["eps"] for r in sweep if r["drifted"]]
     record = {
         "date": dt.date.today().isoformat(), "machine": f"{platform.machine()}, 2-core shared VM", "task": args.task,
-        "budget": args.budget, "deployed": result.metrics.get("deployed"), "queries": result.queries,
+        "budget": args.budget, "deployed": result.metrics.deployed, "queries": result.queries.to_dict(),
         "canary_spec": tuned.config.canary.to_dict() if tuned.config.canary else None,
         "rows": rows, "perturbation_sweep": sweep, "smallest_detected_eps": min(found) if found else None,
         "wall_s": round(time.perf_counter() - t0, 1),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"\ndeployed: {record['deployed']}; canary queries at tune time: {result.queries['counts']['canary']}")
+    print(f"\ndeployed: {record['deployed']}; canary queries at tune time: {result.queries.counts['canary']}")
     print("| drift | checks | detected | median distance (noise units) | canary agreement | test acc before | test acc after |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:

@@ -54,7 +54,7 @@ def one(model: str, key: str, config: TuneConfig, train: Any, price: PriceTable)
     assert usage_of(client).is_zero(), "planning sent something"
     t0 = time.perf_counter()
     result = Tuner(config, price=price).fit(client, train)
-    used = {**result.queries["usage"], "queries": result.queries["used"], "cost": result.queries["cost"]}
+    used = {**result.queries.usage, "queries": result.queries.used, "cost": result.queries.cost}
     planned = {"queries": plan.planned_queries, "requests": plan.planned_requests, "images": plan.planned_images,
                "input_tokens": plan.estimated_input_tokens, "output_tokens": plan.estimated_output_tokens,
                "cost": plan.estimated_cost}

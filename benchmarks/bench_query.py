@@ -108,7 +108,7 @@ def full_tune(client, budget: int) -> dict:  # noqa: ANN001
     client.mode = "prefix"
     t = time.perf_counter()
     r = Tuner(TuneConfig(mode="craft", budget=budget)).fit(client, ds)
-    return {"wall_s": time.perf_counter() - t, "queries_used": r.queries["used"], "generations": r.n_generations}
+    return {"wall_s": time.perf_counter() - t, "queries_used": r.queries.used, "generations": r.n_generations}
 
 
 def main() -> None:

@@ -68,7 +68,7 @@ def main() -> None:
     client.mode, client._auto = "prefix", True
     t = time.perf_counter()
     r = Tuner(TuneConfig(mode="craft", budget=8000)).fit(client, ds)
-    tune = {"wall_s": time.perf_counter() - t, "queries_used": r.queries["used"], "generations": r.n_generations}
+    tune = {"wall_s": time.perf_counter() - t, "queries_used": r.queries.used, "generations": r.n_generations}
     print("tune", tune, flush=True)
     (out / "gpu_check.json").write_text(json.dumps({"info": info, "rows": rows, "tune": tune}, indent=2))
 

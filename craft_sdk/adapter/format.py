@@ -354,22 +354,22 @@ class Adapter:
             "mode": tc.mode,
             "requested_mode": result.requested_mode,
             "seed": tc.seed,
-            "shots": result.data.get("shots"),
-            "queries_used": result.queries["used"],
+            "shots": result.data.shots,
+            "queries_used": result.queries.used,
             "budget": tc.budget,
-            "queries": result.queries["counts"],
-            "provider_usage": provider_usage(result.queries),
-            "data": result.data if seen_images is None else {**result.data, "image_fingerprints": sorted(set(seen_images))},
+            "queries": result.queries.counts,
+            "provider_usage": provider_usage(result.queries.to_dict()),
+            "data": {**result.data.to_dict(), **({} if seen_images is None else {"image_fingerprints": sorted(set(seen_images))})},
             "kl_weights": {"lambda": result.kl_weights[0], "beta": result.kl_weights[1]},
             "n_generations": result.n_generations,
             "planned_generations": result.planned_generations,
             "selected_generation": result.selected_generation,
-            "metrics": result.metrics,
+            "metrics": result.metrics.to_dict(),
             "history": result.history,
         }
         if result.selection is not None:
             provenance["protocol"] = tc.protocol
-            provenance["selection"] = result.selection
+            provenance["selection"] = result.selection.to_dict()
         calibration = CalibrationSpec(float(result.temperature)) if result.temperature is not None else None
         canary = getattr(result, "canary", None)
         config = AdapterConfig(

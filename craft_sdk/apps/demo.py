@@ -147,11 +147,12 @@ def run_demo(
     report = DemoReport(
         task=task, mode=result.config.mode, shots=shots, seed=seed, n_test=scores["n_test"],
         zero_shot_accuracy=scores["zero_shot_accuracy"], accuracy=scores["accuracy"],
-        queries_used=result.queries["used"], budget=budget,
+        queries_used=result.queries.used, budget=budget,
         eval_queries=observe.ledger.used + clf.ledger.used,  # type: ignore[attr-defined]
         wall_time_s=0.0, adapter_dir=str(adapter_dir), report_png=str(out / "report.png"), curve=curve, samples=samples,
-        deployed=(result.selection or {}).get("deployed"), decision=(result.selection or {}).get("reason"),
-        stopped=result.metrics.get("stopped"), temperature=adapter.temperature,
+        deployed=result.selection.deployed if result.selection is not None else None,
+        decision=result.selection.reason if result.selection is not None else None,
+        stopped=result.metrics.stopped, temperature=adapter.temperature,
         ece=scores.get("ece"), ece_uncalibrated=scores.get("ece_uncalibrated"),
     )
     _plot(report, splits.test, picks)

@@ -142,23 +142,23 @@ def _tune_command(
         "mode": result.config.mode,
         "requested_mode": result.requested_mode,
         "budget": budget,
-        "queries_used": result.queries["used"],
-        "queries": result.queries["counts"],
-        "zero_shot_train_accuracy": result.metrics.get("zero_shot_train_accuracy"),
-        "train_accuracy": result.metrics.get("train_accuracy"),
-        "val_accuracy": result.metrics.get("val_accuracy"),
+        "queries_used": result.queries.used,
+        "queries": result.queries.counts,
+        "zero_shot_train_accuracy": result.metrics.zero_shot_train_accuracy,
+        "train_accuracy": result.metrics.train_accuracy,
+        "val_accuracy": result.metrics.val_accuracy,
         "n_train": len(splits.train),
         "n_generations": result.n_generations,
         "planned_generations": result.planned_generations,
         "selected_generation": result.selected_generation,
         "wall_time_s": round(time.perf_counter() - t0, 2),
         "skipped_files": len(splits.skipped),
-        "deployed": (result.selection or {}).get("deployed"),
-        "decision": (result.selection or {}).get("reason"),
-        "stopped": result.metrics.get("stopped"),
+        "deployed": result.selection.deployed if result.selection is not None else None,
+        "decision": result.selection.reason if result.selection is not None else None,
+        "stopped": result.metrics.stopped,
         "temperature": result.temperature,
         "resume_can_match": resume_matches,
-        **_provider_summary(result.queries),
+        **_provider_summary(result.queries.to_dict()),
     }
     if summary["deployed"] == "zero-shot" and result.config.mode != "zero-shot":
         err.print(f"[yellow]note:[/] {summary['decision']}")
@@ -248,7 +248,7 @@ def _early_stopping(config: Any) -> bool:
 
 def _resume_result(result: Any) -> bool:
     """After a resumed run whose plan the budget could not cover: did it end before the budget ran out?"""
-    ran_out = "stopped_early" in result.metrics
+    ran_out = result.metrics.stopped_early is not None
     if ran_out:
         err.print("[yellow]resume:[/] the budget ran out before the run ended, so its result differs from the "
                   "uninterrupted run's", highlight=False)

@@ -44,7 +44,7 @@ from .plan import (
 )
 from .projection import GENERATOR
 from .prompts import create_prompt_space
-from .result import DataInfo, Progress, TuneResult
+from .result import DataInfo, Progress, QueryReport, TuneResult
 from .resume import Restored, check_same_run, checkpoint_payload, restore
 from .state import CheckSnapshot, EnsembleSnapshot, Handles, ImageSplit, RunOptions, RunSetup, RunState, ValSnapshot
 from .stopping import EarlyStopping
@@ -454,9 +454,9 @@ def close_run(state: RunState, io: RunIO) -> TuneResult:
         class_names=setup.names,
         kl_weights=setup.kl_weights,
         history=state.history,
-        queries=io.ledger.to_dict(),
-        metrics=state.metrics.to_dict(),
-        data=setup.data.to_dict(),
+        queries=QueryReport.from_dict(io.ledger.to_dict()),
+        metrics=state.metrics,
+        data=setup.data,
         n_generations=int(state.history[-1]["generation"]) if state.history else 0,  # run, not planned
         planned_generations=state.n_gen,
         wall_time_s=time.perf_counter() - state.started,
@@ -465,7 +465,7 @@ def close_run(state: RunState, io: RunIO) -> TuneResult:
         refiner=end.refiner,
         selected_generation=end.selected_generation,
         refiner_shape=end.refiner_shape,
-        selection=end.selection.to_dict() if end.selection is not None else None,
+        selection=end.selection,
         temperature=end.temperature,
         **prompt,
     )

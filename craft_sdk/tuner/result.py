@@ -239,15 +239,15 @@ class TuneResult:
     refiner: dict[str, np.ndarray] | None
     kl_weights: tuple[float, float]
     history: list[dict[str, Any]]
-    queries: dict[str, Any]
-    metrics: dict[str, Any]
-    data: dict[str, Any]
+    queries: QueryReport
+    metrics: Metrics
+    data: DataInfo
     n_generations: int
     selected_generation: int
     wall_time_s: float = 0.0
     extras: dict[str, Any] = field(default_factory=dict)
     refiner_shape: tuple[int, int] | None = None
-    selection: dict[str, Any] | None = None
+    selection: SelectionReport | None = None
     temperature: float | None = None
     text_prompt: dict[str, Any] | None = None
     canary: CanaryRecord | None = None
