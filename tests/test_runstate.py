@@ -191,24 +191,25 @@ def test_records_serialise_to_the_recorded_json_shape(task) -> None:  # noqa: AN
     queries = ["budget", "cost", "counts", "max_cost", "price", "uploads", "usage", "usage_by_category", "used"]
     selection = ["calibration", "deployed", "estimates", "n_check", "plan", "reason", "temperature"]
     for name, result in (("robust", robust), ("paper", paper)):
+        assert isinstance(result.metrics, Metrics) and isinstance(result.data, DataInfo) and isinstance(result.queries, QueryReport)
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # to_dict() is not the deprecated access
-            m, d, q = _as_dict(result.metrics), _as_dict(result.data), _as_dict(result.queries)
+            m, d, q = result.metrics.to_dict(), result.data.to_dict(), result.queries.to_dict()
+        provenance = Adapter.from_result(result).config.provenance  # what adapter_config.json records
+        assert provenance["metrics"] == m and provenance["data"] == d and provenance["queries_used"] == q["used"] == result.queries.used
         assert sorted(m) == metrics[name], name
         assert sorted(d) == sorted(data + (["n_check", "n_search"] if name == "robust" else [])), name
         assert sorted(q) == queries and q["used"] <= 300 and sum(q["counts"].values()) == q["used"]
         assert Metrics.from_dict(m).to_dict() == m and DataInfo.from_dict(d).to_dict() == d and QueryReport.from_dict(q).to_dict() == q
-    s = _as_dict(robust.selection)
+    assert isinstance(robust.selection, SelectionReport)
+    s = robust.selection.to_dict()
+    assert Adapter.from_result(robust).config.provenance["selection"] == s
     assert set(s) - {"refiner"} == set(selection) and list(SelectionReport.from_dict(s).to_dict()) == list(s)
     assert SelectionReport.from_dict(s).to_dict() == s and paper.selection is None
     # a robust run always states val_accuracy (None without check images); a paper run only with best-val
     assert Metrics(deployed="zero-shot").to_dict() == {"deployed": "zero-shot", "val_accuracy": None}
     assert Metrics(train_accuracy=0.5).to_dict() == {"train_accuracy": 0.5}
     assert QueryReport.from_dict({**q, "newer": 1}).to_dict() == {**q, "newer": 1}  # a newer ledger's keys are kept
-
-
-def _as_dict(record: Any) -> dict[str, Any]:
-    return record if isinstance(record, dict) else record.to_dict()
 
 
 def test_dict_access_to_a_record_warns_and_still_works() -> None:
@@ -238,13 +239,13 @@ def test_a_checkpoint_written_before_runstate_resumes_to_the_same_adapter(task, 
     resumed = Tuner(CHECKPOINT_V1_CFG, checkpoint_dir=ck, resume=True).fit(Box().client(), train)
     fresh = Tuner(CHECKPOINT_V1_CFG).fit(Box().client(), train)
     assert resumed.n_generations == fresh.n_generations > 2  # the fixture stopped after generation 2
-    assert _as_dict(resumed.queries)["used"] == _as_dict(fresh.queries)["used"] + 6 + 1  # generation 3, paid and lost
+    assert resumed.queries.used == fresh.queries.used + 6 + 1  # generation 3, paid and lost
     assert [h["train_accuracy"] for h in resumed.history] == [h["train_accuracy"] for h in fresh.history]
     Adapter.from_result(resumed).save_pretrained(tmp_path / "a")
     Adapter.from_result(fresh).save_pretrained(tmp_path / "b")
     assert (tmp_path / "a" / WEIGHTS_FILE).read_bytes() == (tmp_path / "b" / WEIGHTS_FILE).read_bytes()
     # the v1 checkpoint scored zero-shot on its select half of the check images (issue 23's first rule); a fresh run
     # now scores it, and stops, on every check image (selection.split_check): that one recorded metric differs
-    old, new = _as_dict(resumed.metrics), _as_dict(fresh.metrics)
+    old, new = resumed.metrics.to_dict(), fresh.metrics.to_dict()
     assert old.pop("zero_shot_check_accuracy") == 0.3 and new.pop("zero_shot_check_accuracy") == 0.25
     assert old == new and resumed.n_generations == fresh.n_generations
