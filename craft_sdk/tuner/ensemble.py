@@ -66,7 +66,7 @@ def ensemble_bank(config: Any) -> tuple[str, ...]:
     return bank
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds arrays: compare fields, not records
 class EnsemblePick:
     """``ensemble`` mode: the picked contexts, their log-probabilities on the scored images [N, C], the bank's name."""
 

@@ -27,7 +27,7 @@ from .state import CheckSnapshot, EnsembleSnapshot, RunState, ValSnapshot, snaps
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds arrays: compare fields, not records
 class Finish:
     """What a run deploys: the point (``z``), the contexts of a deployed ensemble (``texts``), the
     refiner's weights, and the run's final metrics; robust protocol: the selection record too."""

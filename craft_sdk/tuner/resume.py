@@ -76,7 +76,7 @@ def checkpoint_payload(state: RunState, g: int) -> tuple[dict[str, np.ndarray], 
     return tensors, payload
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds arrays: compare fields, not records
 class Restored:
     """A checkpoint read back: the values the loop puts into its state (``fitness`` and ``ask_digests``
     replay the search; ``refiner_tensors``/``refiner_json`` load the refiner; ``stopping``: the stopping

@@ -55,7 +55,7 @@ class NoSnapshot:
     val: float = -1.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds arrays: compare fields, not records
 class ValSnapshot:
     """Paper protocol, ``best-val``: the generation with the best validation accuracy, its prompt and refiner."""
 
@@ -65,7 +65,7 @@ class ValSnapshot:
     refiner: dict[str, np.ndarray] | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds arrays: compare fields, not records
 class CheckSnapshot:
     """Robust protocol: the generation the stopping rule keeps (the one it stops at), with the
     logits selection needs (scored images [N, C]; the candidates' [P, N_search, C] when the refiner trains on them)."""
@@ -77,7 +77,7 @@ class CheckSnapshot:
     population: np.ndarray | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds arrays: compare fields, not records
 class EnsembleSnapshot:
     """``ensemble`` mode: the picked contexts' log-probabilities on the scored images (generation 1)."""
 
@@ -162,7 +162,7 @@ class Handles:
     val: Any = None
 
 
-@dataclass
+@dataclass(eq=False)
 class RunState:
     """What one run carries from one generation to the next; only :mod:`craft_sdk.tuner.loop` assigns it."""
 
