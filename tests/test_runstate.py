@@ -17,7 +17,7 @@ import pytest
 
 from craft_sdk import Adapter, Capabilities, ImageDataset, QueryLedger, TuneConfig
 from craft_sdk.adapter.files import WEIGHTS_FILE
-from craft_sdk.tuner.result import DataInfo, Metrics, QueryReport, SelectionReport
+from craft_sdk.tuner.result import DataInfo, GenerationRecord, Metrics, QueryReport, SelectionReport
 
 pytest.importorskip("torch")
 pytest.importorskip("cma")
@@ -196,6 +196,10 @@ def test_records_serialise_to_the_recorded_json_shape(task) -> None:  # noqa: AN
             warnings.simplefilter("error")  # to_dict() is not the deprecated access
             m, d, q = result.metrics.to_dict(), result.data.to_dict(), result.queries.to_dict()
         provenance = Adapter.from_result(result).config.provenance  # what adapter_config.json records
+        assert provenance["history"] == [h.to_dict() for h in result.history] and isinstance(result.history[1], GenerationRecord)
+        assert sorted(result.history[0].to_dict()) == ["generation", "queries_used", "train_accuracy", "train_loss", "val_accuracy"]
+        searched = ["best_fitness", "generation", "mean_fitness", "queries_used", "sigma", "train_accuracy", "train_loss"]
+        assert sorted(result.history[1].to_dict()) == sorted(searched + (["val_accuracy"] if name == "robust" else []))  # paper: val every 2
         assert provenance["metrics"] == m and provenance["data"] == d and provenance["queries_used"] == q["used"] == result.queries.used
         assert sorted(m) == metrics[name], name
         assert sorted(d) == sorted(data + (["n_check", "n_search"] if name == "robust" else [])), name
@@ -240,7 +244,7 @@ def test_a_checkpoint_written_before_runstate_resumes_to_the_same_adapter(task, 
     fresh = Tuner(CHECKPOINT_V1_CFG).fit(Box().client(), train)
     assert resumed.n_generations == fresh.n_generations > 2  # the fixture stopped after generation 2
     assert resumed.queries.used == fresh.queries.used + 6 + 1  # generation 3, paid and lost
-    assert [h["train_accuracy"] for h in resumed.history] == [h["train_accuracy"] for h in fresh.history]
+    assert [h.train_accuracy for h in resumed.history] == [h.train_accuracy for h in fresh.history]
     Adapter.from_result(resumed).save_pretrained(tmp_path / "a")
     Adapter.from_result(fresh).save_pretrained(tmp_path / "b")
     assert (tmp_path / "a" / WEIGHTS_FILE).read_bytes() == (tmp_path / "b" / WEIGHTS_FILE).read_bytes()

@@ -365,7 +365,7 @@ class Adapter:
             "planned_generations": result.planned_generations,
             "selected_generation": result.selected_generation,
             "metrics": result.metrics.to_dict(),
-            "history": result.history,
+            "history": [h.to_dict() for h in result.history],
         }
         if result.selection is not None:
             provenance["protocol"] = tc.protocol

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from ..client.canary import CanaryRecord, canary_cost, record_canary
 from .. import mlp
+from ..client.canary import CanaryRecord, canary_cost, record_canary
 from ..errors import ClientError
 from . import selection
 from .result import Metrics, SelectionReport
@@ -53,9 +53,9 @@ def finish_paper(run: RunState) -> Finish:
     else:
         z = run.point if run.prompts is not None else None
         refiner = run.refiner.model.numpy_weights() if run.refiner else None
-    selected = snapshot_generation(best) if use_best else (run.history[-1]["generation"] if run.history else 0)
-    last = run.history[-1] if run.history else {}
-    train_accuracy = next((h["train_accuracy"] for h in run.history if h["generation"] == selected), last.get("train_accuracy"))
+    selected = snapshot_generation(best) if use_best else (run.history[-1].generation if run.history else 0)
+    last = run.history[-1].train_accuracy if run.history else None
+    train_accuracy = next((h.train_accuracy for h in run.history if h.generation == selected), last)
     metrics = replace(run.metrics, train_accuracy=train_accuracy)
     if use_best:
         metrics = replace(metrics, val_accuracy=best.val)

@@ -19,12 +19,12 @@ from typing import Any
 
 import numpy as np
 
+from .. import mlp
 from ..client.base import Capabilities, PredictionClient
 from ..client.ledger import MeteredClient, QueryLedger
 from ..data import ImageDataset, seen_fingerprints
 from ..errors import BudgetExceededError, ConfigError
 from ..scores import as_log_scores
-from .. import mlp
 from . import selection
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from .config import TuneConfig
@@ -44,7 +44,7 @@ from .plan import (
 )
 from .projection import GENERATOR
 from .prompts import create_prompt_space
-from .result import DataInfo, Progress, QueryReport, TuneResult
+from .result import DataInfo, GenerationRecord, Progress, QueryReport, TuneResult
 from .resume import Restored, check_same_run, checkpoint_payload, restore
 from .state import CheckSnapshot, EnsembleSnapshot, Handles, ImageSplit, RunOptions, RunSetup, RunState, ValSnapshot
 from .stopping import EarlyStopping
@@ -350,19 +350,16 @@ def _consider(state: RunState, g: int, val_acc: float) -> None:
 
 
 def _record(state: RunState, io: RunIO, g: int, loss: float, acc: float, val_acc: float | None, fit: np.ndarray | None) -> None:
-    rec: dict[str, Any] = {
-        "generation": g,
-        "queries_used": io.ledger.used,
-        "train_loss": None if math.isnan(loss) else round(loss, 6),
-        "train_accuracy": round(acc, 6),
-    }
-    if fit is not None:
-        rec["best_fitness"] = round(float(fit.min()), 6)
-        rec["mean_fitness"] = round(float(fit.mean()), 6)
-        rec["sigma"] = round(state.prompts.search.sigma, 6) if state.prompts is not None else None
-    if val_acc is not None:
-        rec["val_accuracy"] = round(val_acc, 6)
-    state.history.append(rec)
+    state.history.append(GenerationRecord(
+        generation=g,
+        queries_used=io.ledger.used,
+        train_loss=None if math.isnan(loss) else round(loss, 6),
+        train_accuracy=round(acc, 6),
+        best_fitness=round(float(fit.min()), 6) if fit is not None else None,
+        mean_fitness=round(float(fit.mean()), 6) if fit is not None else None,
+        sigma=round(state.prompts.search.sigma, 6) if fit is not None and state.prompts is not None else None,
+        val_accuracy=round(val_acc, 6) if val_acc is not None else None,
+    ))
     on_progress = io.options.on_progress
     if on_progress is not None:
         budget = io.ledger.budget if io.ledger.budget is not None else state.config.budget
@@ -457,7 +454,7 @@ def close_run(state: RunState, io: RunIO) -> TuneResult:
         queries=QueryReport.from_dict(io.ledger.to_dict()),
         metrics=state.metrics,
         data=setup.data,
-        n_generations=int(state.history[-1]["generation"]) if state.history else 0,  # run, not planned
+        n_generations=state.history[-1].generation if state.history else 0,  # run, not planned
         planned_generations=state.n_gen,
         wall_time_s=time.perf_counter() - state.started,
         extras={"projection_generator": GENERATOR},

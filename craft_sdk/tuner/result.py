@@ -1,7 +1,7 @@
 """What a tuning run reports while it runs (:class:`Progress`) and what it returns (:class:`TuneResult`).
 
 :class:`TuneResult`'s records are typed (:class:`Metrics`, :class:`QueryReport`,
-:class:`SelectionReport`, :class:`DataInfo`); each one's ``to_dict()`` is the JSON the adapter's
+:class:`SelectionReport`, :class:`DataInfo`, the history's :class:`GenerationRecord`); each one's ``to_dict()`` is the JSON the adapter's
 provenance, ``tune --json`` and checkpoints write. Reading them by string key
 (``result.metrics["train_accuracy"]``) still works for one release, with a ``DeprecationWarning``.
 """
@@ -90,6 +90,38 @@ class Metrics(DictAccess):
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Metrics:
         """What :meth:`to_dict` wrote (a checkpoint's metrics)."""
+        return cls(**_known(cls, data))
+
+
+@dataclass(frozen=True)
+class GenerationRecord(DictAccess):
+    """One row of a run's history: after the baseline (generation 0) and after each generation.
+
+    ``queries_used``: the ledger then; ``train_loss``: the refiner's (None: nothing trained);
+    ``best_fitness`` / ``mean_fitness`` / ``sigma``: the search's population, set when a population
+    was scored; ``val_accuracy``: the validation (paper) or select-half check (robust) accuracy, when measured.
+    """
+
+    generation: int
+    queries_used: int
+    train_loss: float | None
+    train_accuracy: float
+    best_fitness: float | None = None
+    mean_fitness: float | None = None
+    sigma: float | None = None
+    val_accuracy: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"generation": self.generation, "queries_used": self.queries_used,
+                               "train_loss": self.train_loss, "train_accuracy": self.train_accuracy}
+        if self.best_fitness is not None:  # a searched generation
+            out.update(best_fitness=self.best_fitness, mean_fitness=self.mean_fitness, sigma=self.sigma)
+        if self.val_accuracy is not None:
+            out["val_accuracy"] = self.val_accuracy
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GenerationRecord:
         return cls(**_known(cls, data))
 
 
@@ -238,7 +270,7 @@ class TuneResult:
     projection_std: float | None
     refiner: dict[str, np.ndarray] | None
     kl_weights: tuple[float, float]
-    history: list[dict[str, Any]]
+    history: list[GenerationRecord]
     queries: QueryReport
     metrics: Metrics
     data: DataInfo

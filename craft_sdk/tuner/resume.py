@@ -20,7 +20,7 @@ from ..errors import ConfigError, CraftError
 from .config import TuneConfig
 from .ensemble import EnsemblePick
 from .protocols import PromptSpace
-from .result import DataInfo, Metrics
+from .result import DataInfo, GenerationRecord, Metrics
 from .state import CheckSnapshot, EnsembleSnapshot, NoSnapshot, RunState, Snapshot, ValSnapshot
 
 
@@ -61,7 +61,7 @@ def checkpoint_payload(state: RunState, g: int) -> tuple[dict[str, np.ndarray], 
         "config": state.setup.requested.to_dict(),
         "model_id": state.setup.caps.model_id,
         "data": state.setup.data.to_dict(),
-        "history": state.history,
+        "history": [h.to_dict() for h in state.history],
         "metrics": state.metrics.to_dict(),
         "best": best,
         "ask_digests": state.prompts.search.ask_digests if state.prompts is not None else [],
@@ -84,7 +84,7 @@ class Restored:
 
     generation: int
     n_gen: int
-    history: list[dict[str, Any]]
+    history: list[GenerationRecord]
     metrics: Metrics
     fitness: np.ndarray | None
     ask_digests: list[str]
@@ -125,7 +125,7 @@ def restore(tensors: dict[str, np.ndarray], state: dict[str, Any], robust: bool,
     return Restored(
         generation=int(state["generation"]),
         n_gen=int(state["n_generations"]),
-        history=state["history"],
+        history=[GenerationRecord.from_dict(h) for h in state["history"]],
         metrics=Metrics.from_dict(state["metrics"]),
         fitness=fitness,
         ask_digests=state["ask_digests"],

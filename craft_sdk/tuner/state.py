@@ -26,7 +26,7 @@ from ..data import ImageDataset
 from . import selection
 from .config import TuneConfig
 from .ensemble import EnsemblePick
-from .result import DataInfo, Metrics, Progress
+from .result import DataInfo, GenerationRecord, Metrics, Progress
 
 if TYPE_CHECKING:
     from .plan import CertificationPlan
@@ -175,7 +175,7 @@ class RunState:
     handles: Handles | None = None
     stopped: str | None = None  # why the search ended before its plan
     prompt_inert: bool = False  # the client ignored every offset: no prompt can be deployed
-    history: list[dict[str, Any]] = field(default_factory=list)
+    history: list[GenerationRecord] = field(default_factory=list)
     fitness_rows: list[np.ndarray] = field(default_factory=list)
     metrics: Metrics = field(default_factory=Metrics)
     best: Snapshot = field(default_factory=NoSnapshot)
