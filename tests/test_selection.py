@@ -30,7 +30,8 @@ def test_certification_plan_says_what_the_check_set_can_prove() -> None:
     assert (ten_16.search, ten_16.n_check, ten_16.n_select, ten_16.n_certify) == (True, 40, 40, 40)
     assert ten_16.min_gain_prompt == pytest.approx(5 / 40) and ten_16.n_refiner == 120 + 40
     ten_4 = certification_plan(TuneConfig(mode="craft"), np.repeat(np.arange(10), 4))  # 10 check images: +50 points
-    assert ten_4.search and ten_4.min_gain_prompt == pytest.approx(0.5) and ten_4.n_refiner == 30 + 10
+    assert not ten_4.search and ten_4.certified and ten_4.n_refiner == 40  # not planned for: the refiner on all 40
+    assert "+50 points (plans count on less than +50)" in ten_4.reason
     four_3 = certification_plan(TuneConfig(mode="craft"), np.repeat(np.arange(4), 3))  # 4 check images: impossible
     assert not four_3.search and four_3.certified and four_3.n_refiner == 12 and four_3.min_gain_refiner == pytest.approx(5 / 12)
     assert "refiner alone is cross-validated on 12 images" in four_3.reason
