@@ -377,7 +377,7 @@ def certification_plan(config: TuneConfig, labels: np.ndarray, val_labels: np.nd
     Example:
         >>> p = certification_plan(TuneConfig(budget=2000), np.arange(8))  # 8 classes, 1 shot
         >>> p.search, p.n_certify, p.min_gain_prompt
-        (False, 1, None)
+        (False, 0, None)
     """
     from .selection import alpha_of, min_flips, split_check, split_holdout
 

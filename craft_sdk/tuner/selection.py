@@ -15,7 +15,8 @@ black box (the ledger proves it in a test).
   this costs CPU, not queries.
 * **The decision** (:func:`decide`). The search never sees the check images' labels; they decide
   only *when* it stops (:mod:`craft_sdk.tuner.stopping`), and the run deploys the generation it
-  stops at, not the one that scored best on them, so the check images choose no generation. Every
+  stops at, not the one that scored best on them: they choose when the search stops, not which of
+  its generations is deployed. Every
   option (prompt, ensemble, prompt + refiner, refiner only) must then beat zero-shot on every
   check image in an exact one-sided sign test (McNemar's, on the images where exactly one of the
   two is right), Holm-corrected over all the options, at family-wise level
@@ -28,10 +29,10 @@ black box (the ledger proves it in a test).
   probability at most ``alpha`` (5 %) -- exactly so if the check images had chosen nothing. The
   one thing they choose is the stopping time: the run stops at a generation that is *not* a new
   best on them, which pushes its score down, not up, unless the search repeats itself with a
-  period (a repeat of its best generation would then be deployed; CMA-ES's mean does not). That
-  step is not proved: tests/test_selection.py simulates it (independent and correlated
-  generations of a prompt that does nothing; a real client whose prompts carry no information)
-  and asserts at most 5 %.
+  period (a repeat of its best generation would then be deployed; nothing in CMA-ES's mean update
+  does so on purpose). That step is not proved: tests/test_selection.py simulates it (independent
+  and correlated generations of a prompt that does nothing; a real client whose prompts carry no
+  information) and asserts at most 5 %.
 * **Calibration** (:func:`calibrate`): one temperature, cross-fitted on the chosen
   behaviour's held-out predictions (out-of-fold refiner logits plus the check images) over a
   bounded grid; deployed only when the cross-fitted log-loss beats temperature 1 beyond noise,
