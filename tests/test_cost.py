@@ -191,10 +191,10 @@ def test_plan_equals_what_a_full_budget_run_uses(server, tmp_path: Path) -> None
         assert zs.usage == ProviderUsage() and meter(server)["used"] == 0  # planning sent nothing
         result = Tuner(config, price=price).fit(zs, train)
     assert plan.generations == result.n_generations == 4 and plan.queries_per_generation == 5
-    assert plan.planned_queries == result.queries["used"] == 21
-    assert plan.planned_requests == result.queries["usage"]["requests"] == zs.usage.requests == 21 * 12
+    assert plan.planned_queries == result.queries.used == 21
+    assert plan.planned_requests == result.queries.usage["requests"] == zs.usage.requests == 21 * 12
     assert plan.planned_images == zs.usage.images and not plan.upper_bound and plan.refused == []
-    assert plan.estimated_cost == pytest.approx(result.queries["cost"]) == pytest.approx(21 * 12 * 0.0015)
+    assert plan.estimated_cost == pytest.approx(result.queries.cost) == pytest.approx(21 * 12 * 0.0015)
     assert plan.splits == {n: {"train": 12 // len(NAMES), "check": 0, "test": 0} for n in NAMES}
 
 
@@ -316,10 +316,10 @@ def test_plan_of_the_hosted_shapes(server, shape: str) -> None:  # noqa: ANN001
     plan = plan_tune(config, client, train, price=price)
     assert usage_of(client) == ProviderUsage() and meter(server)["used"] == 0
     result = Tuner(config, price=price).fit(client, train)
-    used = result.queries["usage"]
-    assert plan.planned_queries == result.queries["used"] == 26 and used == usage_of(client).to_dict()
+    used = result.queries.usage
+    assert plan.planned_queries == result.queries.used == 26 and used == usage_of(client).to_dict()
     pairs = [(plan.planned_requests, used["requests"]), (plan.planned_images, used["images"]),
-             (plan.estimated_input_tokens, used["input_tokens"]), (plan.estimated_cost, result.queries["cost"])]
+             (plan.estimated_input_tokens, used["input_tokens"]), (plan.estimated_cost, result.queries.cost)]
     for planned, actual in pairs:
         assert actual > 0
         assert abs(planned - actual) <= 0.1 * actual, (planned, actual)
