@@ -20,6 +20,7 @@ from conftest import CLASS_NAMES, random_images
 
 from craft_sdk import BudgetExceededError, ConfigError, ImageDataset, PriceTable, ProviderUsage, TuneConfig
 from craft_sdk.client import MeteredClient, QueryLedger
+from craft_sdk.client.hosted import IMAGE_TOKENS
 from craft_sdk.client.http import HTTPClient
 from craft_sdk.client.usage import usage_of
 from craft_sdk.client.zeroshot import ZeroShotAPIClient
@@ -349,3 +350,23 @@ def test_evaluate_and_the_classifier_report_cost_per_1000_predictions(server) ->
         assert report["cost"] == pytest.approx(8 * 0.012) and report["per_1000_images"]["cost"] == pytest.approx(12.0)
         with pytest.raises(ConfigError, match="ledger"):
             CraftClassifier.from_adapter(adapter, zs, config=ClassifierConfig(price=price), ledger=QueryLedger())
+
+
+def test_the_plan_prices_the_word_search_s_candidates_at_their_length(server, tmp_path) -> None:  # noqa: ANN001
+    """Candidates swap template words for vocabulary words: with a vocabulary of long words their texts are longer than
+    the template, and the plan's text tokens follow. Measured: 301 planned for 347 used (priced at the template's
+    length: 288, 17 % short); the rest is the incumbent itself taking long words, which no plan can know."""
+    pytest.importorskip("openai")
+    from craft_sdk import create_client
+
+    words = tmp_path / "words.txt"
+    words.write_text("\n".join(["photograph", "illustration", "rendering", "snapshot", "depiction", "a", "photo", "of"]))
+    train = ImageDataset(random_images(12, seed=11), np.arange(12) % 3, NAMES[:3])
+    config = TuneConfig(mode="pg", protocol="paper", budget=30, popsize=4, vocabulary=str(words))
+    client = create_client(f"embed+{server.url}/v1?model=tiny", api_key=KEY)
+    plan = plan_tune(config, client, train)
+    result = Tuner(config).fit(client, train)
+    used = result.queries.usage["input_tokens"]
+    image_tokens = result.queries.usage["images"] * IMAGE_TOKENS  # the texts are the part the candidates change
+    planned, actual = plan.estimated_input_tokens - image_tokens, used - image_tokens
+    assert actual > 0 and abs(planned - actual) <= 0.15 * actual, (planned, actual)

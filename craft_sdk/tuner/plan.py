@@ -9,7 +9,7 @@ units. :func:`plan_tune` puts it together before anything is sent (``craft-sdk t
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -119,6 +119,7 @@ class Call:
     n_prompts: int = 1
     count: int = 1
     seen: bool = False
+    context: str | None = None  # a context as long as the call's (None: the template); only its length is priced
 
     @property
     def queries(self) -> int:
@@ -152,14 +153,44 @@ def generation_calls(config: TuneConfig, g: int, n_generations: int, sets: Image
     calls = [*search, Call("refine", sets.scored, seen=halving)]
     if _validates(config, g, n_generations, sets.val > 0):
         calls.append(Call("validation", sets.val, seen=halving))
-    return calls
+    if soft_prompts:
+        return calls
+    context = candidate_context(config)
+    return [replace(c, context=context) for c in calls]
+
+
+def candidate_context(config: TuneConfig) -> str:
+    """A context as long as the word search's typical candidate, for pricing its text (tokens follow length).
+
+    A candidate is the incumbent with some of its words swapped for vocabulary words: the halving search
+    screens ``min(2, n_slots)`` words per candidate (its default group), and the policy gradient keeps about
+    half of the slots on the template's word. The swapped words are priced at the vocabulary's mean length,
+    the kept ones at the template's (the incumbent starts there); the context has the template's word count.
+
+    Example:
+        >>> len(candidate_context(TuneConfig(template="a photo of a"))) >= len("a photo of a")
+        True
+    """
+    from .discrete import load_vocabulary
+
+    words = config.template.split()
+    vocabulary = load_vocabulary(config.vocabulary)
+    if not words or not vocabulary:
+        return config.template
+    n = len(words)
+    swapped = min(2, n) if config.word_search == "halving" else max(1, n // 2)
+    mean = sum(len(w) for w in vocabulary) / len(vocabulary)
+    # slots are swapped at random: the words kept carry (n - swapped) / n of the template's letters
+    letters = max(n, round(sum(map(len, words)) * (n - swapped) / n + swapped * mean))
+    return " ".join("x" * (letters // n + (k < letters % n)) for k in range(n))
 
 
 def calls_usage(client: Any, calls: list[Call], class_names: list[str], template: str) -> ProviderUsage:
     """The client's estimate of ``calls`` in provider units (zeros for an in-process client)."""
     total = ProviderUsage()
     for c in calls:
-        total = total.plus(estimate_call(client, c.n_images, class_names, template, c.n_prompts, seen=c.seen).times(c.count))
+        context = template if c.context is None else c.context
+        total = total.plus(estimate_call(client, c.n_images, class_names, context, c.n_prompts, seen=c.seen).times(c.count))
     return total
 
 
