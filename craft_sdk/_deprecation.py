@@ -44,15 +44,36 @@ class MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
         new = MOVED[spec.name]
-        warnings.warn(
-            f"{spec.name} moved to {new}; import it from there (the old path is removed in craft-sdk {REMOVED_IN})",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return importlib.import_module(new)  # its attributes (__name__, __spec__...) are kept as they are
+        _warn(spec.name)
+        module = importlib.import_module(new)
+        # the import system sets module.__spec__ = spec (the old name's) between create_module and exec_module
+        # whatever the module holds; keep the new module's own spec here and put it back in exec_module, so
+        # importlib.reload(new module) still reloads it under its own name
+        spec.loader_state = module.__spec__
+        return module
 
     def exec_module(self, module: ModuleType) -> None:
-        """Nothing to run: the module is the new one, already imported."""
+        """Nothing to run (the module is the new one, already imported): put its own ``__spec__`` back."""
+        old_spec = module.__spec__
+        if old_spec is not None and isinstance(old_spec.loader_state, importlib.machinery.ModuleSpec):
+            module.__spec__ = old_spec.loader_state
+
+    def get_code(self, fullname: str) -> object:
+        """``python -m <old name>`` runs the new module's code (after the warning)."""
+        _warn(fullname)
+        new_spec = importlib.util.find_spec(MOVED[fullname])
+        loader = new_spec.loader if new_spec is not None else None
+        if loader is None or not hasattr(loader, "get_code"):
+            raise ImportError(f"{MOVED[fullname]} has no code to run")
+        return loader.get_code(MOVED[fullname])
+
+
+def _warn(old: str) -> None:
+    warnings.warn(
+        f"{old} moved to {MOVED[old]}; import it from there (the old path is removed in craft-sdk {REMOVED_IN})",
+        DeprecationWarning,
+        stacklevel=3,
+    )
 
 
 def install() -> None:

@@ -94,3 +94,25 @@ def test_adapter_raw_scores_is_deprecated_for_the_deploy_query_policy() -> None:
     assert old.shape == (4, len(adapter.config.class_names)) and len(new_client.sent) == 3
     np.testing.assert_array_equal(old, new)
     assert old_client.sent == new_client.sent
+
+
+def test_importing_an_old_path_leaves_the_new_module_its_own_spec_and_reload_works() -> None:
+    """The import system sets ``__spec__`` on what create_module returns; the finder puts the new one back."""
+    code = (
+        "import importlib, warnings; warnings.simplefilter('ignore', DeprecationWarning)\n"
+        "import craft_sdk.classifier as old, craft_sdk.deploy.classifier as new\n"
+        "assert old is new and new.__spec__.name == 'craft_sdk.deploy.classifier', new.__spec__\n"
+        "new.MARK = 1\n"
+        "again = importlib.reload(new)\n"
+        "assert again is new and new.__name__ == 'craft_sdk.deploy.classifier' and new.__spec__.name == new.__name__\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=suite_env(), timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_python_dash_m_on_an_old_path_runs_the_new_module_without_a_traceback() -> None:
+    out = subprocess.run([sys.executable, "-W", "always::DeprecationWarning", "-m", "craft_sdk.tuner.mlp"],
+                         capture_output=True, text=True, env=suite_env(), timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and out.stderr.count("craft_sdk.tuner.mlp moved to craft_sdk.mlp") == 1
