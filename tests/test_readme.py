@@ -74,3 +74,19 @@ def test_every_readme_block_runs_as_written(tmp_path: Path) -> None:
                 os.killpg(pgid, signal.SIGTERM)
             except (ProcessLookupError, PermissionError):
                 pass
+
+
+def test_docs_examples_and_benchmarks_import_no_moved_module_path() -> None:
+    """Code a user copies imports the new paths (an old one warns, and goes away in the next release)."""
+    from craft_sdk._deprecation import MOVED
+
+    root = README.parent
+    files = [README, *sorted((root / "docs").glob("*.md")), *sorted((root / "examples").glob("*.py")),
+             *sorted((root / "benchmarks").glob("*.py"))]
+    pats = []
+    for old in MOVED:
+        parent, _, leaf = old.rpartition(".")
+        pats.append(re.compile(rf"^\s*(import|from)\s+{re.escape(old)}\b|^\s*from\s+{re.escape(parent)}\s+import\s+.*\b{leaf}\b",
+                               re.M))
+    hits = [f"{f.relative_to(root)}: {m.group(0).strip()}" for f in files for p in pats for m in p.finditer(f.read_text())]
+    assert not hits, hits
