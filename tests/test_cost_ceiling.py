@@ -206,3 +206,19 @@ def test_max_cost_holds_across_a_crash_and_resume_with_retries(model, tmp_path: 
     assert storm.sent > first and storm.sent == zs.usage.requests
     assert storm.sent * 0.01 <= max_cost + 1e-9  # the provider's count over both runs
     assert result.queries.cost == pytest.approx(storm.sent * 0.01) and result.queries.cost <= max_cost
+
+
+def test_a_call_whose_usage_cannot_be_journaled_still_releases_its_reservation(tmp_path: Path) -> None:
+    """Recording a call's usage fails (the journal cannot be written): the error is raised, the usage stays
+    counted in memory, and the call's reservation is released, so the ceiling does not stay blocked by it."""
+    journal = tmp_path / "queries.jsonl"
+    ledger = QueryLedger(price=PriceTable(per_request=1.0), max_cost=10.0, journal=journal)
+    meter = ProviderUsage()
+    spend = ledger.reserve(ProviderUsage(requests=4), "a call")
+    ledger.open_call(meter)
+    meter.add(requests=2)
+    journal.mkdir()  # appending to it now fails
+    with pytest.raises(OSError):
+        ledger.close_call(meter, "predict", spend)
+    assert spend.held == 0.0 and ledger.cost == 2.0
+    assert ledger.reserve(ProviderUsage(requests=8), "the next call").held == 8.0  # 2 spent + 8 fits under 10

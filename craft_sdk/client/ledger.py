@@ -216,9 +216,11 @@ class QueryLedger:
             now = meter.snapshot()
             delta, entry.seen = now.minus(entry.seen), now
             entry.in_flight -= 1
-            self._record_usage(delta, category)
-            if spend is not None:
-                self._release(spend)
+            try:
+                self._record_usage(delta, category)  # counted in memory first; the journal append may fail
+            finally:
+                if spend is not None:  # released even then: a failed append must not hold the ceiling forever
+                    self._release(spend)
             return delta
 
     def _record_usage(self, delta: ProviderUsage, category: str) -> None:
