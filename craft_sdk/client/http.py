@@ -404,7 +404,15 @@ class HTTPClient(BaseClient):
         chunks = [offsets[i : i + step] for i in range(0, p, step)]
         with concurrent.futures.ThreadPoolExecutor(self.config.max_concurrency) as pool:
             futures = [submit(pool, self._predict_chunk, prepared, class_names, template, ch) for ch in chunks]
-            outs = [f.result() for f in futures]
+            try:
+                outs = [f.result() for f in futures]
+            except ClientError as exc:
+                for f in futures:  # nothing more of a failed prediction is sent
+                    f.cancel()
+                concurrent.futures.wait(futures)
+                if any(f.done() and not f.cancelled() and f.exception() is None for f in futures):
+                    exc.unbilled = False  # another request of this prediction was answered: billed, not refundable
+                raise
         try:
             return np.concatenate(outs)
         except ValueError as exc:
