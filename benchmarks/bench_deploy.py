@@ -131,10 +131,9 @@ def run_child(backend: str, adapter_dir: Path | None, reps: int) -> dict[str, An
 
 def make_adapter(n_classes: int, root: Path) -> Path:
     """A synthetic adapter with the paper's shapes, saved with its refiner.onnx."""
-    from craft_sdk import Adapter, AdapterConfig, export_onnx
+    from craft_sdk import Adapter, AdapterConfig, export_onnx, mlp
     from craft_sdk.adapter import PromptSpec, RefinerSpec
-    from craft_sdk import mlp
-    from craft_sdk.tuner.projection import project, projection_matrix
+    from craft_sdk.projection import project, projection_matrix
 
     spec = PromptSpec(N_CTX, CTX_DIM, INTRINSIC, seed=0, std=0.01)
     z = np.random.default_rng(1).normal(size=INTRINSIC)

@@ -117,7 +117,7 @@ def setup_images(client: Any, pool: int) -> tuple[list[Image.Image], Any, dict[s
 def plant(client: Any, images: list[Image.Image], handle: Any, dim: int) -> dict[str, Any]:
     """Labels under the hidden offset A z* (tuner's subspace for ``dim``); keep images so zero-shot ≈ chance."""
     from craft_sdk import ImageDataset, TuneConfig
-    from craft_sdk.tuner.projection import project, projection_matrix
+    from craft_sdk.projection import project, projection_matrix
 
     cfg = TuneConfig(mode="pg", seed=TUNE_SEED, intrinsic_dim=dim)
     caps = client.capabilities(cfg.template)

@@ -7,6 +7,8 @@ refiner) → adapter (config + tensors on disk) → classifier (client + adapter
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ._deprecation import install as _install_moved_paths
 from ._version import __version__
 from .adapter import Adapter, AdapterConfig
@@ -38,17 +40,24 @@ from .errors import (
     MissingDependencyError,
     NotFittedError,
 )
-from .tuner.config import TuneConfig
+
+if TYPE_CHECKING:  # at run time a lazy export (__getattr__ below)
+    from .tuner.config import TuneConfig
 
 _install_moved_paths()  # the old import paths of moved modules, for one release (CHANGELOG: Deprecated)
 
 
 def __getattr__(name: str) -> object:
-    """Lazy exports: ``craft_sdk.HTTPClient`` imports httpx only when first used."""
+    """Lazy exports: ``craft_sdk.HTTPClient`` imports httpx only when first used, ``craft_sdk.TuneConfig`` the
+    tuner package (so that the deploy path loads no training module)."""
     if name == "HTTPClient":
         from .client.http import HTTPClient
 
         return HTTPClient
+    if name == "TuneConfig":
+        from .tuner.config import TuneConfig
+
+        return TuneConfig
     raise AttributeError(f"module 'craft_sdk' has no attribute {name!r}")
 
 

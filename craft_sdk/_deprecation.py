@@ -31,6 +31,7 @@ MOVED: dict[str, str] = {
     "craft_sdk.demo.runner": "craft_sdk.apps.demo",
     "craft_sdk.tuner.mlp": "craft_sdk.mlp",
     "craft_sdk.tuner.canary": "craft_sdk.client.canary",
+    "craft_sdk.tuner.projection": "craft_sdk.projection",
 }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,7 +20,9 @@ from .data import DataSplits, ImageDataset, load_dataset
 from .deploy.query import raw_scores
 from .errors import AdapterError
 from .scores import as_log_scores, softmax
-from .tuner.config import TuneConfig
+
+if TYPE_CHECKING:
+    from .tuner.config import TuneConfig
 
 logger = logging.getLogger(__name__)
 

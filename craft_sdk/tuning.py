@@ -20,9 +20,9 @@ from .client.base import PredictionClient
 from .client.ledger import QueryLedger
 from .client.pricing import PriceTable
 from .data import ImageDataset
-from .tuner.config import TuneConfig
 
 if TYPE_CHECKING:
+    from .tuner.config import TuneConfig
     from .tuner.result import TuneResult
 
 
@@ -30,6 +30,8 @@ def merged_config(config: TuneConfig | None, overrides: dict[str, Any]) -> TuneC
     """``config`` (default: the defaults) with the fields in ``overrides`` replaced; unknown names raise ConfigError."""
     if config is not None and not overrides:
         return config
+    from .tuner.config import TuneConfig  # lazily: importing craft_sdk (or its deploy path) loads no training module
+
     return TuneConfig.from_dict({**(config or TuneConfig()).to_dict(), **overrides})
 
 

@@ -10,13 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import suite_env  # noqa: E402
 from safetensors.numpy import load_file, save_file
 
-from craft_sdk import Adapter, AdapterConfig, AdapterError, load_adapter
+from craft_sdk import Adapter, AdapterConfig, AdapterError, load_adapter, mlp
 from craft_sdk.adapter import CONFIG_FILE, WEIGHTS_FILE, PromptSpec, RefinerSpec
-from craft_sdk import mlp
-from craft_sdk.tuner.projection import project, projection_matrix
-from conftest import suite_env  # noqa: E402
+from craft_sdk.projection import project, projection_matrix
 
 NAMES = ("cat", "dog", "bird")
 

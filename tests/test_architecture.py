@@ -15,9 +15,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "craft_sdk"
 
 # most specific prefix wins
 LAYERS: dict[str, int] = {
-    # 0: foundations shared by every layer (errors, file and score helpers, images, datasets, wire codec, the numpy refiner)
+    # 0: foundations shared by every layer (errors, file and score helpers, images, datasets, wire codec, the numpy
+    # refiner, the prompt projection A)
     "craft_sdk.errors": 0, "craft_sdk._version": 0, "craft_sdk._fileio": 0, "craft_sdk._lru": 0, "craft_sdk._deprecation": 0,
     "craft_sdk.scores": 0, "craft_sdk.images": 0, "craft_sdk.data": 0, "craft_sdk.wire": 0, "craft_sdk.mlp": 0,
+    "craft_sdk.projection": 0,
     "craft_sdk.demo": 0,  # shipped data (tasks, synth, assets)
     "craft_sdk.client": 1,  # the only door to the model (and what is scored through it: contexts, canary probes)
     "craft_sdk.tuner": 2,  # prompt search + refiner training
@@ -291,10 +293,32 @@ def test_one_composition_site() -> None:
         assert "tune_run" in names, f"{rel} does not tune through tune_run"
 
 
+def _module_path(module: str) -> Path | None:
+    rel = Path(*module.split(".")[1:])
+    for path in (PACKAGE / rel.with_suffix(".py"), PACKAGE / rel / "__init__.py"):
+        if path.exists():
+            return path
+    return None
+
+
 def test_the_deploy_package_imports_no_training_module() -> None:
-    """deploy/ (lazy imports included) never imports craft_sdk.tuner: the numpy refiner is craft_sdk.mlp, context
-    scoring and canary probes are in client/, and ``CraftClassifier.fit`` tunes through craft_sdk.tuning."""
-    found = [f"{path.name}:{line} {target}" for path in sorted((PACKAGE / "deploy").rglob("*.py"))
-             for line, target in imports(path) if target.startswith("craft_sdk.tuner")]
-    assert found == []
+    """deploy/ and everything it imports, transitively (the adapter package, client/, the foundations; lazy
+    imports included, ``TYPE_CHECKING`` ones not: they never run), never reaches craft_sdk.tuner: the numpy
+    refiner is craft_sdk.mlp, the projection craft_sdk.projection, context scoring, the context rules and
+    canary probes are in client/. The one way in is ``CraftClassifier.fit``, which tunes through craft_sdk.tuning
+    (lazily): the walk stops there, and at the package root (the facade's re-exports)."""
+    stop = {"craft_sdk", "craft_sdk.tuning"}
+    seen: dict[str, str] = {}  # module -> the module that imported it
+    todo = [(m, "") for m in sorted(_all_modules()) if m.startswith(("craft_sdk.deploy", "craft_sdk.adapter"))]
+    while todo:
+        mod, parent = todo.pop()
+        if mod in seen or mod in stop:
+            continue
+        seen[mod] = parent
+        path = _module_path(mod)
+        if path is not None:
+            todo += [(t, mod) for _, t in imports(path)]
+    found = sorted(f"{m} (imported by {seen[m]})" for m in seen if m == "craft_sdk.tuner" or m.startswith("craft_sdk.tuner."))
+    assert found == [], found
+    assert {"craft_sdk.adapter.format", "craft_sdk.projection", "craft_sdk.client.contexts", "craft_sdk.mlp"} <= set(seen)
     assert any(t == "craft_sdk.tuning" for _, t in imports(PACKAGE / "deploy" / "classifier.py"))

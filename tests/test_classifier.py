@@ -28,7 +28,7 @@ from craft_sdk import (
 )
 from craft_sdk.adapter import ONNX_FILE, PromptSpec, RefinerSpec
 from craft_sdk.cli import app
-from craft_sdk.tuner.projection import project, projection_matrix
+from craft_sdk.projection import project, projection_matrix
 
 torch = pytest.importorskip("torch")
 

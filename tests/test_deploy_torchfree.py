@@ -161,12 +161,16 @@ def test_drift_canary_records_and_checks_without_torch() -> None:
     assert report.drifted and report.distance > report.tolerance
 
 
+TRAINING = "[m for m in sys.modules if m == 'craft_sdk.tuner' or m.startswith('craft_sdk.tuner.')]"
+
+
 def test_import_does_not_pull_torch_or_runtimes() -> None:
     code = (
         "import sys\n"
-        "import craft_sdk, craft_sdk.cli, craft_sdk.deploy, craft_sdk.deploy.query, craft_sdk.adapter.export\n"
+        "import craft_sdk, craft_sdk.deploy, craft_sdk.deploy.query, craft_sdk.adapter.export\n"
         "from craft_sdk import CraftClassifier, export_onnx\n"
-        "assert not [m for m in sys.modules if m.startswith('craft_sdk.tuner.') and m != 'craft_sdk.tuner.config' and m != 'craft_sdk.tuner.projection'], sorted(sys.modules)\n"
+        f"assert not {TRAINING}, {TRAINING}\n"
+        "import craft_sdk.cli\n"  # the CLI derives tune's options from TuneConfig: the tuner's config, no torch
         "heavy = [m for m in ('torch', 'open_clip', 'onnx', 'onnxruntime', 'cma') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
@@ -184,6 +188,30 @@ def test_deploy_runs_with_torch_blocked() -> None:
         "t.test_classifier_with_callable_client('auto')\n"
         "t.test_text_adapter_sends_its_words_through_onnx()\n"
         "t.test_drift_canary_records_and_checks_without_torch()\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(HERE)], capture_output=True, text=True, cwd=HERE)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_the_deploy_path_loads_no_training_module() -> None:
+    """Importing craft_sdk.deploy, loading adapters (continuous, discrete, ensemble), predicting and checking a
+    canary load no craft_sdk.tuner module at all (the projection is craft_sdk.projection, the context rules
+    craft_sdk.client.contexts)."""
+    code = (
+        "import sys, tempfile\n"
+        "import craft_sdk.deploy\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        "import test_deploy_torchfree as t\n"
+        "from pathlib import Path\n"
+        "t.test_classifier_with_callable_client('auto')\n"
+        "t.test_classifier_with_callable_client('numpy')\n"
+        "t.test_text_adapter_sends_its_words_through_onnx()\n"
+        "t.test_drift_canary_records_and_checks_without_torch()\n"
+        "with tempfile.TemporaryDirectory() as d:\n"
+        "    t.test_ensemble_adapter_deploys_without_torch(Path(d))\n"
+        f"assert not {TRAINING}, {TRAINING}\n"
+        "assert 'craft_sdk.projection' in sys.modules and 'craft_sdk.adapter.format' in sys.modules\n"
         "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code, str(HERE)], capture_output=True, text=True, cwd=HERE)

@@ -36,6 +36,7 @@ def test_the_moved_table_is_every_old_path() -> None:
         "craft_sdk.export": "craft_sdk.adapter.export", "craft_sdk.hub": "craft_sdk.adapter.hub",
         "craft_sdk.card": "craft_sdk.adapter.card", "craft_sdk.demo.runner": "craft_sdk.apps.demo",
         "craft_sdk.tuner.mlp": "craft_sdk.mlp", "craft_sdk.tuner.canary": "craft_sdk.client.canary",
+        "craft_sdk.tuner.projection": "craft_sdk.projection",
     }
     for old in MOVED:  # the old files are gone (git records plain renames), so the finder is what answers
         assert not (Path(_deprecation.__file__).parent.parent / (old.replace(".", "/") + ".py")).exists()

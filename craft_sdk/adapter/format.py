@@ -30,11 +30,10 @@ from .. import mlp
 from .._version import __version__
 from ..client.base import DEFAULT_TEMPLATE
 from ..client.canary import CanarySpec
-from ..client.contexts import score_contexts
+from ..client.contexts import MAX_CONTEXT_CHARS, MAX_ENSEMBLE, context_problem, score_contexts
 from ..errors import AdapterError
+from ..projection import GENERATOR, project, projection_matrix
 from ..scores import softmax
-from ..tuner.config import MAX_CONTEXT_CHARS, MAX_ENSEMBLE, TuneConfig, context_problem
-from ..tuner.projection import GENERATOR, project, projection_matrix
 from .card import render_model_card
 from .files import ADAPTER_FILES, CONFIG_FILE, ONNX_FILE, WEIGHTS_FILE  # noqa: F401 - re-exported (craft_sdk.adapter.*_FILE)
 from .hub import push_adapter, resolve_adapter_dir
@@ -341,7 +340,7 @@ class Adapter:
                 (:func:`craft_sdk.data.seen_fingerprints`); recorded as
                 ``provenance.data.image_fingerprints`` so evaluation can exclude them.
         """
-        tc: TuneConfig = result.config
+        tc = result.config  # a TuneConfig (read by attribute; the adapter layer does not import the tuner)
         caps = result.capabilities
         prompt: AnyPromptSpec | None = None
         if result.z is not None:

@@ -1,5 +1,7 @@
 """Scoring contexts through a client: one query per context, and the average of an ensemble's log-probabilities.
 
+What a context may be (:func:`context_problem`, :data:`MAX_CONTEXT_CHARS`, :data:`MAX_ENSEMBLE`): one rule for
+the tuner's options and the adapter format's validation (``craft_sdk.tuner.config`` re-exports them).
 What a deployed prompt sends (:func:`score_contexts`: one context with an optional offset, or an
 ensemble's contexts) and how a template ensemble is scored (:func:`score_templates`,
 :func:`ensemble_log_probs`). Shared by the tuner (template banks, canaries) and deployment
@@ -16,6 +18,25 @@ import numpy as np
 from ..errors import BudgetExceededError, ConfigError
 from ..scores import as_log_scores
 from .ledger import MeteredClient
+
+MAX_CONTEXT_CHARS = 1000  # a template / context; the adapter format's limit too
+MAX_ENSEMBLE = 100  # contexts an ensemble adapter may send per prediction
+
+
+def context_problem(text: object) -> str | None:
+    """Why ``text`` cannot be a context (the text before the class name), or None when it can.
+
+    Example:
+        >>> context_problem("a photo of a") is None, context_problem("a {} of")
+        (True, 'has braces (write it without braces)')
+    """
+    if not isinstance(text, str) or not text.strip():
+        return "is empty or not text"
+    if "{" in text or "}" in text:
+        return "has braces (write it without braces)"
+    if len(text) > MAX_CONTEXT_CHARS:
+        return f"is over {MAX_CONTEXT_CHARS} characters (at most {MAX_CONTEXT_CHARS} characters)"
+    return None
 
 
 def ensemble_log_probs(per_template: np.ndarray) -> np.ndarray:

@@ -63,6 +63,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ..client.base import DEFAULT_TEMPLATE
+from ..client.contexts import MAX_CONTEXT_CHARS, MAX_ENSEMBLE, context_problem  # noqa: F401 - the context rules, re-exported
 from ..errors import ConfigError
 
 MODES = ("zero-shot", "pg", "pr", "pg+pr", "craft", "ensemble")
@@ -70,24 +71,6 @@ SELECTIONS = ("last", "best-val")
 PROTOCOLS = ("robust", "paper")
 REFINER_DATA = ("mean", "population")
 WORD_SEARCHES = ("halving", "pg")
-MAX_CONTEXT_CHARS = 1000  # a template / context; the adapter format's limit too
-MAX_ENSEMBLE = 100  # contexts an ensemble adapter may send per prediction
-
-
-def context_problem(text: object) -> str | None:
-    """Why ``text`` cannot be a context (the text before the class name), or None when it can.
-
-    Example:
-        >>> context_problem("a photo of a") is None, context_problem("a {} of")
-        (True, 'has braces (write it without braces)')
-    """
-    if not isinstance(text, str) or not text.strip():
-        return "is empty or not text"
-    if "{" in text or "}" in text:
-        return "has braces (write it without braces)"
-    if len(text) > MAX_CONTEXT_CHARS:
-        return f"is over {MAX_CONTEXT_CHARS} characters (at most {MAX_CONTEXT_CHARS} characters)"
-    return None
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from .._fileio import read_lines
+from ..client.contexts import MAX_ENSEMBLE, context_problem
 from ..errors import BudgetExceededError, ConfigError
-from .config import MAX_ENSEMBLE, context_problem
 from .templates import CLIP_IMAGENET_CONTEXTS, CLIP_SELECTED, ensemble_log_probs, greedy_templates, score_templates
 
 logger = logging.getLogger(__name__)

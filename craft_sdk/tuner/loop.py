@@ -24,6 +24,7 @@ from ..client.base import Capabilities, PredictionClient
 from ..client.ledger import MeteredClient, QueryLedger
 from ..data import ImageDataset, seen_fingerprints
 from ..errors import BudgetExceededError, ConfigError
+from ..projection import GENERATOR
 from ..scores import as_log_scores
 from . import selection
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
@@ -42,7 +43,6 @@ from .plan import (
     one_generation_problem,
     plan_generations,
 )
-from .projection import GENERATOR
 from .prompts import create_prompt_space
 from .result import DataInfo, GenerationRecord, Progress, QueryReport, TuneResult
 from .resume import Restored, check_same_run, checkpoint_payload, restore

@@ -24,9 +24,10 @@ from typing import Any
 import numpy as np
 
 from ..client.base import Capabilities
+from ..client.contexts import MAX_CONTEXT_CHARS
 from ..errors import ConfigError
-from .config import MAX_CONTEXT_CHARS, TuneConfig
-from .projection import project, projection_matrix
+from ..projection import project, projection_matrix
+from .config import TuneConfig
 
 
 class ContinuousPrompts:
