@@ -31,13 +31,17 @@ class ClientError(CraftError, RuntimeError):
 
     ``unbilled`` is True when the failed call certainly cost no query (the service refused it
     before computing, or it never reached the service), so a ledger that charged it refunds it.
+    ``billed`` is the exact number of queries the service billed for a call it stopped part-way
+    (a 413 ``compute_budget``: the chunks it computed); a ledger refunds the rest. None: unknown.
     """
 
     unbilled: bool = False
+    billed: int | None = None
 
-    def __init__(self, message: str = "", *, unbilled: bool = False) -> None:
+    def __init__(self, message: str = "", *, unbilled: bool = False, billed: int | None = None) -> None:
         super().__init__(message)
         self.unbilled = unbilled
+        self.billed = billed
 
 
 class BudgetExceededError(ClientError):

@@ -691,7 +691,7 @@ def used(url: str) -> int:
     return int(httpx.get(f"{url}/v1/usage", headers=AUTH, timeout=60).json()["used"])
 
 
-def test_a_request_over_its_time_budget_stops_and_is_not_billed(tiny_client: Any) -> None:
+def test_a_request_over_its_time_budget_stops_and_bills_only_what_was_computed(tiny_client: Any) -> None:
     slow = SlowModel(tiny_client, 0.6)
     server = serving(slow, None, budget_per_key=100, max_request_s=1, chunk_prompts=2)  # 1 candidate a chunk (2 classes)
     try:
@@ -702,15 +702,41 @@ def test_a_request_over_its_time_budget_stops_and_is_not_billed(tiny_client: Any
         res = predict(server.url, handle, "long", p=8)  # 8 chunks of 0.6 s on a budget of 1 s
         assert res.status_code == 413 and res.json()["error"]["code"] == "compute_budget", res.text
         assert "max_request_s" in res.json()["error"]["message"]
-        assert 2 <= len(slow.calls) < 8 and used(server.url) == 0  # stopped between chunks; refunded whole
-        assert predict(server.url, handle, "short", p=1).status_code == 200 and used(server.url) == 1
-        again = predict(server.url, handle, "long", p=8)  # not remembered as answered: refused again, never billed
-        assert again.status_code == 413 and used(server.url) == 1
+        computed = sum(slow.calls)  # stopped between chunks: the candidates computed are billed, the rest refunded
+        assert 2 <= len(slow.calls) < 8 and used(server.url) == computed and res.headers["X-Craft-Queries"] == str(computed)
+        assert predict(server.url, handle, "short", p=1).status_code == 200 and used(server.url) == computed + 1
+        slow.calls.clear()
+        again = predict(server.url, handle, "long", p=8)  # not remembered as answered: computed and billed part-way again
+        assert again.status_code == 413 and used(server.url) == computed + 1 + sum(slow.calls)
     finally:
         server.stop()
 
 
-def test_a_request_whose_client_left_mid_computation_stops_and_is_refunded(tiny_client: Any) -> None:
+def test_httpclient_records_the_queries_billed_for_a_request_over_its_time_budget(tiny_client: Any) -> None:
+    """A 413 compute_budget bills the chunks computed (X-Craft-Queries): the client's ledger records exactly those."""
+    from craft_sdk.client.http import HTTPClient, HTTPClientConfig
+    from craft_sdk.client.ledger import MeteredClient, QueryLedger
+    from craft_sdk.errors import ClientError
+
+    slow = SlowModel(tiny_client, 0.6)
+    server = serving(slow, None, budget_per_key=100, max_request_s=1, chunk_prompts=2)
+    try:
+        with HTTPClient(server.url, api_key=KEY, config=HTTPClientConfig(max_retries=0, timeout=120)) as http:
+            ledger = QueryLedger(budget=100)
+            client = MeteredClient(http, ledger)
+            handle = http.upload([np.zeros((32, 32, 3), np.uint8)] * 2)
+            caps = http.capabilities()
+            slow.calls.clear()
+            with pytest.raises(ClientError) as stopped:
+                client.predict(handle, ["a", "b"], offsets=np.full((8, caps.n_ctx, caps.ctx_dim), 0.01, np.float32))
+            computed = sum(slow.calls)
+            assert 2 <= computed < 8 and stopped.value.billed == computed and not stopped.value.unbilled
+            assert ledger.used == computed == used(server.url), (ledger.used, used(server.url))
+    finally:
+        server.stop()
+
+
+def test_a_request_whose_client_left_mid_computation_stops_and_bills_only_what_was_computed(tiny_client: Any) -> None:
     slow = SlowModel(tiny_client, 0.5)
     server = serving(slow, None, budget_per_key=100, chunk_prompts=2)
     try:
@@ -720,11 +746,12 @@ def test_a_request_whose_client_left_mid_computation_stops_and_is_refunded(tiny_
         with pytest.raises(httpx.ReadTimeout):
             predict(server.url, handle, "abandoned", p=10, timeout=1.2)  # the client gives up after about 2 chunks
         deadline = time.monotonic() + 60
-        while used(server.url) != 1:  # the abandoned request's 10 queries are refunded
+        while used(server.url) == 11:  # the abandoned request's queries not computed are refunded
             assert time.monotonic() < deadline, used(server.url)
             time.sleep(0.3)
         time.sleep(1.5)
         assert len(slow.calls) < 10, slow.calls  # it stopped computing, and does not start again
+        assert used(server.url) == 1 + sum(slow.calls), (used(server.url), slow.calls)  # the candidates computed are billed
     finally:
         server.stop()
 

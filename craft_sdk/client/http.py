@@ -321,6 +321,11 @@ class HTTPClient(BaseClient):
             raise _Retry(f"HTTP {resp.status_code} {code or _one_line(resp.reason_phrase, 40)}", _retry_after(resp), billed)
         if resp.status_code == 404 and code == "unknown_handle":
             raise _HandleGone(message)
+        if resp.status_code == 413 and code == "compute_budget":  # stopped part-way: its computed queries are billed
+            billed = resp.headers.get("X-Craft-Queries", "")
+            n = int(billed) if billed.isdigit() and len(billed) < 16 else None
+            raise ClientError(f"{self.url} stopped the request at its compute budget (HTTP 413 compute_budget; {billed or '?'} "
+                              f"queries billed): {message}", unbilled=n == 0, billed=n)
         if resp.status_code == 401:
             raise ClientError(f"{self.url} rejected the API key (401); check --api-key-file / CRAFT_API_KEY", unbilled=True)
         field = f" (field {err['field']})" if err["field"] else ""
@@ -410,7 +415,8 @@ class HTTPClient(BaseClient):
                 for f in futures:  # nothing more of a failed prediction is sent
                     f.cancel()
                 concurrent.futures.wait(futures)
-                if any(f.done() and not f.cancelled() and f.exception() is None for f in futures):
+                exc.billed = _billed(futures, chunks)
+                if exc.billed != 0 and any(f.done() and not f.cancelled() and f.exception() is None for f in futures):
                     exc.unbilled = False  # another request of this prediction was answered: billed, not refundable
                 raise
         try:
@@ -466,6 +472,23 @@ def _counted(usage: ProviderUsage, send: Callable[[], httpx.Response], images: i
     before_send(ProviderUsage(requests=1, images=images))  # under a max_cost: refused here, never sent
     usage.add(requests=1, images=images)
     return send()
+
+
+def _billed(futures: list[concurrent.futures.Future[Any]], chunks: list[np.ndarray]) -> int | None:
+    """The queries billed for a split prediction that failed: answered requests whole, requests stopped part-way
+    as the server counted them, refused ones nothing; None when any request's bill is unknown."""
+    total = 0
+    for f, chunk in zip(futures, chunks):
+        exc = None if f.cancelled() else f.exception()
+        if f.cancelled() or (isinstance(exc, ClientError) and exc.unbilled):
+            continue
+        if exc is None:
+            total += len(chunk)
+        elif isinstance(exc, ClientError) and exc.billed is not None:
+            total += exc.billed
+        else:
+            return None
+    return total
 
 
 def _is_int(x: Any) -> bool:

@@ -381,6 +381,8 @@ class MeteredClient:
         except ClientError as exc:
             if exc.unbilled:
                 self.ledger.refund(n, category)
+            elif exc.billed is not None and 0 <= exc.billed < n:  # stopped part-way: only its computed queries billed
+                self.ledger.refund(n - exc.billed, category)
             raise
         finally:
             self.ledger.close_call(meter, category, spend)

@@ -156,8 +156,13 @@ async def _compute(state: ServerState, key: str, job: _Job, digest: str) -> Cach
     """Run the model on ``job`` (the caller has billed it) in chunks of whole candidates, then encode the answer."""
     t0 = time.perf_counter()
     try:
+        chunks = _chunks(job.offsets, len(job.names), state.config.chunk_prompts)
         parts = await state.run_chunks(key, lambda offsets: state.model.predict(job.prepared, job.n_images, job.names, job.template, offsets),
-                                       _chunks(job.offsets, len(job.names), state.config.chunk_prompts))
+                                       chunks)
+    except Problem as stop:  # stopped part-way: the whole candidates computed are billed, the rest refunded
+        stop.billed = sum(1 if c is None or c.ndim == 2 else c.shape[0] for c in chunks[: stop.done])
+        stop.headers["X-Craft-Queries"] = str(stop.billed)
+        raise
     except UnknownHandleError:  # the black box itself forgot the set (a client without feature access)
         state.sets.pop(key, job.handle)
         raise Problem(404, "unknown_handle", _GONE, "handle") from None

@@ -28,6 +28,8 @@ class Problem(Exception):
         super().__init__(message)
         self.status, self.code, self.message, self.field = status, code, message, field
         self.headers = headers or {}
+        self.done = 0  # a request stopped part-way: the chunks it computed (billed; the rest is refunded)
+        self.billed = 0  # ... and their queries, which the route fills in (sent as X-Craft-Queries)
 
 
 def parse_body(body: bytes) -> tuple[dict[str, TensorEntry], dict[str, str]]:

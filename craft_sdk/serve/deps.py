@@ -167,7 +167,8 @@ class ServerState:
     async def run_chunks(self, key: str, fn: Callable[[Any], Any], chunks: Sequence[Any]) -> list[Any]:
         """``fn(chunk)`` for every chunk, each in a worker thread, all in one turn of ``key``. Before each chunk the
         request stops if its client left (499) or, after the first, if it has used ``max_request_s`` of model time
-        (413 ``compute_budget``); the caller refunds it (nothing delivered). A running chunk is never interrupted."""
+        (413 ``compute_budget``); the Problem's ``done`` counts the chunks computed (the caller bills their queries
+        and refunds the rest; nothing delivered). A running chunk is never interrupted."""
         import anyio
 
         if self.pending >= self.config.max_pending:
@@ -177,14 +178,18 @@ class ServerState:
             async with self.scheduler.turn(key):
                 request, started, out = CURRENT_REQUEST.get(), time.monotonic(), []
                 for i, chunk in enumerate(chunks):
+                    stop = None
                     if request is not None and await request.is_disconnected():  # nobody will read it: stop computing
-                        logger.info("client of %s %s left; stopped after %d of %d chunks (its charge is refunded)",
+                        logger.info("client of %s %s left; stopped after %d of %d chunks (those computed are billed)",
                                     request.method, request.url.path, i, len(chunks))
-                        raise Problem(499, "client_disconnected", "client disconnected before the model computed its request")
-                    if i and time.monotonic() - started > self.config.max_request_s:
-                        raise Problem(413, "compute_budget", f"the request needs more than {self.config.max_request_s} s of model "
-                                      f"time (max_request_s; stopped after {i} of {len(chunks)} chunks, not billed); split the "
-                                      "population (HTTPClientConfig.max_batch)", "offsets")
+                        stop = Problem(499, "client_disconnected", "client disconnected before the model computed its request")
+                    elif i and time.monotonic() - started > self.config.max_request_s:
+                        stop = Problem(413, "compute_budget", f"the request needs more than {self.config.max_request_s} s of model "
+                                       f"time (max_request_s; stopped after {i} of {len(chunks)} chunks, whose queries are billed "
+                                       "(X-Craft-Queries)); split the population (HTTPClientConfig.max_batch)", "offsets")
+                    if stop is not None:
+                        stop.done = i
+                        raise stop
                     out.append(await anyio.to_thread.run_sync(fn, chunk))
                 return out
         finally:

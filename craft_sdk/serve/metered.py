@@ -72,9 +72,9 @@ async def answer_once(
         billed = begin.status in ("charged", "takeover")  # takeover: charged by a process that died computing it
         try:
             resp = await compute(todo, digest)
-        except BaseException:
-            if billed:
-                await state.meter.refund(key, idem, cost, state.owner)
+        except BaseException as exc:
+            if billed:  # a request stopped part-way keeps the queries it computed billed (Problem.billed)
+                await state.meter.refund(key, idem, cost - min(cost, getattr(exc, "billed", 0)), state.owner)
             raise
         if idem is not None:
             if begin.status == "replay" and begin.digest != resp.digest:
