@@ -810,3 +810,45 @@ def test_finish_never_recreates_a_partial_record(kind: str, tmp_path: Path, requ
     replay = store.begin("alice", "k", "h", 4, "C")
     assert replay.status == "replay" and replay.answer == b"answer"
     store.close()
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "redis"])
+def test_finish_never_recharges_past_the_budget(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """A refunded record's answer is charged again only within the budget; past it, nothing is written (False)."""
+    store = open_store(spec_for(kind, tmp_path, request), default_budget=5, lease_s=1)
+    assert store.begin("alice", "k", "h", 4, "A").status == "charged"
+    assert store.begin("alice", "k", "h", 4, "B").status == "takeover"  # A never beat: its lease is lapsed
+    store.abort("alice", "k", 4, "B")
+    assert store.begin("alice", "other", "h2", 3, "C").status == "charged"  # the key spends its budget meanwhile
+    assert store.finish("alice", "k", "h", b"answer", 4) is False  # 3 + 4 > 5: refused, nothing written
+    assert store.usage("alice")["used"] == 3
+    assert store.begin("alice", "k", "h", 4, "D").status == "refused"  # no record was re-created: a plain request
+    assert store.finish("alice", "other", "h2", b"fine", 3) is True and store.usage("alice")["used"] == 3
+    store.close()
+
+
+def test_an_answer_whose_charge_was_refunded_is_not_delivered_past_the_budget(tiny_client: Any, tmp_path: Path) -> None:
+    """While the server computes, the request's record is refunded (as a failed takeover does) and the key spends its
+    budget elsewhere: the answer is refused with 429 before it is sent, and the meter never passes the budget."""
+    slow = SlowModel(tiny_client, 1.5)
+    path = tmp_path / "state.db"
+    server = serving(slow, SQLiteStore(path, default_budget=5), budget_per_key=5)
+    other = SQLiteStore(path)
+    try:
+        handle = upload(server.url)
+        result: dict[str, httpx.Response] = {}
+        thread = threading.Thread(target=lambda: result.update(res=predict(server.url, handle, "k", p=4)))
+        thread.start()
+        deadline = time.monotonic() + 60
+        while other.usage("alice")["used"] != 4:  # charged; now computing
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.05)
+        other.abort("alice", "k", 4)  # refunded meanwhile
+        assert other.begin("alice", None, "x", 3, "Z").status == "charged"
+        thread.join(120)
+        res = result["res"]
+        assert res.status_code == 429 and res.json()["error"]["code"] == "budget_exceeded", res.text
+        assert used(server.url) == 3 <= 5
+    finally:
+        server.stop()
+        other.close()

@@ -102,11 +102,16 @@ class Meter:
 
     async def record(self, key: str, idem: str, resp: CachedResponse, n: int) -> None:
         """:meth:`Store.finish` with the answer kept for replays (``n``: its queries, charged again if another process
-        refunded the record meanwhile); the answer is sent even if the store fails now."""
+        refunded the record meanwhile); the answer is sent even if the store fails now. Runs before the answer is
+        sent: a re-charge that would pass the key's budget is a 429 (nothing billed, the answer not delivered)."""
         try:
-            await self.call("finish", key, idem, resp.digest, resp.to_bytes(), n)
+            recorded = await self.call("finish", key, idem, resp.digest, resp.to_bytes(), n)
         except Problem as p:
             logger.error("could not record the answer of key %r (Idempotency-Key %s): %s", key, idem, p.message)
+            return
+        if recorded is False:
+            raise Problem(429, "budget_exceeded", f"this request's {n} queries would exceed the key's query budget (its charge "
+                          "was refunded while it was computed; not delivered, not billed)", headers={"x-should-retry": "false"})
 
     async def usage_of_delivered(self, key: str) -> dict[str, Any]:
         """``key``'s usage for the headers of an answer already computed and charged; a store failing now gives

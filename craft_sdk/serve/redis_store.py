@@ -89,13 +89,16 @@ return 1
 
 # KEYS: settings, usage hash, idem hash. ARGV: digest, answer ('' = none), n, ttl. A done record is kept; a pending one
 # is marked done; a missing one (refunded by a failed takeover while this answer was computed) is re-created whole
-# and charged again when n > 0 (the answer is delivered), never left partial.
+# and charged again when n > 0 (the answer is delivered), never left partial, unless that passes the budget ('refused').
 _FINISH = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 'lost' end
 local exists = redis.call('EXISTS', KEYS[3]) == 1
 if exists and redis.call('HGET', KEYS[3], 'status') == 'done' then return 'done' end
 if not exists then
   if tonumber(ARGV[3]) <= 0 then return 'gone' end
+  local budget = tonumber(redis.call('HGET', KEYS[2], 'budget') or redis.call('HGET', KEYS[1], 'default_budget') or '')
+  local used = tonumber(redis.call('HGET', KEYS[2], 'used') or '0')
+  if budget ~= nil and used + tonumber(ARGV[3]) > budget then return 'refused' end
   redis.call('HINCRBY', KEYS[2], 'used', ARGV[3])
   redis.call('HSET', KEYS[3], 'request', ARGV[1], 'owner', '')
 end
@@ -256,7 +259,7 @@ class RedisStore(Store):
             return Begin("replay", out[1] or None, base64.b64decode(out[2]) if out[2] else None)
         return Begin(out[0])
 
-    def finish(self, key: str, idem: str, digest: str, answer: bytes | None = None, n: int = 0) -> None:
+    def finish(self, key: str, idem: str, digest: str, answer: bytes | None = None, n: int = 0) -> bool:
         encoded = "" if answer is None else base64.b64encode(answer).decode()
         out = self._finish(keys=[self._settings, self._usage_key(key), self._idem_key(key, idem)],
                            args=[digest, encoded, n, IDEMPOTENCY_TTL_S])
@@ -265,6 +268,7 @@ class RedisStore(Store):
         if out == "recharged":
             logger.warning("key %r: the record of Idempotency-Key %s was refunded by another process while this one computed "
                            "it; the answer delivered is billed again (%d queries)", key, idem, n)
+        return out != "refused"
 
     def abort(self, key: str, idem: str | None, n: int, owner: str | None = None) -> None:
         self._abort(keys=[self._usage_key(key), self._idem_key(key, idem)], args=[n, owner or ""])

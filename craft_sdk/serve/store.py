@@ -95,11 +95,14 @@ class MemoryStore(Store):
         if rec is not None and rec["answer"] is not None:
             self._kept -= len(rec["answer"])
 
-    def finish(self, key: str, idem: str, digest: str, answer: bytes | None = None, n: int = 0) -> None:
+    def finish(self, key: str, idem: str, digest: str, answer: bytes | None = None, n: int = 0) -> bool:
         with self._lock:
             rec = self._records.get((key, idem))
             if rec is None and n > 0:  # refunded by a failed takeover while this answer was computed: bill it again
-                self._used[key] = self._used.get(key, 0) + n
+                budget, used = self._budget(key), self._used.get(key, 0)
+                if budget is not None and used + n > budget:
+                    return False  # over the budget: not billed, not delivered
+                self._used[key] = used + n
                 rec = self._records[(key, idem)] = {"request": digest, "status": "pending", "owner": "", "digest": None,
                                                     "answer": None, "t": time.time()}
             if rec is not None and rec["status"] != "done":
@@ -110,6 +113,7 @@ class MemoryStore(Store):
                     if len(self._records) <= 32768 and self._kept <= self.answer_bytes // 2:
                         break
                     self._forget(slot)
+            return True
 
     def abort(self, key: str, idem: str | None, n: int, owner: str | None = None) -> None:
         with self._lock:
@@ -344,17 +348,21 @@ class SQLiteStore(Store):
                 db.execute("INSERT INTO idempotency VALUES (?, ?, ?, 'pending', ?, NULL, ?, NULL)", (key, idem, request, owner, time.time()))
             return Begin("charged")
 
-    def finish(self, key: str, idem: str, digest: str, answer: bytes | None = None, n: int = 0) -> None:
+    def finish(self, key: str, idem: str, digest: str, answer: bytes | None = None, n: int = 0) -> bool:
         with self._lock, self._tx() as db:
             cur = db.execute("UPDATE idempotency SET status = 'done', digest = ?, answer = ? WHERE key = ? AND idem = ? AND status = 'pending'",
                              (digest, answer, key, idem))
             if cur.rowcount == 0 and n > 0 and db.execute("SELECT 1 FROM idempotency WHERE key = ? AND idem = ?", (key, idem)).fetchone() is None:
                 # refunded by a failed takeover while this answer was computed: the answer is delivered, so bill it again
+                used, _, budget = self._budget(db, key)
+                if budget is not None and used + n > budget:
+                    return False  # over the budget: not billed, not delivered
                 db.execute("INSERT INTO usage (key, used) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET used = used + excluded.used", (key, n))
                 db.execute("INSERT INTO idempotency VALUES (?, ?, ?, 'done', '', ?, ?, ?)", (key, idem, digest, digest, time.time(), answer))
             self._finished += 1
             if self._finished % 256 == 0:  # bounded: forget finished records after their TTL
                 db.execute("DELETE FROM idempotency WHERE status = 'done' AND created < ?", (time.time() - IDEMPOTENCY_TTL_S,))
+            return True
 
     def abort(self, key: str, idem: str | None, n: int, owner: str | None = None) -> None:
         with self._lock, self._tx() as db:

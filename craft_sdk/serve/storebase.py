@@ -46,13 +46,14 @@ class Store:
     def begin(self, key: str, idem: str | None, request: str, n: int, owner: str) -> Begin:
         raise NotImplementedError
 
-    def finish(self, key: str, idem: str, digest: str, answer: bytes | None = None, n: int = 0) -> None:
+    def finish(self, key: str, idem: str, digest: str, answer: bytes | None = None, n: int = 0) -> bool:
         """Mark the pending record ``idem`` done; ``answer`` (the encoded response) is kept for replays for its TTL.
 
         A record already done (another process finished first) is left as it is. A record that is gone (another
         process took it over while this one was stalled, failed and refunded it) is re-created whole and its ``n``
         queries charged again, since this answer is being delivered; with ``n`` 0 nothing is written (never a
-        partial record).
+        partial record). That charge is budget-checked like :meth:`begin`'s: False when it would pass the key's
+        budget (nothing written; the caller must not deliver the answer), else True.
         """
         raise NotImplementedError
 
