@@ -101,8 +101,8 @@ def test_canary_is_recorded_and_costs_what_it_states(tuned: tuple[Adapter, Any])
     spec = adapter.config.canary
     assert spec is not None and spec.n_probes == 8 and spec.seed == CFG.seed and spec.queries == 2
     assert adapter.canary_scores is not None and adapter.canary_scores.shape == (8, len(CLASS_NAMES))
-    assert result.queries["counts"]["canary"] == spec.queries  # 1 canary + 1 noise repeat, in its own category
-    assert result.queries["used"] <= CFG.budget and adapter.config.provenance["queries"]["canary"] == 2
+    assert result.queries.counts["canary"] == spec.queries  # 1 canary + 1 noise repeat, in its own category
+    assert result.queries.used <= CFG.budget and adapter.config.provenance["queries"]["canary"] == 2
     assert spec.noise == 0.0 and spec.unit == spec.floor > 0  # a local model is bit-exact: the floor is the unit
     assert adapter.offset is not None and adapter.refiner is not None  # taken under the searched offset
 
@@ -229,7 +229,7 @@ def test_ensemble_canary_costs_two_queries_per_context(tiny_client: Any) -> None
     result = Tuner(cfg).fit(tiny_client, train_set(), None)
     adapter = Adapter.from_result(result)
     k = len(adapter.contexts)
-    assert k == 2 and adapter.config.canary.queries == 2 * k == result.queries["counts"]["canary"]
+    assert k == 2 and adapter.config.canary.queries == 2 * k == result.queries.counts["canary"]
     report = check_canary(adapter, tiny_client)
     assert not report.drifted and report.queries_used == k
 
@@ -300,7 +300,7 @@ def test_text_only_server_hidden_template_change_is_detected(tiny_model_dir: Pat
         client = create_client(f"zeroshot+{before.url}/v1/zero-shot/tiny", api_key=KEY)
         result = Tuner(cfg).fit(client, train_set(), None)
         adapter = Adapter.from_result(result)
-        assert result.queries["counts"]["canary"] == 2 and adapter.config.output == "probs"
+        assert result.queries.counts["canary"] == 2 and adapter.config.output == "probs"
         assert not any(check_canary(adapter, client).drifted for _ in range(5))
     with BackgroundServer(create_app(HiddenTemplate(model, "itap of "), {"alice": KEY})) as after:
         report = check_canary(adapter, create_client(f"zeroshot+{after.url}/v1/zero-shot/tiny", api_key=KEY))
@@ -319,7 +319,7 @@ def test_hosted_clients_carry_a_canary(shape: str, tiny_model_dir: Path, tmp_pat
         client = create_client(f"{shape}+{srv.url}/v1?model=tiny", api_key=KEY)
         result = Tuner(TuneConfig(mode="zero-shot", budget=10, canary=4)).fit(client, train_set(), None)
         adapter = Adapter.from_result(result)
-        assert result.queries["counts"]["canary"] == adapter.config.canary.queries == 2
+        assert result.queries.counts["canary"] == adapter.config.canary.queries == 2
         assert not any(check_canary(adapter, client).drifted for _ in range(5))
     other = OpenCLIPClient(f"local-dir:{save_tiny_model(tmp_path / 'other', seed=1)}")
     with BackgroundServer(create_app(other, {"alice": KEY})) as srv:
@@ -350,7 +350,7 @@ def test_text_only_view_with_searched_words(tiny_client: Any, tmp_path: Path) ->
     cfg = TuneConfig(mode="pg", budget=30, seed=0, popsize=6, canary=4, protocol="paper")
     result = Tuner(cfg).fit(TextOnlyClient(tiny_client), train_set(), None)
     adapter = Adapter.from_result(result)
-    assert adapter.config.prompt.kind == "discrete" and result.queries["counts"]["canary"] == 2
+    assert adapter.config.prompt.kind == "discrete" and result.queries.counts["canary"] == 2
     ledger = QueryLedger()
     assert not any(check_canary(adapter, TextOnlyClient(tiny_client), ledger=ledger).drifted for _ in range(10))
     assert ledger.counts["canary"] == 10

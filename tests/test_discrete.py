@@ -211,7 +211,7 @@ def test_tuner_searches_the_template_words_of_a_text_only_client(tmp_path) -> No
     assert result.config.mode == "pg" and spec is not None and spec.kind == "discrete" and adapter.offset is None
     assert spec.text == adapter.config.template and spec.initial == "a photo of a" and spec.n_slots == 4
     assert HIDDEN in adapter.config.template.split(), adapter.config.template
-    assert result.queries["counts"]["search"] == 70 * 20 and result.queries["used"] <= cfg.budget
+    assert result.queries.counts["search"] == 70 * 20 and result.queries.used <= cfg.budget
     zero = client.predict(images, NAMES, "a photo of a").argmax(-1)
     tuned = client.predict(images, NAMES, adapter.config.template).argmax(-1)
     assert (tuned == labels).mean() > (zero == labels).mean() + 0.2
@@ -222,7 +222,7 @@ def test_tuner_searches_the_template_words_of_a_text_only_client(tmp_path) -> No
         Tuner(cfg, checkpoint_dir=ckpt).fit(crashing, train)
     resumed = Tuner(cfg, checkpoint_dir=ckpt, resume=True).fit(planted_client(jitter=0.02)[0], train)
     assert resumed.config.template == result.config.template
-    assert [h.get("best_fitness") for h in resumed.history] == [h.get("best_fitness") for h in result.history]
+    assert [h.best_fitness for h in resumed.history] == [h.best_fitness for h in result.history]
 
 
 def test_craft_on_a_text_only_client_keeps_the_refiner_and_the_words() -> None:
@@ -236,7 +236,7 @@ def test_craft_on_a_text_only_client_keeps_the_refiner_and_the_words() -> None:
     spec = adapter.config.prompt  # robust protocol: the words are deployed only when they beat zero-shot
     assert result.config.mode == "craft" and (spec is None or (spec.kind == "discrete" and spec.text == adapter.config.template))
     assert len(adapter.config.template.split()) == 4 and all(w in VOCABULARY for w in adapter.config.template.split())
-    assert any("sigma" in h for h in result.history)  # the loop records the search's spread (entropy)
+    assert any(h.sigma is not None for h in result.history)  # the loop records the search's spread (entropy)
 
 
 # ------------------------------------------------------------------------- options

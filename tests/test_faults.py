@@ -81,7 +81,7 @@ def test_tune_through_every_transient_fault_gives_the_same_adapter(model, task, 
     assert sorted(injector.fired) == sorted(faults.values())
     out = Adapter.from_result(result).save_pretrained(tmp_path / "adapter")
     assert same_files(reference[0], out)  # same tensors, same query accounting
-    assert used(app) == result.queries["used"] == reference[1].queries["used"]  # retried queries never billed twice
+    assert used(app) == result.queries.used == reference[1].queries.used  # retried queries never billed twice
     for cause in ("HTTP 500", "HTTP 429", "timed out", "connection failed", "does not match", "corrupt response body"):
         assert cause in caplog.text, cause
 
@@ -98,7 +98,7 @@ def test_server_dies_and_comes_back_empty(model, task, reference, tmp_path: Path
         srv.stop()
     assert len(apps) == 2 and apps[1].state.craft.store.usage("alice")["uploads"] == 2  # train and val sets again
     assert same_files(reference[0], Adapter.from_result(result).save_pretrained(tmp_path / "adapter"))
-    assert used(apps[0]) + used(apps[1]) == result.queries["used"]  # the request cut off was never computed
+    assert used(apps[0]) + used(apps[1]) == result.queries.used  # the request cut off was never computed
 
 
 def test_outage_stops_with_a_clear_error_and_the_run_resumes(model, task, reference, tmp_path: Path) -> None:  # noqa: ANN001
@@ -122,7 +122,7 @@ def test_outage_stops_with_a_clear_error_and_the_run_resumes(model, task, refere
         srv.stop()
     out = Adapter.from_result(resumed).save_pretrained(tmp_path / "adapter")
     assert same_files(reference[0], out, ("adapter_model.safetensors",))
-    assert resumed.queries["used"] == reference[1].queries["used"] + P <= CFG.budget
+    assert resumed.queries.used == reference[1].queries.used + P <= CFG.budget
 
 
 def test_server_budget_stops_the_tune_cleanly(model, task, caplog) -> None:  # noqa: ANN001
@@ -132,11 +132,11 @@ def test_server_budget_stops_the_tune_cleanly(model, task, caplog) -> None:  # n
         with caplog.at_level(logging.WARNING):
             result = Tuner(CFG).fit(client, *task)
         assert client.usage()["used"] <= 30
-    assert "stopped_early" in result.metrics and "budget of this API key is spent" in result.metrics["stopped_early"]
+    assert result.metrics.stopped_early is not None and "budget of this API key is spent" in result.metrics.stopped_early
     assert "retry" not in caplog.text  # a spent budget is final: never retried
     refused = injector.n - len([h for h in result.history]) - 1
     assert refused >= 1 and 30 - (P + 1) < used(app) <= 30  # the next generation no longer fits
-    assert result.queries["used"] == used(app)  # the refused request is refunded: the ledger equals the server's bill
+    assert result.queries.used == used(app)  # the refused request is refunded: the ledger equals the server's bill
 
 
 def test_ledger_equals_the_servers_bill_when_the_server_refuses(model, task) -> None:  # noqa: ANN001
@@ -146,8 +146,8 @@ def test_ledger_equals_the_servers_bill_when_the_server_refuses(model, task) -> 
     with BackgroundServer(app) as srv, HTTPClient(srv.url, api_key=KEY, **FAST) as client:
         result = Tuner(cfg).fit(client, *task)
         server = client.usage()
-    assert "stopped_early" in result.metrics
-    assert result.queries["used"] == server["used"] == used(app) <= 45
+    assert result.metrics.stopped_early is not None
+    assert result.queries.used == server["used"] == used(app) <= 45
 
 
 class SlowModel:

@@ -64,9 +64,9 @@ def test_tune_over_http_equals_in_process(tiny_client, server, client, tmp_path:
     usages = [c["provenance"].pop("provider_usage") for c in configs]  # only what the provider billed differs
     # images sent: the search set, then (robust protocol) the search + check images the mean is scored on
     assert configs[0] == configs[1] and usages[0]["requests"] == 0
-    assert usages[1]["requests"] == result.queries["usage"]["requests"] > 0 and usages[1]["images"] == 2 * len(train) + len(val)
-    assert client.usage()["used"] - before == result.queries["used"]  # server and client count the same unit
-    queries = [{k: v for k, v in q.items() if k not in ("usage", "usage_by_category")} for q in (result.queries, in_process.queries)]
+    assert usages[1]["requests"] == result.queries.usage["requests"] > 0 and usages[1]["images"] == 2 * len(train) + len(val)
+    assert client.usage()["used"] - before == result.queries.used  # server and client count the same unit
+    queries = [{k: v for k, v in q.to_dict().items() if k not in ("usage", "usage_by_category")} for q in (result.queries, in_process.queries)]
     assert result.n_generations == 10 and queries[0] == queries[1]
 
 

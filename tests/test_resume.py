@@ -166,7 +166,7 @@ def test_resume_after_checkpoint_is_byte_identical(tiny_client, task, tmp_path: 
         assert saves[-1] == (crash_after - 1) * every  # generation 0, then every `every`
     resumed = Tuner(cfg, checkpoint_dir=ckpt, checkpoint_every=every, resume=True).fit(tiny_client, train, val)
     assert_same_adapter(ref, save(resumed, tmp_path / "resumed"))
-    assert journal_used(ckpt) == resumed.queries["used"]
+    assert journal_used(ckpt) == resumed.queries.used
 
 
 def test_crash_mid_generation_costs_only_the_generation_in_flight(tiny_client, task, tmp_path: Path) -> None:  # noqa: ANN001
@@ -178,8 +178,8 @@ def test_crash_mid_generation_costs_only_the_generation_in_flight(tiny_client, t
         Tuner(CFG, checkpoint_dir=ckpt).fit(CrashingClient(tiny_client, crash_at=7), train, val)
     assert load_checkpoint(ckpt)[1]["generation"] == 6
     resumed = Tuner(CFG, checkpoint_dir=ckpt, resume=True).fit(tiny_client, train, val)
-    assert "stopped_early" not in resumed.metrics
-    assert resumed.queries["used"] == ref_result.queries["used"] + P  # the 6 candidates of generation 7, billed and lost
+    assert resumed.metrics.stopped_early is None
+    assert resumed.queries.used == ref_result.queries.used + P  # the 6 candidates of generation 7, billed and lost
     assert_same_adapter(ref, save(resumed, tmp_path / "resumed"), extra_queries=P)
 
 
@@ -187,16 +187,16 @@ def test_resume_without_slack_stops_early_within_budget(tiny_client, task, tmp_p
     train, _ = task
     cfg = TuneConfig(**{**CFG.to_dict(), "budget": 71, "max_generations": None})  # 1 + 10 x 7: the plan uses it all
     ref = Tuner(cfg).fit(tiny_client, train)
-    assert ref.queries["used"] == 71 and ref.n_generations == 10
+    assert ref.queries.used == 71 and ref.n_generations == 10
     ckpt = tmp_path / "ckpt"
     with pytest.raises(Crash):
         Tuner(cfg, checkpoint_dir=ckpt).fit(CrashingClient(tiny_client, crash_at=4), train)
     with caplog.at_level(logging.WARNING):
         resumed = Tuner(cfg, checkpoint_dir=ckpt, resume=True).fit(tiny_client, train)
-    assert "stopping early" in caplog.text and "stopped_early" in resumed.metrics
-    assert resumed.queries["used"] <= 71 and journal_used(ckpt) == resumed.queries["used"]
-    assert resumed.history[-1]["generation"] == 9  # generation 10 no longer fits: not started, no query wasted
-    assert resumed.queries["used"] == 71 - P - 1 + P  # 9 generations + the lost 6
+    assert "stopping early" in caplog.text and resumed.metrics.stopped_early is not None
+    assert resumed.queries.used <= 71 and journal_used(ckpt) == resumed.queries.used
+    assert resumed.history[-1].generation == 9  # generation 10 no longer fits: not started, no query wasted
+    assert resumed.queries.used == 71 - P - 1 + P  # 9 generations + the lost 6
 
 
 def test_resume_refuses_a_different_run(tiny_client, task, tmp_path: Path, tiny_model_dir: Path) -> None:  # noqa: ANN001
@@ -232,7 +232,7 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint(tiny_client, task, t
     ckpt.mkdir()
     (ckpt / LEDGER_FILE).write_text('{"n": 1, "category": "refine"}\n')  # the baseline was billed, then the kill
     resumed = Tuner(cfg, checkpoint_dir=ckpt, resume=True).fit(tiny_client, train, val)
-    assert resumed.queries["used"] == ref.queries["used"] + 1
+    assert resumed.queries.used == ref.queries.used + 1
     assert np.array_equal(resumed.z, ref.z)
 
 
@@ -302,7 +302,7 @@ def test_sigkill_mid_run_then_resume(tiny_client, task, tiny_model_dir: Path, tm
     lost = used_at_kill - state["history"][-1]["queries_used"]
     assert state["generation"] == KILL_AT - 1 and lost == P  # exactly the candidates of the generation in flight
     resumed = Tuner(CFG, checkpoint_dir=ckpt, resume=True).fit(tiny_client, train, val)
-    assert journal_used(ckpt) == resumed.queries["used"] == ref_result.queries["used"] + lost
+    assert journal_used(ckpt) == resumed.queries.used == ref_result.queries.used + lost
     assert_same_adapter(ref, save(resumed, tmp_path / "resumed"), extra_queries=lost)
 
 

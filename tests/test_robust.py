@@ -105,11 +105,11 @@ def test_nothing_can_help_ends_in_the_zero_shot_fallback(planted_bias) -> None: 
     noise = ImageDataset(train.images, labels, CLASSES)
     result = Tuner(TuneConfig(mode="craft", budget=600, **SMALL)).fit(box.client(), noise)
     adapter = Adapter.from_result(result)
-    assert result.selection is not None and result.selection["deployed"] == "zero-shot"
-    assert "zero-shot behaviour deployed" in result.selection["reason"]
+    assert result.selection is not None and result.selection.deployed == "zero-shot"
+    assert "zero-shot behaviour deployed" in result.selection.reason
     assert adapter.config.prompt is None and adapter.config.refiner is None and adapter.offset is None
     assert adapter.config.provenance["selection"]["deployed"] == "zero-shot"
-    assert set(result.selection["estimates"]) == {"zero-shot", "prompt", "prompt+refiner", "refiner"}
+    assert set(result.selection.estimates) == {"zero-shot", "prompt", "prompt+refiner", "refiner"}
 
 
 def test_selection_and_calibration_spend_no_query(planted_bias) -> None:  # noqa: ANN001
@@ -124,7 +124,7 @@ def test_selection_and_calibration_spend_no_query(planted_bias) -> None:  # noqa
     assert ledger.used == 1 + generations * (cfg.popsize + 1)
     assert box.calls == 1 + 2 * generations  # one batched population call + the mean's, per generation
     assert {k: v for k, v in ledger.counts.items() if v} == {"refine": 1 + generations, "search": generations * cfg.popsize}
-    assert result.temperature is not None and result.selection["temperature"] == pytest.approx(result.temperature, abs=1e-6)
+    assert result.temperature is not None and result.selection.temperature == pytest.approx(result.temperature, abs=1e-6)
 
 
 def test_early_stopping_on_an_easy_planted_task_spends_under_half(planted_bias) -> None:  # noqa: ANN001
@@ -132,9 +132,9 @@ def test_early_stopping_on_an_easy_planted_task_spends_under_half(planted_bias) 
     cfg = TuneConfig(mode="pg", budget=3000, **SMALL)
     result = Tuner(cfg).fit(box.client(), train)
     adapter = Adapter.from_result(result)
-    assert result.queries["used"] < 0.5 * cfg.budget
-    assert result.metrics["stopped"].startswith("stopped: no held-out improvement for")
-    assert result.selection["deployed"] == "prompt"
+    assert result.queries.used < 0.5 * cfg.budget
+    assert result.metrics.stopped.startswith("stopped: no held-out improvement for")
+    assert result.selection.deployed == "prompt"
     assert _test_accuracy(box, adapter, test) > 0.8  # recovered the hidden bias
     zero = Adapter.from_result(Tuner(TuneConfig(mode="zero-shot", budget=10, **SMALL)).fit(box.client(), train))
     assert _test_accuracy(box, zero, test) < 0.6
@@ -144,8 +144,8 @@ def test_robust_pr_trains_the_refiner_whatever_the_budget(planted_bias) -> None:
     """Issue 11 item 5: the refiner's training length is chosen by CV, not by the budget."""
     box, train, test = planted_bias
     result = Tuner(TuneConfig(mode="pr", budget=5, **SMALL)).fit(box.client(), train)
-    assert result.queries["used"] == 1
-    assert result.selection["deployed"] == "refiner" and result.selection["refiner"]["epochs"] > 0
+    assert result.queries.used == 1
+    assert result.selection.deployed == "refiner" and result.selection.refiner["epochs"] > 0
     adapter = Adapter.from_result(result)
     assert _test_accuracy(box, adapter, test) > 0.7
 
@@ -156,11 +156,11 @@ def test_inert_prompt_search_stops_and_keeps_the_refiner(planted_bias, caplog: p
     inert = SyntheticBox(0, ignore_offsets=True)
     with caplog.at_level(logging.WARNING):
         result = Tuner(TuneConfig(mode="craft", budget=2000, **SMALL)).fit(inert.client(), train)
-    assert result.queries["used"] == 1 + 3 * (SMALL["popsize"] + 1)
-    assert "inert" in result.metrics["stopped"]
+    assert result.queries.used == 1 + 3 * (SMALL["popsize"] + 1)
+    assert "inert" in result.metrics.stopped
     assert sum("inert" in r.getMessage() for r in caplog.records) == 1
-    assert result.selection["deployed"] in ("refiner", "zero-shot")
-    assert result.selection["deployed"] == "refiner"  # the bias is learnable from logits alone
+    assert result.selection.deployed in ("refiner", "zero-shot")
+    assert result.selection.deployed == "refiner"  # the bias is learnable from logits alone
 
 
 def test_robust_run_resumes_to_the_same_adapter(planted_bias, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
@@ -264,7 +264,7 @@ def test_planner_and_loop_agree_where_they_used_to_differ(planted_bias) -> None:
         cfg = TuneConfig(mode="craft", budget=budget, popsize=40, val_every=10, protocol="paper", intrinsic_dim=8, refiner_hidden=16)
         result = Tuner(cfg).fit(box.client(), train, val)
         assert len(result.history) - 1 == result.n_generations == plan_generations(cfg, True)
-        assert "stopped_early" not in result.metrics and result.queries["used"] <= budget
+        assert result.metrics.stopped_early is None and result.queries.used <= budget
 
 
 def test_a_budget_below_the_baseline_is_refused(planted_bias) -> None:  # noqa: ANN001

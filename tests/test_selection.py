@@ -51,12 +51,12 @@ def test_a_run_that_can_certify_nothing_buys_no_search(one_shot, caplog: pytest.
     box, train = one_shot
     with caplog.at_level(logging.WARNING):
         result = Tuner(TuneConfig(mode="craft", budget=2000, **SMALL)).fit(box.client(), train)
-    assert result.queries["used"] == 1  # the zero-shot baseline only: 0.05 % of the budget
-    assert result.selection["deployed"] == "zero-shot" and result.metrics["stopped"].startswith("not searched:")
+    assert result.queries.used == 1  # the zero-shot baseline only: 0.05 % of the budget
+    assert result.selection.deployed == "zero-shot" and result.metrics.stopped.startswith("not searched:")
     assert any("no search is bought" in r.getMessage() for r in caplog.records)
-    assert result.selection["plan"]["search"] is False
+    assert result.selection.plan["search"] is False
     paper = Tuner(TuneConfig(mode="pg", budget=300, protocol="paper", **SMALL)).fit(box.client(), train)
-    assert paper.queries["used"] > 0.9 * 300  # the explicit, uncertified choice still searches
+    assert paper.queries.used > 0.9 * 300  # the explicit, uncertified choice still searches
 
 
 # ------------------------------------------------------------------ 2. stop sooner when nothing is happening
@@ -83,8 +83,8 @@ def test_an_inert_search_stops_in_fewer_queries_than_patience_alone() -> None:
     cfg = {**SMALL, "holdout": 0.25, "mode": "pg", "budget": 3000}
     new = Tuner(TuneConfig(**cfg)).fit(box.client(), train)
     old = Tuner(TuneConfig(**cfg, stop_trend=0.0)).fit(box.client(), train)
-    assert new.selection["deployed"] == old.selection["deployed"] == "zero-shot"
-    assert new.queries["used"] < old.queries["used"], (new.metrics["stopped"], old.metrics["stopped"])
+    assert new.selection.deployed == old.selection.deployed == "zero-shot"
+    assert new.queries.used < old.queries.used, (new.metrics.stopped, old.metrics.stopped)
 
 
 # ------------------------------------------------------------------ 3. calibration that is itself checked
@@ -194,7 +194,7 @@ def test_a_real_client_whose_prompt_does_nothing_rarely_deploys_it() -> None:
     labels = np.random.default_rng(2).permutation(np.repeat(np.arange(len(CLASSES)), 20))
     train = ImageDataset(images, labels, CLASSES)
     client = CallableClient(box, Capabilities("shuffling-box", n_ctx=N_CTX, ctx_dim=CTX_DIM, ctx_rms=1.0))
-    deployed = [Tuner(TuneConfig(mode="pg", budget=600, **{**SMALL, "seed": s})).fit(client, train).selection["deployed"]
+    deployed = [Tuner(TuneConfig(mode="pg", budget=600, **{**SMALL, "seed": s})).fit(client, train).selection.deployed
                 for s in range(20)]
     assert deployed.count("prompt") <= 1, deployed
 
@@ -224,7 +224,7 @@ def test_pg_on_a_client_that_ignores_prompts_keeps_no_refiner_it_never_had(caplo
     train = ImageDataset(images, labels, CLASSES)
     with caplog.at_level(logging.WARNING):
         result = Tuner(TuneConfig(mode="pg", budget=2000, **SMALL)).fit(box.client(), train)
-    assert "inert" in result.metrics["stopped"] and "refiner" not in result.metrics["stopped"]
-    assert result.selection["deployed"] == "zero-shot"
+    assert "inert" in result.metrics.stopped and "refiner" not in result.metrics.stopped
+    assert result.selection.deployed == "zero-shot"
     adapter = Adapter.from_result(result)
     assert adapter.config.refiner is None

@@ -244,8 +244,8 @@ def test_sigkill_mid_tune_then_resume_within_the_key_budget(tiny_model_dir: Path
     finally:
         server.stop()
     assert result.n_generations > 2  # resumed past the kill
-    assert "budget of this API key is spent" not in str(result.metrics.get("stopped_early", ""))  # never refused
-    assert final["used"] == result.queries["used"] <= key_budget  # the server's total equals the client's ledger
+    assert "budget of this API key is spent" not in str(result.metrics.stopped_early or "")  # never refused
+    assert final["used"] == result.queries.used <= key_budget  # the server's total equals the client's ledger
 
 
 def test_serve_keys_lists_tops_up_and_resets(tmp_path: Path, key_file: Path) -> None:

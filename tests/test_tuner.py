@@ -14,8 +14,8 @@ from craft_sdk import Adapter, CallableClient, Capabilities, ConfigError, ImageD
 
 pytest.importorskip("torch")
 pytest.importorskip("cma")
+from craft_sdk.projection import project, projection_matrix  # noqa: E402
 from craft_sdk.tuner.plan import plan_generations  # noqa: E402
-from craft_sdk.tuner.projection import project, projection_matrix  # noqa: E402
 from craft_sdk.tuner.search import PromptSearch  # noqa: E402
 from craft_sdk.tuner.train import Tuner  # noqa: E402
 
@@ -58,11 +58,11 @@ def test_planted_solution_is_recovered(tiny_client, planted) -> None:  # noqa: A
     train, test = planted
     result = Tuner(PLANT_CFG).fit(tiny_client, train)
     adapter = Adapter.from_result(result)
-    zero_shot = result.metrics["zero_shot_train_accuracy"]
+    zero_shot = result.metrics.zero_shot_train_accuracy
     assert zero_shot < 0.3  # chance is 1/6
     acc = _test_accuracy(tiny_client, adapter, test)
     assert acc > 0.75, f"PG recovered only {acc:.3f} (zero-shot {zero_shot:.3f})"
-    assert result.queries["used"] <= PLANT_CFG.budget
+    assert result.queries.used <= PLANT_CFG.budget
 
 
 def test_planted_solution_needs_the_fitness(tiny_client, planted, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
@@ -97,10 +97,10 @@ def test_modes_learn_what_they_should(tiny_client, planted) -> None:  # noqa: AN
     shapes = {}
     for mode in ("zero-shot", "pg", "pr", "pg+pr", "craft"):
         r = Tuner(TuneConfig(mode=mode, **base)).fit(tiny_client, train)
-        shapes[mode] = (r.z is not None, r.refiner is not None, r.queries["used"])
-        assert r.queries["used"] <= 200
+        shapes[mode] = (r.z is not None, r.refiner is not None, r.queries.used)
+        assert r.queries.used <= 200
         if mode in ("pr", "craft", "pg+pr"):
-            assert r.metrics["train_accuracy"] > r.metrics["zero_shot_train_accuracy"]
+            assert r.metrics.train_accuracy > r.metrics.zero_shot_train_accuracy
     assert shapes["zero-shot"] == (False, False, 1)
     assert shapes["pr"] == (False, True, 1)
     # issue 23: craft's deployed behaviour is certified and ranked on the check images; here
@@ -120,13 +120,13 @@ def test_budget_is_a_hard_ceiling_even_with_validation(tiny_client, planted) -> 
     for budget in (60, 97, 333):  # the paper protocol spends the plan; it pays validation queries
         cfg = TuneConfig(budget=budget, seed=0, intrinsic_dim=8, popsize=5, refiner_hidden=16, val_every=3, protocol="paper")
         r = Tuner(cfg).fit(tiny_client, train, val=test)
-        assert r.queries["used"] <= budget
-        assert r.queries["used"] > budget - (5 + 3)  # the plan uses what it can
-        assert r.queries["counts"]["validation"] >= 1
+        assert r.queries.used <= budget
+        assert r.queries.used > budget - (5 + 3)  # the plan uses what it can
+        assert r.queries.counts["validation"] >= 1
     for budget in (60, 97, 333):  # the robust protocol: the validation images ride along, never above the budget
         cfg = TuneConfig(budget=budget, seed=0, intrinsic_dim=8, popsize=5, refiner_hidden=16, patience=None)
         r = Tuner(cfg).fit(tiny_client, train, val=test)
-        assert budget - (5 + 1) < r.queries["used"] <= budget and r.queries["counts"]["validation"] == 0
+        assert budget - (5 + 1) < r.queries.used <= budget and r.queries.counts["validation"] == 0
     assert plan_generations(TuneConfig(budget=8000), has_val=False) == 195
 
 
@@ -134,7 +134,7 @@ def test_external_ledger_ceiling_stops_run_cleanly(tiny_client, planted) -> None
     train, _ = planted
     ledger = QueryLedger(budget=40)  # tighter than the config's budget: the run must stop, not overrun
     r = Tuner(TuneConfig(budget=500, intrinsic_dim=8, popsize=5, refiner_hidden=16)).fit(tiny_client, train, ledger=ledger)
-    assert ledger.used <= 40 and "stopped_early" in r.metrics
+    assert ledger.used <= 40 and r.metrics.stopped_early is not None
 
 
 def test_validation_selection_never_sees_test(tiny_client, planted) -> None:  # noqa: ANN001
@@ -143,12 +143,12 @@ def test_validation_selection_never_sees_test(tiny_client, planted) -> None:  # 
     cfg = TuneConfig(budget=300, seed=2, intrinsic_dim=16, popsize=8, refiner_hidden=32, val_every=5, protocol="paper")
     r = Tuner(cfg).fit(tiny_client, train, val=val)
     vals = [h["val_accuracy"] for h in r.history if "val_accuracy" in h]
-    assert r.metrics["val_accuracy"] == pytest.approx(max(vals))
-    assert r.selected_generation in [h["generation"] for h in r.history if "val_accuracy" in h]
-    assert r.data["val_fingerprint"] == val.fingerprint()
+    assert r.metrics.val_accuracy == pytest.approx(max(vals))
+    assert r.selected_generation in [h.generation for h in r.history if h.val_accuracy is not None]
+    assert r.data.val_fingerprint == val.fingerprint()
     robust = Tuner(TuneConfig(**{**cfg.to_dict(), "protocol": "robust"})).fit(tiny_client, train, val=val)
-    assert robust.selection is not None and robust.selection["n_check"] == len(val)  # the validation set is the check set
-    assert robust.data["val_fingerprint"] == val.fingerprint() and robust.data["n_search"] == len(train)
+    assert robust.selection is not None and robust.selection.n_check == len(val)  # the validation set is the check set
+    assert robust.data.val_fingerprint == val.fingerprint() and robust.data.n_search == len(train)
 
 
 def test_text_only_client_searches_words_not_offsets(caplog: pytest.LogCaptureFixture) -> None:
@@ -180,7 +180,7 @@ def test_probability_clients_are_tuned_on_log_probs() -> None:
     imgs = block_images(30, 2)
     ds = ImageDataset(imgs, np.asarray([int(np.argmax(np.asarray(im, np.float32).mean(axis=(0, 1))[:2])) for im in imgs]), ("r", "g"))
     r = Tuner(TuneConfig(mode="pr", budget=50, refiner_hidden=16)).fit(client, ds)
-    assert r.metrics["zero_shot_train_accuracy"] == 1.0
+    assert r.metrics.zero_shot_train_accuracy == 1.0
     assert Adapter.from_result(r).config.output == "probs"
 
 

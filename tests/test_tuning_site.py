@@ -21,7 +21,7 @@ def test_tune_run_returns_the_adapter_with_its_full_result(tiny_client, folder: 
                              on_progress=lambda p: seen.append(p.generation), progress=False, **SMALL)
     assert isinstance(run, TuneRun)
     prov = run.adapter.config.provenance
-    assert prov["queries_used"] == run.result.queries["used"] > 0
+    assert prov["queries_used"] == run.result.queries.used > 0
     assert prov["n_generations"] == run.result.n_generations and seen[0] == 0 and seen[-1] == run.result.n_generations
     np.testing.assert_array_equal(run.adapter.z, run.result.z)
     assert (tmp_path / "ckpt" / LEDGER_FILE).is_file() and has_checkpoint(tmp_path / "ckpt")

@@ -180,8 +180,8 @@ def test_budget_is_never_exceeded_through_the_tuner() -> None:
     for budget in (23, 64, 337):
         ledger = QueryLedger(budget=budget)
         result = Tuner(TuneConfig(mode="pg", protocol="paper", popsize=10, budget=budget, seed=1)).fit(client, train, ledger=ledger)
-        assert ledger.used == result.queries["used"] <= budget and budget - ledger.used < 11  # the last generation fits
-        assert result.queries["counts"]["search"] == 10 * (len(result.history) - 1)
+        assert ledger.used == result.queries.used <= budget and budget - ledger.used < 11  # the last generation fits
+        assert result.queries.counts["search"] == 10 * (len(result.history) - 1)
 
 
 def save(result: Any, path: Path) -> Path:
@@ -225,8 +225,8 @@ def test_crash_mid_generation_resumes_to_the_same_words_within_budget(tmp_path: 
         Tuner(cfg, checkpoint_dir=tmp_path).fit(planted_client(crash_at=150)[0], train)
     resumed = Tuner(cfg, checkpoint_dir=tmp_path, resume=True).fit(planted_client()[0], train)
     assert resumed.config.template == ref.config.template and HIDDEN in ref.config.template.split()
-    assert [h.get("best_fitness") for h in resumed.history] == [h.get("best_fitness") for h in ref.history]
-    assert ref.queries["used"] < resumed.queries["used"] <= cfg.budget  # the generation in flight is paid twice
+    assert [h.best_fitness for h in resumed.history] == [h.best_fitness for h in ref.history]
+    assert ref.queries.used < resumed.queries.used <= cfg.budget  # the generation in flight is paid twice
 
 
 def test_a_pg_checkpoint_from_before_the_option_is_named_on_resume(tmp_path: Path) -> None:

@@ -124,7 +124,7 @@ def test_create_client_and_a_text_only_tune(server, tiny_client) -> None:  # noq
     zs.close()
     adapter = Adapter.from_result(result)
     spec = adapter.config.prompt  # learned words are deployed only when they beat zero-shot on the check images
-    assert result.config.mode == "craft" and (spec is None or spec.kind == "discrete") and result.queries["counts"]["search"] > 0
+    assert result.config.mode == "craft" and (spec is None or spec.kind == "discrete") and result.queries.counts["search"] > 0
     assert adapter.config.model_id == "tiny-zs" and adapter.config.output == "probs"
     assert used(server.app) - before == zs.provider_requests == zs.provider_answers  # every request billed once
 
@@ -188,7 +188,7 @@ def test_tune_through_faults_gives_the_same_adapter(model, tmp_path: Path) -> No
             result = Tuner(cfg).fit(zs, train)
             time.sleep(FAST["timeout"])
             assert sorted(injector.fired) == sorted(faults.values())
-            assert used(app) == zs.provider_answers == result.queries["used"] * len(train)  # each image billed once per query
+            assert used(app) == zs.provider_answers == result.queries.used * len(train)  # each image billed once per query
             assert zs.provider_requests == zs.provider_answers + len(faults)
         out.append(Adapter.from_result(result).save_pretrained(tmp_path / f"a{len(faults)}"))
     assert (out[0] / "adapter_model.safetensors").read_bytes() == (out[1] / "adapter_model.safetensors").read_bytes()
