@@ -142,7 +142,7 @@ def test_validation_selection_never_sees_test(tiny_client, planted) -> None:  # 
     val = ImageDataset(test.images[:30], test.labels[:30], test.class_names)
     cfg = TuneConfig(budget=300, seed=2, intrinsic_dim=16, popsize=8, refiner_hidden=32, val_every=5, protocol="paper")
     r = Tuner(cfg).fit(tiny_client, train, val=val)
-    vals = [h["val_accuracy"] for h in r.history if "val_accuracy" in h]
+    vals = [h.val_accuracy for h in r.history if h.val_accuracy is not None]
     assert r.metrics.val_accuracy == pytest.approx(max(vals))
     assert r.selected_generation in [h.generation for h in r.history if h.val_accuracy is not None]
     assert r.data.val_fingerprint == val.fingerprint()
