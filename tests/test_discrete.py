@@ -26,15 +26,16 @@ NAMES = [f"c{i}" for i in range(C)]
 GENERATIONS = 70
 
 
-def planted_client(margin: float = 2.0, crash_at: int | None = None, jitter: float = 0.0) -> tuple[CallableClient, list[Image.Image], np.ndarray]:
+def planted_client(margin: float = 2.0, crash_at: int | None = None, jitter: float = 0.0, n: int = N) -> tuple[CallableClient, list[Image.Image], np.ndarray]:
     """A text-only black box whose logits favour the true class by ``margin`` only if the context holds HIDDEN.
 
     Image k is a 2x2 picture whose red channel encodes its label and green channel its index (for fixed noise).
     ``jitter``: every context also shifts the class logits a little (a real model is never blind to a word).
+    ``n``: the number of images (at most 256).
     """
-    labels = np.arange(N) % C
+    labels = np.arange(n) % C
     images = [Image.new("RGB", (2, 2), (int(y) * 40, k, 0)) for k, y in enumerate(labels)]
-    noise = np.random.default_rng(0).normal(0, 1, (N, C))
+    noise = np.random.default_rng(0).normal(0, 1, (n, C))
 
     calls = [0]
 
@@ -230,7 +231,8 @@ def test_craft_on_a_text_only_client_keeps_the_refiner_and_the_words() -> None:
     from craft_sdk import Adapter, ImageDataset, TuneConfig
     from craft_sdk.tuner.train import Tuner
 
-    client, images, labels = planted_client(jitter=0.02)
+    # 100 images: 25 check images can certify a gain under +50 points, so the robust plan buys the search (40 cannot)
+    client, images, labels = planted_client(jitter=0.02, n=100)
     result = Tuner(TuneConfig(mode="craft", popsize=8, budget=200, seed=1, refiner_hidden=16)).fit(client, ImageDataset(images, labels, tuple(NAMES)))
     adapter = Adapter.from_result(result)
     spec = adapter.config.prompt  # robust protocol: the words are deployed only when they beat zero-shot

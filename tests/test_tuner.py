@@ -160,7 +160,7 @@ def test_text_only_client_searches_words_not_offsets(caplog: pytest.LogCaptureFi
         return (x @ proto)[:, : len(names)] * 3
 
     client = CallableClient(fn, Capabilities("text-only-model"))
-    imgs = block_images(40, 1)
+    imgs = block_images(80, 1)  # 80 images: enough check images that the robust plan buys a search (40 cannot certify)
     labels = np.asarray([int(np.asarray(im)[0, 0, 0] > 127) for im in imgs])
     ds = ImageDataset(imgs, labels, ("dark", "light"))
     with caplog.at_level("WARNING"):
