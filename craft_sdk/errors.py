@@ -44,6 +44,11 @@ class ClientError(CraftError, RuntimeError):
         self.billed = billed
 
 
+class ComputeBudgetError(ClientError):
+    """The service stopped a request at its per-request compute budget (HTTP 413 ``compute_budget``); ``billed``
+    counts the queries it computed. Split the population (``MeteredClient`` does, in halves)."""
+
+
 class BudgetExceededError(ClientError):
     """A query would exceed the hard query budget; it was refused before being sent."""
 

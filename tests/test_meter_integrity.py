@@ -724,6 +724,7 @@ def test_httpclient_records_the_queries_billed_for_a_request_over_its_time_budge
         with HTTPClient(server.url, api_key=KEY, config=HTTPClientConfig(max_retries=0, timeout=120)) as http:
             ledger = QueryLedger(budget=100)
             client = MeteredClient(http, ledger)
+            client.max_splits = 0  # not sent again in halves: the 413 reaches the caller
             handle = http.upload([np.zeros((32, 32, 3), np.uint8)] * 2)
             caps = http.capabilities()
             slow.calls.clear()
@@ -852,3 +853,33 @@ def test_an_answer_whose_charge_was_refunded_is_not_delivered_past_the_budget(ti
     finally:
         server.stop()
         other.close()
+
+
+@pytest.mark.parametrize("budget", [100, 9])
+def test_a_metered_population_stopped_at_the_compute_budget_is_sent_again_in_halves(tiny_client: Any, budget: int) -> None:
+    """A tune against a slow server does not abort on 413 compute_budget: the population is split in halves and sent
+    again, each half charged first; the queries billed for the partial work count, the ledger equals the meter."""
+    from craft_sdk.client.http import HTTPClient, HTTPClientConfig
+    from craft_sdk.client.ledger import MeteredClient, QueryLedger
+    from craft_sdk.errors import BudgetExceededError
+
+    slow = SlowModel(tiny_client, 0.6)
+    server = serving(slow, None, budget_per_key=1000, max_request_s=1, chunk_prompts=2)  # 1 candidate a chunk
+    try:
+        with HTTPClient(server.url, api_key=KEY, config=HTTPClientConfig(max_retries=0, timeout=120)) as http:
+            ledger = QueryLedger(budget=budget)
+            client = MeteredClient(http, ledger)
+            handle = http.upload([np.zeros((32, 32, 3), np.uint8)] * 2)
+            caps = http.capabilities()
+            offsets = np.full((8, caps.n_ctx, caps.ctx_dim), 0.01, np.float32)
+            try:
+                logits = client.predict(handle, ["a", "b"], offsets=offsets)
+            except BudgetExceededError:
+                assert budget < 100  # the budget is held: a half that does not fit is refused before it is sent
+            else:
+                assert logits.shape == (8, 2, 2) and np.isfinite(logits).all()
+                assert np.allclose(logits, logits[0], atol=1e-4)  # the same candidate everywhere: the same scores
+            assert ledger.used == used(server.url) == sum(slow.calls) <= budget, (ledger.used, used(server.url), slow.calls)
+            assert ledger.used > 8 if budget == 100 else True  # the partial work of the stopped request is billed
+    finally:
+        server.stop()

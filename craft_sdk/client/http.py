@@ -59,7 +59,7 @@ import numpy as np
 from PIL import Image
 
 from .._version import __version__
-from ..errors import BudgetExceededError, ClientError, ConfigError
+from ..errors import BudgetExceededError, ClientError, ComputeBudgetError, ConfigError
 from ..wire import (
     API,
     CHECKSUM_HEADER,
@@ -324,7 +324,7 @@ class HTTPClient(BaseClient):
         if resp.status_code == 413 and code == "compute_budget":  # stopped part-way: its computed queries are billed
             billed = resp.headers.get("X-Craft-Queries", "")
             n = int(billed) if billed.isdigit() and len(billed) < 16 else None
-            raise ClientError(f"{self.url} stopped the request at its compute budget (HTTP 413 compute_budget; {billed or '?'} "
+            raise ComputeBudgetError(f"{self.url} stopped the request at its compute budget (HTTP 413 compute_budget; {billed or '?'} "
                               f"queries billed): {message}", unbilled=n == 0, billed=n)
         if resp.status_code == 401:
             raise ClientError(f"{self.url} rejected the API key (401); check --api-key-file / CRAFT_API_KEY", unbilled=True)

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BudgetExceededError, ClientError, ConfigError
+from ..errors import BudgetExceededError, ClientError, ComputeBudgetError, ConfigError
 from ..images import ImageLike
 from ..wire import query_cost
 from .base import DEFAULT_TEMPLATE, Capabilities, Images, ImageSetHandle, PredictionClient
@@ -319,6 +319,8 @@ class _Meter:
         self.in_flight = 0
 
 
+MAX_SPLITS = 4  # a population stopped at the service's compute budget is halved at most this often (1/16)
+
 class MeteredClient:
     """A client wrapped by a ledger: every ``predict`` is charged before it is sent.
 
@@ -326,6 +328,8 @@ class MeteredClient:
         client: any :class:`PredictionClient`.
         ledger: the ledger to charge.
     """
+
+    max_splits: int = MAX_SPLITS
 
     def __init__(self, client: PredictionClient, ledger: QueryLedger) -> None:
         self.client = client
@@ -362,7 +366,26 @@ class MeteredClient:
         service before computing, or never delivered) is refunded, so the ledger equals the service's bill.
         With a ``max_cost``, the call's priced estimate (the client's ``estimate_usage``) is reserved
         first and the call refused when it does not fit; the usage the client counted is recorded after.
+        A population the service stopped at its compute budget (:class:`~craft_sdk.errors.ComputeBudgetError`)
+        keeps the queries it computed charged and is sent again in halves (at most ``max_splits`` times, 0: never),
+        each half charged, so checked against the budget, before it is sent.
         """
+        return self._predict_split(images, class_names, template, offsets, category, self.max_splits)
+
+    def _predict_split(self, images: Images, class_names: Sequence[str], template: str, offsets: np.ndarray | None,
+                       category: str, splits: int) -> np.ndarray:
+        try:
+            return self._predict_once(images, class_names, template, offsets, category)
+        except ComputeBudgetError:
+            if offsets is None or offsets.ndim != 3 or offsets.shape[0] < 2 or splits <= 0:
+                raise
+            half = offsets.shape[0] // 2
+            logger.warning("the service stopped %d candidates at its compute budget; sending them again in halves", offsets.shape[0])
+            parts = [self._predict_split(images, class_names, template, o, category, splits - 1) for o in (offsets[:half], offsets[half:])]
+            return np.concatenate(parts)
+
+    def _predict_once(self, images: Images, class_names: Sequence[str], template: str, offsets: np.ndarray | None,
+                      category: str) -> np.ndarray:
         n = query_cost(offsets)
         n_images = images.n_images if isinstance(images, ImageSetHandle) else len(images)
         uploaded = isinstance(images, ImageSetHandle)
