@@ -206,7 +206,7 @@ def test_temperature_recovers_a_planted_overconfidence() -> None:
 
 
 def test_decision_needs_a_gain_beyond_noise() -> None:
-    """Chosen on the select images, certified on the certify images with an exact sign test."""
+    """Certified on every check image with an exact sign test (Holm over the options)."""
     y = np.arange(40) % 4
     zero = np.eye(4)[(y + 1) % 4]  # zero-shot is always wrong
     zero[:20] = np.eye(4)[y[:20]]  # ... except on the first half

@@ -116,7 +116,7 @@ class TuneConfig:
             last ``patience // 2`` generations (0: plain patience; :mod:`craft_sdk.tuner.stopping`).
         cv_folds: robust protocol: folds of the refiner's cross-validation.
         z_noise: robust protocol: a behaviour replaces zero-shot only when certified at level
-            1 - Phi(z_noise) (exact sign test on the certify images, Holm-corrected); a temperature
+            1 - Phi(z_noise) (exact sign test on the check images, Holm-corrected); a temperature
             only when its cross-fitted log-loss gain exceeds this many standard errors.
         refiner_data: robust protocol: train the refiner on the mean's logits (``mean``) or
             also on every candidate's logits of the generation (``population``).

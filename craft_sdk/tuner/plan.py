@@ -366,7 +366,7 @@ class CertificationPlan:
     """What a run's held-out images can certify, computed before the first query.
 
     ``min_gain_prompt`` / ``min_gain_refiner``: the smallest gain over zero-shot (a fraction) the
-    certify images can prove at level ``alpha`` (every one of ``min_flips`` wins and no loss), None
+    check images can prove at level ``alpha`` (every one of ``min_flips`` wins and no loss), None
     when no gain can. ``search``: whether the run buys a prompt search (or an ensemble's bank).
     """
 
@@ -444,11 +444,11 @@ def certification_plan(config: TuneConfig, labels: np.ndarray, val_labels: np.nd
 def _plan_reason(config: TuneConfig, search: bool, wants: bool, n_cert: int, k: int, n_ref: int,
                  prompt_gain: float | None, refiner_gain: float | None) -> str:
     if search:
-        return (f"a prompt is certified on {n_cert} certify images if it gains at least {100 * prompt_gain:.0f} points "  # type: ignore[operator]
+        return (f"a prompt is certified on {n_cert} check images if it gains at least {100 * prompt_gain:.0f} points "  # type: ignore[operator]
                 f"over zero-shot ({k} wins, no loss): searching")
     if wants:
         need = f"need {k} wins without a loss, i.e. +{100 * k / n_cert:.0f} points" if n_cert >= k else f"cannot hold the {k} wins a certificate needs"
-        head = (f"no achievable prompt gain can be certified: {n_cert} certify images {need} "
+        head = (f"no achievable prompt gain can be certified: {n_cert} check images {need} "
                 f"(plans count on less than +{100 * MAX_PLANNED_GAIN:.0f}), so no search is bought")
     else:
         head = "no prompt to search"

@@ -448,7 +448,7 @@ def decide(select: Evidence, certify: Evidence, alpha: float, rank: Evidence | N
     winner = next((k for k in candidates if k in certified), None)
     if winner is not None:
         e = estimates[winner]
-        return winner, (f"{winner}: {100 * e['gain']:+.1f} points over zero-shot on {e['n']} certify images "
+        return winner, (f"{winner}: {100 * e['gain']:+.1f} points over zero-shot on {e['n']} check images "
                         f"(sign test p = {e['p_value']:.3g} <= {alpha:.3g})"), estimates
     if not options:
         return "zero-shot", "no held-out images to verify any gain: zero-shot behaviour deployed", estimates
