@@ -27,7 +27,6 @@ pytest.importorskip("openai")
 from craft_sdk.serve import BackgroundServer, create_app  # noqa: E402
 from craft_sdk.tuner.train import Tuner  # noqa: E402
 
-pytestmark = pytest.mark.slow
 
 KEY = secrets.token_hex(16)
 NAMES = list(CLASS_NAMES)
@@ -118,6 +117,7 @@ PRICES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", ["zeroshot", "chat", "embed", "serve"])
 def test_max_cost_holds_per_attempt_under_a_429_storm_and_four_threads(model, shape: str) -> None:  # noqa: ANN001
     """Every request needs three attempts (429, 503, then answered). The call-level estimate covers one: before
@@ -186,6 +186,7 @@ def test_the_gate_reserves_attempt_bounds_and_releases_them_when_the_call_ends()
     assert ledger.reserve(ProviderUsage(requests=30), "the next").held == 30.0
 
 
+@pytest.mark.slow
 def test_max_cost_holds_across_a_crash_and_resume_with_retries(model, tmp_path: Path) -> None:  # noqa: ANN001
     """A tune through a 429 storm crashes in its second generation (charged, lost); the resumed run replays the
     ledger journal's spent cost and may only spend what is left: the storm's count of every request that reached
