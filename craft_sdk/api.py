@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import tuning
 from .adapter import Adapter, check_compatible
 from .client.base import PredictionClient
 from .client.ledger import MeteredClient, QueryLedger
@@ -20,6 +19,7 @@ from .data import DataSplits, ImageDataset, load_dataset
 from .deploy.query import raw_scores
 from .errors import AdapterError
 from .scores import as_log_scores, softmax
+from .tuning import tune_run  # re-exported: the facade's craft_sdk.tune_run is the one composition site itself
 
 if TYPE_CHECKING:
     from .tuner.config import TuneConfig
@@ -140,7 +140,8 @@ def tune(
     progress: bool | Callable[..., None] | None = None,
     **overrides: Any,
 ) -> Adapter:
-    """Tune an adapter for ``train`` through ``client`` (:func:`tune_run` without the run's result).
+    """Tune an adapter for ``train`` through ``client`` (:func:`~craft_sdk.tuning.tune_run`, re-exported here as
+    ``tune_run``, without the run's result).
 
     Args:
         client: the black box.
@@ -159,42 +160,9 @@ def tune(
     Example:
         >>> adapter = tune(create_client("demo"), splits.train, mode="craft", budget=2000)  # doctest: +SKIP
     """
-    return tune_run(client, train, val, config, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
-                    on_progress=on_progress, ledger=ledger, price=price, max_cost=max_cost, progress=progress, **overrides).adapter
-
-
-def tune_run(
-    client: PredictionClient,
-    train: ImageDataset,
-    val: ImageDataset | None = None,
-    config: TuneConfig | None = None,
-    *,
-    checkpoint_dir: str | Path | None = None,
-    checkpoint_every: int = 1,
-    resume: bool = False,
-    on_progress: Callable[..., None] | None = None,
-    ledger: QueryLedger | None = None,
-    price: PriceTable | None = None,
-    max_cost: float | None = None,
-    progress: bool | Callable[..., None] | None = None,
-    **overrides: Any,
-) -> tuning.TuneRun:
-    """:func:`tune`, returning the adapter with the run's full result (:class:`~craft_sdk.tuning.TuneRun`:
-    ``.adapter``, ``.result``: metrics, queries, selection, history); same arguments.
-
-    The composition itself is :func:`craft_sdk.tuning.tune_run`, the one place client → tuner → adapter
-    is run; the facade checks the training set first.
-
-    Example:
-        >>> run = tune_run(create_client("demo"), splits.train, mode="craft", budget=2000)  # doctest: +SKIP
-        >>> run.result.n_generations, run.adapter.temperature                              # doctest: +SKIP
-    """
-    from .data import require_classes
-
-    cfg = tuning.merged_config(config, overrides)
-    require_classes(train, "the training set")
-    return tuning.tune_run(client, train, val, cfg, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
-                           on_progress=on_progress, ledger=ledger, price=price, max_cost=max_cost, progress=progress)
+    return tune_run(client, train, val, config, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                    resume=resume, on_progress=on_progress, ledger=ledger, price=price, max_cost=max_cost,
+                    progress=progress, **overrides).adapter
 
 
 def evaluate(

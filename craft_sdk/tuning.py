@@ -80,10 +80,12 @@ def tune_run(
         >>> run = tune_run(create_client("demo"), splits.train, mode="craft", budget=2000)  # doctest: +SKIP
         >>> run.adapter.save_pretrained("my-adapter")                                     # doctest: +SKIP
     """
+    from .data import require_classes
     from .tuner.progress import progress_display
     from .tuner.train import Tuner
 
     config = merged_config(config, overrides)
+    require_classes(train, "the training set")
     with progress_display(progress, config.budget, on_progress) as callback:
         tuner = Tuner(config, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
                       on_progress=callback, price=price, max_cost=max_cost)
