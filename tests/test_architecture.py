@@ -48,6 +48,14 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def import_target(node: ast.ImportFrom, package: str) -> str:
+    """The absolute module a ``from ... import`` names, relative levels resolved against ``package``."""
+    if not node.level:
+        return node.module or ""
+    base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
 def imports(path: Path, name: str | None = None) -> list[tuple[int, str]]:
     """(line, imported module) for every craft_sdk import, lazy ones included (TYPE_CHECKING blocks skipped)."""
     tree = ast.parse(path.read_text())
@@ -62,11 +70,7 @@ def imports(path: Path, name: str | None = None) -> list[tuple[int, str]]:
         if id(node) in skip:
             continue
         if isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
-                target = ".".join(base + ([node.module] if node.module else []))
-            else:
-                target = node.module or ""
+            target = import_target(node, package)
             if target.split(".")[0] != "craft_sdk":
                 continue
             if node.module is None:  # from . import x: x may be a module
@@ -147,11 +151,7 @@ def _graph_imports(path: Path, name: str, modules: set[str]) -> list[tuple[int, 
     found: list[tuple[int, str, str | None]] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
-                target = ".".join(base + ([node.module] if node.module else []))
-            else:
-                target = node.module or ""
+            target = import_target(node, package)
             if target.split(".")[0] != "craft_sdk":
                 continue
             for alias in node.names:
