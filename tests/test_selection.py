@@ -11,7 +11,7 @@ from craft_sdk import Adapter, CallableClient, Capabilities, ImageDataset, TuneC
 
 pytest.importorskip("torch")
 pytest.importorskip("cma")
-from test_robust import CLASSES, CTX_DIM, N_CTX, SMALL, SyntheticBox, _features, _images  # noqa: E402
+from test_robust import CLASSES, CTX_DIM, N_CTX, SMALL, SyntheticBox, _balanced, _features, _images, _test_accuracy  # noqa: E402
 
 from craft_sdk.tuner import selection  # noqa: E402
 from craft_sdk.tuner.plan import certification_plan  # noqa: E402
@@ -74,6 +74,56 @@ def test_stalled_fitness_halves_the_patience_and_progress_keeps_it() -> None:
     assert "no held-out improvement for 20 generations" in plain.reason()
 
 
+def test_a_proven_search_keeps_going_while_its_fitness_falls_beyond_its_noise() -> None:
+    """The held-out images plateau; the search fitness still falls. Searching on needs a certified gain when
+    the patience runs out (read once), and ends at the first generation where the fall is within noise."""
+    first = lambda rule, fit, proven: next(  # noqa: E731
+        (g for g in range(1, len(fit)) if rule.should_stop(g, fit[:g], proven(g))), None)
+    falling = [1.0 - 0.005 * g for g in range(120)]
+    levels = [1.0 - 0.005 * min(g, 60) for g in range(120)]  # falls until generation 60, then flat
+    noisy = list(np.array(levels) + 0.002 * np.random.default_rng(0).standard_normal(120))
+    rules = [EarlyStopping(20) for _ in range(5)] + [EarlyStopping(20, min_trend=0.0)]
+    for r in rules:
+        r.update(0, 0.5, 1.0)
+    unproven, proven, once, noisy_rule, plateau, plain = rules
+    assert first(unproven, falling, lambda g: False) == 20  # nothing certified: the patience alone, as before
+    assert first(proven, falling, lambda g: True) is None  # certified and still falling: the budget ends it
+    assert proven.extended_at == 20 and proven.state()["extended_at"] == 20
+    stop = first(once, levels, lambda g: g == 20)  # read once: later generations need no new proof
+    assert stop is not None and 60 < stop < 80, stop
+    assert "searched on from generation 20 (a certified gain)" in once.reason()
+    stop_noisy = first(noisy_rule, noisy, lambda g: g == 20)
+    assert stop_noisy is not None and 60 < stop_noisy < 85, stop_noisy
+    assert first(plain, falling, lambda g: True) == 20  # stop_trend 0: plain patience, no extension
+    assert first(plateau, [1.0] * 40, lambda g: True) == 10  # a stalled search is not extended, proven or not
+    resumed = EarlyStopping(20)
+    resumed.load(once.state())
+    assert resumed.extended_at == 20
+    legacy = {k: v for k, v in once.state().items() if k != "extended_at"}  # a checkpoint from before the extension
+    resumed.load(legacy)
+    assert resumed.extended_at == -1
+
+
+def test_a_real_search_that_proved_itself_searches_on_and_deploys_a_certified_prompt() -> None:
+    """Planted bias (a prompt can learn it): the check images stop improving at generation 8 while the search
+    fitness still falls; plain patience stops there and deploys zero-shot, the extension searches on and
+    deploys a certified prompt that is better on unseen images."""
+    box = SyntheticBox(0)
+    images = _images(3000, 1)
+    scores = box.raw(images) + np.array([6.0, -4.0, 3.0, -5.0, 4.0, -3.0], np.float32)
+    imgs, labels = _balanced(images[:2000], scores[:2000], 16)
+    test_imgs, test_labels = _balanced(images[2000:], scores[2000:], 60)
+    train, test = ImageDataset(imgs, labels, CLASSES), ImageDataset(test_imgs, test_labels, CLASSES)
+    cfg = {**SMALL, "holdout": 0.25, "mode": "pg", "budget": 3000}
+    new = Tuner(TuneConfig(**cfg)).fit(box.client(), train)
+    old = Tuner(TuneConfig(**cfg, stop_trend=0.0)).fit(box.client(), train)
+    assert "searched on from generation" in new.metrics.stopped and "searched on" not in old.metrics.stopped
+    assert old.queries.used < new.queries.used < 0.25 * 3000  # it still stops: the fall ends within noise
+    assert new.selection.deployed == "prompt" and old.selection.deployed == "zero-shot"
+    acc_new, acc_old = (_test_accuracy(box, Adapter.from_result(r), test) for r in (new, old))
+    assert acc_new > acc_old + 0.05, (acc_new, acc_old)
+
+
 def test_an_inert_search_stops_in_fewer_queries_than_patience_alone() -> None:
     """Random labels: nothing can help, the search only memorises; the trend rule stops it sooner."""
     box = SyntheticBox(0)
@@ -131,24 +181,30 @@ def _onehot(correct: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.eye(10)[np.where(correct, y, (y + 1) % 10)]
 
 
-def _null_run(rng: np.random.Generator, looks: int, rule: str, rho: float = 0.0) -> bool:
+def _null_run(rng: np.random.Generator, looks: int, rule: str, rho: float = 0.0, memorising: bool = False) -> bool:
     """One simulated run: up to ``looks`` generations of a prompt that does nothing (each image right with
     the zero-shot probability; a generation keeps each image's outcome from the previous one with
     probability ``rho``: correlated generations) and a refiner that does nothing; True when one is
     deployed. ``new``: the landed rule (patience 20 on the 40 check images, the generation it stops at
     deployed, every option certified on all 40, Holm). ``best``: the same certificate for the best
-    generation instead. ``old``: issue 10's rule (the best of all looks, one 1.645-SE look)."""
+    generation instead. ``old``: issue 10's rule (the best of all looks, one 1.645-SE look).
+    ``memorising``: the search fitness falls steadily (as when a search memorises its training
+    labels) until a random generation, then stays flat; the stopping rule gets it and the per-generation
+    proof (the sign test at 5 %), so a certified look may extend the search."""
     y = rng.integers(0, 10, 40)
     zero_right = rng.random(40) < 0.5
     zero = _onehot(zero_right, y)
-    stopping = EarlyStopping(20, min_trend=0.0, keep="best" if rule in ("old", "best") else "last")
+    stopping = EarlyStopping(20, min_trend=0.01 if memorising else 0.0, keep="best" if rule in ("old", "best") else "last")
     stopping.update(0, float(zero_right.mean()), float(rng.random()))
     right, kept = rng.random(40) < 0.5, zero
+    plateau = int(rng.integers(1, looks + 1))
+    fitness = [1.0 - 0.005 * min(g, plateau) for g in range(looks + 1)]
     for g in range(1, looks + 1):
         right = np.where(rng.random(40) < rho, right, rng.random(40) < 0.5)
         if stopping.update(g, float(right.mean()), float(rng.random())):  # log-loss ties: arbitrary
             kept = _onehot(right, y)
-        if stopping.should_stop(g):
+        proven = memorising and selection.paired_p_value(_onehot(right, y), y, zero) <= 0.05
+        if stopping.should_stop(g, fitness[: g + 1] if memorising else None, proven):
             break
     if rule == "old":
         e = selection._estimate(kept, y, zero)
@@ -165,6 +221,8 @@ def test_a_prompt_that_does_nothing_is_deployed_at_most_five_percent_of_the_time
     for rho in (0.0, 0.5, 0.9):
         new = np.mean([_null_run(rng, 200, "new", rho) for _ in range(1000)])
         assert new <= 0.05, (rho, new)
+        searched_on = np.mean([_null_run(rng, 200, "new", rho, memorising=True) for _ in range(1000)])
+        assert searched_on <= 0.05, (rho, searched_on)  # a proven search's extension keeps the guarantee
     best = np.mean([_null_run(rng, 200, "best") for _ in range(500)])
     old = np.mean([_null_run(rng, 200, "old") for _ in range(500)])
     assert best > 0.1, best  # the control: the winner's curse that deploying the last generation avoids

@@ -290,10 +290,20 @@ def _check_progress(state: RunState, g: int, scored_logits: np.ndarray) -> float
         point = None if state.prompts is None else state.prompts.copy(state.point)
         population = None if state.population is None else np.array(state.population, copy=True)
         state.best = CheckSnapshot(acc, g, point, np.array(scored_logits, copy=True), population)
-    if g > 0 and state.stopping.should_stop(g, [float(row.mean()) for row in state.fitness_rows]):
+    if g > 0 and state.stopping.should_stop(g, [float(row.mean()) for row in state.fitness_rows], _proven(state, check, y_sel)):
         state.stopped = state.stopping.reason()
         logger.info("%s", state.stopped)
     return acc
+
+
+def _proven(state: RunState, check: np.ndarray, y_check: np.ndarray) -> bool:
+    """Whether the current model beats zero-shot on the check images in the exact sign test at the run's
+    level (one option, before the final Holm correction): what lets the stopping rule search on."""
+    zero = state.zero_logits
+    if zero is None or not len(y_check):
+        return False
+    z = zero[state.images.n_search :][state.images.select]
+    return selection.paired_p_value(check, y_check, z) <= selection.alpha_of(state.config.z_noise)
 
 
 def _check_inert(state: RunState, g: int) -> None:

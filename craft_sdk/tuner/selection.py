@@ -380,6 +380,12 @@ def split_check(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return every, every
 
 
+def paired_p_value(logits: np.ndarray, labels: np.ndarray, reference: np.ndarray) -> float:
+    """The exact one-sided sign-test p-value of ``logits`` beating ``reference`` on the same images."""
+    correct, ref = logits.argmax(-1) == labels, reference.argmax(-1) == labels
+    return sign_test_p(int((correct & ~ref).sum()), int((ref & ~correct).sum()))
+
+
 def _estimate(logits: np.ndarray, labels: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
     """Accuracy, log-loss and the paired gain over ``reference``: b, c (images only this / only the
     reference gets right), the McNemar standard error sqrt(b + c) / n and the exact sign-test p-value."""
