@@ -104,17 +104,24 @@ def test_a_proven_search_keeps_going_while_its_fitness_falls_beyond_its_noise() 
     assert resumed.extended_at == -1
 
 
-def test_a_real_search_that_proved_itself_searches_on_and_deploys_a_certified_prompt() -> None:
-    """Planted bias (a prompt can learn it): the check images stop improving at generation 8 while the search
-    fitness still falls; plain patience stops there and deploys zero-shot, the extension searches on and
-    deploys a certified prompt that is better on unseen images."""
+PROVEN_CFG = {**SMALL, "holdout": 0.25, "mode": "pg", "budget": 3000}
+
+
+def _planted_bias_16() -> tuple[SyntheticBox, ImageDataset, ImageDataset]:
     box = SyntheticBox(0)
     images = _images(3000, 1)
     scores = box.raw(images) + np.array([6.0, -4.0, 3.0, -5.0, 4.0, -3.0], np.float32)
     imgs, labels = _balanced(images[:2000], scores[:2000], 16)
     test_imgs, test_labels = _balanced(images[2000:], scores[2000:], 60)
-    train, test = ImageDataset(imgs, labels, CLASSES), ImageDataset(test_imgs, test_labels, CLASSES)
-    cfg = {**SMALL, "holdout": 0.25, "mode": "pg", "budget": 3000}
+    return box, ImageDataset(imgs, labels, CLASSES), ImageDataset(test_imgs, test_labels, CLASSES)
+
+
+def test_a_real_search_that_proved_itself_searches_on_and_deploys_a_certified_prompt() -> None:
+    """Planted bias (a prompt can learn it): the check images stop improving at generation 8 while the search
+    fitness still falls; plain patience stops there and deploys zero-shot, the extension searches on and
+    deploys a certified prompt that is better on unseen images."""
+    box, train, test = _planted_bias_16()
+    cfg = PROVEN_CFG
     new = Tuner(TuneConfig(**cfg)).fit(box.client(), train)
     old = Tuner(TuneConfig(**cfg, stop_trend=0.0)).fit(box.client(), train)
     assert "searched on from generation" in new.metrics.stopped and "searched on" not in old.metrics.stopped
@@ -122,6 +129,36 @@ def test_a_real_search_that_proved_itself_searches_on_and_deploys_a_certified_pr
     assert new.selection.deployed == "prompt" and old.selection.deployed == "zero-shot"
     acc_new, acc_old = (_test_accuracy(box, Adapter.from_result(r), test) for r in (new, old))
     assert acc_new > acc_old + 0.05, (acc_new, acc_old)
+
+
+def test_a_run_killed_during_the_extension_resumes_to_the_same_adapter(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """The extension's start is checkpointed: killed after it began, the resumed run searches on and stops
+    where the uninterrupted one did, with byte-identical tensors."""
+    import craft_sdk.tuner.loop as loop_mod
+
+    box, train, _ = _planted_bias_16()
+    ref = Tuner(TuneConfig(**PROVEN_CFG)).fit(box.client(), train)
+    start = int(ref.metrics.stopped.split("searched on from generation ")[1].split()[0])
+    assert ref.n_generations > start + 2
+    real, saves = loop_mod.save_checkpoint, []
+
+    def killed_after_the_extension_began(*args):  # noqa: ANN002, ANN202
+        out = real(*args)
+        saves.append(args[2]["generation"])
+        if args[2]["generation"] == start + 1:
+            raise KeyboardInterrupt  # stands for the process being killed here
+        return out
+
+    monkeypatch.setattr(loop_mod, "save_checkpoint", killed_after_the_extension_began)
+    with pytest.raises(KeyboardInterrupt):
+        Tuner(TuneConfig(**PROVEN_CFG), checkpoint_dir=tmp_path / "ckpt").fit(box.client(), train)
+    monkeypatch.setattr(loop_mod, "save_checkpoint", real)
+    resumed = Tuner(TuneConfig(**PROVEN_CFG), checkpoint_dir=tmp_path / "ckpt", resume=True).fit(box.client(), train)
+    assert resumed.metrics.stopped == ref.metrics.stopped and resumed.n_generations == ref.n_generations
+    a, b = Adapter.from_result(ref), Adapter.from_result(resumed)
+    a.save_pretrained(tmp_path / "a")
+    b.save_pretrained(tmp_path / "b")
+    assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == (tmp_path / "b" / "adapter_model.safetensors").read_bytes()
 
 
 def test_an_inert_search_stops_in_fewer_queries_than_patience_alone() -> None:

@@ -21,7 +21,7 @@ lam, beta                   0.1 / C      paper
 protocol                    robust       ours (``paper``: the paper's exact protocol)
 holdout                     0.25         ours: check images per class, robust protocol
 patience                    20           ours: generations without held-out gain
-stop_trend                  0.01         ours: stalled-fitness shortcut (patience / 2)
+stop_trend                  0.01         ours: stalled-fitness shortcut / proven-search extension
 cv_folds                    5            ours: refiner selection folds
 z_noise                     1.645        ours: one-sided 5 % certification level
 refiner_data                mean         ours (``population``: measured, see BENCHMARKS)
@@ -39,7 +39,9 @@ logits, and the last generation (or the best validation one) is deployed as is.
 ``robust`` (the default) searches the prompt on the training images minus a small
 held-out *check* part that rides along, at no extra query, in the one call per
 generation that scores the mean; it stops when the check estimate has not improved
-for ``patience`` generations (or half that when the search fitness stalls), then
+for ``patience`` generations (or half that when the search fitness stalls; a search
+whose generation then already beats zero-shot on the check images goes on while its
+fitness still falls beyond its noise), then
 picks the deployed behaviour — zero-shot, prompt only, prompt + refiner or refiner
 only — the generation it stops at, certified against zero-shot on all the check images
 (``z_noise``; :func:`~craft_sdk.tuner.plan.certification_plan` decides first whether
@@ -113,7 +115,10 @@ class TuneConfig:
             improvement (None: spend the whole budget).
         stop_trend: robust protocol: stop after ``patience // 2`` generations without a held-out
             improvement when the mean search fitness also fell by less than this fraction over the
-            last ``patience // 2`` generations (0: plain patience; :mod:`craft_sdk.tuner.stopping`).
+            last ``patience // 2`` generations; when the patience runs out at a generation that beats
+            zero-shot on the check images, search on while the fitness still falls by at least this
+            fraction, beyond its noise, over the last ``patience`` generations (0: plain patience, no
+            extension; :mod:`craft_sdk.tuner.stopping`).
         cv_folds: robust protocol: folds of the refiner's cross-validation.
         z_noise: robust protocol: a behaviour replaces zero-shot only when certified at level
             1 - Phi(z_noise) (exact sign test on the check images, Holm-corrected); a temperature
