@@ -178,7 +178,10 @@ def test_ctrl_c_leaves_a_resumable_run_and_prints_the_command(my_folder: Path, t
     args = ["tune", str(my_folder), "--model", f"local-dir:{tiny_model_dir}", "--shots", "16", "--budget", "3000",
             "--patience", "none", "--max-generations", "300", *SMALL, "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # a suite started in the background of a non-interactive shell (`pytest &`) inherits SIGINT ignored, and so would
+    # the CLI (Python keeps an ignored SIGINT ignored): give the child the default disposition a terminal user has
+    proc = subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _wait_for(out / ".craft-checkpoint" / "checkpoint.safetensors", proc)
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
