@@ -380,18 +380,23 @@ def split_check(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return every, every
 
 
+def _discordant(logits: np.ndarray, labels: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """(which images ``logits`` gets right, b, c): b images only it gets right, c only ``reference``."""
+    correct, ref = logits.argmax(-1) == labels, reference.argmax(-1) == labels
+    return correct, int((correct & ~ref).sum()), int((ref & ~correct).sum())
+
+
 def paired_p_value(logits: np.ndarray, labels: np.ndarray, reference: np.ndarray) -> float:
     """The exact one-sided sign-test p-value of ``logits`` beating ``reference`` on the same images."""
-    correct, ref = logits.argmax(-1) == labels, reference.argmax(-1) == labels
-    return sign_test_p(int((correct & ~ref).sum()), int((ref & ~correct).sum()))
+    _, b, c = _discordant(logits, labels, reference)
+    return sign_test_p(b, c)
 
 
 def _estimate(logits: np.ndarray, labels: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
     """Accuracy, log-loss and the paired gain over ``reference``: b, c (images only this / only the
     reference gets right), the McNemar standard error sqrt(b + c) / n and the exact sign-test p-value."""
-    correct = logits.argmax(-1) == labels
-    ref = reference.argmax(-1) == labels
-    b, c, n = int((correct & ~ref).sum()), int((ref & ~correct).sum()), len(labels)
+    correct, b, c = _discordant(logits, labels, reference)
+    n = len(labels)
     if n == 0:  # nothing held out: no evidence either way
         return {"accuracy": None, "log_loss": None, "gain": 0.0, "gain_se": None, "n": 0, "b": 0, "c": 0, "p_value": 1.0}
     return {
